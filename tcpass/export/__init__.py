@@ -1,0 +1,1 @@
+"""Step-specialized ONNX export and the torch-free ONNX Runtime TPRR runtime (planned)."""

@@ -1,0 +1,95 @@
+"""Build the step-specialized graphs of a plan from one traced graph.
+
+One FULL graph and one CACHED graph per distinct set of per-block K (phases with equal K share a
+graph). All of them share the model's parameters. Executors (eager, torch.compile, ONNX) run these
+graphs; the caching semantics live only in the passes that built them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from tcpass.adapters import ModelAdapter
+from tcpass.passes.cached_step import emit_cached_step
+from tcpass.passes.full_step import emit_full_step
+from tcpass.passes.layout import TensorSpec, finalize
+from tcpass.plan import CachePlan
+from tcpass.trace import export_graph, find_blocks
+
+
+@dataclass
+class StepGraph:
+    """One step-specialized graph and its calling convention.
+
+    Called as ``gm(*model_inputs, *caches, *kept_indices)`` (a FULL graph takes only the model
+    inputs); returns ``(sample, *updated_caches)``.
+    """
+
+    gm: fx.GraphModule
+    cache_specs: list[TensorSpec]
+    index_specs: list[TensorSpec] = field(default_factory=list)
+    keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
+
+
+@dataclass
+class StepGraphs:
+    """All graphs of a plan for one input signature (shapes, dtypes, device)."""
+
+    input_names: tuple[str, ...]
+    input_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+    blocks: tuple[int, ...]  # cached blocks
+    num_blocks: int
+    num_tokens: int
+    full: StepGraph
+    cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by the caches between steps."""
+        return sum(s.nbytes for s in self.full.cache_specs)
+
+
+def build_step_graphs(
+    model: torch.nn.Module, adapter: ModelAdapter, plan: CachePlan, inputs: dict[str, torch.Tensor]
+) -> StepGraphs:
+    """Trace ``model`` on ``inputs`` and build every step graph ``plan`` needs."""
+    traced = export_graph(model, inputs)
+    spans = find_blocks(traced.graph, adapter.block_prefixes)
+    if not spans:
+        raise ValueError(
+            f"no transformer blocks found under {adapter.block_prefixes} in the traced "
+            f"{type(model).__name__}; check the adapter's block_prefixes."
+        )
+    blocks = plan.resolve_blocks(len(spans))
+    num_tokens = spans[0].num_tokens
+    in_graph = plan.selector.kind == "input_change"
+    example = list(inputs.values())
+
+    full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, in_graph)
+    full = StepGraph(finalize(full_gm, example), cache_specs)
+    caches = [torch.zeros(s.shape, dtype=s.dtype, device=example[0].device) for s in cache_specs]
+
+    cached: dict[int, StepGraph] = {}
+    by_keep: dict[tuple, StepGraph] = {}
+    for phase in (0, 1):
+        keep = {b: plan.keep_tokens(b, phase, num_tokens) for b in blocks}
+        key = tuple(keep.items())
+        if key not in by_keep and blocks:
+            gm, specs, index_specs = emit_cached_step(traced, adapter.block_prefixes, keep, plan.attention, in_graph)
+            assert specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
+            indices = [torch.zeros(s.shape, dtype=s.dtype, device=example[0].device) for s in index_specs]
+            by_keep[key] = StepGraph(finalize(gm, example + caches + indices), specs, index_specs, keep)
+        if blocks:
+            cached[phase] = by_keep[key]
+    return StepGraphs(
+        input_names=tuple(inputs),
+        input_specs=tuple((tuple(t.shape), t.dtype) for t in example),
+        blocks=blocks,
+        num_blocks=len(spans),
+        num_tokens=num_tokens,
+        full=full,
+        cached=cached,
+    )

@@ -1,0 +1,7 @@
+"""Graph passes, one per file, each a function GraphModule -> GraphModule.
+
+- `cleanup`: exported module -> plain positional graph.
+- `token_axis`: analysis of where the token axis is inside a block.
+- `full_step`: FULL graph = original + cache outputs.
+- `cached_step`: CACHED graph = cached blocks on K tokens + cache inputs/outputs.
+"""

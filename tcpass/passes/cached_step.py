@@ -1,0 +1,165 @@
+"""CACHED-step pass: each cached block recomputes K of its N tokens and reuses cached residuals.
+
+Before (one block, DiT)::
+
+    x = ...                                          # [B, N, D]
+    h = modulate(layer_norm(x)); q, k, v = h @ Wq, h @ Wk, h @ Wv
+    a = sdpa(q, k, v); x1 = x + g1 * (a @ Wo); y = x1 + g2 * mlp(modulate(layer_norm(x1)))
+    return (sample,)
+
+After (``attention="full_kv"``; ``idx`` [B, K] per batch row)::
+
+    x = ...
+    h = modulate(layer_norm(x)); k, v = h @ Wk, h @ Wv          # keys/values of all N tokens
+    h_K = gather(h, 1, idx); q_K = h_K @ Wq                     # queries of the K kept tokens
+    a_K = sdpa(q_K, k, v); x_K = gather(x, 1, idx)
+    y_K = x_K + g1 * (a_K @ Wo) ...                             # the rest of the block on K tokens
+    delta' = scatter(delta, 1, idx, y_K - x_K)                  # refresh kept rows of the cache
+    y = x + delta'                                              # pruned tokens: x + cached delta
+    return (sample, delta')
+
+``cached_kv`` computes k/v for the K kept tokens only and scatters them into the K/V caches the
+attention then reads; ``kept_only`` runs the whole block, attention included, on the K tokens.
+With ``selector_in_graph`` the kept indices are the top-K of ``||x - input_cache||^2`` computed in
+the graph; otherwise they are graph inputs ``block{b}.kept_indices`` [B, K].
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+from torch.fx.node import map_arg
+
+from tcpass.passes.emit import Emitter
+from tcpass.passes.layout import (
+    TensorSpec,
+    add_placeholders,
+    append_outputs,
+    attention_kv_sources,
+    block_caches,
+    copy_graph_module,
+    is_self_attention,
+)
+from tcpass.passes.token_axis import _RESHAPES, TokenAxes, analyze
+from tcpass.trace import BlockSpan, find_blocks
+
+aten = torch.ops.aten
+
+
+def emit_cached_step(
+    gm: fx.GraphModule,
+    block_prefixes: tuple[str, ...],
+    keep: dict[int, int],
+    attention: str,
+    selector_in_graph: bool,
+) -> tuple[fx.GraphModule, list[TensorSpec], list[TensorSpec]]:
+    """A copy of ``gm`` where block ``b`` recomputes ``keep[b]`` tokens, for every ``b`` in ``keep``.
+
+    Returns the graph, its cache layout (inputs and, updated, outputs) and its kept-index inputs.
+    """
+    gm = copy_graph_module(gm)
+    graph = gm.graph
+    spans = find_blocks(graph, block_prefixes)
+    analyses = {b: analyze(spans[b].nodes, spans[b].hidden_in, f"block {b} ({spans[b].path})") for b in keep}
+    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, selector_in_graph)]
+    index_specs = []
+    if not selector_in_graph:
+        batch = int(spans[0].hidden_in.meta["val"].shape[0])
+        index_specs = [TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long)
+                       for b, k in keep.items()]
+    placeholders = add_placeholders(graph, cache_specs + index_specs)
+    updated: dict[str, fx.Node] = {}
+    renamed: dict[fx.Node, fx.Node] = {}
+    for b, k in keep.items():
+        span = spans[b]
+        _rewrite_block(graph, span, analyses[b], k, attention, placeholders, updated, renamed)
+    append_outputs(graph, [updated[s.name] for s in cache_specs])
+    return gm, cache_specs, index_specs
+
+
+def _rewrite_block(
+    graph: fx.Graph,
+    span: BlockSpan,
+    ta: TokenAxes,
+    k: int,
+    attention: str,
+    placeholders: dict[str, fx.Node],
+    updated: dict[str, fx.Node],
+    renamed: dict[fx.Node, fx.Node],
+) -> None:
+    b = span.index
+    n_tokens = ta.num_tokens
+    x_in = renamed.get(span.hidden_in, span.hidden_in)  # the previous block may have been rewritten
+    full_shape = list(span.hidden_in.meta["val"].shape)
+    em = Emitter(graph, span.nodes[-1], span.hidden_out)
+
+    input_cache = placeholders.get(f"block{b}.input")
+    if input_cache is not None:
+        change = em(aten.sub.Tensor, (x_in, input_cache))
+        score = em(aten.sum.dim_IntList, (em(aten.mul.Tensor, (change, change)), [-1]))
+        idx = em(operator.getitem, (em(aten.topk.default, (score, k, 1)), 1))
+    else:
+        idx = placeholders[f"block{b}.kept_indices"]
+
+    kept: dict[fx.Node, fx.Node] = {}  # original node -> its value on the K kept tokens
+
+    def on_kept(arg: fx.Node) -> fx.Node:
+        if arg not in kept:
+            src = x_in if arg is span.hidden_in else arg
+            kept[arg] = em.gather(src, ta.axis[arg], idx, list(arg.meta["val"].shape), k)
+        return kept[arg]
+
+    stays_full = attention_kv_sources(ta, span.nodes) if attention == "full_kv" else set()
+    attn_index = 0
+    for node in span.nodes:
+        if node not in ta.axis or node in stays_full:
+            continue
+        if is_self_attention(node, ta):
+            q, key, value = node.args[:3]
+            if attention == "full_kv":
+                key_value = [key, value]
+            elif attention == "cached_kv":
+                key_value = []
+                for kind, arg in (("key", key), ("value", value)):
+                    name = f"block{b}.attn{attn_index}.{kind}"
+                    updated[name] = em.scatter(placeholders[name], ta.axis[arg], idx, on_kept(arg),
+                                               list(arg.meta["val"].shape), k)
+                    key_value.append(updated[name])
+            else:
+                key_value = [on_kept(key), on_kept(value)]
+            attn_index += 1
+            args = (on_kept(q), *key_value, *node.args[3:])
+            kept[node] = em(node.target, args, node.kwargs, meta_from=node)
+            continue
+
+        def remap(arg, node=node):
+            if not isinstance(arg, fx.Node):
+                return arg
+            if arg is x_in:
+                arg = span.hidden_in
+            if arg in ta.axis:
+                return on_kept(arg)
+            axis = ta.gathered_constants.get((node, arg))
+            return arg if axis is None else em.gather(arg, axis, idx, list(arg.meta["val"].shape), k)
+
+        args = map_arg(node.args, remap)
+        if node.target in _RESHAPES or node.target is aten.expand.default:
+            shape = list(args[1])
+            axis = ta.axis[node]
+            if shape[axis] == n_tokens:
+                shape[axis] = k
+            args = (args[0], shape, *args[2:])
+        kept[node] = em(node.target, args, map_arg(node.kwargs, remap), meta_from=node)
+
+    x_kept = on_kept(span.hidden_in)
+    delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
+    delta = em.scatter(placeholders[f"block{b}.delta"], 1, idx, delta_kept, full_shape, k)
+    out = em(aten.add.Tensor, (x_in, delta))
+    updated[f"block{b}.delta"] = delta
+    if input_cache is not None:
+        updated[f"block{b}.input"] = em.scatter(input_cache, 1, idx, x_kept, full_shape, k)
+    inside = set(span.nodes)
+    span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
+    renamed[span.hidden_out] = out

@@ -1,0 +1,59 @@
+"""FULL-step pass: compute the model unchanged and also return every cached block's caches.
+
+Before (one cached block)::
+
+    x = ...                                  # block input [B, N, D]
+    y = <block 3 on all N tokens>(x)         # block output
+    ...
+    return (sample,)
+
+After::
+
+    x = ...
+    y = <block 3 on all N tokens>(x)         # unchanged
+    delta = y - x                            # block3.delta
+    ...
+    return (sample, delta, [k, v,] [x])      # + block3.attn0.key/.value (cached_kv), block3.input (input_change)
+
+The model output is computed by exactly the original nodes, so it equals the eager model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from tcpass.passes.emit import Emitter
+from tcpass.passes.layout import TensorSpec, append_outputs, block_caches, copy_graph_module, self_attentions
+from tcpass.passes.token_axis import analyze
+from tcpass.trace import find_blocks
+
+aten = torch.ops.aten
+
+
+def emit_full_step(
+    gm: fx.GraphModule,
+    block_prefixes: tuple[str, ...],
+    blocks: tuple[int, ...],
+    attention: str,
+    selector_in_graph: bool,
+) -> tuple[fx.GraphModule, list[TensorSpec]]:
+    """A copy of ``gm`` that also returns the caches of ``blocks``; returns it with the cache layout."""
+    gm = copy_graph_module(gm)
+    spans = find_blocks(gm.graph, block_prefixes)
+    cache_specs: list[TensorSpec] = []
+    cache_nodes: list[fx.Node] = []
+    for b in blocks:
+        span = spans[b]
+        ta = analyze(span.nodes, span.hidden_in, f"block {b} ({span.path})")
+        specs = block_caches(span, ta, attention, selector_in_graph)
+        em = Emitter(gm.graph, span.nodes[-1], span.hidden_out)
+        values = {f"block{b}.delta": em(aten.sub.Tensor, (span.hidden_out, span.hidden_in))}
+        for j, node in enumerate(self_attentions(ta)):
+            values[f"block{b}.attn{j}.key"] = node.args[1]
+            values[f"block{b}.attn{j}.value"] = node.args[2]
+        values[f"block{b}.input"] = span.hidden_in
+        cache_specs += specs
+        cache_nodes += [values[s.name] for s in specs]
+    append_outputs(gm.graph, cache_nodes)
+    return gm, cache_specs

@@ -1,0 +1,118 @@
+"""The cache layout shared by the FULL and CACHED graphs, and graph plumbing used by every pass.
+
+Both step graphs agree on one ordered list of cache tensors, per cached block:
+
+- ``block{b}.delta``    [B, N, D]: residual update ``block_out - block_in`` of every token.
+- ``block{b}.attn{j}.key`` / ``.value`` [B, H, N, d]: keys/values of self-attention ``j``
+  (``attention="cached_kv"`` only).
+- ``block{b}.input``    [B, N, D]: the block input when each token was last computed
+  (``selector.kind="input_change"`` only; the selector scores how much it has moved since).
+
+The FULL graph returns them after the model output; the CACHED graph takes them as inputs (after
+the model inputs, before any kept-index inputs) and returns their updated values in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from tcpass.passes.token_axis import SDPA, TokenAxes
+from tcpass.trace import BlockSpan
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output that is not a model input: a cache or a kept-index tensor."""
+
+    name: str
+    block: int
+    kind: str  # "delta" | "key" | "value" | "input" | "kept_indices"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    node: str = ""  # the graph node it belongs to (the attention node for key/value)
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def self_attentions(ta: TokenAxes) -> list[fx.Node]:
+    """Attention nodes whose keys and values come from the block's own tokens."""
+    return [n for n in ta.attention if n.args[1] in ta.axis and n.args[2] in ta.axis]
+
+
+def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, selector_in_graph: bool) -> list[TensorSpec]:
+    """The caches of one block, in layout order."""
+    b = span.index
+    val = span.hidden_out.meta["val"]
+    specs = [TensorSpec(f"block{b}.delta", b, "delta", tuple(val.shape), val.dtype)]
+    if attention == "cached_kv":
+        for j, node in enumerate(self_attentions(ta)):
+            for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
+                v = arg.meta["val"]
+                specs.append(TensorSpec(f"block{b}.attn{j}.{kind}", b, kind, tuple(v.shape), v.dtype, node.name))
+    if selector_in_graph:
+        v = span.hidden_in.meta["val"]
+        specs.append(TensorSpec(f"block{b}.input", b, "input", tuple(v.shape), v.dtype))
+    return specs
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph; parameters are shared, not copied."""
+    graph = fx.Graph()
+    graph._codegen = copy.copy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def add_placeholders(graph: fx.Graph, specs: list[TensorSpec]) -> dict[str, fx.Node]:
+    """Append one placeholder per spec after the existing ones."""
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = {}
+    for spec in specs:
+        with graph.inserting_after(last):
+            last = graph.placeholder(spec.name.replace(".", "_"))
+        nodes[spec.name] = last
+    return nodes
+
+
+def append_outputs(graph: fx.Graph, extra: list[fx.Node]) -> None:
+    """Make the graph return ``(*original outputs, *extra)``."""
+    out = graph.output_node()
+    (values,) = out.args
+    out.args = (tuple(values) + tuple(extra),)
+
+
+def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
+    """Dead-code-eliminate, lint, recompile and fill ``meta["val"]`` of every node by fake propagation."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*example_inputs)
+    return gm
+
+
+def attention_kv_sources(ta: TokenAxes, nodes: list[fx.Node]) -> set[fx.Node]:
+    """Token-dependent nodes that self-attention keys/values are computed from (keys/values included)."""
+    needed: set[fx.Node] = set()
+    frontier = [arg for node in self_attentions(ta) for arg in node.args[1:3]]
+    inside = set(nodes)
+    while frontier:
+        node = frontier.pop()
+        if node in needed or node not in ta.axis or node not in inside:
+            continue
+        needed.add(node)
+        frontier.extend(node.all_input_nodes)
+    return needed
+
+
+def is_self_attention(node: fx.Node, ta: TokenAxes) -> bool:
+    return node.target is SDPA and node.args[1] in ta.axis and node.args[2] in ta.axis

@@ -1,0 +1,270 @@
+"""Cache plans: what TokenCache does to a model, as plain dataclasses that round-trip to JSON.
+
+A plan names the transformer blocks to token-cache, how many tokens each recomputes at a CACHED
+step, how kept tokens attend, which tokens are kept, and when steps are FULL or CACHED (the TPRR
+schedule). Every field is validated when the plan is built, so a bad plan fails before anything is
+traced; checks that need the model (block indices, model fingerprint) run in `tcpass.transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
+SELECTOR_KINDS = ("input_change", "random", "static")
+AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
+PLAN_FORMAT_VERSION = 1
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+        raise ValueError(
+            f"{name} = {value!r} is outside (0, 1]: it is the fraction of image tokens a cached block "
+            "recomputes at a CACHED step (1.0 recomputes all tokens, 0.25 a quarter)."
+        )
+
+
+@dataclass(frozen=True)
+class TPRRSchedule:
+    """Two-phase round-robin schedule, keyed on the timestep value the model receives.
+
+    Timesteps ``>= boundary_timestep`` belong to phase 0 (early, noisy steps), the rest to phase 1.
+    Inside a phase the schedule cycles: one FULL step, then ``interval - 1`` CACHED steps. The first
+    ``warmup_full_steps`` calls of a generation, the first call after a phase change, and every call
+    with a timestep below ``full_below_timestep`` are FULL. The step count is never needed: a new
+    generation is detected when the timestep goes up again.
+
+    Attributes:
+        boundary_timestep: phase split, in the model's timestep units (DiT: 0..999). Default 500.
+        intervals: cycle length per phase (phase 0, phase 1), in model calls. Raising an interval
+            means more CACHED steps: faster, with more drift from the full-compute output.
+            1 means every step of that phase is FULL.
+        warmup_full_steps: how many calls at the start of each generation are FULL (>= 1).
+        full_below_timestep: calls with timestep below this are FULL (protects the last, detail-
+            forming steps); ``None`` disables it.
+    """
+
+    boundary_timestep: float = 500.0
+    intervals: tuple[int, int] = (4, 4)
+    warmup_full_steps: int = 1
+    full_below_timestep: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "intervals", tuple(self.intervals))
+        if len(self.intervals) != 2 or any(
+            not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.intervals
+        ):
+            raise ValueError(
+                f"schedule.intervals = {self.intervals!r}: expected two integers >= 1 "
+                "(cycle length of phase 0 and of phase 1; 1 = every step FULL)."
+            )
+        if not isinstance(self.warmup_full_steps, int) or self.warmup_full_steps < 1:
+            raise ValueError(
+                f"schedule.warmup_full_steps = {self.warmup_full_steps!r}: expected an integer >= 1 "
+                "(the first call of a generation is always FULL: it fills the caches)."
+            )
+        if not math.isfinite(float(self.boundary_timestep)):
+            raise ValueError(f"schedule.boundary_timestep = {self.boundary_timestep!r}: expected a finite number.")
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """Which tokens a cached block recomputes at a CACHED step.
+
+    kinds:
+        ``input_change``: training-free, content-aware, computed inside the graph: the K tokens whose
+            block input changed most (squared L2 over features) since the block last computed them.
+        ``random``: K tokens drawn uniformly per batch row from a generator seeded with ``seed`` at
+            the start of each generation (the baseline every selector must beat).
+        ``static``: a score table per (block, timestep) read from ``path`` (safetensors with
+            ``scores`` [num_blocks, num_timesteps, num_tokens] and ``timesteps`` [num_timesteps]);
+            the top-K tokens of the nearest tabulated timestep. ``sha256`` guards the file.
+    """
+
+    kind: str = "input_change"
+    seed: int = 0
+    path: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SELECTOR_KINDS:
+            raise ValueError(f"selector.kind = {self.kind!r} is unknown; expected one of {SELECTOR_KINDS}.")
+        if self.kind == "static" and not self.path:
+            raise ValueError("selector.kind = 'static' needs selector.path: a safetensors file of token scores.")
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a plan was made for; `transform` refuses a plan whose fingerprint differs from the model."""
+
+    model_class: str
+    num_blocks: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Everything `tcpass.transform` needs to know.
+
+    Attributes:
+        blocks: indices of the transformer blocks to token-cache, or ``"all"``. More blocks: faster,
+            further from the full-compute output.
+        keep_ratio: fraction of image tokens (0, 1] each cached block recomputes at a CACHED step, per
+            phase (phase 0, phase 1). K = ceil(keep_ratio * num_tokens), fixed per graph so shapes
+            are static. Lower: faster, further from full compute.
+        block_keep_ratio: per-block overrides of ``keep_ratio``, ``{block: (phase0, phase1)}``.
+        attention: how the kept tokens attend at a CACHED step.
+            ``full_kv``: queries of the K kept tokens, keys/values of all N current tokens; kept rows
+            are exactly what the uncached block would give. ``cached_kv``: keys/values of pruned tokens
+            come from a per-block cache (refreshed at FULL steps, kept tokens at every step); costs K
+            instead of N for the K/V projections. ``kept_only``: attention among kept tokens only;
+            cheapest, least exact.
+        schedule: the TPRR schedule (which calls are FULL and which CACHED).
+        selector: which tokens are kept (see `SelectorSpec`).
+        model: fingerprint of the model the plan was made for; ``None`` fits any model.
+    """
+
+    blocks: tuple[int, ...] | str = "all"
+    keep_ratio: tuple[float, float] = (0.25, 0.25)
+    block_keep_ratio: dict[int, tuple[float, float]] = field(default_factory=dict)
+    attention: str = "full_kv"
+    schedule: TPRRSchedule = field(default_factory=TPRRSchedule)
+    selector: SelectorSpec = field(default_factory=SelectorSpec)
+    model: ModelFingerprint | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, str):
+            if self.blocks != "all":
+                raise ValueError(f"blocks = {self.blocks!r}: expected 'all' or a list of block indices.")
+        else:
+            blocks = tuple(self.blocks)
+            for i, b in enumerate(blocks):
+                if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+                    raise ValueError(f"blocks[{i}] = {b!r}: expected a non-negative block index.")
+            if len(set(blocks)) != len(blocks):
+                raise ValueError(f"blocks = {list(blocks)} lists a block twice.")
+            object.__setattr__(self, "blocks", tuple(sorted(blocks)))
+        object.__setattr__(self, "keep_ratio", _ratio_pair("keep_ratio", self.keep_ratio))
+        overrides = {}
+        for b, r in dict(self.block_keep_ratio).items():
+            if not isinstance(b, int) or b < 0:
+                raise ValueError(f"block_keep_ratio key {b!r}: expected a non-negative block index.")
+            overrides[b] = _ratio_pair(f"block_keep_ratio[{b}]", r)
+        object.__setattr__(self, "block_keep_ratio", overrides)
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention = {self.attention!r} is unknown; expected one of {ATTENTION_MODES}.")
+        if not isinstance(self.schedule, TPRRSchedule):
+            raise TypeError(f"schedule must be a TPRRSchedule, got {type(self.schedule).__name__}.")
+        if not isinstance(self.selector, SelectorSpec):
+            raise TypeError(f"selector must be a SelectorSpec, got {type(self.selector).__name__}.")
+
+    @classmethod
+    def no_cache(cls) -> CachePlan:
+        """A plan that caches nothing: the transformed model computes exactly what the original does."""
+        return cls(blocks=())
+
+    def resolve_blocks(self, num_blocks: int) -> tuple[int, ...]:
+        """The block indices this plan caches in a model of ``num_blocks`` blocks; raises on bad ones."""
+        if self.blocks == "all":
+            return tuple(range(num_blocks))
+        for i, b in enumerate(self.blocks):
+            if b >= num_blocks:
+                raise ValueError(
+                    f"plan.blocks[{i}] = {b} but the model has {num_blocks} transformer blocks "
+                    f"(0..{num_blocks - 1}); remove it or use blocks='all'."
+                )
+        for b in self.block_keep_ratio:
+            if b >= num_blocks:
+                raise ValueError(
+                    f"plan.block_keep_ratio names block {b} but the model has {num_blocks} blocks "
+                    f"(0..{num_blocks - 1})."
+                )
+        return tuple(self.blocks)
+
+    def keep_tokens(self, block: int, phase: int, num_tokens: int) -> int:
+        """K: how many of ``num_tokens`` tokens ``block`` recomputes at a CACHED step of ``phase``."""
+        ratio = self.block_keep_ratio.get(block, self.keep_ratio)[phase]
+        return max(1, min(num_tokens, math.ceil(ratio * num_tokens)))
+
+    # JSON ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["blocks"] = self.blocks if isinstance(self.blocks, str) else list(self.blocks)
+        d["keep_ratio"] = list(self.keep_ratio)
+        d["block_keep_ratio"] = {str(b): list(r) for b, r in self.block_keep_ratio.items()}
+        d["schedule"]["intervals"] = list(self.schedule.intervals)
+        return {"format_version": PLAN_FORMAT_VERSION, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CachePlan:
+        d = dict(d)
+        version = d.pop("format_version", PLAN_FORMAT_VERSION)
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan format_version = {version!r}; this tcpass reads version {PLAN_FORMAT_VERSION}.")
+        _reject_unknown("plan", d, cls)
+        kwargs: dict[str, Any] = dict(d)
+        if "schedule" in d:
+            _reject_unknown("plan.schedule", d["schedule"], TPRRSchedule)
+            kwargs["schedule"] = TPRRSchedule(**d["schedule"])
+        if "selector" in d:
+            _reject_unknown("plan.selector", d["selector"], SelectorSpec)
+            kwargs["selector"] = SelectorSpec(**d["selector"])
+        if d.get("model") is not None:
+            _reject_unknown("plan.model", d["model"], ModelFingerprint)
+            kwargs["model"] = ModelFingerprint(**d["model"])
+        if "block_keep_ratio" in d:
+            try:
+                kwargs["block_keep_ratio"] = {int(b): r for b, r in d["block_keep_ratio"].items()}
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"plan.block_keep_ratio = {d['block_keep_ratio']!r}: expected {{block: [r0, r1]}}") from e
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> CachePlan:
+        return cls.from_dict(json.loads(text))
+
+
+def _ratio_pair(name: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value, value)
+    pair = tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} = {value!r}: expected one ratio or a pair (phase 0, phase 1).")
+    for phase, r in enumerate(pair):
+        _check_ratio(f"{name}[{phase}]", r)
+    return (float(pair[0]), float(pair[1]))
+
+
+def _reject_unknown(where: str, d: Any, cls: type) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(d).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; known fields: {sorted(known)}.")
+
+
+def save_plan(plan: CachePlan, path: str | Path) -> None:
+    """Write ``plan`` as human-readable JSON."""
+    Path(path).write_text(plan.to_json() + "\n")
+
+
+def load_plan(path: str | Path) -> CachePlan:
+    """Read and validate a plan written by `save_plan`; raises ``ValueError`` naming the bad field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+    try:
+        return CachePlan.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e

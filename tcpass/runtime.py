@@ -1,0 +1,206 @@
+"""The module users call: step-specialized graphs, their caches, and the TPRR schedule.
+
+`TokenCacheTransformer` keeps the original ``forward`` signature and the attributes pipelines read
+(``config``, ``dtype``, ``device``), so it replaces ``pipe.transformer`` as is. Per call it reads
+the timestep (one scalar read per step, never per token), asks the schedule for the step kind, and
+calls the FULL or the CACHED graph with the caches from the previous call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from tcpass.adapters import ModelAdapter, adapter_for
+from tcpass.graphs import StepGraphs, build_step_graphs
+from tcpass.plan import CachePlan
+from tcpass.schedule import Step, StepKind, TPRRState
+from tcpass.selectors import make_selector
+
+logger = logging.getLogger("tcpass")
+
+Signature = tuple[Any, ...]
+
+
+class TokenCacheTransformer(nn.Module):
+    """A diffusion transformer running TokenCache. Build it with `tcpass.transform`.
+
+    The wrapped model is registered as ``self.transformer`` and shared, never modified: its
+    parameters are the ones the graphs compute with. Graphs are built per input signature (shapes,
+    dtypes, device) on first use; a new signature or a rising timestep starts a new generation.
+
+    Attributes:
+        plan: the `CachePlan` in force.
+        step_counts: how many FULL and CACHED calls ran since construction (``StepKind -> int``).
+        last_step: the `Step` the latest call ran.
+    """
+
+    def __init__(
+        self, model: nn.Module, plan: CachePlan, adapter: ModelAdapter, graphs: StepGraphs, plan_dir: Path | None
+    ) -> None:
+        super().__init__()
+        self.transformer = model
+        self.plan = plan
+        self._adapter = adapter
+        self._graphs: dict[Signature, StepGraphs] = {self._signature_of(graphs): graphs}
+        self._selector = make_selector(plan.selector, plan_dir)
+        self._forward_signature = inspect.signature(model.forward)
+        self._state = TPRRState(plan.schedule)
+        self._active: Signature | None = None
+        self._caches: list[torch.Tensor] | None = None
+        self.step_counts: Counter[StepKind] = Counter()
+        self.last_step: Step | None = None
+
+    # Attributes pipelines read ------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def _apply(self, fn, recurse: bool = True):
+        # Graphs bake in device-specific constants: rebuild them after .to()/.half().
+        self._graphs.clear()
+        self.reset()
+        return super()._apply(fn, recurse)
+
+    # State --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop the caches: the next call is FULL and starts a new generation.
+
+        Not needed between generations that restart the timestep sequence (detected
+        automatically); useful when a new generation starts at a lower timestep (img2img).
+        """
+        self._state.reset()
+        self._caches = None
+        if self._selector is not None:
+            self._selector.reset()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the caches currently held between steps (0 before the first call)."""
+        return sum(t.numel() * t.element_size() for t in self._caches or [])
+
+    def step_graphs(self, inputs: dict[str, torch.Tensor] | None = None) -> StepGraphs:
+        """The graphs for ``inputs`` (default: the signature used most recently)."""
+        if inputs is None:
+            return self._graphs[self._active] if self._active else next(iter(self._graphs.values()))
+        key = self._signature(inputs)
+        if key not in self._graphs:
+            logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
+            self._graphs[key] = build_step_graphs(self.transformer, self._adapter, self.plan, inputs)
+        return self._graphs[key]
+
+    # Calling ------------------------------------------------------------------------------------
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        inputs = self._bind(args, kwargs)
+        graphs = self.step_graphs(inputs)
+        key = self._signature(inputs)
+        if key != self._active:
+            self.reset()
+            self._active = key
+        timestep = float(inputs[self._adapter.timestep_input].reshape(-1)[0])  # one scalar read per step
+        step = self._state.step(timestep)
+        if step.new_generation:
+            self.reset()
+            self._state.step(timestep)
+        values = list(inputs.values())
+        if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
+            step = Step(StepKind.FULL, step.phase, step.new_generation)
+            outputs = graphs.full.gm(*values)
+        else:
+            graph = graphs.cached[step.phase]
+            device = values[0].device
+            indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
+            outputs = graph.gm(*values, *self._caches, *indices)
+        sample, self._caches = outputs[0], list(outputs[1:])
+        self.step_counts[step.kind] += 1
+        self.last_step = step
+        if not return_dict:
+            return (sample,)
+        return Transformer2DModelOutput(sample=sample)
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        try:
+            bound = self._forward_signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self.transformer).__name__}.forward: {e}") from e
+        names = self._adapter.input_names
+        extra = {k: v for k, v in bound.arguments.items() if k not in names and v is not None}
+        if extra:
+            raise ValueError(
+                f"tcpass does not support the argument(s) {sorted(extra)} of "
+                f"{type(self.transformer).__name__}.forward; pass None or use the original model."
+            )
+        missing = [n for n in names if bound.arguments.get(n) is None]
+        if missing:
+            raise ValueError(f"{type(self.transformer).__name__}.forward needs {missing} under tcpass.")
+        inputs = {n: bound.arguments[n] for n in names}
+        batch = inputs[names[0]].shape[0]
+        t = inputs[self._adapter.timestep_input]
+        t = torch.as_tensor(t, device=inputs[names[0]].device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        inputs[self._adapter.timestep_input] = t
+        return inputs
+
+    @staticmethod
+    def _signature(inputs: dict[str, torch.Tensor]) -> Signature:
+        return tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in inputs.items())
+
+    @staticmethod
+    def _signature_of(graphs: StepGraphs) -> Signature:
+        device = next(iter(graphs.full.gm.parameters())).device
+        return tuple(
+            (n, shape, dtype, device) for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs)
+        )
+
+
+def transform(
+    model: nn.Module,
+    plan: CachePlan,
+    *,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    plan_dir: str | Path | None = None,
+) -> TokenCacheTransformer:
+    """Apply TokenCache to a diffusers transformer; returns a drop-in replacement module.
+
+    Args:
+        model: a supported diffusers transformer (see `tcpass.adapters.ADAPTERS`). Never modified.
+        plan: what to cache and when (`CachePlan`).
+        example_inputs: inputs to trace with (``{name: tensor}``); default: built from the model's
+            config with batch 2 (one image with classifier-free guidance). Other shapes are traced on
+            first use.
+        plan_dir: directory that relative files in the plan (static scores) are resolved against.
+
+    Raises:
+        TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.
+        ValueError: the plan does not fit the model (block index, fingerprint), naming the field.
+    """
+    adapter = adapter_for(model)
+    if not isinstance(plan, CachePlan):
+        raise TypeError(f"plan must be a tcpass.CachePlan, got {type(plan).__name__}.")
+    fingerprint = adapter.fingerprint(model)
+    if plan.model is not None and plan.model != fingerprint:
+        raise ValueError(
+            f"plan.model = {plan.model} was made for another model; this one is {fingerprint}. "
+            "Calibrate a plan for this model or set plan.model = None."
+        )
+    plan.resolve_blocks(fingerprint.num_blocks)
+    if example_inputs is None:
+        example_inputs = adapter.example_inputs(model, 2)
+    graphs = build_step_graphs(model, adapter, plan, example_inputs)
+    return TokenCacheTransformer(model, plan, adapter, graphs, Path(plan_dir) if plan_dir else None)
