@@ -92,12 +92,21 @@ def append_outputs(graph: fx.Graph, extra: list[fx.Node]) -> None:
 
 def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
     """Dead-code-eliminate, lint, recompile and fill ``meta["val"]`` of every node by fake propagation."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_mutates)
     gm.graph.lint()
     gm.recompile()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     FakeTensorProp(gm, mode).propagate(*example_inputs)
     return gm
+
+
+def _mutates(node: fx.Node) -> bool:
+    # ATen marks random-capable ops (dropout, SDPA with its dropout_p) impure, which would keep the
+    # replaced full-token computation alive; in these functional graphs only mutation is a side effect.
+    if node.op in ("placeholder", "output"):
+        return True
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
 
 
 def attention_kv_sources(ta: TokenAxes, nodes: list[fx.Node]) -> set[fx.Node]:
