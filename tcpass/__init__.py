@@ -1,7 +1,7 @@
 """tcpass: TokenCache for diffusion transformers, as a compiler pass.
 
-    import tcpass
-    pipe.transformer = tcpass.transform(pipe.transformer, tcpass.CachePlan())
+import tcpass
+pipe.transformer = tcpass.transform(pipe.transformer, tcpass.CachePlan())
 """
 
 from tcpass.plan import CachePlan, ModelFingerprint, SelectorSpec, TPRRSchedule, load_plan, save_plan

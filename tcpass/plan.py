@@ -170,6 +170,12 @@ class CachePlan:
 
     def resolve_blocks(self, num_blocks: int) -> tuple[int, ...]:
         """The block indices this plan caches in a model of ``num_blocks`` blocks; raises on bad ones."""
+        for b in self.block_keep_ratio:
+            if b >= num_blocks:
+                raise ValueError(
+                    f"plan.block_keep_ratio names block {b} but the model has {num_blocks} blocks "
+                    f"(0..{num_blocks - 1})."
+                )
         if self.blocks == "all":
             return tuple(range(num_blocks))
         for i, b in enumerate(self.blocks):
@@ -177,12 +183,6 @@ class CachePlan:
                 raise ValueError(
                     f"plan.blocks[{i}] = {b} but the model has {num_blocks} transformer blocks "
                     f"(0..{num_blocks - 1}); remove it or use blocks='all'."
-                )
-        for b in self.block_keep_ratio:
-            if b >= num_blocks:
-                raise ValueError(
-                    f"plan.block_keep_ratio names block {b} but the model has {num_blocks} blocks "
-                    f"(0..{num_blocks - 1})."
                 )
         return tuple(self.blocks)
 
@@ -224,7 +224,9 @@ class CachePlan:
             try:
                 kwargs["block_keep_ratio"] = {int(b): r for b, r in d["block_keep_ratio"].items()}
             except (ValueError, AttributeError) as e:
-                raise ValueError(f"plan.block_keep_ratio = {d['block_keep_ratio']!r}: expected {{block: [r0, r1]}}") from e
+                raise ValueError(
+                    f"plan.block_keep_ratio = {d['block_keep_ratio']!r}: expected {{block: [r0, r1]}}"
+                ) from e
         return cls(**kwargs)
 
     @classmethod

@@ -165,7 +165,7 @@ class TokenCacheTransformer(nn.Module):
     def _signature_of(graphs: StepGraphs) -> Signature:
         device = next(iter(graphs.full.gm.parameters())).device
         return tuple(
-            (n, shape, dtype, device) for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs)
+            (n, shape, dtype, device) for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
         )
 
 

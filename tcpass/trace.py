@@ -96,9 +96,9 @@ def _residual_stream(path: str, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]
     shape = tuple(out.meta["val"].shape)
     external = {a for n in nodes for a in n.all_input_nodes if a not in inside}
     candidates = [
-        a for a in external
-        if isinstance(a.meta.get("val"), torch.Tensor) and tuple(a.meta["val"].shape) == shape
-        and a.op != "get_attr"
+        a
+        for a in external
+        if isinstance(a.meta.get("val"), torch.Tensor) and tuple(a.meta["val"].shape) == shape and a.op != "get_attr"
     ]
     if len(candidates) != 1 or len(shape) != 3:
         raise UnsupportedModelError(

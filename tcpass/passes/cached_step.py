@@ -67,8 +67,9 @@ def emit_cached_step(
     index_specs = []
     if not selector_in_graph:
         batch = int(spans[0].hidden_in.meta["val"].shape[0])
-        index_specs = [TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long)
-                       for b, k in keep.items()]
+        index_specs = [
+            TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long) for b, k in keep.items()
+        ]
     placeholders = add_placeholders(graph, cache_specs + index_specs)
     updated: dict[str, fx.Node] = {}
     renamed: dict[fx.Node, fx.Node] = {}
@@ -124,8 +125,9 @@ def _rewrite_block(
                 key_value = []
                 for kind, arg in (("key", key), ("value", value)):
                     name = f"block{b}.attn{attn_index}.{kind}"
-                    updated[name] = em.scatter(placeholders[name], ta.axis[arg], idx, on_kept(arg),
-                                               list(arg.meta["val"].shape), k)
+                    updated[name] = em.scatter(
+                        placeholders[name], ta.axis[arg], idx, on_kept(arg), list(arg.meta["val"].shape), k
+                    )
                     key_value.append(updated[name])
             else:
                 key_value = [on_kept(key), on_kept(value)]

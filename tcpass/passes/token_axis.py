@@ -124,9 +124,8 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int, ...]:
         parent_axes = axes[node.args[0]]
         return parent_axes[node.args[1]] if isinstance(parent_axes, tuple) else parent_axes
     src = node.args[0]
-    if src not in axes:
-        if t in _PRESERVING or t in _RESHAPES or t in _SPLITS:
-            raise _unsupported(node, where, "token-dependent weight or shape argument")
+    if src not in axes and (t in _PRESERVING or t in _RESHAPES or t in _SPLITS):
+        raise _unsupported(node, where, "token-dependent weight or shape argument")
     a = axes.get(src) if isinstance(src, fx.Node) else None
     rank_in = _val(src).dim() if isinstance(src, fx.Node) else 0
     if t in _RESHAPES:

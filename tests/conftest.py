@@ -1,0 +1,41 @@
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+torch.set_num_threads(2)
+
+
+def make_dit(num_layers: int = 3, sample_size: int = 16, seed: int = 0) -> DiTTransformer2DModel:
+    """A tiny class-conditional DiT: hidden 32, 2 heads, (sample_size/2)^2 tokens."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=sample_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline uses label 1000 as the CFG null class
+        norm_num_groups=32,
+    ).eval()
+    # Random adaLN-zero gates start at zero in diffusers; give them weight so blocks do something.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def dit_inputs(batch: int = 2, sample_size: int = 16, t: int = 900, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, sample_size, sample_size, generator=g),
+        "timestep": torch.full((batch,), t, dtype=torch.long),
+        "class_labels": torch.randint(0, 10, (batch,), generator=g),
+    }
+
+
+@pytest.fixture
+def dit():
+    return make_dit()

@@ -1,0 +1,180 @@
+"""Golden-output tests: transformed graphs vs the eager model and vs an independent reference."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import tcpass
+from tcpass import CachePlan, SelectorSpec, StepKind, TPRRSchedule
+from tcpass.selectors import StaticScoreSelector
+from tests.conftest import dit_inputs, make_dit
+from tests.reference import ReferenceTokenCache, topk_input_change
+
+MODES = ("full_kv", "cached_kv", "kept_only")
+TIMESTEPS = (900, 800, 700)  # one generation: FULL, CACHED, CACHED under ALL_PHASE0
+ALL_PHASE0 = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))
+
+
+def run(model, inputs, timesteps=TIMESTEPS):
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            step_inputs = {**inputs, "timestep": torch.full_like(inputs["timestep"], t)}
+            outs.append(model(**step_inputs).sample)
+    return outs
+
+
+def test_no_cache_plan_equals_eager(dit):
+    inputs = dit_inputs()
+    tm = tcpass.transform(dit, CachePlan.no_cache())
+    for got, want in zip(run(tm, inputs), run(dit, inputs), strict=True):
+        assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", MODES)
+@pytest.mark.parametrize("selector", ["input_change", "random"])
+def test_keep_all_tokens_equals_eager(dit, attention, selector):
+    plan = CachePlan(keep_ratio=1.0, attention=attention, selector=SelectorSpec(kind=selector), schedule=ALL_PHASE0)
+    tm = tcpass.transform(dit, plan)
+    outs = run(tm, dit_inputs())
+    assert tm.step_counts[StepKind.CACHED] == 2
+    for got, want in zip(outs, run(dit, dit_inputs()), strict=True):
+        assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_cached_steps_match_reference_static_selector(dit, attention, tmp_path):
+    blocks, keep_ratio = (0, 2), 0.25
+    n_tokens = 64
+    k = math.ceil(keep_ratio * n_tokens)
+    scores = torch.randn(len(blocks), 3, n_tokens, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([900.0, 800.0, 700.0])
+    table = StaticScoreSelector(scores, timesteps, torch.tensor(blocks))
+    digest = table.save(tmp_path / "scores.safetensors")
+    plan = CachePlan(
+        blocks=blocks,
+        keep_ratio=keep_ratio,
+        attention=attention,
+        schedule=ALL_PHASE0,
+        selector=SelectorSpec(kind="static", path=str(tmp_path / "scores.safetensors"), sha256=digest),
+    )
+    tm = tcpass.transform(dit, plan)
+    got = run(tm, dit_inputs())
+
+    step = {"i": 0}
+
+    def select(b, x, _input_cache):
+        row = int((timesteps - TIMESTEPS[step["i"]]).abs().argmin())
+        return scores[blocks.index(b), row].topk(k).indices.expand(x.shape[0], k)
+
+    ref = ReferenceTokenCache(copy.deepcopy(dit), blocks, attention, select)
+    inputs = dit_inputs()
+    for i, t in enumerate(TIMESTEPS):
+        step["i"] = i
+        want = ref({**inputs, "timestep": torch.full_like(inputs["timestep"], t)}, full=(i == 0))
+        assert (got[i] - want).abs().max() <= 1e-5, f"step {i}"
+    assert (got[2] - run(dit, inputs)[2]).abs().max() > 1e-3, "caching 3/4 of the tokens must change the output"
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_cached_steps_match_reference_input_change_selector(dit, attention):
+    blocks, keep_ratio = (1, 2), 0.25
+    plan = CachePlan(blocks=blocks, keep_ratio=keep_ratio, attention=attention, schedule=ALL_PHASE0)
+    tm = tcpass.transform(dit, plan)
+    got = run(tm, dit_inputs())
+    ref = ReferenceTokenCache(copy.deepcopy(dit), blocks, attention, topk_input_change(16))
+    inputs = dit_inputs()
+    for i, t in enumerate(TIMESTEPS):
+        want = ref({**inputs, "timestep": torch.full_like(inputs["timestep"], t)}, full=(i == 0))
+        assert (got[i] - want).abs().max() <= 1e-5, f"step {i}"
+
+
+@pytest.mark.parametrize("selector", ["input_change", "random"])
+def test_batch_rows_are_independent(dit, selector):
+    plan = CachePlan(keep_ratio=0.25, selector=SelectorSpec(kind=selector), schedule=ALL_PHASE0)
+    inputs = dit_inputs(batch=3)
+    base = run(tcpass.transform(dit, plan), inputs)
+    other = dit_inputs(batch=3, seed=7)
+    changed = {k: torch.cat([inputs[k][:1], other[k][1:]]) for k in inputs}
+    outs = run(tcpass.transform(dit, plan), changed)
+    for a, b in zip(base, outs, strict=True):
+        assert (a[0] - b[0]).abs().max() <= 1e-6
+        assert (a[1:] - b[1:]).abs().max() > 1e-3
+    if selector == "input_change":  # content-based selection follows a row wherever it sits
+        perm = torch.tensor([2, 0, 1])
+        permuted = run(tcpass.transform(dit, plan), {k: v[perm] for k, v in inputs.items()})
+        for a, b in zip(base, permuted, strict=True):
+            assert (a[perm] - b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("selector", ["input_change", "random"])
+def test_caches_reset_between_generations(dit, selector):
+    plan = CachePlan(keep_ratio=0.25, selector=SelectorSpec(kind=selector), schedule=ALL_PHASE0)
+    first, second = dit_inputs(seed=1), dit_inputs(seed=2)
+    tm = tcpass.transform(dit, plan)
+    run(tm, first)
+    again = run(tm, second)  # timestep goes back up: a new generation, detected without a step count
+    fresh = run(tcpass.transform(dit, plan), second)
+    for a, b in zip(again, fresh, strict=True):
+        assert (a - b).abs().max() <= 1e-6
+    run(tm, first, timesteps=(900, 800))
+    tm.reset()
+    after_reset = run(tm, second, timesteps=(700, 600, 500))
+    fresh = run(tcpass.transform(dit, plan), second, timesteps=(700, 600, 500))
+    for a, b in zip(after_reset, fresh, strict=True):
+        assert (a - b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_every_graph_lints_and_cached_blocks_run_on_kept_tokens(dit, attention):
+    plan = CachePlan(blocks=(0, 1), keep_ratio=0.25, attention=attention)
+    graphs = tcpass.transform(dit, plan).step_graphs()
+    aten = torch.ops.aten
+    for step_graph in [graphs.full, *graphs.cached.values()]:
+        step_graph.gm.graph.lint()
+    gm = graphs.cached[0].gm
+    rows = {}
+    for node in gm.graph.nodes:
+        stack = str(node.meta.get("nn_module_stack", {}))
+        if node.target is aten.linear.default and "transformer_blocks.0.attn1" in stack:
+            rows[str(node.args[1])] = node.meta["val"].shape[1]
+    k_rows = {w: n for w, n in rows.items() if n == 16}
+    full_rows = {w: n for w, n in rows.items() if n == 64}
+    assert len(rows) == 4  # q, k, v, out projections, each computed once
+    if attention == "full_kv":
+        assert sorted(full_rows) == ["transformer_blocks_0_attn1_to_k_weight", "transformer_blocks_0_attn1_to_v_weight"]
+    else:
+        assert len(k_rows) == 4
+    ff = [
+        n
+        for n in gm.graph.nodes
+        if n.target is aten.linear.default and "transformer_blocks.1.ff" in str(n.meta.get("nn_module_stack", {}))
+    ]
+    assert [n.meta["val"].shape[1] for n in ff] == [16, 16]
+
+
+def test_transform_leaves_model_untouched(dit):
+    state = {k: v.clone() for k, v in dit.state_dict().items()}
+    forward = type(dit).forward
+    inputs = dit_inputs()
+    with torch.no_grad():
+        before = dit(**inputs).sample
+    tm = tcpass.transform(dit, CachePlan(keep_ratio=0.25))
+    run(tm, inputs)
+    assert type(dit).forward is forward and "forward" not in vars(dit)
+    assert not dit._forward_hooks and not dit._forward_pre_hooks
+    for k, v in dit.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        assert torch.equal(dit(**inputs).sample, before)
+
+
+def test_new_input_shape_is_traced_and_matches_eager():
+    model = make_dit()
+    tm = tcpass.transform(model, CachePlan(keep_ratio=1.0, schedule=ALL_PHASE0))
+    inputs = dit_inputs(batch=4)
+    for got, want in zip(run(tm, inputs), run(model, inputs), strict=True):
+        assert got.shape == (4, 8, 16, 16)
+        assert (got - want).abs().max() <= 1e-5
