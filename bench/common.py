@@ -1,0 +1,64 @@
+"""Shared benchmark plumbing: machine facts, interleaved A/B timing, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in ("torch", "diffusers", "onnxruntime", "tcpass"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(), **versions}
+
+
+def summary(seconds: list[float]) -> dict:
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "all": seconds}
+
+
+def interleaved(variants: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Warm each variant up once, then time them in turn, ``reps`` rounds; seconds per call."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_median(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base/other: the speedup, robust to drift between rounds."""
+    return statistics.median(b / o for b, o in zip(base, other, strict=True))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,119 @@
+"""Wall-clock speed of tcpass vs the uncached model, whole 50-step DDIM generations, interleaved A/B.
+
+    python bench/speed.py                       # DiT-S/2 and DiT-XL/2, 5 rounds
+    python bench/speed.py --models dit-s --reps 3 --plan my_plan.json
+
+Real architectures at their published sizes with random weights (speed does not depend on the
+weights). Batch 2: one image with classifier-free guidance. Prints a table and writes
+bench/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tcpass  # noqa: E402
+from bench.common import interleaved, machine, peak_rss_mib, ratio_median, summary, write_json  # noqa: E402
+from tcpass.flops import generation_flops  # noqa: E402
+from tcpass.sampling import ddim_sample, make_scheduler  # noqa: E402
+
+# Published DiT configs (diffusers), 256x256 images -> 32x32 latents -> 256 tokens.
+MODELS = {
+    "dit-s": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12),
+    "dit-xl": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28),
+}
+COMMON = dict(in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+# FLOP-ideal ~2.5x on DiT-XL/2 over 50 DDIM steps.
+DEFAULT_PLAN = tcpass.CachePlan(
+    keep_ratio=0.25,
+    attention="cached_kv",
+    schedule=tcpass.TPRRSchedule(boundary_timestep=500, intervals=(5, 5)),
+)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = (b.max() - b.min()).item()
+    mse = torch.mean((a - b) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
+
+
+def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int) -> dict:
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**MODELS[name], **COMMON).eval()
+    tm = tcpass.transform(model, plan)
+    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([207])
+
+    def generate(m):
+        return ddim_sample(m, noise, labels, null_label=1000, num_steps=steps, guidance_scale=4.0)
+
+    times = interleaved({"baseline": lambda: generate(model), "tcpass": lambda: generate(tm)}, reps)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(steps)
+    example = {
+        "hidden_states": torch.randn(2, 4, 32, 32),
+        "timestep": torch.tensor([999, 999]),
+        "class_labels": torch.tensor([207, 1000]),
+    }
+    flops = generation_flops(tm, example, [float(t) for t in scheduler.timesteps])
+    speedup = ratio_median(times["baseline"], times["tcpass"])
+    return {
+        "model": name,
+        "config": {**MODELS[name], **COMMON},
+        "steps": steps,
+        "batch": 2,
+        "reps": reps,
+        "baseline_s": summary(times["baseline"]),
+        "tcpass_s": summary(times["tcpass"]),
+        "speedup": speedup,
+        "flop_ideal_speedup": flops.ideal_speedup,
+        "measured_over_ideal": speedup / flops.ideal_speedup,
+        "gflops_per_generation": {"baseline": flops.baseline / 1e9, "tcpass": flops.transformed / 1e9},
+        "steps_full_cached": [flops.num_full, flops.num_cached],
+        "cache_mib": tm.cache_bytes / 2**20,
+        "psnr_vs_baseline_db_random_weights": psnr(generate(tm), generate(model)),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="dit-s,dit-xl", help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--plan", type=Path, help="plan JSON (default: the built-in ~2.5x plan)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="speed.json", help="file name under bench/results/")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
+    rows = []
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
+        print(f"benchmarking {name} ({args.reps} rounds of {args.steps}-step generations)...", flush=True)
+        rows.append(bench_model(name, plan, args.steps, args.reps))
+    header = (f"{'model':8} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
+              f"{'meas/ideal':>10} {'cache MiB':>9}")
+    print(header)
+    for r in rows:
+        b, t = r["baseline_s"], r["tcpass_s"]
+        print(
+            f"{r['model']:8} {b['median']:7.2f} [{b['min']:.2f}-{b['max']:.2f}] {t['median']:6.2f} "
+            f"[{t['min']:.2f}-{t['max']:.2f}] {r['speedup']:7.2f}x {r['flop_ideal_speedup']:9.2f}x "
+            f"{r['measured_over_ideal']:10.2f} {r['cache_mib']:9.1f}"
+        )
+    path = write_json(args.out, {"machine": machine(), "plan": plan.to_dict(), "results": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""FLOP counts of the graphs a generation actually runs, for FLOP-ideal speedups.
+
+Counts matrix multiplies, convolutions and attention (``torch.utils.flop_counter``; CPU fused
+attention is added here, torch counts only the GPU kernels). Gather, scatter and elementwise ops
+are not counted: measured/ideal then shows what they, and smaller matmuls, cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from tcpass.runtime import TokenCacheTransformer
+from tcpass.schedule import StepKind, simulate
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
+def count_flops(fn, *args) -> int:
+    """FLOPs of one call ``fn(*args)`` (under no_grad)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class GenerationFlops:
+    """FLOPs of one whole generation, uncached vs transformed."""
+
+    baseline: int
+    transformed: int
+    full_step: int
+    cached_step: dict[int, int]  # phase -> FLOPs of one CACHED call
+    num_full: int
+    num_cached: int
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.baseline / self.transformed
+
+
+def generation_flops(
+    model: TokenCacheTransformer, inputs: dict[str, torch.Tensor], timesteps: list[float]
+) -> GenerationFlops:
+    """Count the FLOPs ``model`` spends over a generation calling it at ``timesteps`` with ``inputs``' shapes."""
+    graphs = model.step_graphs(inputs)
+    values = list(inputs.values())
+    full = count_flops(graphs.full.gm, *values)
+    device = values[0].device
+    caches = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in graphs.full.cache_specs]
+    cached = {}
+    for phase, g in graphs.cached.items():
+        indices = [torch.arange(s.shape[1], device=device).expand(s.shape).contiguous() for s in g.index_specs]
+        cached[phase] = count_flops(g.gm, *values, *caches, *indices)
+    steps = simulate(model.plan.schedule, timesteps)
+    if not graphs.blocks:
+        steps = [s.__class__(StepKind.FULL, s.phase, s.new_generation) for s in steps]
+    transformed = sum(full if s.kind is StepKind.FULL else cached[s.phase] for s in steps)
+    n_full = sum(s.kind is StepKind.FULL for s in steps)
+    return GenerationFlops(full * len(steps), transformed, full, cached, n_full, len(steps) - n_full)
