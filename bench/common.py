@@ -18,10 +18,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine() -> dict:
     cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
     versions = {}
     for pkg in ("torch", "diffusers", "onnxruntime", "tcpass"):
         try:

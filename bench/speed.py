@@ -101,8 +101,10 @@ def main() -> None:
             parser.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
         print(f"benchmarking {name} ({args.reps} rounds of {args.steps}-step generations)...", flush=True)
         rows.append(bench_model(name, plan, args.steps, args.reps))
-    header = (f"{'model':8} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
-              f"{'meas/ideal':>10} {'cache MiB':>9}")
+    header = (
+        f"{'model':8} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
+        f"{'meas/ideal':>10} {'cache MiB':>9}"
+    )
     print(header)
     for r in rows:
         b, t = r["baseline_s"], r["tcpass_s"]

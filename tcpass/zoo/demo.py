@@ -55,8 +55,9 @@ def run_demo(
     plan = tcpass.load_plan(plan_path or DEFAULT_PLAN_PATH)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     cfg = model.config
-    noise = torch.randn(len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size,
-                        generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(
+        len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(seed)
+    )
     batch = 2 * len(labels) if guidance_scale != 1.0 else len(labels)
     example = {
         "hidden_states": torch.zeros(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
@@ -113,8 +114,11 @@ def save_grid(r: DemoResult, path: Path) -> Path:
 
     n = len(r.labels)
     fig, axes = plt.subplots(3, n, figsize=(1.2 * n, 4.2), squeeze=False)
-    rows = [("full compute", r.full_images), ("TokenCache", r.cached_images),
-            ("|diff| x4", (r.cached_images - r.full_images).abs() * 4 - 1)]
+    rows = [
+        ("full compute", r.full_images),
+        ("TokenCache", r.cached_images),
+        ("|diff| x4", (r.cached_images - r.full_images).abs() * 4 - 1),
+    ]
     for row, (title, imgs) in enumerate(rows):
         for col in range(n):
             ax = axes[row, col]
