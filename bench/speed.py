@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,17 +46,27 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
-def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int) -> dict:
+def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, executor: str) -> dict:
+    """One model, one executor: baseline and tcpass both eager, or both compiled with the same backend."""
     torch.manual_seed(0)
     model = DiTTransformer2DModel(**MODELS[name], **COMMON).eval()
-    tm = tcpass.transform(model, plan)
+    if executor == "eager":
+        baseline, tm = model, tcpass.transform(model, plan)
+    else:
+        baseline = torch.compile(model, backend=executor, fullgraph=True, dynamic=False)
+        tm = tcpass.transform(model, plan, backend=executor)
     noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([207])
 
     def generate(m):
         return ddim_sample(m, noise, labels, null_label=1000, num_steps=steps, guidance_scale=4.0)
 
-    times = interleaved({"baseline": lambda: generate(model), "tcpass": lambda: generate(tm)}, reps)
+    first_call = {}
+    for label, m in (("baseline", baseline), ("tcpass", tm)):
+        start = time.perf_counter()
+        generate(m)  # includes compilation for compiled executors
+        first_call[label] = time.perf_counter() - start
+    times = interleaved({"baseline": lambda: generate(baseline), "tcpass": lambda: generate(tm)}, reps)
     scheduler = make_scheduler()
     scheduler.set_timesteps(steps)
     example = {
@@ -67,6 +78,8 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int) -> dic
     speedup = ratio_median(times["baseline"], times["tcpass"])
     return {
         "model": name,
+        "executor": executor,
+        "first_generation_s": first_call,
         "config": {**MODELS[name], **COMMON},
         "steps": steps,
         "batch": 2,
@@ -79,7 +92,7 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int) -> dic
         "gflops_per_generation": {"baseline": flops.baseline / 1e9, "tcpass": flops.transformed / 1e9},
         "steps_full_cached": [flops.num_full, flops.num_cached],
         "cache_mib": tm.cache_bytes / 2**20,
-        "psnr_vs_baseline_db_random_weights": psnr(generate(tm), generate(model)),
+        "psnr_vs_baseline_db_random_weights": psnr(generate(tm), generate(baseline)),
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -90,6 +103,7 @@ def main() -> None:
     parser.add_argument("--plan", type=Path, help="plan JSON (default: the built-in ~2.5x plan)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--executors", default="eager", help="comma-separated: eager, inductor (compiled A/B)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="speed.json", help="file name under bench/results/")
     args = parser.parse_args()
@@ -109,7 +123,7 @@ def main() -> None:
     for r in rows:
         b, t = r["baseline_s"], r["tcpass_s"]
         print(
-            f"{r['model']:8} {b['median']:7.2f} [{b['min']:.2f}-{b['max']:.2f}] {t['median']:6.2f} "
+            f"{r['model']:8} {r['executor']:9} {b['median']:7.2f} [{b['min']:.2f}-{b['max']:.2f}] {t['median']:6.2f} "
             f"[{t['min']:.2f}-{t['max']:.2f}] {r['speedup']:7.2f}x {r['flop_ideal_speedup']:9.2f}x "
             f"{r['measured_over_ideal']:10.2f} {r['cache_mib']:9.1f}"
         )

@@ -7,6 +7,7 @@ graphs; the caching semantics live only in the passes that built them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,10 @@ class StepGraph:
     cache_specs: list[TensorSpec]
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
+    run: Callable | None = None  # executor (compiled graph); None runs ``gm`` eagerly
+
+    def __call__(self, *args):
+        return (self.run or self.gm)(*args)
 
 
 @dataclass

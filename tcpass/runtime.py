@@ -19,6 +19,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from tcpass.adapters import ModelAdapter, adapter_for
+from tcpass.compile import compile_step_graphs
 from tcpass.graphs import StepGraphs, build_step_graphs
 from tcpass.plan import CachePlan
 from tcpass.schedule import Step, StepKind, TPRRState
@@ -43,13 +44,21 @@ class TokenCacheTransformer(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, plan: CachePlan, adapter: ModelAdapter, graphs: StepGraphs, plan_dir: Path | None
+        self,
+        model: nn.Module,
+        plan: CachePlan,
+        adapter: ModelAdapter,
+        graphs: StepGraphs,
+        plan_dir: Path | None,
+        compile_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.transformer = model
         self.plan = plan
         self._adapter = adapter
-        self._graphs: dict[Signature, StepGraphs] = {self._signature_of(graphs): graphs}
+        self._compile_options = compile_options
+        self._graphs: dict[Signature, StepGraphs] = {}
+        self._add_graphs(self._signature_of(graphs), graphs)
         self._selector = make_selector(plan.selector, plan_dir)
         self._forward_signature = inspect.signature(model.forward)
         self._state = TPRRState(plan.schedule)
@@ -101,8 +110,13 @@ class TokenCacheTransformer(nn.Module):
         key = self._signature(inputs)
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
-            self._graphs[key] = build_step_graphs(self.transformer, self._adapter, self.plan, inputs)
+            self._add_graphs(key, build_step_graphs(self.transformer, self._adapter, self.plan, inputs))
         return self._graphs[key]
+
+    def _add_graphs(self, key: Signature, graphs: StepGraphs) -> None:
+        if self._compile_options is not None:
+            compile_step_graphs(graphs, **self._compile_options)
+        self._graphs[key] = graphs
 
     # Calling ------------------------------------------------------------------------------------
     def forward(self, *args, return_dict: bool = True, **kwargs):
@@ -120,12 +134,12 @@ class TokenCacheTransformer(nn.Module):
         values = list(inputs.values())
         if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
             step = Step(StepKind.FULL, step.phase, step.new_generation)
-            outputs = graphs.full.gm(*values)
+            outputs = graphs.full(*values)
         else:
             graph = graphs.cached[step.phase]
             device = values[0].device
             indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
-            outputs = graph.gm(*values, *self._caches, *indices)
+            outputs = graph(*values, *self._caches, *indices)
         sample, self._caches = outputs[0], list(outputs[1:])
         self.step_counts[step.kind] += 1
         self.last_step = step
@@ -175,6 +189,8 @@ def transform(
     *,
     example_inputs: dict[str, torch.Tensor] | None = None,
     plan_dir: str | Path | None = None,
+    backend: str | None = None,
+    compile_mode: str | None = None,
 ) -> TokenCacheTransformer:
     """Apply TokenCache to a diffusers transformer; returns a drop-in replacement module.
 
@@ -185,6 +201,9 @@ def transform(
             config with batch 2 (one image with classifier-free guidance). Other shapes are traced on
             first use.
         plan_dir: directory that relative files in the plan (static scores) are resolved against.
+        backend: ``None`` runs the graphs eagerly; a ``torch.compile`` backend (``"inductor"``)
+            compiles each step graph once (``fullgraph=True``, static shapes).
+        compile_mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``.
 
     Raises:
         TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.
@@ -203,4 +222,5 @@ def transform(
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
     graphs = build_step_graphs(model, adapter, plan, example_inputs)
-    return TokenCacheTransformer(model, plan, adapter, graphs, Path(plan_dir) if plan_dir else None)
+    compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}
+    return TokenCacheTransformer(model, plan, adapter, graphs, Path(plan_dir) if plan_dir else None, compile_options)

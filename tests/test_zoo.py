@@ -1,0 +1,50 @@
+"""The shipped reference model and its evaluator."""
+
+import torch
+
+import tcpass
+from tcpass.metrics import class_accuracy
+from tcpass.sampling import ddim_sample
+from tcpass.zoo import NULL_LABEL, digits_split, load_classifier, load_reference_model, reference_model_dir
+from tcpass.zoo.demo import DEFAULT_PLAN_PATH, format_table, run_demo, save_grid
+
+
+def test_shipped_weights_are_safetensors_under_20_mb():
+    files = list(reference_model_dir().iterdir())
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert len(weights) == 1 and not any(f.suffix in (".bin", ".pt", ".pkl") for f in files)
+    assert weights[0].stat().st_size <= 20 * 2**20
+
+
+def test_shipped_model_generates_deterministically_for_a_seed():
+    model = load_reference_model()
+    assert model.config.sample_size // model.config.patch_size == 16  # 256 tokens per image
+
+    def sample(seed):
+        noise = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+        return ddim_sample(model, noise, torch.tensor([3, 7]), NULL_LABEL, num_steps=5, guidance_scale=4.0)
+
+    a, b, c = sample(0), sample(0), sample(1)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 0.1
+    assert a.shape == (2, 1, 32, 32) and torch.isfinite(a).all()
+
+
+def test_classifier_is_accurate_on_held_out_digits():
+    _, _, images, labels = digits_split()
+    assert len(images) == 400
+    assert class_accuracy(images, labels, load_classifier()) >= 0.95
+
+
+def test_shipped_plan_loads_and_fits_the_model():
+    plan = tcpass.load_plan(DEFAULT_PLAN_PATH)
+    tcpass.transform(load_reference_model(), plan)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run_demo(steps=4, rounds=1, progress=False)
+    assert result.full_images.shape == result.cached_images.shape == (10, 1, 32, 32)
+    assert len(result.psnr_db) == 10 and (result.ssim <= 1).all()
+    assert "TokenCache" in format_table(result)
+    path = save_grid(result, tmp_path / "grid.png")
+    assert path.stat().st_size > 1000
