@@ -1,11 +1,13 @@
 """tcpass: TokenCache for diffusion transformers, as a compiler pass.
 
-import tcpass
-pipe.transformer = tcpass.transform(pipe.transformer, tcpass.CachePlan())
+    import tcpass
+    pipe.transformer = tcpass.transform(pipe.transformer, tcpass.CachePlan())
+
+Importing ``tcpass`` itself does not import torch (plans and schedules are plain Python), so the
+ONNX Runtime deployment (`tcpass.export.runtime`) runs with numpy and onnxruntime alone.
 """
 
 from tcpass.plan import CachePlan, ModelFingerprint, SelectorSpec, TPRRSchedule, load_plan, save_plan
-from tcpass.runtime import TokenCacheTransformer, transform
 from tcpass.schedule import StepKind
 
 __all__ = [
@@ -20,3 +22,11 @@ __all__ = [
     "transform",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("transform", "TokenCacheTransformer"):
+        from tcpass import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'tcpass' has no attribute {name!r}")

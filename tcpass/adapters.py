@@ -78,3 +78,28 @@ def adapter_for(model: object) -> ModelAdapter:
             "list(s) and forward inputs."
         )
     return ADAPTERS[name]
+
+
+def load_transformer(path: str) -> nn.Module:
+    """Load a supported diffusers transformer with ``from_pretrained`` (a local directory or a hub id).
+
+    The class comes from the ``_class_name`` in its ``config.json``; a pipeline directory with a
+    ``transformer/`` subfolder works too.
+    """
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    root = Path(path)
+    subfolder = "transformer" if (root / "transformer" / "config.json").is_file() else None
+    config_file = root / (subfolder or "") / "config.json"
+    if config_file.is_file():
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    else:  # a hub id: let diffusers resolve it
+        from huggingface_hub import hf_hub_download
+
+        class_name = json.loads(Path(hf_hub_download(str(path), "config.json")).read_text()).get("_class_name")
+    if class_name not in ADAPTERS:
+        raise TypeError(f"{path}: model class {class_name!r} is not supported; supported: {sorted(ADAPTERS)}.")
+    return getattr(diffusers, class_name).from_pretrained(path, subfolder=subfolder).eval()

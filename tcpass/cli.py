@@ -57,5 +57,37 @@ def demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads
     click.echo(f"wrote {save_grid(result, out).resolve()}")
 
 
+@main.command("export")
+@click.option("--model", "model_path", required=True, help="Transformer directory (or pipeline dir, or hub id).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
+@click.option("--batch", default=2, show_default=True, help="Model batch the graphs are fixed to (2 = 1 image + CFG).")
+@click.option("--null-label", type=int, default=None, help="Class label used for CFG's unconditional rows.")
+@click.option("--opset", default=20, show_default=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> None:
+    """Export step-specialized ONNX graphs + manifest.json for ONNX Runtime."""
+    from tcpass.adapters import adapter_for, load_transformer
+    from tcpass.export.onnx_export import export_onnx
+    from tcpass.plan import load_plan
+    from tcpass.runtime import transform
+
+    model = load_transformer(model_path)
+    plan = load_plan(plan_path)
+    inputs = adapter_for(model).example_inputs(model, batch)
+    if null_label is None and hasattr(model.config, "num_embeds_ada_norm"):
+        null_label = model.config.num_embeds_ada_norm
+    manifest = export_onnx(
+        transform(model, plan, example_inputs=inputs, plan_dir=plan_path.parent),
+        out_dir,
+        inputs,
+        opset=opset,
+        null_label=null_label,
+    )
+    sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    for name, size in sizes.items():
+        click.echo(f"  {name:24} {size / 2**20:8.2f} MiB")
+    click.echo(f"total {sum(sizes.values()) / 2**20:.2f} MiB; wrote {manifest}")
+
+
 if __name__ == "__main__":
     main()

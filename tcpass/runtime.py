@@ -33,6 +33,8 @@ Signature = tuple[Any, ...]
 class TokenCacheTransformer(nn.Module):
     """A diffusion transformer running TokenCache. Build it with `tcpass.transform`.
 
+    Inference only: calls run under ``torch.no_grad()``.
+
     The wrapped model is registered as ``self.transformer`` and shared, never modified: its
     parameters are the ones the graphs compute with. Graphs are built per input signature (shapes,
     dtypes, device) on first use; a new signature or a rising timestep starts a new generation.
@@ -132,14 +134,16 @@ class TokenCacheTransformer(nn.Module):
             self.reset()
             self._state.step(timestep)
         values = list(inputs.values())
-        if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
-            step = Step(StepKind.FULL, step.phase, step.new_generation)
-            outputs = graphs.full(*values)
-        else:
-            graph = graphs.cached[step.phase]
-            device = values[0].device
-            indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
-            outputs = graph(*values, *self._caches, *indices)
+        # Inference only: caches must not carry autograd history from step to step.
+        with torch.no_grad():
+            if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
+                step = Step(StepKind.FULL, step.phase, step.new_generation)
+                outputs = graphs.full(*values)
+            else:
+                graph = graphs.cached[step.phase]
+                device = values[0].device
+                indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
+                outputs = graph(*values, *self._caches, *indices)
         sample, self._caches = outputs[0], list(outputs[1:])
         self.step_counts[step.kind] += 1
         self.last_step = step

@@ -178,3 +178,11 @@ def test_new_input_shape_is_traced_and_matches_eager():
     for got, want in zip(run(tm, inputs), run(model, inputs), strict=True):
         assert got.shape == (4, 8, 16, 16)
         assert (got - want).abs().max() <= 1e-5
+
+
+def test_calls_never_record_autograd_history(dit):
+    tm = tcpass.transform(dit, CachePlan(keep_ratio=0.25, schedule=ALL_PHASE0))
+    outs = [tm(**{**dit_inputs(), "timestep": torch.tensor([t, t])}).sample for t in TIMESTEPS]  # grad enabled
+    assert tm.step_counts[StepKind.CACHED] == 2
+    assert not any(o.requires_grad for o in outs)
+    assert all(c.grad_fn is None for c in tm._caches)

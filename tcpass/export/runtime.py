@@ -1,0 +1,229 @@
+"""Run an exported tcpass model on ONNX Runtime with numpy alone: no torch, no diffusers.
+
+    from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+    runtime = OrtTokenCacheRuntime("exported/")                     # CPU provider by default
+    images = generate(runtime, noise, class_labels, num_steps=50, guidance_scale=4.0)
+
+`OrtTokenCacheRuntime` is the deployment twin of `tcpass.TokenCacheTransformer`: per call it reads
+the timestep, asks the same TPRR schedule (`tcpass.schedule`, plain Python) which graph to run, and
+runs it with IOBinding. Caches stay as OrtValues on the provider's device between calls, so the
+CUDA provider never copies them through the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tcpass.plan import TPRRSchedule
+from tcpass.schedule import StepKind, TPRRState
+
+MANIFEST_VERSION = 1
+_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
+
+
+class ManifestError(ValueError):
+    """An exported directory is incomplete or inconsistent; the message names the file and field."""
+
+
+class OrtTokenCacheRuntime:
+    """Step-specialized ONNX graphs + TPRR schedule + caches, on ONNX Runtime.
+
+    Args:
+        directory: what `tcpass export` wrote (``manifest.json``, ``*.onnx``, ``weights.bin``).
+        providers: ONNX Runtime execution providers; default CPU.
+        expected_plan: if given (a plan dict or `CachePlan`), refuse a directory exported for another plan.
+        verify_checksums: check every graph file against the sha256 in the manifest.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        providers: list[str] | None = None,
+        expected_plan=None,
+        verify_checksums: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.manifest = _load_manifest(self.directory)
+        m = self.manifest
+        if expected_plan is not None:
+            expected = expected_plan if isinstance(expected_plan, dict) else expected_plan.to_dict()
+            if expected != m["plan"]:
+                fields = sorted(k for k in set(expected) | set(m["plan"]) if expected.get(k) != m["plan"].get(k))
+                raise ManifestError(
+                    f"{self.directory / 'manifest.json'} was exported for another plan (fields {fields} differ); "
+                    "export again with this plan."
+                )
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for name, entry in m["graphs"].items():
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise ManifestError(f"{path} is missing (manifest.json graphs.{name}.file).")
+            if verify_checksums and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                raise ManifestError(
+                    f"{path}: sha256 differs from manifest.json graphs.{name}.sha256 (a graph from another export?)."
+                )
+            session = ort.InferenceSession(str(path), providers=self.providers)
+            _check_signature(path, name, entry, session)
+            self.sessions[name] = session
+        schedule = dict(m["schedule"])
+        schedule["intervals"] = tuple(schedule["intervals"])
+        self._state = TPRRState(TPRRSchedule(**schedule))
+        self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
+        self._timestep_input = m["model"]["timestep_input"]
+        self._caches: dict[str, ort.OrtValue] | None = None
+        self._static = None
+        if m["selector"]["kind"] == "static":
+            self._static = (
+                np.load(self.directory / "static_scores.npy", allow_pickle=False),
+                np.load(self.directory / "static_timesteps.npy", allow_pickle=False),
+                {b: i for i, b in enumerate(m["selector"]["blocks"])},
+            )
+        self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0}
+        self.reset()
+
+    @property
+    def null_label(self) -> int | None:
+        return self.manifest["model"]["null_label"]
+
+    def reset(self) -> None:
+        """Drop the caches; the next call is FULL and starts a new generation."""
+        self._state.reset()
+        self._caches = None
+        self._rng = np.random.default_rng(self.manifest["selector"]["seed"])
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        """One model call; ``inputs`` are the conditioning inputs by name. Returns the model output."""
+        self._check_inputs(inputs)
+        timestep = float(np.asarray(inputs[self._timestep_input]).reshape(-1)[0])
+        step = self._state.step(timestep)
+        if step.new_generation:
+            self.reset()
+            self._state.step(timestep)
+        name = "full"
+        if step.kind is StepKind.CACHED and self._caches is not None:
+            name = self.manifest["phase_graphs"][str(step.phase)]
+        entry = self.manifest["graphs"][name]
+        session = self.sessions[name]
+        binding = session.io_binding()
+        for spec in entry["inputs"]:
+            if spec["name"] in inputs:
+                binding.bind_cpu_input(spec["name"], np.ascontiguousarray(inputs[spec["name"]]))
+            elif spec["kind"] == "kept_indices":
+                binding.bind_cpu_input(spec["name"], self._kept_indices(spec, timestep))
+            else:
+                binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
+        for spec in entry["outputs"]:
+            binding.bind_output(spec["name"], self.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._caches = {spec["cache"]: value for spec, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
+        self.step_counts[StepKind.FULL if name == "full" else StepKind.CACHED] += 1
+        return outputs[0].numpy()
+
+    def _kept_indices(self, spec: dict, timestep: float) -> np.ndarray:
+        batch, k = spec["shape"]
+        num_tokens = self.manifest["model"]["num_tokens"]
+        if self._static is None:  # random: K distinct tokens per row
+            return np.argsort(self._rng.random((batch, num_tokens)), axis=1)[:, :k].astype(np.int64)
+        scores, timesteps, rows = self._static
+        row = scores[rows[spec["block"]], int(np.abs(timesteps - timestep).argmin())]
+        return np.broadcast_to(np.argsort(-row, kind="stable")[:k], (batch, k)).astype(np.int64)
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        if set(inputs) != set(self._inputs):
+            raise ValueError(f"inputs {sorted(inputs)} differ from the exported ones {sorted(self._inputs)}.")
+        for name, spec in self._inputs.items():
+            array = np.asarray(inputs[name])
+            if list(array.shape) != spec["shape"] or array.dtype != _DTYPES[spec["dtype"]]:
+                raise ValueError(
+                    f"input {name!r}: got shape {list(array.shape)} {array.dtype}, the graphs were exported for "
+                    f"shape {spec['shape']} {spec['dtype']} (manifest.json conditioning_inputs); export again for "
+                    "other shapes."
+                )
+
+
+def _load_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: is {directory} a directory written by `tcpass export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e}).") from e
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: format_version {manifest.get('format_version')!r}, expected {MANIFEST_VERSION}.")
+    for key in ("graphs", "phase_graphs", "schedule", "selector", "conditioning_inputs", "caches", "model", "plan"):
+        if key not in manifest:
+            raise ManifestError(f"{path}: missing field {key!r}.")
+    return manifest
+
+
+def _check_signature(path: Path, name: str, entry: dict, session: ort.InferenceSession) -> None:
+    for field, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        specs = entry[field]
+        if [s["name"] for s in specs] != [d.name for d in declared]:
+            raise ManifestError(f"manifest.json graphs.{name}.{field} names do not match {path}.")
+        for i, (spec, d) in enumerate(zip(specs, declared, strict=True)):
+            if list(spec["shape"]) != list(d.shape) or spec["dtype"] != _ORT_TYPES.get(d.type):
+                raise ManifestError(
+                    f"manifest.json graphs.{name}.{field}[{i}] ({spec['name']}) is {spec['shape']} {spec['dtype']} "
+                    f"but {path.name} declares {list(d.shape)} {d.type}."
+                )
+
+
+def ddim_schedule(num_steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray, float]:
+    """DDIM with DiT's linear betas (1e-4..0.02), "leading" spacing, final alpha = alphas_cumprod[0].
+
+    Returns (timesteps in call order, alphas_cumprod, final_alpha_cumprod); matches diffusers'
+    DDIMScheduler(beta_schedule="linear", set_alpha_to_one=False).
+    """
+    betas = np.linspace(0.0001, 0.02, num_train_timesteps, dtype=np.float32)
+    alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+    step = num_train_timesteps // num_steps
+    timesteps = (np.arange(num_steps) * step)[::-1].astype(np.int64)
+    return timesteps, alphas_cumprod, float(alphas_cumprod[0])
+
+
+def generate(
+    runtime: OrtTokenCacheRuntime,
+    noise: np.ndarray,
+    class_labels: np.ndarray,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+) -> np.ndarray:
+    """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W]."""
+    timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
+    step = 1000 // num_steps
+    guided = guidance_scale != 1.0
+    labels = np.asarray(class_labels, dtype=np.int64)
+    if guided:
+        labels = np.concatenate([labels, np.full_like(labels, runtime.null_label)])
+    x = noise.astype(np.float32)
+    channels = x.shape[1]
+    for t in timesteps:
+        model_input = np.concatenate([x, x]) if guided else x
+        eps = runtime(
+            hidden_states=model_input, timestep=np.full(len(model_input), t, dtype=np.int64), class_labels=labels
+        )[:, :channels]
+        if guided:
+            cond, uncond = np.split(eps, 2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[t - step] if t - step >= 0 else final_alpha
+        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+        x = (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+    return x
