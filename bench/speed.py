@@ -46,19 +46,66 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
 
 
+class OrtGenerator:
+    """A whole generation on ONNX Runtime (numpy DDIM + CFG), from an exported directory."""
+
+    def __init__(self, directory: Path, steps: int, threads: int) -> None:
+        import onnxruntime as ort
+
+        from tcpass.export.runtime import OrtTokenCacheRuntime
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.runtime = OrtTokenCacheRuntime(directory, session_options=options)
+        self.steps = steps
+        self.step_counts = self.runtime.step_counts
+
+    def __call__(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from tcpass.export.runtime import generate
+
+        return torch.from_numpy(generate(self.runtime, noise.numpy(), labels.numpy(), self.steps, 4.0))
+
+
+def ort_pair(model, tm, steps: int):
+    """Export the uncached model and the transformed one the same way; ORT generators for both."""
+    import tempfile
+
+    from tcpass.export.onnx_export import export_onnx
+
+    root = Path(tempfile.mkdtemp(prefix="tcpass-bench-"))
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 32, 32),
+        "timestep": torch.tensor([999, 999]),
+        "class_labels": torch.tensor([207, 1000]),
+    }
+    export_onnx(
+        tcpass.transform(model, tcpass.CachePlan.no_cache(), example_inputs=inputs),
+        root / "base",
+        inputs,
+        null_label=1000,
+    )
+    export_onnx(tm, root / "tcpass", inputs, null_label=1000)
+    threads = torch.get_num_threads()
+    return OrtGenerator(root / "base", steps, threads), OrtGenerator(root / "tcpass", steps, threads)
+
+
 def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, executor: str) -> dict:
     """One model, one executor: baseline and tcpass both eager, or both compiled with the same backend."""
     torch.manual_seed(0)
     model = DiTTransformer2DModel(**MODELS[name], **COMMON).eval()
-    if executor == "eager":
-        baseline, tm = model, tcpass.transform(model, plan)
-    else:
-        baseline = torch.compile(model, backend=executor, fullgraph=True, dynamic=False)
-        tm = tcpass.transform(model, plan, backend=executor)
     noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([207])
+    tm = tcpass.transform(model, plan, backend=None if executor in ("eager", "ort") else executor)
+    if executor == "eager":
+        baseline = model
+    elif executor == "ort":
+        baseline, tm = ort_pair(model, tm, steps)
+    else:
+        baseline = torch.compile(model, backend=executor, fullgraph=True, dynamic=False)
 
     def generate(m):
+        if isinstance(m, OrtGenerator):
+            return m(noise, labels)
         return ddim_sample(m, noise, labels, null_label=1000, num_steps=steps, guidance_scale=4.0)
 
     first_call = {}
@@ -74,7 +121,9 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
         "timestep": torch.tensor([999, 999]),
         "class_labels": torch.tensor([207, 1000]),
     }
-    flops = generation_flops(tm, example, [float(t) for t in scheduler.timesteps])
+    flops_model = tm if isinstance(tm, tcpass.TokenCacheTransformer) else tcpass.transform(model, plan)
+    flops = generation_flops(flops_model, example, [float(t) for t in scheduler.timesteps])
+    flops_model(**example)  # fills the caches once, for their size
     speedup = ratio_median(times["baseline"], times["tcpass"])
     return {
         "model": name,
@@ -91,7 +140,7 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
         "measured_over_ideal": speedup / flops.ideal_speedup,
         "gflops_per_generation": {"baseline": flops.baseline / 1e9, "tcpass": flops.transformed / 1e9},
         "steps_full_cached": [flops.num_full, flops.num_cached],
-        "cache_mib": tm.cache_bytes / 2**20,
+        "cache_mib": flops_model.cache_bytes / 2**20,
         "psnr_vs_baseline_db_random_weights": psnr(generate(tm), generate(baseline)),
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -103,7 +152,11 @@ def main() -> None:
     parser.add_argument("--plan", type=Path, help="plan JSON (default: the built-in ~2.5x plan)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--executors", default="eager", help="comma-separated: eager, inductor (compiled A/B)")
+    parser.add_argument(
+        "--executors",
+        default="eager",
+        help="comma-separated: eager, inductor (compiled A/B), ort (ONNX Runtime CPU A/B)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="speed.json", help="file name under bench/results/")
     args = parser.parse_args()
@@ -113,10 +166,13 @@ def main() -> None:
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"--models: unknown model {name!r}; choose from {sorted(MODELS)}")
-        print(f"benchmarking {name} ({args.reps} rounds of {args.steps}-step generations)...", flush=True)
-        rows.append(bench_model(name, plan, args.steps, args.reps))
+        for executor in args.executors.split(","):
+            if executor not in ("eager", "inductor", "ort"):
+                parser.error(f"--executors: unknown executor {executor!r}; choose from eager, inductor, ort")
+            print(f"benchmarking {name}, {executor}: {args.reps} rounds of {args.steps}-step generations", flush=True)
+            rows.append(bench_model(name, plan, args.steps, args.reps, executor))
     header = (
-        f"{'model':8} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
+        f"{'model':8} {'executor':9} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
         f"{'meas/ideal':>10} {'cache MiB':>9}"
     )
     print(header)

@@ -143,3 +143,30 @@ def test_wrong_input_shape_or_dtype_is_named(copy_of):
         runtime(**{**good, "timestep": np.full(2, 900, np.float32)})
     with pytest.raises(ManifestError, match="manifest.json not found"):
         OrtTokenCacheRuntime(copy_of / "nowhere")
+
+
+def test_cli_export_from_a_saved_model_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from tcpass.cli import main
+
+    make_dit().save_pretrained(tmp_path / "dit")
+    tcpass.save_plan(PLAN, tmp_path / "plan.json")
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tmp_path / "dit"),
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "weights.bin" in result.output and "total" in result.output
+    runtime = OrtTokenCacheRuntime(tmp_path / "out", expected_plan=PLAN)
+    assert runtime.null_label == 1000
+    images = generate(runtime, np.zeros((1, 4, 16, 16), np.float32), np.array([2]), num_steps=5)
+    assert np.isfinite(images).all()

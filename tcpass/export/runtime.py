@@ -45,6 +45,7 @@ class OrtTokenCacheRuntime:
         providers: ONNX Runtime execution providers; default CPU.
         expected_plan: if given (a plan dict or `CachePlan`), refuse a directory exported for another plan.
         verify_checksums: check every graph file against the sha256 in the manifest.
+        session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class OrtTokenCacheRuntime:
         providers: list[str] | None = None,
         expected_plan=None,
         verify_checksums: bool = True,
+        session_options: ort.SessionOptions | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = _load_manifest(self.directory)
@@ -76,7 +78,7 @@ class OrtTokenCacheRuntime:
                 raise ManifestError(
                     f"{path}: sha256 differs from manifest.json graphs.{name}.sha256 (a graph from another export?)."
                 )
-            session = ort.InferenceSession(str(path), providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
             _check_signature(path, name, entry, session)
             self.sessions[name] = session
         schedule = dict(m["schedule"])
@@ -114,7 +116,7 @@ class OrtTokenCacheRuntime:
             self.reset()
             self._state.step(timestep)
         name = "full"
-        if step.kind is StepKind.CACHED and self._caches is not None:
+        if step.kind is StepKind.CACHED and self._caches is not None and self.manifest["phase_graphs"]:
             name = self.manifest["phase_graphs"][str(step.phase)]
         entry = self.manifest["graphs"][name]
         session = self.sessions[name]
