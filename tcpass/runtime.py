@@ -96,6 +96,9 @@ class TokenCacheTransformer(nn.Module):
         automatically); useful when a new generation starts at a lower timestep (img2img).
         """
         self._state.reset()
+        self._drop_caches()
+
+    def _drop_caches(self) -> None:
         self._caches = None
         if self._selector is not None:
             self._selector.reset()
@@ -131,8 +134,7 @@ class TokenCacheTransformer(nn.Module):
         timestep = float(inputs[self._adapter.timestep_input].reshape(-1)[0])  # one scalar read per step
         step = self._state.step(timestep)
         if step.new_generation:
-            self.reset()
-            self._state.step(timestep)
+            self._drop_caches()
         values = list(inputs.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():

@@ -104,6 +104,9 @@ class OrtTokenCacheRuntime:
     def reset(self) -> None:
         """Drop the caches; the next call is FULL and starts a new generation."""
         self._state.reset()
+        self._drop_caches()
+
+    def _drop_caches(self) -> None:
         self._caches = None
         self._rng = np.random.default_rng(self.manifest["selector"]["seed"])
 
@@ -113,8 +116,7 @@ class OrtTokenCacheRuntime:
         timestep = float(np.asarray(inputs[self._timestep_input]).reshape(-1)[0])
         step = self._state.step(timestep)
         if step.new_generation:
-            self.reset()
-            self._state.step(timestep)
+            self._drop_caches()
         name = "full"
         if step.kind is StepKind.CACHED and self._caches is not None and self.manifest["phase_graphs"]:
             name = self.manifest["phase_graphs"][str(step.phase)]
