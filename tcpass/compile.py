@@ -18,5 +18,5 @@ def compile_step_graphs(graphs: StepGraphs, backend: str = "inductor", mode: str
     for step_graph in [graphs.full, *graphs.cached.values()]:
         key = id(step_graph)
         if key not in seen:
-            seen[key] = torch.compile(step_graph.gm, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+            seen[key] = torch.compile(step_graph.exec_gm, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         step_graph.run = seen[key]

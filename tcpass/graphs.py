@@ -17,6 +17,7 @@ from tcpass.adapters import ModelAdapter
 from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.full_step import emit_full_step
 from tcpass.passes.layout import TensorSpec, finalize
+from tcpass.passes.reinplace import reinplace_cache_updates
 from tcpass.plan import CachePlan
 from tcpass.trace import export_graph, find_blocks
 
@@ -26,17 +27,24 @@ class StepGraph:
     """One step-specialized graph and its calling convention.
 
     Called as ``gm(*model_inputs, *caches, *kept_indices)`` (a FULL graph takes only the model
-    inputs); returns ``(sample, *updated_caches)``.
+    inputs); returns ``(sample, *updated_caches)``. ``gm`` is functional (what ONNX export and FLOP
+    counting see); ``exec_gm`` is what eager and compiled execution run: the same graph with the
+    CACHED-step cache updates made in place (`tcpass.passes.reinplace`).
     """
 
     gm: fx.GraphModule
     cache_specs: list[TensorSpec]
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
-    run: Callable | None = None  # executor (compiled graph); None runs ``gm`` eagerly
+    exec_gm: fx.GraphModule | None = None
+    run: Callable | None = None  # executor (compiled exec_gm); None runs exec_gm eagerly
+
+    def __post_init__(self) -> None:
+        if self.exec_gm is None:
+            self.exec_gm = self.gm
 
     def __call__(self, *args):
-        return (self.run or self.gm)(*args)
+        return (self.run or self.exec_gm)(*args)
 
 
 @dataclass
@@ -86,7 +94,9 @@ def build_step_graphs(
             gm, specs, index_specs = emit_cached_step(traced, adapter.block_prefixes, keep, plan.attention, in_graph)
             assert specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
             indices = [torch.zeros(s.shape, dtype=s.dtype, device=example[0].device) for s in index_specs]
-            by_keep[key] = StepGraph(finalize(gm, example + caches + indices), specs, index_specs, keep)
+            gm = finalize(gm, example + caches + indices)
+            exec_gm, _ = reinplace_cache_updates(gm, [s.name.replace(".", "_") for s in specs])
+            by_keep[key] = StepGraph(gm, specs, index_specs, keep, exec_gm)
         if blocks:
             cached[phase] = by_keep[key]
     return StepGraphs(

@@ -186,3 +186,15 @@ def test_calls_never_record_autograd_history(dit):
     assert tm.step_counts[StepKind.CACHED] == 2
     assert not any(o.requires_grad for o in outs)
     assert all(c.grad_fn is None for c in tm._caches)
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_cache_updates_are_in_place_only_in_the_executed_graph(dit, attention):
+    graphs = tcpass.transform(dit, CachePlan(keep_ratio=0.25, attention=attention)).step_graphs()
+    cached = graphs.cached[0]
+    n_caches = len(cached.cache_specs)
+    inplace = [n for n in cached.exec_gm.graph.nodes if n.target is torch.ops.aten.scatter_.src]
+    functional = [n for n in cached.gm.graph.nodes if n.target is torch.ops.aten.scatter_.src]
+    assert len(inplace) == n_caches and not functional
+    # the input_change cache is read (scored) before it is updated, and the update still happens in place
+    assert any(n.args[0].target.endswith("_input") for n in inplace)

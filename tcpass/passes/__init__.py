@@ -4,4 +4,5 @@
 - `token_axis`: analysis of where the token axis is inside a block.
 - `full_step`: FULL graph = original + cache outputs.
 - `cached_step`: CACHED graph = cached blocks on K tokens + cache inputs/outputs.
+- `reinplace`: executor-side: CACHED cache updates written in place (K rows instead of a copy).
 """
