@@ -44,7 +44,7 @@ class StepGraph:
             self.exec_gm = self.gm
 
     def __call__(self, *args):
-        return (self.run or self.exec_gm)(*args)
+        return (self.exec_gm if self.run is None else self.run)(*args)
 
 
 @dataclass
