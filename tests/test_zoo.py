@@ -38,7 +38,9 @@ def test_classifier_is_accurate_on_held_out_digits():
 
 def test_shipped_plan_loads_and_fits_the_model():
     plan = tcpass.load_plan(DEFAULT_PLAN_PATH)
-    tcpass.transform(load_reference_model(), plan)
+    graphs = tcpass.transform(load_reference_model(), plan).step_graphs()
+    assert graphs.blocks == tuple(range(8)) and graphs.num_tokens == 256
+    assert {b: k for b, k in graphs.cached[0].keep.items()} == {b: 64 for b in range(8)}
 
 
 def test_demo_runs_end_to_end(tmp_path):
