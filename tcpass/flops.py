@@ -60,8 +60,7 @@ def generation_flops(
         indices = [torch.arange(s.shape[1], device=device).expand(s.shape).contiguous() for s in g.index_specs]
         cached[phase] = count_flops(g.gm, *values, *caches, *indices)
     steps = simulate(model.plan.schedule, timesteps)
-    if not graphs.blocks:
-        steps = [s.__class__(StepKind.FULL, s.phase, s.new_generation) for s in steps]
-    transformed = sum(full if s.kind is StepKind.FULL else cached[s.phase] for s in steps)
-    n_full = sum(s.kind is StepKind.FULL for s in steps)
+    runs_full = [s.kind is StepKind.FULL or not graphs.blocks for s in steps]  # no cached blocks: all FULL
+    transformed = sum(full if is_full else cached[s.phase] for s, is_full in zip(steps, runs_full, strict=True))
+    n_full = sum(runs_full)
     return GenerationFlops(full * len(steps), transformed, full, cached, n_full, len(steps) - n_full)
