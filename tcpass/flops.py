@@ -54,10 +54,10 @@ def generation_flops(
     values = list(inputs.values())
     full = count_flops(graphs.full.gm, *values)
     device = values[0].device
-    caches = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in graphs.full.cache_specs]
+    caches = [s.example(device) for s in graphs.full.cache_specs]
     cached = {}
     for phase, g in graphs.cached.items():
-        indices = [torch.arange(s.shape[1], device=device).expand(s.shape).contiguous() for s in g.index_specs]
+        indices = [s.example(device) for s in g.index_specs]
         cached[phase] = count_flops(g.gm, *values, *caches, *indices)
     steps = simulate(model.plan.schedule, timesteps)
     runs_full = [s.kind is StepKind.FULL or not graphs.blocks for s in steps]  # no cached blocks: all FULL

@@ -83,7 +83,7 @@ def build_step_graphs(
 
     full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, in_graph)
     full = StepGraph(finalize(full_gm, example), cache_specs)
-    caches = [torch.zeros(s.shape, dtype=s.dtype, device=example[0].device) for s in cache_specs]
+    caches = [s.example(example[0].device) for s in cache_specs]
 
     cached: dict[int, StepGraph] = {}
     by_keep: dict[tuple, StepGraph] = {}
@@ -93,9 +93,9 @@ def build_step_graphs(
         if key not in by_keep and blocks:
             gm, specs, index_specs = emit_cached_step(traced, adapter.block_prefixes, keep, plan.attention, in_graph)
             assert specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
-            indices = [torch.zeros(s.shape, dtype=s.dtype, device=example[0].device) for s in index_specs]
+            indices = [s.example(example[0].device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)
-            exec_gm, _ = reinplace_cache_updates(gm, [s.name.replace(".", "_") for s in specs])
+            exec_gm, _ = reinplace_cache_updates(gm, [s.placeholder_name for s in specs])
             by_keep[key] = StepGraph(gm, specs, index_specs, keep, exec_gm)
         if blocks:
             cached[phase] = by_keep[key]

@@ -112,7 +112,9 @@ class TokenCacheTransformer(nn.Module):
         """The graphs for ``inputs`` (default: the signature used most recently)."""
         if inputs is None:
             return self._graphs[self._active] if self._active else next(iter(self._graphs.values()))
-        key = self._signature(inputs)
+        return self._graphs_for(self._signature(inputs), inputs)
+
+    def _graphs_for(self, key: Signature, inputs: dict[str, torch.Tensor]) -> StepGraphs:
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             self._add_graphs(key, build_step_graphs(self.transformer, self._adapter, self.plan, inputs))
@@ -126,8 +128,8 @@ class TokenCacheTransformer(nn.Module):
     # Calling ------------------------------------------------------------------------------------
     def forward(self, *args, return_dict: bool = True, **kwargs):
         inputs = self._bind(args, kwargs)
-        graphs = self.step_graphs(inputs)
         key = self._signature(inputs)
+        graphs = self._graphs_for(key, inputs)
         if key != self._active:
             self.reset()
             self._active = key

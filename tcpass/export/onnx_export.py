@@ -87,8 +87,8 @@ def _export_graph(
     blob: bytearray,
 ) -> dict:
     device = next(iter(model_inputs.values())).device
-    caches = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in step_graph.cache_specs]
-    indices = [torch.arange(s.shape[1], device=device).expand(s.shape).contiguous() for s in step_graph.index_specs]
+    caches = [s.example(device) for s in step_graph.cache_specs]
+    indices = [s.example(device) for s in step_graph.index_specs]
     is_full = not step_graph.keep
     cache_inputs = [] if is_full else step_graph.cache_specs
     args = tuple(model_inputs.values()) + (() if is_full else tuple(caches) + tuple(indices))

@@ -38,6 +38,17 @@ class TensorSpec:
     node: str = ""  # the graph node it belongs to (the attention node for key/value)
 
     @property
+    def placeholder_name(self) -> str:
+        """The graph placeholder's name (FX node names cannot contain dots)."""
+        return self.name.replace(".", "_")
+
+    def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A tensor of this spec's shape: zeros for caches, tokens 0..K-1 for kept indices."""
+        if self.kind == "kept_indices":
+            return torch.arange(self.shape[1], device=device).expand(self.shape).contiguous()
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+    @property
     def nbytes(self) -> int:
         return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
 
@@ -78,7 +89,7 @@ def add_placeholders(graph: fx.Graph, specs: list[TensorSpec]) -> dict[str, fx.N
     nodes = {}
     for spec in specs:
         with graph.inserting_after(last):
-            last = graph.placeholder(spec.name.replace(".", "_"))
+            last = graph.placeholder(spec.placeholder_name)
         nodes[spec.name] = last
     return nodes
 
