@@ -66,9 +66,6 @@ class TokenAxes:
     gathered_constants: dict[tuple[fx.Node, fx.Node], int] = field(default_factory=dict)
     attention: list[fx.Node] = field(default_factory=list)
 
-    def __contains__(self, node: object) -> bool:
-        return node in self.axis
-
 
 def _val(node: fx.Node) -> torch.Tensor:
     return node.meta["val"]
