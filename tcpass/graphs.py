@@ -7,6 +7,7 @@ graphs; the caching semantics live only in the passes that built them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,9 +67,16 @@ class StepGraphs:
 
 
 def build_step_graphs(
-    model: torch.nn.Module, adapter: ModelAdapter, plan: CachePlan, inputs: dict[str, torch.Tensor]
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    plan: CachePlan,
+    inputs: dict[str, torch.Tensor],
+    predictor: torch.nn.Module | None = None,
 ) -> StepGraphs:
-    """Trace ``model`` on ``inputs`` and build every step graph ``plan`` needs."""
+    """Trace ``model`` on ``inputs`` and build every step graph ``plan`` needs.
+
+    ``predictor``: the dynamic Cache Predictor (selector kind ``dynamic``), emitted into the CACHED graphs.
+    """
     traced = export_graph(model, inputs)
     spans = find_blocks(traced.graph, adapter.block_prefixes)
     if not spans:
@@ -78,10 +86,12 @@ def build_step_graphs(
         )
     blocks = plan.resolve_blocks(len(spans))
     num_tokens = spans[0].num_tokens
-    in_graph = plan.selector.kind == "input_change"
+    selector = plan.selector.kind
     example = list(inputs.values())
+    if predictor is not None:
+        predictor = copy.deepcopy(predictor).to(device=example[0].device, dtype=model.dtype)
 
-    full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, in_graph)
+    full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
     full = StepGraph(finalize(full_gm, example), cache_specs)
     caches = [s.example(example[0].device) for s in cache_specs]
 
@@ -91,7 +101,9 @@ def build_step_graphs(
         keep = {b: plan.keep_tokens(b, phase, num_tokens) for b in blocks}
         key = tuple(keep.items())
         if key not in by_keep and blocks:
-            gm, specs, index_specs = emit_cached_step(traced, adapter.block_prefixes, keep, plan.attention, in_graph)
+            gm, specs, index_specs = emit_cached_step(
+                traced, adapter.block_prefixes, keep, plan.attention, selector, predictor, adapter.timestep_input
+            )
             assert specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
             indices = [s.example(example[0].device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)

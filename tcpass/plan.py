@@ -9,6 +9,7 @@ traced; checks that need the model (block indices, model fingerprint) run in `tc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,16 +17,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
-SELECTOR_KINDS = ("input_change", "random", "static")
+SELECTOR_KINDS = ("input_change", "random", "static", "dynamic", "toca")
+PREDICTOR_KINDS = ("static", "dynamic")  # selectors that read trained weights from selector.path
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
 PLAN_FORMAT_VERSION = 1
 
 
 def _check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
         raise ValueError(
-            f"{name} = {value!r} is outside (0, 1]: it is the fraction of image tokens a cached block "
-            "recomputes at a CACHED step (1.0 recomputes all tokens, 0.25 a quarter)."
+            f"{name} = {value!r} is outside [0, 1]: it is the fraction of image tokens a cached block "
+            "recomputes at a CACHED step (1.0 recomputes all tokens, 0.25 a quarter, 0 reuses the whole "
+            "block's cached residual: FORA-style block caching)."
         )
 
 
@@ -83,7 +86,14 @@ class SelectorSpec:
             the start of each generation (the baseline every selector must beat).
         ``static``: a score table per (block, timestep) read from ``path`` (safetensors with
             ``scores`` [num_blocks, num_timesteps, num_tokens] and ``timesteps`` [num_timesteps]);
-            the top-K tokens of the nearest tabulated timestep. ``sha256`` guards the file.
+            the top-K tokens of the nearest tabulated timestep. The static Cache Predictor
+            (`tcpass.predictor`) writes such a table. ``sha256`` guards the file.
+        ``dynamic``: the dynamic Cache Predictor, a small network on the tokens entering the first
+            block and the timestep, whose weights are read from ``path`` (safetensors, guarded by
+            ``sha256``); it runs inside the CACHED graph and is followed by a fixed-K top-k.
+        ``toca``: ToCa-style baseline: the attention each token received at the last FULL step
+            (computed there with an explicit attention path, for scoring only); tokens recomputed
+            since are deprioritised, so successive CACHED steps cover the next most-attended ones.
     """
 
     kind: str = "input_change"
@@ -94,8 +104,16 @@ class SelectorSpec:
     def __post_init__(self) -> None:
         if self.kind not in SELECTOR_KINDS:
             raise ValueError(f"selector.kind = {self.kind!r} is unknown; expected one of {SELECTOR_KINDS}.")
-        if self.kind == "static" and not self.path:
-            raise ValueError("selector.kind = 'static' needs selector.path: a safetensors file of token scores.")
+        if self.kind in PREDICTOR_KINDS and not self.path:
+            raise ValueError(
+                f"selector.kind = {self.kind!r} needs selector.path: a safetensors file of "
+                f"{'token scores' if self.kind == 'static' else 'predictor weights'} (written by `tcpass calibrate`)."
+            )
+        if self.kind == "dynamic" and not self.sha256:
+            raise ValueError(
+                "selector.kind = 'dynamic' needs selector.sha256, the checksum of the predictor weights file "
+                "(`tcpass calibrate` writes it; `sha256sum FILE` prints it)."
+            )
 
 
 @dataclass(frozen=True)
@@ -114,9 +132,10 @@ class CachePlan:
     Attributes:
         blocks: indices of the transformer blocks to token-cache, or ``"all"``. More blocks: faster,
             further from the full-compute output.
-        keep_ratio: fraction of image tokens (0, 1] each cached block recomputes at a CACHED step, per
+        keep_ratio: fraction of image tokens [0, 1] each cached block recomputes at a CACHED step, per
             phase (phase 0, phase 1). K = ceil(keep_ratio * num_tokens), fixed per graph so shapes
-            are static. Lower: faster, further from full compute.
+            are static. Lower: faster, further from full compute. 0: the block is not run at a
+            CACHED step, its whole cached residual is reused (FORA-style block caching).
         block_keep_ratio: per-block overrides of ``keep_ratio``, ``{block: (phase0, phase1)}``.
         attention: how the kept tokens attend at a CACHED step.
             ``full_kv``: queries of the K kept tokens, keys/values of all N current tokens; kept rows
@@ -127,6 +146,10 @@ class CachePlan:
         schedule: the TPRR schedule (which calls are FULL and which CACHED).
         selector: which tokens are kept (see `SelectorSpec`).
         model: fingerprint of the model the plan was made for; ``None`` fits any model.
+        sampler_steps: the "fewer sampler steps" baseline: samplers driven by tcpass (`tcpass demo`,
+            `tcpass generate`, the benchmarks) run this many steps instead of the requested count.
+            The transformed model itself ignores it (it never controls the caller's sampler).
+        notes: free-form provenance (what `tcpass calibrate` measured); never read by tcpass.
     """
 
     blocks: tuple[int, ...] | str = "all"
@@ -136,8 +159,16 @@ class CachePlan:
     schedule: TPRRSchedule = field(default_factory=TPRRSchedule)
     selector: SelectorSpec = field(default_factory=SelectorSpec)
     model: ModelFingerprint | None = None
+    sampler_steps: int | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.sampler_steps is not None and (
+            not isinstance(self.sampler_steps, int) or isinstance(self.sampler_steps, bool) or self.sampler_steps < 1
+        ):
+            raise ValueError(f"sampler_steps = {self.sampler_steps!r}: expected a positive integer or null.")
+        if not isinstance(self.notes, dict):
+            raise ValueError(f"notes = {self.notes!r}: expected a JSON object.")
         if isinstance(self.blocks, str):
             if self.blocks != "all":
                 raise ValueError(f"blocks = {self.blocks!r}: expected 'all' or a list of block indices.")
@@ -189,6 +220,8 @@ class CachePlan:
     def keep_tokens(self, block: int, phase: int, num_tokens: int) -> int:
         """K: how many of ``num_tokens`` tokens ``block`` recomputes at a CACHED step of ``phase``."""
         ratio = self.block_keep_ratio.get(block, self.keep_ratio)[phase]
+        if ratio == 0:
+            return 0  # whole-block reuse
         return max(1, min(num_tokens, math.ceil(ratio * num_tokens)))
 
     # JSON ---------------------------------------------------------------------------------------
@@ -260,13 +293,37 @@ def save_plan(plan: CachePlan, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> CachePlan:
-    """Read and validate a plan written by `save_plan`; raises ``ValueError`` naming the bad field."""
+    """Read and validate a plan written by `save_plan`; raises ``ValueError`` naming the bad field.
+
+    A relative ``selector.path`` (predictor weights, static scores) is resolved against the plan
+    file's directory, and the file's sha256 is checked here, so a plan with missing or tampered
+    weights is rejected on load.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}).") from e
     try:
-        return CachePlan.from_dict(data)
+        plan = CachePlan.from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+    selector = plan.selector
+    if selector.kind in PREDICTOR_KINDS:
+        weights = Path(selector.path)
+        if not weights.is_absolute():
+            weights = path.parent / weights
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{path}: selector.path = {selector.path!r}: {weights} does not exist (the plan's "
+                f"{selector.kind} predictor weights; keep them next to the plan or re-run `tcpass calibrate`)."
+            )
+        if selector.sha256 is not None:
+            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+            if digest != selector.sha256:
+                raise ValueError(
+                    f"{path}: selector.sha256 = {selector.sha256} but {weights} has sha256 {digest}: the "
+                    "weights file was changed or belongs to another plan."
+                )
+        plan = dataclasses.replace(plan, selector=dataclasses.replace(selector, path=str(weights.resolve())))
+    return plan

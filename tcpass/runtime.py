@@ -22,6 +22,7 @@ from tcpass.adapters import ModelAdapter, adapter_for
 from tcpass.compile import compile_step_graphs
 from tcpass.graphs import StepGraphs, build_step_graphs
 from tcpass.plan import CachePlan
+from tcpass.predictor import load_predictor
 from tcpass.schedule import Step, StepKind, TPRRState
 from tcpass.selectors import make_selector
 
@@ -53,9 +54,11 @@ class TokenCacheTransformer(nn.Module):
         graphs: StepGraphs,
         plan_dir: Path | None,
         compile_options: dict | None = None,
+        predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.transformer = model
+        self.predictor = predictor
         self.plan = plan
         self._adapter = adapter
         self._compile_options = compile_options
@@ -117,7 +120,8 @@ class TokenCacheTransformer(nn.Module):
     def _graphs_for(self, key: Signature, inputs: dict[str, torch.Tensor]) -> StepGraphs:
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
-            self._add_graphs(key, build_step_graphs(self.transformer, self._adapter, self.plan, inputs))
+            graphs = build_step_graphs(self.transformer, self._adapter, self.plan, inputs, self.predictor)
+            self._add_graphs(key, graphs)
         return self._graphs[key]
 
     def _add_graphs(self, key: Signature, graphs: StepGraphs) -> None:
@@ -227,8 +231,17 @@ def transform(
             "Calibrate a plan for this model or set plan.model = None."
         )
     plan.resolve_blocks(fingerprint.num_blocks)
+    plan_dir = Path(plan_dir) if plan_dir else None
+    predictor = None
+    if plan.selector.kind == "dynamic":
+        path = Path(plan.selector.path)
+        if not path.is_absolute() and plan_dir is not None:
+            path = plan_dir / path
+        predictor = load_predictor(
+            path, plan.selector.sha256, hidden_size=fingerprint.hidden_size, num_blocks=fingerprint.num_blocks
+        )
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
-    graphs = build_step_graphs(model, adapter, plan, example_inputs)
+    graphs = build_step_graphs(model, adapter, plan, example_inputs, predictor)
     compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}
-    return TokenCacheTransformer(model, plan, adapter, graphs, Path(plan_dir) if plan_dir else None, compile_options)
+    return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, compile_options, predictor)

@@ -35,11 +35,26 @@ def dit_block_on_kept(block, x_kept, kv_source, timestep, class_labels):
     return h + gate_mlp.unsqueeze(1) * block.ff(normed)
 
 
-class ReferenceTokenCache:
-    """Eager TokenCache over an unmodified DiT. ``select(block, x, input_cache) -> [B, K] indices``."""
+def attention_received(attn, normed):
+    """ToCa score written from the diffusers Attention's own projections: mean attention per key token."""
+    q, k = attn.to_q(normed), attn.to_k(normed)
+    b, n, _ = q.shape
+    q = q.view(b, n, attn.heads, -1).transpose(1, 2)
+    k = k.view(b, n, attn.heads, -1).transpose(1, 2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return probs.mean(dim=(1, 2))
 
-    def __init__(self, model, blocks, attention, select):
+
+class ReferenceTokenCache:
+    """Eager TokenCache over an unmodified DiT.
+
+    ``select(block, x, state) -> [B, K] indices`` or ``None`` (whole-block reuse); ``state`` holds the
+    block's ``input`` cache and, with ``toca=True``, its ``score`` cache.
+    """
+
+    def __init__(self, model, blocks, attention, select, toca=False):
         self.model, self.blocks, self.attention, self.select = model, blocks, attention, select
+        self.toca = toca
         self.state: dict[int, dict] = {}
         self.full = True
 
@@ -62,9 +77,15 @@ class ReferenceTokenCache:
             normed_all = block.norm1(x, t, y, hidden_dtype=x.dtype)[0]
             if self.full:
                 self.state[b] = {"delta": output - x, "kv_source": normed_all, "input": x.clone()}
+                if self.toca:
+                    self.state[b]["score"] = attention_received(block.attn1, normed_all)
                 return output
             st = self.state[b]
-            idx = self.select(b, x, st["input"])
+            idx = self.select(b, x, st)
+            if idx is None:
+                return x + st["delta"]
+            if self.toca:
+                st["score"] = _put_rows(st["score"], idx, torch.zeros(idx.shape))
             x_kept = _rows(x, idx)
 
             def kv(normed):
@@ -86,4 +107,4 @@ class ReferenceTokenCache:
 
 def topk_input_change(k):
     """The input_change selector, written independently: most-changed block inputs first."""
-    return lambda b, x, input_cache: ((x - input_cache) ** 2).sum(-1).topk(k, dim=1).indices
+    return lambda b, x, state: ((x - state["input"]) ** 2).sum(-1).topk(k, dim=1).indices

@@ -65,7 +65,7 @@ def test_cached_steps_match_reference_static_selector(dit, attention, tmp_path):
 
     step = {"i": 0}
 
-    def select(b, x, _input_cache):
+    def select(b, x, _state):
         row = int((timesteps - TIMESTEPS[step["i"]]).abs().argmin())
         return scores[blocks.index(b), row].topk(k).indices.expand(x.shape[0], k)
 
@@ -89,6 +89,107 @@ def test_cached_steps_match_reference_input_change_selector(dit, attention):
     for i, t in enumerate(TIMESTEPS):
         want = ref({**inputs, "timestep": torch.full_like(inputs["timestep"], t)}, full=(i == 0))
         assert (got[i] - want).abs().max() <= 1e-5, f"step {i}"
+
+
+def _reference_run(dit, blocks, attention, select, **kw):
+    ref = ReferenceTokenCache(copy.deepcopy(dit), blocks, attention, select, **kw)
+    inputs = dit_inputs()
+    return [
+        ref({**inputs, "timestep": torch.full_like(inputs["timestep"], t)}, full=(i == 0))
+        for i, t in enumerate(TIMESTEPS)
+    ]
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_cached_steps_match_reference_toca_selector(dit, attention):
+    blocks = (0, 2)
+    plan = CachePlan(
+        blocks=blocks, keep_ratio=0.25, attention=attention, schedule=ALL_PHASE0, selector=SelectorSpec(kind="toca")
+    )
+    got = run(tcpass.transform(dit, plan), dit_inputs())
+    want = _reference_run(dit, blocks, attention, lambda b, x, st: st["score"].topk(16, dim=1).indices, toca=True)
+    for i in range(3):
+        assert (got[i] - want[i]).abs().max() <= 1e-5, f"step {i}"
+    assert (got[2] - run(dit, dit_inputs())[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_cached_steps_match_reference_dynamic_predictor(dit, attention, tmp_path):
+    from tcpass.predictor import DynamicPredictor, save_predictor
+
+    torch.manual_seed(5)
+    predictor = DynamicPredictor(hidden_size=32, num_blocks=3, width=8)
+    torch.nn.init.normal_(predictor.out.weight)
+    torch.nn.init.normal_(predictor.gain)
+    digest = save_predictor(predictor, tmp_path / "predictor.safetensors")
+    blocks = (1, 2)
+    plan = CachePlan(
+        blocks=blocks,
+        keep_ratio=0.25,
+        attention=attention,
+        schedule=ALL_PHASE0,
+        selector=SelectorSpec(kind="dynamic", path=str(tmp_path / "predictor.safetensors"), sha256=digest),
+    )
+    base = dit_inputs()
+    drift = torch.randn(base["hidden_states"].shape, generator=torch.Generator().manual_seed(9))
+    steps = [  # the latents move between steps, as in sampling: the predictor scores that change
+        {
+            **base,
+            "hidden_states": base["hidden_states"] + 0.3 * i * drift,
+            "timestep": torch.full_like(base["timestep"], t),
+        }
+        for i, t in enumerate(TIMESTEPS)
+    ]
+    tm = tcpass.transform(dit, plan)
+    with torch.no_grad():
+        got = [tm(**step).sample for step in steps]
+
+    # Independent: the predictor applied eagerly to block 0's input, captured by a hook.
+    model = copy.deepcopy(dit)
+    seen = {}
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(x0=args[0] if args else kwargs["hidden_states"], t=kwargs["timestep"]),
+        with_kwargs=True,
+    )
+
+    def select(b, x, _state):
+        with torch.no_grad():
+            if b == blocks[0]:  # one predictor call per step, before any block refreshes x0_ref
+                seen["scores"] = predictor(seen["x0"], seen["t"], seen["x0_ref"])
+            idx = seen["scores"][..., b].topk(16, dim=1).indices
+            if b == blocks[0]:  # the first cached block's kept tokens refresh the reference
+                for row in range(idx.shape[0]):
+                    seen["x0_ref"][row, idx[row]] = seen["x0"][row, idx[row]]
+            return idx
+
+    ref = ReferenceTokenCache(model, blocks, attention, select)
+    want = []
+    for i, step in enumerate(steps):
+        want.append(ref(step, full=(i == 0)))
+        if i == 0:
+            seen["x0_ref"] = seen["x0"].clone()  # block 0's input at the FULL step
+    for i in range(3):
+        assert (got[i] - want[i]).abs().max() <= 1e-5, f"step {i}"
+    with torch.no_grad():
+        assert (got[2] - dit(**steps[2]).sample).abs().max() > 1e-3
+
+
+def test_whole_block_reuse_matches_reference(dit):
+    """keep_ratio 0 (FORA-style): the block is skipped at CACHED steps, x + its cached residual."""
+    plan = CachePlan(blocks=(0, 1), keep_ratio=0.25, block_keep_ratio={1: 0.0}, schedule=ALL_PHASE0)
+    tm = tcpass.transform(dit, plan)
+    got = run(tm, dit_inputs())
+    k16 = topk_input_change(16)
+    want = _reference_run(dit, (0, 1), "full_kv", lambda b, x, st: None if b == 1 else k16(b, x, st))
+    for i in range(3):
+        assert (got[i] - want[i]).abs().max() <= 1e-5, f"step {i}"
+    graphs = tm.step_graphs()
+
+    def linears(gm):
+        return sum(n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+
+    block_linears = sum(isinstance(m, torch.nn.Linear) for m in dit.transformer_blocks[1].modules())
+    assert linears(graphs.full.gm) - linears(graphs.cached[0].gm) == block_linears, "block 1 must not run"
 
 
 @pytest.mark.parametrize("selector", ["input_change", "random"])

@@ -32,10 +32,14 @@ def test_keep_tokens_is_ceil_of_ratio_and_at_least_one():
     assert plan.keep_tokens(0, 1, 4) == 1
 
 
-@pytest.mark.parametrize("ratio", [0, 0.0, -0.5, 1.01, 2, float("nan")])
+@pytest.mark.parametrize("ratio", [-0.5, 1.01, 2, float("nan")])
 def test_keep_ratio_outside_unit_interval_is_rejected(ratio):
-    with pytest.raises(ValueError, match=r"keep_ratio\[0\] = .* outside \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"keep_ratio\[0\] = .* outside \[0, 1\]"):
         CachePlan(keep_ratio=ratio)
+
+
+def test_keep_ratio_zero_is_whole_block_reuse():
+    assert CachePlan(keep_ratio=0).keep_tokens(0, 0, 256) == 0
 
 
 @pytest.mark.parametrize(
@@ -45,7 +49,7 @@ def test_keep_ratio_outside_unit_interval_is_rejected(ratio):
         ({"blocks": (1, -2)}, r"blocks\[1\] = -2"),
         ({"blocks": (1, 1)}, "lists a block twice"),
         ({"blocks": "some"}, "expected 'all'"),
-        ({"block_keep_ratio": {3: (0.5, 0)}}, r"block_keep_ratio\[3\]\[1\] = 0"),
+        ({"block_keep_ratio": {3: (0.5, 1.5)}}, r"block_keep_ratio\[3\]\[1\] = 1.5"),
         ({"schedule": TPRRSchedule}, "schedule must be a TPRRSchedule"),
     ],
 )

@@ -20,8 +20,20 @@ After (``attention="full_kv"``; ``idx`` [B, K] per batch row)::
 
 ``cached_kv`` computes k/v for the K kept tokens only and scatters them into the K/V caches the
 attention then reads; ``kept_only`` runs the whole block, attention included, on the K tokens.
-With ``selector_in_graph`` the kept indices are the top-K of ``||x - input_cache||^2`` computed in
-the graph; otherwise they are graph inputs ``block{b}.kept_indices`` [B, K].
+Kept indices, per selector kind (always a fixed-K top-k, so shapes stay static):
+
+- ``input_change``: top-K of ``||x - input_cache||^2``, computed in the graph.
+- ``dynamic``: the Cache Predictor runs once per step as a submodule call on the tokens entering
+  block 0, the timestep and block 0's input when each token was last recomputed (cache
+  ``predictor.input``, refreshed at FULL steps and, at CACHED steps, for the tokens the first cached
+  block keeps): ``scores = tc_predictor(x0, t, x0_ref)`` [B, N, L]; block ``b`` keeps the top-K of
+  ``scores[..., b]``.
+- ``toca``: top-K of the ``block{b}.score`` cache (attention received at the FULL step); the kept
+  tokens' scores are zeroed in the updated cache.
+- ``random`` / ``static``: graph inputs ``block{b}.kept_indices`` [B, K] chosen outside.
+
+K = 0 (``keep_ratio`` 0) is whole-block reuse (FORA-style): the block is not run at all and its
+output is ``x + delta_cache``; its caches pass through unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from torch.fx.node import map_arg
 
 from tcpass.passes.emit import Emitter
 from tcpass.passes.layout import (
+    IN_GRAPH_SELECTORS,
     TensorSpec,
     add_placeholders,
     append_outputs,
@@ -41,6 +54,7 @@ from tcpass.passes.layout import (
     block_caches,
     copy_graph_module,
     is_self_attention,
+    predictor_caches,
 )
 from tcpass.passes.token_axis import _RESHAPES, TokenAxes, analyze
 from tcpass.trace import BlockSpan, find_blocks
@@ -53,29 +67,49 @@ def emit_cached_step(
     block_prefixes: tuple[str, ...],
     keep: dict[int, int],
     attention: str,
-    selector_in_graph: bool,
+    selector: str,
+    predictor: torch.nn.Module | None = None,
+    timestep_input: str | None = None,
 ) -> tuple[fx.GraphModule, list[TensorSpec], list[TensorSpec]]:
     """A copy of ``gm`` where block ``b`` recomputes ``keep[b]`` tokens, for every ``b`` in ``keep``.
 
-    Returns the graph, its cache layout (inputs and, updated, outputs) and its kept-index inputs.
+    ``selector`` is the plan's selector kind; ``dynamic`` needs ``predictor`` (called as
+    ``predictor(x0 [B, N, D], timestep [B]) -> scores [B, N, num_blocks]``) and the name of the
+    timestep input. Returns the graph, its cache layout (inputs and, updated, outputs) and its
+    kept-index inputs.
     """
     gm = copy_graph_module(gm)
     graph = gm.graph
     spans = find_blocks(graph, block_prefixes)
     analyses = {b: analyze(spans[b].nodes, spans[b].hidden_in, f"block {b} ({spans[b].path})") for b in keep}
-    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, selector_in_graph)]
+    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, selector)]
+    cache_specs += predictor_caches(spans, selector)
     index_specs = []
-    if not selector_in_graph:
+    if selector not in IN_GRAPH_SELECTORS:
         batch = int(spans[0].hidden_in.meta["val"].shape[0])
         index_specs = [
-            TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long) for b, k in keep.items()
+            TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long)
+            for b, k in keep.items()
+            if k > 0
         ]
     placeholders = add_placeholders(graph, cache_specs + index_specs)
+    scores = None
     updated: dict[str, fx.Node] = {}
+    if selector == "dynamic":
+        x0_ref = placeholders["predictor.input"]
+        updated["predictor.input"] = x0_ref  # unchanged unless a block keeps tokens (below)
+        if any(keep.values()):
+            scores = _emit_predictor(gm, spans[0].hidden_in, predictor, timestep_input, x0_ref)
     renamed: dict[fx.Node, fx.Node] = {}
+    refreshed = False  # the first block that keeps tokens refreshes the dynamic predictor's reference
     for b, k in keep.items():
         span = spans[b]
-        _rewrite_block(graph, span, analyses[b], k, attention, placeholders, updated, renamed)
+        if k == 0:
+            _reuse_block(graph, span, placeholders, updated, renamed)
+            continue
+        refresh = spans[0].hidden_in if scores is not None and not refreshed else None
+        refreshed = refreshed or refresh is not None
+        _rewrite_block(graph, span, analyses[b], k, attention, placeholders, updated, renamed, scores, refresh)
     append_outputs(graph, [updated[s.name] for s in cache_specs])
     return gm, cache_specs, index_specs
 
@@ -89,6 +123,8 @@ def _rewrite_block(
     placeholders: dict[str, fx.Node],
     updated: dict[str, fx.Node],
     renamed: dict[fx.Node, fx.Node],
+    scores: fx.Node | None,
+    refresh_x0: fx.Node | None = None,
 ) -> None:
     b = span.index
     n_tokens = ta.num_tokens
@@ -97,12 +133,27 @@ def _rewrite_block(
     em = Emitter(graph, span.nodes[-1], span.hidden_out)
 
     input_cache = placeholders.get(f"block{b}.input")
+    score_cache = placeholders.get(f"block{b}.score")
     if input_cache is not None:
         change = em(aten.sub.Tensor, (x_in, input_cache))
         score = em(aten.sum.dim_IntList, (em(aten.mul.Tensor, (change, change)), [-1]))
-        idx = em(operator.getitem, (em(aten.topk.default, (score, k, 1)), 1))
+    elif score_cache is not None:
+        score = score_cache
+    elif scores is not None:
+        score = em(aten.select.int, (scores, 2, b))
     else:
+        score = None
+    if score is None:
         idx = placeholders[f"block{b}.kept_indices"]
+    else:
+        idx = em(operator.getitem, (em(aten.topk.default, (score, k, 1)), 1))
+    if refresh_x0 is not None:  # the dynamic predictor's reference: x0 of the tokens recomputed now
+        shape = list(refresh_x0.meta["val"].shape)
+        rows = em.gather(refresh_x0, 1, idx, shape, k)
+        updated["predictor.input"] = em.scatter(placeholders["predictor.input"], 1, idx, rows, shape, k)
+    if score_cache is not None:  # recomputed tokens go to the back of the queue until the next FULL step
+        zeros = em(aten.mul.Tensor, (em(aten.gather.default, (score_cache, 1, idx)), 0.0))
+        updated[f"block{b}.score"] = em(aten.scatter.src, (score_cache, 1, idx, zeros))
 
     kept: dict[fx.Node, fx.Node] = {}  # original node -> its value on the K kept tokens
 
@@ -165,3 +216,42 @@ def _rewrite_block(
     inside = set(span.nodes)
     span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     renamed[span.hidden_out] = out
+
+
+def _reuse_block(
+    graph: fx.Graph,
+    span: BlockSpan,
+    placeholders: dict[str, fx.Node],
+    updated: dict[str, fx.Node],
+    renamed: dict[fx.Node, fx.Node],
+) -> None:
+    """K = 0: the block's output is its input plus the cached residual; the block is not run."""
+    b = span.index
+    x_in = renamed.get(span.hidden_in, span.hidden_in)
+    em = Emitter(graph, span.nodes[-1], span.hidden_out)
+    out = em(aten.add.Tensor, (x_in, placeholders[f"block{b}.delta"]))
+    for name, node in placeholders.items():
+        if name.startswith(f"block{b}.") and not name.endswith("kept_indices"):
+            updated[name] = node  # unchanged
+    inside = set(span.nodes)
+    span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
+    renamed[span.hidden_out] = out
+
+
+PREDICTOR_MODULE = "tc_predictor"
+
+
+def _emit_predictor(
+    gm: fx.GraphModule, x0: fx.Node, predictor: torch.nn.Module | None, timestep: str | None, x0_ref: fx.Node
+) -> fx.Node:
+    """Call the dynamic Cache Predictor once, right after the tokens entering block 0 exist."""
+    if predictor is None or timestep is None:
+        raise ValueError("selector 'dynamic' needs the predictor module and the timestep input name.")
+    t = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == timestep), None)
+    if t is None:
+        raise ValueError(f"the traced graph has no input named {timestep!r} for the dynamic predictor.")
+    gm.add_submodule(PREDICTOR_MODULE, predictor)
+    with gm.graph.inserting_after(x0):
+        node = gm.graph.call_module(PREDICTOR_MODULE, (x0, t, x0_ref))
+    node.meta.update({k: v for k, v in x0.meta.items() if k == "stack_trace"})
+    return node

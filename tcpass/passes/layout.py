@@ -7,6 +7,10 @@ Both step graphs agree on one ordered list of cache tensors, per cached block:
   (``attention="cached_kv"`` only).
 - ``block{b}.input``    [B, N, D]: the block input when each token was last computed
   (``selector.kind="input_change"`` only; the selector scores how much it has moved since).
+- ``predictor.input``  [B, N, D]: block 0's input at the last FULL step (``selector.kind="dynamic"``
+  only, once per graph, after the blocks' caches): the dynamic predictor scores tokens by their change.
+- ``block{b}.score``    [B, N]: attention each token received at the last FULL step, zeroed for
+  tokens recomputed since (``selector.kind="toca"`` only).
 
 The FULL graph returns them after the model output; the CACHED graph takes them as inputs (after
 the model inputs, before any kept-index inputs) and returns their updated values in the same order.
@@ -58,8 +62,19 @@ def self_attentions(ta: TokenAxes) -> list[fx.Node]:
     return [n for n in ta.attention if n.args[1] in ta.axis and n.args[2] in ta.axis]
 
 
-def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, selector_in_graph: bool) -> list[TensorSpec]:
-    """The caches of one block, in layout order."""
+def predictor_caches(spans: list[BlockSpan], selector: str) -> list[TensorSpec]:
+    """Caches that belong to the graph rather than a block (the dynamic predictor's reference input)."""
+    if selector != "dynamic":
+        return []
+    v = spans[0].hidden_in.meta["val"]
+    return [TensorSpec("predictor.input", -1, "input", tuple(v.shape), v.dtype)]
+
+
+IN_GRAPH_SELECTORS = ("input_change", "toca", "dynamic")  # kept indices computed inside the graph
+
+
+def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, selector: str) -> list[TensorSpec]:
+    """The caches of one block, in layout order (``selector``: the plan's selector kind)."""
     b = span.index
     val = span.hidden_out.meta["val"]
     specs = [TensorSpec(f"block{b}.delta", b, "delta", tuple(val.shape), val.dtype)]
@@ -68,9 +83,13 @@ def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, selector_in_gra
             for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
                 v = arg.meta["val"]
                 specs.append(TensorSpec(f"block{b}.attn{j}.{kind}", b, kind, tuple(v.shape), v.dtype, node.name))
-    if selector_in_graph:
-        v = span.hidden_in.meta["val"]
+    v = span.hidden_in.meta["val"]
+    if selector == "input_change":
         specs.append(TensorSpec(f"block{b}.input", b, "input", tuple(v.shape), v.dtype))
+    elif selector == "toca":
+        if not self_attentions(ta):
+            raise ValueError(f"selector 'toca' needs a self-attention in block {b} ({span.path}); none found.")
+        specs.append(TensorSpec(f"block{b}.score", b, "score", tuple(v.shape[:2]), v.dtype))
     return specs
 
 
