@@ -89,5 +89,64 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     click.echo(f"total {sum(sizes.values()) / 2**20:.2f} MiB; wrote {manifest}")
 
 
+@main.command()
+@click.option("--model", "model_path", default=None, help="Transformer directory (default: the shipped reference DiT).")
+@click.option(
+    "--target-speedup", type=float, default=None, help="Wall-clock speedup to reach on this machine, e.g. 2.0."
+)
+@click.option("--min-psnr", type=float, default=None, help="Or: quality floor, dB of final samples vs full compute.")
+@click.option(
+    "--predictor",
+    type=click.Choice(["dynamic", "static", "input_change"]),
+    default="dynamic",
+    show_default=True,
+    help="Token selector to train (input_change: training-free).",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["full_kv", "cached_kv", "kept_only"]),
+    multiple=True,
+    default=("cached_kv", "full_kv"),
+    show_default=True,
+    help="Attention mode(s) to search (repeatable).",
+)
+@click.option("--batch", default=2, show_default=True, help="Model batch the speed is timed at (2 = 1 image + CFG).")
+@click.option("--samples", default=16, show_default=True, help="Calibration samples generated with full compute.")
+@click.option("--steps", default=50, show_default=True, help="DDIM steps of the calibration generations.")
+@click.option("--iterations", default=120, show_default=True, help="Predictor training iterations.")
+@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
+def calibrate(
+    model_path, target_speedup, min_psnr, predictor, attention, batch, samples, steps, iterations, threads, out
+):
+    """Find a plan for a model: predictor, blocks and TPRR schedule, against a speed or quality target."""
+    import torch
+
+    from tcpass.adapters import load_transformer
+    from tcpass.calibrate import calibrate as run
+    from tcpass.zoo.digits import load_reference_model
+
+    if (target_speedup is None) == (min_psnr is None):
+        raise click.UsageError("give exactly one of --target-speedup (e.g. 2.0) or --min-psnr (e.g. 30).")
+    torch.set_num_threads(threads)
+    model = load_reference_model() if model_path is None else load_transformer(model_path)
+    report = run(
+        model,
+        out,
+        target_speedup=target_speedup,
+        min_psnr=min_psnr,
+        predictor=predictor,
+        attention=attention,
+        batch=batch,
+        num_samples=samples,
+        steps=steps,
+        iterations=iterations,
+    )
+    click.echo(report.format())
+    click.echo(
+        f"wrote {Path(out).resolve()}" + (f" and {report.plan.selector.path}" if report.plan.selector.path else "")
+    )
+
+
 if __name__ == "__main__":
     main()

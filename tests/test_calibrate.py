@@ -1,0 +1,123 @@
+"""Calibration: predictor training, block selection, the calibrated plan and its files."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import tcpass
+from tcpass import calibrate as cal
+from tcpass.plan import load_plan
+from tests.conftest import make_dit
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_dit()
+
+
+@pytest.fixture(scope="module")
+def data(tiny):
+    return cal.collect(tiny, num_samples=3, steps=12, progress=False)
+
+
+def _objective(model, predictor, data, lam, pairs):
+    hooks = cal.BlockHooks(model)
+    rows = torch.arange(data.inputs.shape[1])
+    blocks = tuple(range(len(model.transformer_blocks)))
+    total = 0.0
+    with hooks.attached(), torch.no_grad():
+        for pair in pairs:
+            err, w = cal.predictor_loss(model, hooks, predictor, data, pair, rows, blocks)
+            total += float(err + lam * w)
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_predictor_training_reduces_its_loss(tiny, data, kind):
+    lam = 0.3
+    pairs = cal._pairs(data.num_steps, 4, 6, torch.Generator().manual_seed(7))
+    untrained = cal.train_predictor(tiny, data, kind, iterations=0, progress=False).predictor
+    result = cal.train_predictor(
+        tiny,
+        data,
+        kind,
+        iterations=40,
+        budget_weight=lam,
+        dual_step=0.0,
+        hard_fraction=0.0,
+        lr=0.05,
+        progress=False,
+    )
+    before = _objective(tiny, untrained, data, lam, pairs)
+    after = _objective(tiny, result.predictor, data, lam, pairs)
+    assert after < 0.9 * before, (before, after)
+    assert all(p.grad is None or not p.requires_grad for p in tiny.parameters()), "the DiT stays frozen"
+
+
+def test_block_selection_prefers_an_insensitive_block(data):
+    model = make_dit()
+    block = model.transformer_blocks[1]
+    with torch.no_grad():  # block 1 adds (almost) nothing: caching it cannot change the output
+        block.attn1.to_out[0].weight.mul_(1e-4)
+        block.attn1.to_out[0].bias.zero_()
+        block.ff.net[2].weight.mul_(1e-4)
+        block.ff.net[2].bias.zero_()
+    own = cal.collect(model, num_samples=3, steps=12, progress=False)
+    sens = cal.block_sensitivity(model, own, num_pairs=4, progress=False)
+    assert int(sens.argmin()) == 1
+    assert sens[1] < 0.01 * min(sens[0], sens[2])
+
+
+def test_calibrated_plan_round_trips_and_guards_its_weights(tiny, tmp_path):
+    out = tmp_path / "plan.json"
+    report = cal.calibrate(
+        tiny,
+        out,
+        min_psnr=-100.0,  # a random tiny model: any plan passes; this test is about the files
+        predictor="dynamic",
+        num_samples=2,
+        steps=10,
+        iterations=4,
+        ratios=(0.25, 0.5),
+        progress=False,
+    )
+    assert "dynamic trained" in report.format()
+    plan = load_plan(out)
+    assert plan.selector.kind == "dynamic" and plan.model == report.plan.model
+    assert dataclasses.replace(plan, selector=report.plan.selector) == report.plan
+    assert tcpass.CachePlan.from_json(report.plan.to_json()) == report.plan
+    tm = tcpass.transform(tiny, plan)  # the weights next to the plan are found and used
+    assert tm.predictor is not None
+
+    weights = tmp_path / report.plan.selector.path
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="selector.sha256 = .* the weights file was changed"):
+        load_plan(out)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_plan(out)
+
+
+def test_predictor_weights_for_another_model_are_rejected(tmp_path):
+    from tcpass.predictor import DynamicPredictor, load_predictor, save_predictor
+
+    digest = save_predictor(DynamicPredictor(hidden_size=64, num_blocks=3), tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match="predictor hidden_size = 64 but the model has hidden_size = 32"):
+        load_predictor(tmp_path / "p.safetensors", digest, hidden_size=32, num_blocks=3)
+    plan = tcpass.CachePlan(
+        selector=tcpass.SelectorSpec(kind="dynamic", path=str(tmp_path / "p.safetensors"), sha256=digest)
+    )
+    model = make_dit()
+    with pytest.raises(ValueError, match="hidden_size"):
+        tcpass.transform(model, plan)
+
+
+def test_plan_with_a_wrong_fingerprint_is_rejected(tiny):
+    fp = tcpass.adapters.adapter_for(tiny).fingerprint(tiny)
+    for field, value in (("num_blocks", 28), ("hidden_size", 1152)):
+        plan = tcpass.CachePlan(model=dataclasses.replace(fp, **{field: value}))
+        with pytest.raises(ValueError, match=f"{field}={value}"):
+            tcpass.transform(tiny, plan)
