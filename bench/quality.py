@@ -1,17 +1,26 @@
-"""Quality vs speed on the shipped reference model, over several seeds, against honest baselines.
+"""Quality vs speed on the shipped reference model: TokenCache selectors against the baselines.
 
-    python bench/quality.py                          # 5 seeds x 40 samples, default plan
-    python bench/quality.py --seeds 3 --plan a.json --plan b.json
+    python bench/quality.py --plan bench/plans/digits_2x.json --plan bench/plans/digits_3x.json
+    python bench/quality.py --seeds 3                     # the shipped plan only
 
-Variants, all from the same noise per seed and 50-step DDIM with CFG unless stated:
-- ``full``: the uncached model (the reference for PSNR/SSIM);
-- each plan (default: the reference model's shipped plan);
-- ``<plan> random tokens``: the same plan with seeded random token selection;
-- ``fewer steps``: the uncached model with as many DDIM steps as fit in the first plan's measured
-  time (round(50 / measured speedup)).
+For every plan given (normally `tcpass calibrate` outputs at about 2x and 3x), variants with the
+same blocks, keep ratios and TPRR schedule and a different token selector, plus the baselines at
+the plan's predicted speed:
+
+- ``dynamic predictor`` / ``static predictor``: the learned Cache Predictors (the static table is
+  trained here on the model's own calibration samples, seed 1234, disjoint from the test noise);
+- ``input_change``: training-free, in-graph (most-changed block inputs);
+- ``random tokens``: seeded random selection;
+- ``ToCa-style``: attention received at the last FULL step, recomputed tokens deprioritised;
+- ``FORA-style``: whole-block reuse (keep 0) every cached step, interval set by measured step times
+  to the plan's predicted speedup;
+- ``fewer steps``: the uncached model with round(50 / predicted speedup) DDIM steps.
+
+All variants run from the same noise per seed (50-step DDIM, CFG 4); speedups are measured on these
+very generations (median over seeds of full time / variant time, one process, variants in turn).
 Fidelity (PSNR/SSIM vs full) and class accuracy are per seed (mean ± std over seeds); the Fréchet
 distance pools all seeds' samples against 200 held-out real digits, next to the distance between
-two disjoint halves of real held-out digits. Writes bench/results/quality.json and quality.png.
+two disjoint halves of real held-out digits. Writes bench/results/<out>.json and <out>.png.
 """
 
 from __future__ import annotations
@@ -30,10 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
 from bench.common import RESULTS, machine, write_json  # noqa: E402
+from tcpass import calibrate as cal  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
+from tcpass.predictor import sha256_of  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
+from tcpass.selectors import StaticScoreSelector  # noqa: E402
 from tcpass.zoo.demo import DEFAULT_PLAN_PATH  # noqa: E402
 from tcpass.zoo.digits import NULL_LABEL, NUM_CLASSES, digits_split, load_classifier, load_reference_model  # noqa: E402
+
+PLANS_DIR = Path(__file__).parent / "plans"
 
 
 def timed(fn):
@@ -42,11 +56,54 @@ def timed(fn):
     return out.clamp(-1, 1), time.perf_counter() - start
 
 
+def static_selector(model) -> tcpass.SelectorSpec:
+    """Train the static Cache Predictor on the model's own calibration samples (cached on disk)."""
+    path = PLANS_DIR / "digits_static_scores.safetensors"
+    if not path.is_file():
+        data = cal.collect(model, num_samples=20)
+        trained = cal.train_predictor(model, data, "static", iterations=120)
+        grid = torch.arange(0, 1000, 10, dtype=torch.float32)
+        StaticScoreSelector(trained.predictor.table(grid), grid, torch.arange(8)).save(path)
+    return tcpass.SelectorSpec(kind="static", path=str(path), sha256=sha256_of(path))
+
+
+def variants_for(model, name: str, plan: tcpass.CachePlan, batch: int, static: tcpass.SelectorSpec, steps: int):
+    """(variant name -> (plan or None for the plain model, sampler steps)) around one plan."""
+    ratios = tuple(sorted({0.0, *plan.keep_ratio}))
+    times = cal.measure_step_times(model, ratios, dataclasses.replace(plan, selector=tcpass.SelectorSpec()), batch)
+    ts = cal._timesteps(steps)
+    target = times.speedup(plan, ts)
+    fora = min(
+        (
+            dataclasses.replace(
+                plan,
+                blocks="all",
+                keep_ratio=0.0,
+                block_keep_ratio={},
+                selector=tcpass.SelectorSpec(),
+                schedule=tcpass.TPRRSchedule(boundary_timestep=500, intervals=(i, i)),
+            )
+            for i in range(2, 40)
+        ),
+        key=lambda p: abs(times.speedup(p, ts) - target),
+    )
+    sel = tcpass.SelectorSpec
+    return target, {
+        f"{name} dynamic predictor": (plan, steps),
+        f"{name} static predictor": (dataclasses.replace(plan, selector=static), steps),
+        f"{name} input_change": (dataclasses.replace(plan, selector=sel(kind="input_change")), steps),
+        f"{name} random tokens": (dataclasses.replace(plan, selector=sel(kind="random")), steps),
+        f"{name} ToCa-style": (dataclasses.replace(plan, selector=sel(kind="toca")), steps),
+        f"{name} FORA-style (every {fora.schedule.intervals[0]})": (fora, steps),
+        f"{name} fewer steps ({max(1, round(steps / target))})": (None, max(1, round(steps / target))),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, action="append", help="plan JSON (repeatable; default: shipped plan)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--per-class", type=int, default=4, help="samples per class per seed")
+    parser.add_argument("--per-class", type=int, default=2, help="samples per class per seed")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,12 +118,6 @@ def main() -> None:
     real_features = classifier_features(real_a, classifier)
     real_vs_real = frechet_distance(classifier_features(real_b, classifier), real_features)
 
-    plan_paths = args.plan or [DEFAULT_PLAN_PATH]
-    plans = {}
-    for path in plan_paths:
-        plan = tcpass.load_plan(path)
-        plans[path.stem] = plan
-        plans[f"{path.stem} random tokens"] = dataclasses.replace(plan, selector=tcpass.SelectorSpec(kind="random"))
     labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     batch = 2 * len(labels)
     example = {
@@ -74,27 +125,25 @@ def main() -> None:
         "timestep": torch.zeros(batch, dtype=torch.long),
         "class_labels": torch.zeros(batch, dtype=torch.long),
     }
-    models = {name: tcpass.transform(model, plan, example_inputs=example) for name, plan in plans.items()}
+    static = static_selector(model)
+    variants: dict[str, tuple] = {"full": (model, args.steps)}
+    plans: dict[str, tcpass.CachePlan] = {}
+    targets = {}
+    for path in args.plan or [DEFAULT_PLAN_PATH]:
+        plan = tcpass.load_plan(path)
+        target, group = variants_for(model, path.stem, plan, batch, static, args.steps)
+        targets[path.stem] = target
+        for name, (p, steps) in group.items():
+            plans[name] = p
+            variants[name] = (model if p is None else tcpass.transform(model, p, example_inputs=example), steps)
+    print("predicted speedups: " + ", ".join(f"{k} {v:.2f}x" for k, v in targets.items()), flush=True)
 
     def generate(m, noise, steps):
         return ddim_sample(m, noise, labels, NULL_LABEL, steps, args.guidance)
 
-    # Calibrate the equal-time fewer-steps baseline on the first plan (one warm-up, two timed rounds).
-    first = next(iter(models.values()))
-    probe = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(10_000))
-    ratios = []
-    for i in range(3):
-        _, t_full = timed(lambda: generate(model, probe, args.steps))
-        _, t_plan = timed(lambda: generate(first, probe, args.steps))
-        if i:
-            ratios.append(t_full / t_plan)
-    fewer_steps = max(1, round(args.steps / statistics.median(ratios)))
-    variants = {
-        "full": (model, args.steps),
-        **{n: (m, args.steps) for n, m in models.items()},
-        f"fewer steps ({fewer_steps})": (model, fewer_steps),
-    }
-    print(f"equal-time baseline: {fewer_steps} DDIM steps (first plan measured {statistics.median(ratios):.2f}x)")
+    warm = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(10_000))
+    for m, steps in variants.values():
+        generate(m, warm, steps)
 
     per_seed: dict[str, dict[str, list[float]]] = {n: {"psnr": [], "ssim": [], "acc": [], "s": []} for n in variants}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in variants}
@@ -133,13 +182,14 @@ def main() -> None:
             }
         )
     print(
-        f"\n{len(labels)} samples x {args.seeds} seeds per variant; Fréchet distance real-vs-real: {real_vs_real:.2f}"
+        f"\n{len(labels)} samples x {args.seeds} seeds per variant (model batch {batch}); "
+        f"Fréchet distance real-vs-real: {real_vs_real:.2f}"
     )
-    print(f"{'variant':28} {'speedup':>8} {'PSNR dB':>14} {'SSIM':>15} {'class acc':>14} {'Fréchet':>8}")
+    print(f"{'variant':40} {'speedup':>8} {'PSNR dB':>14} {'SSIM':>15} {'class acc':>14} {'Fréchet':>8}")
     for r in rows:
         psnr_text = "inf" if np.isinf(r["psnr_db_mean"]) else f"{r['psnr_db_mean']:6.2f} ± {r['psnr_db_std']:4.2f}"
         print(
-            f"{r['variant']:28} {r['speedup_median']:7.2f}x {psnr_text:>14} "
+            f"{r['variant']:40} {r['speedup_median']:7.2f}x {psnr_text:>14} "
             f"{r['ssim_mean']:7.4f} ± {r['ssim_std']:.4f} {r['class_acc_mean']:7.1%} ± {r['class_acc_std']:4.1%} "
             f"{r['frechet_vs_heldout']:8.2f}"
         )
@@ -148,9 +198,11 @@ def main() -> None:
         "config": {
             "seeds": args.seeds,
             "samples_per_seed": len(labels),
+            "batch": batch,
             "steps": args.steps,
             "guidance": args.guidance,
-            "plans": {n: p.to_dict() for n, p in plans.items()},
+            "predicted_speedups": targets,
+            "plans": {n: (p.to_dict() if p is not None else None) for n, p in plans.items()},
         },
         "frechet_real_vs_real": real_vs_real,
         "results": rows,
@@ -160,34 +212,54 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path, real_vs_real: float) -> Path:
-    """Left: PSNR vs full compute; right: Fréchet distance to held-out real digits; both vs speedup."""
+    """Left: PSNR vs full compute; right: Fréchet distance to held-out real; both vs measured speedup.
+
+    Colour = method (selector or baseline), marker = the plan it is matched to.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    def split(variant: str) -> tuple[str, str]:
+        plan, _, method = variant.partition(" ")
+        return (plan, method.split(" (")[0]) if method else ("", variant)
+
+    methods = sorted({split(r["variant"])[1] for r in rows if r["variant"] != "full"})
+    plans = sorted({split(r["variant"])[0] for r in rows if r["variant"] != "full"})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    markers = {p: "osD^v"[i % 5] for i, p in enumerate(plans)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     full = next(r for r in rows if r["variant"] == "full")
     for r in rows:
-        label = f"{r['variant']} (class acc {r['class_acc_mean']:.0%})"
-        if r["variant"] != "full":
-            ax1.errorbar(r["speedup_median"], r["psnr_db_mean"], yerr=r["psnr_db_std"], fmt="o", capsize=3, label=label)
-        ax2.plot(r["speedup_median"], r["frechet_vs_heldout"], "o", label=label)
-    ax2.axhline(full["frechet_vs_heldout"], color="gray", ls="--", label="full compute")
-    ax2.axhline(real_vs_real, color="black", ls=":", label="real vs real (scale)")
+        if r["variant"] == "full":
+            continue
+        plan, method = split(r["variant"])
+        style = dict(color=colors[method], marker=markers[plan], linestyle="none")
+        ax1.errorbar(r["speedup_median"], r["psnr_db_mean"], yerr=r["psnr_db_std"], capsize=3, **style)
+        ax2.plot(r["speedup_median"], r["frechet_vs_heldout"], **style)
+    ax2.axhline(full["frechet_vs_heldout"], color="gray", ls="--")
+    ax2.axhline(real_vs_real, color="black", ls=":")
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=m) for m, c in colors.items()]
+    handles += [
+        plt.Line2D([], [], color="k", marker=mk, ls="none", label=f"matched to {p}") for p, mk in markers.items()
+    ]
+    handles += [
+        plt.Line2D([], [], color="gray", ls="--", label="full compute (Fréchet)"),
+        plt.Line2D([], [], color="black", ls=":", label="real vs real (Fréchet scale)"),
+    ]
     ax1.set(
         xlabel="measured speedup vs full compute (x)",
         ylabel="PSNR vs full compute (dB)",
-        title="fidelity vs speed (mean ± std over seeds)",
+        title="fidelity vs speed (mean ± std over seeds; higher is better)",
     )
     ax2.set(
         xlabel="measured speedup vs full compute (x)",
         ylabel="Fréchet distance to held-out real",
-        title="distribution vs speed (lower is better)",
+        title="distribution vs speed (lower is closer to real digits)",
     )
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -2,9 +2,11 @@
 
     python bench/speed.py                       # DiT-S/2 and DiT-XL/2, 5 rounds
     python bench/speed.py --models dit-s --reps 3 --plan my_plan.json
+    python bench/speed.py --models digits --images 20 --plan bench/plans/digits_2x.json   # trained reference model
 
 Real architectures at their published sizes with random weights (speed does not depend on the
-weights). Batch 2: one image with classifier-free guidance. Prints a table and writes
+weights; ``digits`` is the shipped trained reference model). Model batch 2 x ``--images`` (default
+one image with classifier-free guidance). Prints a table and writes
 bench/results/speed.json.
 """
 
@@ -29,6 +31,7 @@ from tcpass.sampling import ddim_sample, make_scheduler  # noqa: E402
 MODELS = {
     "dit-s": dict(num_attention_heads=6, attention_head_dim=64, num_layers=12),
     "dit-xl": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28),
+    "digits": None,  # the shipped trained reference model (tcpass.zoo.digits)
 }
 COMMON = dict(in_channels=4, out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
@@ -66,6 +69,26 @@ class OrtGenerator:
         return torch.from_numpy(generate(self.runtime, noise.numpy(), labels.numpy(), self.steps, 4.0))
 
 
+def load_model(name: str):
+    if name == "digits":
+        from tcpass.zoo.digits import load_reference_model
+
+        return load_reference_model()
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(**MODELS[name], **COMMON).eval()
+
+
+def example_inputs(model, images: int) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    null = int(cfg.num_embeds_ada_norm)
+    labels = torch.arange(images) % null
+    return {
+        "hidden_states": torch.randn(2 * images, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+        "timestep": torch.full((2 * images,), 999),
+        "class_labels": torch.cat([labels, torch.full_like(labels, null)]),
+    }
+
+
 def ort_pair(model, tm, steps: int):
     """Export the uncached model and the transformed one the same way; ORT generators for both."""
     import tempfile
@@ -73,29 +96,40 @@ def ort_pair(model, tm, steps: int):
     from tcpass.export.onnx_export import export_onnx
 
     root = Path(tempfile.mkdtemp(prefix="tcpass-bench-"))
-    inputs = {
-        "hidden_states": torch.randn(2, 4, 32, 32),
-        "timestep": torch.tensor([999, 999]),
-        "class_labels": torch.tensor([207, 1000]),
-    }
+    inputs = example_inputs(model, 1)
+    null = int(model.config.num_embeds_ada_norm)
     export_onnx(
         tcpass.transform(model, tcpass.CachePlan.no_cache(), example_inputs=inputs),
         root / "base",
         inputs,
-        null_label=1000,
+        null_label=null,
     )
-    export_onnx(tm, root / "tcpass", inputs, null_label=1000)
+    export_onnx(tm, root / "tcpass", inputs, null_label=null)
     threads = torch.get_num_threads()
     return OrtGenerator(root / "base", steps, threads), OrtGenerator(root / "tcpass", steps, threads)
 
 
-def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, executor: str) -> dict:
+def bench_model(
+    name: str, plan: tcpass.CachePlan, steps: int, reps: int, executor: str, images: int = 1, plan_dir=None
+) -> dict:
     """One model, one executor: baseline and tcpass both eager, or both compiled with the same backend."""
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(**MODELS[name], **COMMON).eval()
-    noise = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
-    labels = torch.tensor([207])
-    tm = tcpass.transform(model, plan, backend=None if executor in ("eager", "ort") else executor)
+    model = load_model(name)
+    cfg = model.config
+    null = int(cfg.num_embeds_ada_norm)
+    example = example_inputs(model, images)
+    noise = torch.randn(
+        images, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(1)
+    )
+    labels = example["class_labels"][:images]
+    if executor == "ort" and images != 1:
+        raise ValueError("the ORT rows are exported for one image (model batch 2); use --images 1.")
+    tm = tcpass.transform(
+        model,
+        plan,
+        example_inputs=example,
+        plan_dir=plan_dir,
+        backend=None if executor in ("eager", "ort") else executor,
+    )
     if executor == "eager":
         baseline = model
     elif executor == "ort":
@@ -106,7 +140,7 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
     def generate(m):
         if isinstance(m, OrtGenerator):
             return m(noise, labels)
-        return ddim_sample(m, noise, labels, null_label=1000, num_steps=steps, guidance_scale=4.0)
+        return ddim_sample(m, noise, labels, null_label=null, num_steps=steps, guidance_scale=4.0)
 
     first_call = {}
     for label, m in (("baseline", baseline), ("tcpass", tm)):
@@ -116,12 +150,11 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
     times = interleaved({"baseline": lambda: generate(baseline), "tcpass": lambda: generate(tm)}, reps)
     scheduler = make_scheduler()
     scheduler.set_timesteps(steps)
-    example = {
-        "hidden_states": torch.randn(2, 4, 32, 32),
-        "timestep": torch.tensor([999, 999]),
-        "class_labels": torch.tensor([207, 1000]),
-    }
-    flops_model = tm if isinstance(tm, tcpass.TokenCacheTransformer) else tcpass.transform(model, plan)
+    flops_model = (
+        tm
+        if isinstance(tm, tcpass.TokenCacheTransformer)
+        else tcpass.transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+    )
     flops = generation_flops(flops_model, example, [float(t) for t in scheduler.timesteps])
     flops_model(**example)  # fills the caches once, for their size
     speedup = ratio_median(times["baseline"], times["tcpass"])
@@ -129,9 +162,9 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
         "model": name,
         "executor": executor,
         "first_generation_s": first_call,
-        "config": {**MODELS[name], **COMMON},
+        "config": dict(cfg),
         "steps": steps,
-        "batch": 2,
+        "batch": 2 * images,
         "reps": reps,
         "baseline_s": summary(times["baseline"]),
         "tcpass_s": summary(times["tcpass"]),
@@ -149,6 +182,7 @@ def bench_model(name: str, plan: tcpass.CachePlan, steps: int, reps: int, execut
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="dit-s,dit-xl", help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--images", type=int, default=1, help="images per generation (model batch 2x: CFG)")
     parser.add_argument("--plan", type=Path, help="plan JSON (default: the built-in ~2.5x plan)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=5)
@@ -170,7 +204,8 @@ def main() -> None:
             if executor not in ("eager", "inductor", "ort"):
                 parser.error(f"--executors: unknown executor {executor!r}; choose from eager, inductor, ort")
             print(f"benchmarking {name}, {executor}: {args.reps} rounds of {args.steps}-step generations", flush=True)
-            rows.append(bench_model(name, plan, args.steps, args.reps, executor))
+            plan_dir = args.plan.parent if args.plan else None
+            rows.append(bench_model(name, plan, args.steps, args.reps, executor, args.images, plan_dir))
     header = (
         f"{'model':8} {'executor':9} {'baseline s':>16} {'tcpass s':>16} {'speedup':>8} {'FLOP-ideal':>10} "
         f"{'meas/ideal':>10} {'cache MiB':>9}"

@@ -170,3 +170,36 @@ def test_cli_export_from_a_saved_model_directory(tmp_path):
     assert runtime.null_label == 1000
     images = generate(runtime, np.zeros((1, 4, 16, 16), np.float32), np.array([2]), num_steps=5)
     assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "toca"])
+def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
+    """The learned dynamic predictor and the ToCa-style scores run inside the exported graphs too."""
+    from tcpass.predictor import DynamicPredictor, save_predictor
+
+    model = make_dit()
+    if kind == "toca":
+        selector = tcpass.SelectorSpec(kind="toca")
+    else:
+        torch.manual_seed(1)
+        predictor = DynamicPredictor(hidden_size=32, num_blocks=3, width=8)
+        torch.nn.init.normal_(predictor.out.weight)
+        digest = save_predictor(predictor, tmp_path / "p.safetensors")
+        selector = tcpass.SelectorSpec(kind="dynamic", path=str(tmp_path / "p.safetensors"), sha256=digest)
+    plan = CachePlan(keep_ratio=0.25, attention="cached_kv", selector=selector)
+    export_onnx(tcpass.transform(model, plan), tmp_path / "onnx", null_label=1000)
+    runtime = OrtTokenCacheRuntime(tmp_path / "onnx")
+    eager = tcpass.transform(model, plan)
+    g = torch.Generator().manual_seed(0)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(8)
+    for t in scheduler.timesteps:
+        inputs = {
+            "hidden_states": torch.randn(2, 4, 16, 16, generator=g),
+            "timestep": t.expand(2),
+            "class_labels": torch.tensor([3, 1000]),
+        }
+        want = eager(**inputs).sample.numpy()
+        got = runtime(**{k: v.numpy() for k, v in inputs.items()})
+        assert np.abs(got - want).max() <= 1e-4
+    assert runtime.step_counts[StepKind.CACHED] > 0
