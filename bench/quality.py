@@ -71,7 +71,7 @@ def variants_for(model, name: str, plan: tcpass.CachePlan, batch: int, static: t
     """(variant name -> (plan or None for the plain model, sampler steps)) around one plan."""
     ratios = tuple(sorted({0.0, *plan.keep_ratio}))
     times = cal.measure_step_times(model, ratios, dataclasses.replace(plan, selector=tcpass.SelectorSpec()), batch)
-    ts = cal._timesteps(steps)
+    ts = cal.ddim_timesteps(steps)
     target = times.speedup(plan, ts)
     fora = min(
         (

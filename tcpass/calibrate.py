@@ -472,7 +472,6 @@ def measure_step_times(
         caches = list(out[1:])
         full = min(full, _timeit(lambda graphs=graphs: graphs.full(*values), reps))
         g = graphs.cached[0]
-        tm._selector and tm._selector.reset()
         indices = [s.example(values[0].device) for s in g.index_specs]
 
         def call(g=g, caches=caches, indices=indices):
@@ -504,7 +503,7 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     return float(psnr(out, data.final).mean())
 
 
-def _timesteps(steps: int) -> list[float]:
+def ddim_timesteps(steps: int) -> list[float]:
     scheduler = make_scheduler()
     scheduler.set_timesteps(steps)
     return [float(t) for t in scheduler.timesteps]
@@ -529,7 +528,7 @@ def search_schedule(
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (dB, e.g. 30).")
-    ts = _timesteps(data.steps)
+    ts = ddim_timesteps(data.steps)
     L = len(block_order)
     ratios = sorted(times.cached)
     evaluated: dict[str, Candidate] = {}
@@ -587,7 +586,7 @@ def search_schedule(
         best = max(evaluated.values(), key=lambda c: c.psnr_db)
         # Stage B: phase-asymmetric variants of the winner's structure.
         bn = L if best.plan.blocks == "all" else len(best.plan.blocks)
-        near = [g for g in band if g[1] == bn and (g[2], g[3]) != (g[3], g[2]) or (g[1] == bn and g[4] != g[5])]
+        near = [g for g in band if g[1] == bn and (g[2] != g[3] or g[4] != g[5])]  # phases differ
         near = [
             g
             for g in near
