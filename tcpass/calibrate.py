@@ -162,6 +162,11 @@ class BlockHooks:
         return hook
 
 
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, N] 0/1 mask of each row's ``k`` highest scores."""
+    return torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+
+
 def _model_call(model, data: CalibrationData, step: int, rows: torch.Tensor, x=None):
     x = data.inputs[step, rows] if x is None else x
     t = data.timesteps[step].expand(len(rows))
@@ -213,7 +218,7 @@ def block_sensitivity(
                 x_now = now[b]
                 k = max(1, math.ceil(keep_ratio * x_now.shape[1]))
                 score = ((x_now - inputs[b]) ** 2).sum(-1)
-                mask = torch.zeros_like(score).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+                mask = topk_mask(score, k)
                 hooks.mode, hooks.weights = "mix", {b: mask}
                 errors[b] += _rel_err(_model_call(model, data, t, rows), target)
     hooks.mode = "off"
@@ -266,7 +271,7 @@ def predictor_loss(
         if hard_keep is not None:
             k = max(1, math.ceil(hard_keep * logits.shape[1]))
             for b, soft in w.items():
-                hard = torch.zeros_like(soft).scatter_(1, soft.topk(k, dim=1).indices, 1.0)
+                hard = topk_mask(soft.detach(), k)
                 w[b] = hard + soft - soft.detach()
         return w
 
@@ -315,11 +320,9 @@ def topk_error(
                 for b in blocks:
                     if scorer == "random":
                         score = torch.rand(len(rows), n, generator=g)
-                    elif scorer == "input_change":
-                        return {}  # needs each block's own input: handled below
                     else:
                         score = scorer(x0, refresh_inputs[0], timestep, b)
-                    out[b] = torch.zeros(len(rows), n).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+                    out[b] = topk_mask(score, k)
                 return out
 
             if scorer == "input_change":
@@ -329,7 +332,7 @@ def topk_error(
                 weights = {}
                 for b in blocks:
                     score = ((now[b] - refresh_inputs[b]) ** 2).sum(-1)
-                    weights[b] = torch.zeros(len(rows), n).scatter_(1, score.topk(k, dim=1).indices, 1.0)
+                    weights[b] = topk_mask(score, k)
                 hooks.weights = weights
             else:
                 hooks.weights = masks
