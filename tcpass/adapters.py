@@ -21,39 +21,125 @@ class ModelAdapter:
 
     Attributes:
         class_name: the diffusers class this row serves.
-        block_prefixes: ModuleList attribute(s) holding the transformer blocks, in call order.
-        input_names: the tensor inputs of ``forward`` that become graph inputs, in order.
+        block_prefixes: ModuleList attribute(s) holding the transformer blocks, in call order
+            (Flux: the double-stream blocks, then the single-stream ones).
+        input_names: the ``forward`` arguments tcpass passes to the graphs (tensors, or dicts of
+            tensors such as PixArt's ``added_cond_kwargs``); any other non-None argument is refused.
+        required_inputs: the ones that must not be None.
         timestep_input: which input carries the timestep the TPRR schedule is keyed on.
-        example_inputs: builds example inputs ``{name: tensor}`` from the model's config.
+        example_inputs: builds example inputs ``{name: value}`` from the model's config.
         fingerprint: what a plan records about the model (block count, hidden size).
+        image_tokens: N, the image-token count of the residual stream, from the inputs.
+        timestep_scale: factor from the ``timestep`` argument to the 0..1000 scale of the schedule
+            (Flux pipelines pass ``t / 1000``).
+        text_stream: how the family's text tokens are handled, for the docs and error messages.
     """
 
     class_name: str
     block_prefixes: tuple[str, ...]
     input_names: tuple[str, ...]
+    required_inputs: tuple[str, ...]
     timestep_input: str
-    example_inputs: Callable[[nn.Module, int], dict[str, torch.Tensor]]
+    example_inputs: Callable[[nn.Module, int], dict]
     fingerprint: Callable[[nn.Module], ModelFingerprint]
+    image_tokens: Callable[[nn.Module, dict], int]
+    timestep_scale: float = 1.0
+    text_stream: str = "none"
 
 
-def _dit_example_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    p = next(model.parameters())
-    size = cfg.sample_size
+def _param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def _latents(model: nn.Module, batch: int, size: int | None = None) -> torch.Tensor:
+    cfg, p = model.config, _param(model)
+    size = size or cfg.sample_size
+    return torch.randn(batch, cfg.in_channels, size, size, dtype=p.dtype, device=p.device)
+
+
+def _patch_tokens(model: nn.Module, inputs: dict) -> int:
+    h, w = inputs["hidden_states"].shape[-2:]
+    p = model.config.patch_size
+    return (h // p) * (w // p)
+
+
+def _fingerprint(layers: Callable[[object], int]) -> Callable[[nn.Module], ModelFingerprint]:
+    def fingerprint(model: nn.Module) -> ModelFingerprint:
+        cfg = model.config
+        return ModelFingerprint(
+            model_class=type(model).__name__,
+            num_blocks=layers(cfg),
+            hidden_size=cfg.num_attention_heads * cfg.attention_head_dim,
+        )
+
+    return fingerprint
+
+
+def _dit_example_inputs(model: nn.Module, batch: int) -> dict:
+    p = _param(model)
     return {
-        "hidden_states": torch.randn(batch, cfg.in_channels, size, size, dtype=p.dtype, device=p.device),
+        "hidden_states": _latents(model, batch),
         "timestep": torch.full((batch,), 500, dtype=torch.long, device=p.device),
         "class_labels": torch.zeros(batch, dtype=torch.long, device=p.device),
     }
 
 
-def _dit_fingerprint(model: nn.Module) -> ModelFingerprint:
-    cfg = model.config
-    return ModelFingerprint(
-        model_class=type(model).__name__,
-        num_blocks=cfg.num_layers,
-        hidden_size=cfg.num_attention_heads * cfg.attention_head_dim,
-    )
+PIXART_TEXT_TOKENS = 120  # PixArt-alpha's T5 sequence length (Sigma uses 300)
+
+
+def _pixart_example_inputs(model: nn.Module, batch: int) -> dict:
+    cfg, p = model.config, _param(model)
+    additional = cfg.sample_size == 128 if cfg.use_additional_conditions is None else cfg.use_additional_conditions
+    resolution = aspect = None
+    if additional:  # PixArt-alpha 1024: image size and aspect ratio micro-conditions
+        size = float(cfg.sample_size * 8)
+        resolution = torch.tensor([[size, size]], dtype=p.dtype, device=p.device).repeat(batch, 1)
+        aspect = torch.ones(batch, 1, dtype=p.dtype, device=p.device)
+    return {
+        "hidden_states": _latents(model, batch),
+        "encoder_hidden_states": torch.randn(
+            batch, PIXART_TEXT_TOKENS, cfg.caption_channels, dtype=p.dtype, device=p.device
+        ),
+        "timestep": torch.full((batch,), 500, dtype=torch.long, device=p.device),
+        "added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect},
+        "encoder_attention_mask": torch.ones(batch, PIXART_TEXT_TOKENS, dtype=p.dtype, device=p.device),
+    }
+
+
+SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens in StableDiffusion3Pipeline
+
+
+def _sd3_example_inputs(model: nn.Module, batch: int) -> dict:
+    cfg, p = model.config, _param(model)
+    return {
+        "hidden_states": _latents(model, batch),
+        "encoder_hidden_states": torch.randn(
+            batch, SD3_TEXT_TOKENS, cfg.joint_attention_dim, dtype=p.dtype, device=p.device
+        ),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, dtype=p.dtype, device=p.device),
+        "timestep": torch.full((batch,), 500.0, dtype=p.dtype, device=p.device),
+    }
+
+
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's T5 max_sequence_length
+FLUX_IMAGE_TOKENS = 1024  # a 512x512 image: 64x64 latents packed 2x2
+
+
+def _flux_example_inputs(model: nn.Module, batch: int) -> dict:
+    cfg, p = model.config, _param(model)
+    inputs = {
+        "hidden_states": torch.randn(batch, FLUX_IMAGE_TOKENS, cfg.in_channels, dtype=p.dtype, device=p.device),
+        "encoder_hidden_states": torch.randn(
+            batch, FLUX_TEXT_TOKENS, cfg.joint_attention_dim, dtype=p.dtype, device=p.device
+        ),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, dtype=p.dtype, device=p.device),
+        "timestep": torch.full((batch,), 0.5, dtype=p.dtype, device=p.device),
+        "img_ids": torch.zeros(FLUX_IMAGE_TOKENS, 3, dtype=p.dtype, device=p.device),
+        "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, dtype=p.dtype, device=p.device),
+    }
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5, dtype=p.dtype, device=p.device)
+    return inputs
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -61,9 +147,59 @@ ADAPTERS: dict[str, ModelAdapter] = {
         class_name="DiTTransformer2DModel",
         block_prefixes=("transformer_blocks",),
         input_names=("hidden_states", "timestep", "class_labels"),
+        required_inputs=("hidden_states", "timestep", "class_labels"),
         timestep_input="timestep",
         example_inputs=_dit_example_inputs,
-        fingerprint=_dit_fingerprint,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=_patch_tokens,
+    ),
+    "PixArtTransformer2DModel": ModelAdapter(
+        class_name="PixArtTransformer2DModel",
+        block_prefixes=("transformer_blocks",),
+        input_names=(
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "added_cond_kwargs",
+            "encoder_attention_mask",
+        ),
+        required_inputs=("hidden_states", "encoder_hidden_states", "timestep"),
+        timestep_input="timestep",
+        example_inputs=_pixart_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=_patch_tokens,
+        text_stream="cross-attention: text keys/values are a constant of the step, never pruned",
+    ),
+    "SD3Transformer2DModel": ModelAdapter(
+        class_name="SD3Transformer2DModel",
+        block_prefixes=("transformer_blocks",),
+        input_names=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+        required_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+        timestep_input="timestep",
+        example_inputs=_sd3_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=_patch_tokens,
+        text_stream="joint attention: the text stream is computed in full at every step",
+    ),
+    "FluxTransformer2DModel": ModelAdapter(
+        class_name="FluxTransformer2DModel",
+        block_prefixes=("transformer_blocks", "single_transformer_blocks"),
+        input_names=(
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "img_ids",
+            "txt_ids",
+            "guidance",
+        ),
+        required_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+        timestep_input="timestep",
+        example_inputs=_flux_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers + cfg.num_single_layers),
+        image_tokens=lambda model, inputs: int(inputs["hidden_states"].shape[1]),
+        timestep_scale=1000.0,
+        text_stream="joint attention: the text stream is computed in full at every step",
     ),
 }
 
@@ -75,7 +211,8 @@ def adapter_for(model: object) -> ModelAdapter:
         raise TypeError(
             f"tcpass does not support {name}; supported model classes: {sorted(ADAPTERS)}. "
             "To add a family, add a ModelAdapter row to tcpass.adapters.ADAPTERS naming its block "
-            "list(s) and forward inputs."
+            "list(s), forward inputs and image-token count, and a golden test for it "
+            "(see 'Adding a model family' in the README)."
         )
     return ADAPTERS[name]
 

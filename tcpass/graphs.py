@@ -20,7 +20,7 @@ from tcpass.passes.full_step import emit_full_step
 from tcpass.passes.layout import TensorSpec, finalize
 from tcpass.passes.reinplace import reinplace_cache_updates
 from tcpass.plan import CachePlan
-from tcpass.trace import export_graph, find_blocks
+from tcpass.trace import export_graph, find_blocks, flatten_inputs
 
 
 @dataclass
@@ -70,14 +70,16 @@ def build_step_graphs(
     model: torch.nn.Module,
     adapter: ModelAdapter,
     plan: CachePlan,
-    inputs: dict[str, torch.Tensor],
+    inputs: dict,
     predictor: torch.nn.Module | None = None,
 ) -> StepGraphs:
-    """Trace ``model`` on ``inputs`` and build every step graph ``plan`` needs.
+    """Trace ``model`` on ``inputs`` (``forward`` keyword arguments) and build every step graph ``plan`` needs.
 
-    ``predictor``: the dynamic Cache Predictor (selector kind ``dynamic``), emitted into the CACHED graphs.
+    The graphs take the tensors of ``flatten_inputs(inputs)`` positionally. ``predictor``: the dynamic
+    Cache Predictor (selector kind ``dynamic``), emitted into the CACHED graphs.
     """
-    traced = export_graph(model, inputs)
+    traced = export_graph(model, inputs, adapter.image_tokens(model, inputs))
+    inputs = flatten_inputs(inputs)
     spans = find_blocks(traced.graph, adapter.block_prefixes)
     if not spans:
         raise ValueError(

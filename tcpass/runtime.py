@@ -8,6 +8,7 @@ calls the FULL or the CACHED graph with the caches from the previous call.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import Counter
@@ -25,6 +26,7 @@ from tcpass.plan import CachePlan
 from tcpass.predictor import load_predictor
 from tcpass.schedule import Step, StepKind, TPRRState
 from tcpass.selectors import make_selector
+from tcpass.trace import flatten_inputs
 
 logger = logging.getLogger("tcpass")
 
@@ -69,6 +71,8 @@ class TokenCacheTransformer(nn.Module):
         self._state = TPRRState(plan.schedule)
         self._active: Signature | None = None
         self._caches: list[torch.Tensor] | None = None
+        self._context: str | None = None  # see cache_context
+        self._saved: dict[str | None, tuple] = {}
         self.step_counts: Counter[StepKind] = Counter()
         self.last_step: Step | None = None
 
@@ -99,6 +103,7 @@ class TokenCacheTransformer(nn.Module):
         automatically); useful when a new generation starts at a lower timestep (img2img).
         """
         self._state.reset()
+        self._saved.clear()
         self._drop_caches()
 
     def _drop_caches(self) -> None:
@@ -111,13 +116,13 @@ class TokenCacheTransformer(nn.Module):
         """Bytes of the caches currently held between steps (0 before the first call)."""
         return sum(t.numel() * t.element_size() for t in self._caches or [])
 
-    def step_graphs(self, inputs: dict[str, torch.Tensor] | None = None) -> StepGraphs:
+    def step_graphs(self, inputs: dict | None = None) -> StepGraphs:
         """The graphs for ``inputs`` (default: the signature used most recently)."""
         if inputs is None:
             return self._graphs[self._active] if self._active else next(iter(self._graphs.values()))
-        return self._graphs_for(self._signature(inputs), inputs)
+        return self._graphs_for(self._signature(flatten_inputs(inputs)), inputs)
 
-    def _graphs_for(self, key: Signature, inputs: dict[str, torch.Tensor]) -> StepGraphs:
+    def _graphs_for(self, key: Signature, inputs: dict) -> StepGraphs:
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             graphs = build_step_graphs(self.transformer, self._adapter, self.plan, inputs, self.predictor)
@@ -130,18 +135,45 @@ class TokenCacheTransformer(nn.Module):
         self._graphs[key] = graphs
 
     # Calling ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """Calls inside use their own caches and schedule state, kept under ``name``.
+
+        Pipelines that call the transformer twice per step with different conditioning (Flux with
+        ``true_cfg_scale``: ``cond`` then ``uncond``) keep the two streams apart this way, like
+        diffusers' cache hooks. Batched classifier-free guidance (one call, rows independent) needs
+        no context.
+        """
+        previous = self._context
+        self._switch_context(name)
+        try:
+            yield
+        finally:
+            self._switch_context(previous)
+
+    def _switch_context(self, name: str | None) -> None:
+        if name == self._context:
+            return
+        self._saved[self._context] = (self._state, self._active, self._caches)
+        fresh = (TPRRState(self.plan.schedule), None, None)
+        self._state, self._active, self._caches = self._saved.pop(name, fresh)
+        self._context = name
+
     def forward(self, *args, return_dict: bool = True, **kwargs):
         inputs = self._bind(args, kwargs)
-        key = self._signature(inputs)
+        flat = flatten_inputs(inputs)
+        key = self._signature(flat)
         graphs = self._graphs_for(key, inputs)
-        if key != self._active:
-            self.reset()
+        if key != self._active:  # a new input signature starts a new generation in this context
+            self._state.reset()
+            self._drop_caches()
             self._active = key
-        timestep = float(inputs[self._adapter.timestep_input].reshape(-1)[0])  # one scalar read per step
+        # one scalar read per step, on the schedule's 0..1000 scale
+        timestep = float(flat[self._adapter.timestep_input].reshape(-1)[0]) * self._adapter.timestep_scale
         step = self._state.step(timestep)
         if step.new_generation:
             self._drop_caches()
-        values = list(inputs.values())
+        values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():
             if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
@@ -159,26 +191,28 @@ class TokenCacheTransformer(nn.Module):
             return (sample,)
         return Transformer2DModelOutput(sample=sample)
 
-    def _bind(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    def _bind(self, args: tuple, kwargs: dict) -> dict:
         try:
             bound = self._forward_signature.bind(*args, **kwargs)
         except TypeError as e:
             raise TypeError(f"{type(self.transformer).__name__}.forward: {e}") from e
         names = self._adapter.input_names
-        extra = {k: v for k, v in bound.arguments.items() if k not in names and v is not None}
+        extra = {k: v for k, v in bound.arguments.items() if k not in names and v not in (None, {})}
         if extra:
             raise ValueError(
                 f"tcpass does not support the argument(s) {sorted(extra)} of "
                 f"{type(self.transformer).__name__}.forward; pass None or use the original model."
             )
-        missing = [n for n in names if bound.arguments.get(n) is None]
+        missing = [n for n in self._adapter.required_inputs if bound.arguments.get(n) is None]
         if missing:
             raise ValueError(f"{type(self.transformer).__name__}.forward needs {missing} under tcpass.")
-        inputs = {n: bound.arguments[n] for n in names}
+        inputs = {n: bound.arguments[n] for n in names if bound.arguments.get(n) is not None}
         batch = inputs[names[0]].shape[0]
         t = inputs[self._adapter.timestep_input]
         t = torch.as_tensor(t, device=inputs[names[0]].device)
         if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1 and t.shape[0] == 1 and batch > 1:
             t = t.expand(batch)
         inputs[self._adapter.timestep_input] = t
         return inputs

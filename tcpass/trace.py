@@ -37,22 +37,47 @@ class BlockSpan:
     nodes: list[fx.Node]
     hidden_in: fx.Node
     hidden_out: fx.Node
+    side_outputs: tuple[fx.Node, ...] = ()  # other values used after the block (a joint block's text stream)
 
     @property
     def num_tokens(self) -> int:
         return int(self.hidden_in.meta["val"].shape[1])
 
 
-def export_graph(model: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Export ``model(**inputs, return_dict=False)`` to a plain GraphModule taking ``inputs`` in order.
+def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
+    """The tensors of ``forward`` keyword arguments, flattened the way ``torch.export`` names them.
+
+    ``{"added_cond_kwargs": {"resolution": t}}`` becomes ``{"added_cond_kwargs_resolution": t}``;
+    ``None`` values are dropped (they are constants of the trace).
+    """
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update({f"{name}_{k}": v for k, v in flatten_inputs(value).items()})
+        elif value is not None:
+            raise TypeError(f"input {name!r}: expected a tensor, a dict of tensors or None, got {type(value).__name__}")
+    return flat
+
+
+IMAGE_TOKENS = "tcpass_image_tokens"  # GraphModule.meta key: N, the image-token count of the residual stream
+
+
+def export_graph(model: nn.Module, inputs: dict, image_tokens: int | None = None) -> fx.GraphModule:
+    """Export ``model(**inputs, return_dict=False)`` to a plain GraphModule taking the input tensors in order.
 
     The GraphModule shares parameters and buffers with ``model`` (nothing is copied) and is called
-    positionally with the tensors of ``inputs``; it returns a tuple whose first item is the output.
+    positionally with the tensors of ``flatten_inputs(inputs)``; it returns a tuple whose first item is
+    the output. ``image_tokens`` (N) tells `find_blocks` which stream of a joint-attention block
+    carries the image tokens.
     """
     with torch.no_grad():
         program = torch.export.export(model, (), {**inputs, "return_dict": False}, strict=False)
     gm = program.module()
-    strip_export_artifacts(gm, list(inputs))
+    strip_export_artifacts(gm, list(flatten_inputs(inputs)))
+    if image_tokens is not None:
+        gm.meta[IMAGE_TOKENS] = image_tokens
     return gm
 
 
@@ -79,20 +104,27 @@ def find_blocks(graph: fx.Graph, prefixes: tuple[str, ...]) -> list[BlockSpan]:
                 "each block to be one contiguous computation."
             )
         seen.add(path)
-        hidden_in, hidden_out = _residual_stream(path, nodes)
-        spans.append(BlockSpan(len(spans), path, nodes, hidden_in, hidden_out))
+        owner = graph.owning_module
+        image_tokens = owner.meta.get(IMAGE_TOKENS) if owner is not None else None
+        hidden_in, hidden_out, side = _residual_stream(path, nodes, image_tokens)
+        spans.append(BlockSpan(len(spans), path, nodes, hidden_in, hidden_out, side))
     return spans
 
 
-def _residual_stream(path: str, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
+def _residual_stream(path: str, nodes: list[fx.Node], image_tokens: int | None) -> tuple[fx.Node, fx.Node, tuple]:
     inside = set(nodes)
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-    if len(outputs) != 1:
+    image = outputs
+    if len(outputs) > 1 and image_tokens is not None:
+        image = [n for n in outputs if n.meta["val"].dim() == 3 and n.meta["val"].shape[1] == image_tokens]
+    if len(image) != 1:
         raise UnsupportedModelError(
-            f"block {path} produces {len(outputs)} values used after it ({[n.name for n in outputs]}); "
-            "tcpass supports blocks with one residual-stream output for this model family."
+            f"block {path} produces {len(outputs)} values used after it ({[n.name for n in outputs]}) and "
+            f"{len(image)} of them hold the {image_tokens} image tokens; tcpass needs exactly one "
+            "image-token residual stream per block."
         )
-    out = outputs[0]
+    out = image[0]
+    side = tuple(n for n in outputs if n is not out)
     shape = tuple(out.meta["val"].shape)
     external = {a for n in nodes for a in n.all_input_nodes if a not in inside}
     candidates = [
@@ -105,4 +137,4 @@ def _residual_stream(path: str, nodes: list[fx.Node]) -> tuple[fx.Node, fx.Node]
             f"block {path}: cannot identify the residual stream [batch, tokens, hidden] entering the "
             f"block (output shape {shape}, same-shaped inputs: {[a.name for a in candidates]})."
         )
-    return candidates[0], out
+    return candidates[0], out, side

@@ -108,3 +108,94 @@ class ReferenceTokenCache:
 def topk_input_change(k):
     """The input_change selector, written independently: most-changed block inputs first."""
     return lambda b, x, state: ((x - state["input"]) ** 2).sum(-1).topk(k, dim=1).indices
+
+
+class StreamReference:
+    """Eager TokenCache for any supported family, written from block outputs and torch's SDPA.
+
+    At a CACHED step each cached block runs on *all* tokens, with its self/joint attention changed
+    the way the attention mode defines it (``full_kv``: unchanged; ``cached_kv``: keys/values of
+    pruned image tokens are the ones cached when those tokens were last computed; ``kept_only``:
+    pruned image tokens are masked out of the keys). Then the image stream keeps the fresh residual
+    for kept tokens and the cached residual for the others; a text stream is taken as computed.
+    Queries are row-wise, so the kept rows of this full computation are what computing only the
+    kept rows gives. ``text_first``: joint attention puts text before image tokens (Flux).
+    """
+
+    def __init__(self, blocks, cached, attention, select, text_first=False):
+        self.blocks, self.cached, self.attention, self.select = blocks, cached, attention, select
+        self.text_first = text_first
+        self.state: dict[int, dict] = {}
+        self.full = True
+
+    def __call__(self, model, inputs: dict, full: bool) -> torch.Tensor:
+        self.full = full
+        handles = []
+        for b in self.cached:
+            handles.append(self.blocks[b].register_forward_pre_hook(self._pre(b), with_kwargs=True))
+            handles.append(self.blocks[b].register_forward_hook(self._post(b), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                return model(**inputs, return_dict=False)[0]
+        finally:
+            for h in handles:
+                h.remove()
+            torch.nn.functional.scaled_dot_product_attention = _SDPA
+
+    def _pre(self, b):
+        def hook(block, args, kwargs):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            st = self.state.setdefault(b, {"kv": {}})
+            idx = None if self.full else self.select(b, x, st)
+            st["idx"], st["calls"] = idx, 0
+            torch.nn.functional.scaled_dot_product_attention = self._sdpa(st, x.shape[1])
+
+        return hook
+
+    def _sdpa(self, st, n_image):
+        def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+            q, k, v = query, key, value
+            s = k.shape[-2]
+            if q.shape[-2] != s:  # cross-attention to text: unchanged
+                return _SDPA(q, k, v, attn_mask, *args, **kwargs)
+            j = st["calls"]
+            st["calls"] += 1
+            if self.full:
+                st["kv"][j] = (k.clone(), v.clone())
+                return _SDPA(q, k, v, attn_mask, *args, **kwargs)
+            off = s - n_image if self.text_first else 0
+            fresh = torch.ones(k.shape[0], s, dtype=torch.bool)
+            fresh[:, off : off + n_image] = False
+            for row in range(k.shape[0]):
+                fresh[row, off + st["idx"][row]] = True
+            if self.attention == "cached_kv":
+                keep = fresh[:, None, :, None]
+                k = torch.where(keep, k, st["kv"][j][0])
+                v = torch.where(keep, v, st["kv"][j][1])
+                st["kv"][j] = (k, v)
+            elif self.attention == "kept_only":
+                assert attn_mask is None
+                attn_mask = fresh[:, None, None, :]
+            return _SDPA(q, k, v, attn_mask, *args, **kwargs)
+
+        return sdpa
+
+    def _post(self, b):
+        def hook(block, args, kwargs, output):
+            torch.nn.functional.scaled_dot_product_attention = _SDPA
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            image = output if isinstance(output, torch.Tensor) else output[1]
+            st = self.state[b]
+            if self.full:
+                st["delta"], st["input"] = image - x, x.clone()
+                return output
+            idx = st["idx"]
+            st["delta"] = _put_rows(st["delta"], idx, _rows(image - x, idx))
+            st["input"] = _put_rows(st["input"], idx, _rows(x, idx))
+            image = x + st["delta"]
+            return image if isinstance(output, torch.Tensor) else (output[0], image)
+
+        return hook
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention

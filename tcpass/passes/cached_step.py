@@ -38,6 +38,7 @@ output is ``x + delta_cache``; its caches pass through unchanged.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -155,18 +156,56 @@ def _rewrite_block(
         zeros = em(aten.mul.Tensor, (em(aten.gather.default, (score_cache, 1, idx)), 0.0))
         updated[f"block{b}.score"] = em(aten.scatter.src, (score_cache, 1, idx, zeros))
 
-    kept: dict[fx.Node, fx.Node] = {}  # original node -> its value on the K kept tokens
+    batch = full_shape[0]
+    mixed: dict[tuple[int, int], fx.Node] = {(0, 0): idx}
+
+    def index_for(pad: tuple[int, int]) -> fx.Node:
+        """Kept positions of a token axis with ``pad`` text positions around the image tokens:
+        every text position, and the K kept image tokens ([B, before + K + after])."""
+        if pad not in mixed:
+            before, after = pad
+            device = idx.meta["val"].device if "val" in idx.meta else None
+            parts = []
+            for lo, hi in ((0, before), (before + n_tokens, before + n_tokens + after)):
+                if hi > lo:
+                    r = em(aten.arange.start, (lo, hi), {"dtype": torch.long, "device": device})
+                    parts.append(em(aten.expand.default, (em(aten.unsqueeze.default, (r, 0)), [batch, hi - lo])))
+            image = em(aten.add.Tensor, (idx, before)) if before else idx
+            parts.insert(1 if before else 0, image)
+            mixed[pad] = em(aten.cat.default, (parts, 1))
+        return mixed[pad]
+
+    def kept_length(pad: tuple[int, int]) -> int:
+        return pad[0] + k + pad[1]
+
+    kept: dict[fx.Node, fx.Node] = {}  # original node -> its value on the kept tokens (or recomputed, derived)
 
     def on_kept(arg: fx.Node) -> fx.Node:
         if arg not in kept:
             src = x_in if arg is span.hidden_in else arg
-            kept[arg] = em.gather(src, ta.axis[arg], idx, list(arg.meta["val"].shape), k)
+            pad = ta.pad_of(arg)
+            kept[arg] = em.gather(src, ta.axis[arg], index_for(pad), list(arg.meta["val"].shape), kept_length(pad))
         return kept[arg]
 
+    def gather_constant(arg: fx.Node, source: fx.Node, axis: int, user: fx.Node) -> fx.Node:
+        """A tensor that spans ``user``'s token axis without depending on the block input, at the kept positions."""
+        shape = list(arg.meta["val"].shape)
+        out_rank = user.meta["val"].dim()
+        if len(shape) < out_rank:  # bring it to the user's rank: leading broadcast dims
+            axis += out_rank - len(shape)
+            shape = [1] * (out_rank - len(shape)) + shape
+            source = em(aten.view.default, (source, shape))
+        if shape[0] != batch:  # one row for the whole batch: each batch row keeps its own tokens
+            shape[0] = batch
+            source = em(aten.expand.default, (source, shape))
+        pad = ta.pad_of(user)
+        return em.gather(source, axis, index_for(pad), shape, kept_length(pad))
+
+    original = {new: old for old, new in renamed.items()}
     stays_full = attention_kv_sources(ta, span.nodes) if attention == "full_kv" else set()
     attn_index = 0
     for node in span.nodes:
-        if node not in ta.axis or node in stays_full:
+        if node in stays_full or not ta.depends(node):
             continue
         if is_self_attention(node, ta):
             q, key, value = node.args[:3]
@@ -176,8 +215,14 @@ def _rewrite_block(
                 key_value = []
                 for kind, arg in (("key", key), ("value", value)):
                     name = f"block{b}.attn{attn_index}.{kind}"
+                    pad = ta.pad_of(arg)
                     updated[name] = em.scatter(
-                        placeholders[name], ta.axis[arg], idx, on_kept(arg), list(arg.meta["val"].shape), k
+                        placeholders[name],
+                        ta.axis[arg],
+                        index_for(pad),
+                        on_kept(arg),
+                        list(arg.meta["val"].shape),
+                        kept_length(pad),
                     )
                     key_value.append(updated[name])
             else:
@@ -194,16 +239,12 @@ def _rewrite_block(
                 arg = span.hidden_in
             if arg in ta.axis:
                 return on_kept(arg)
-            axis = ta.gathered_constants.get((node, arg))
-            return arg if axis is None else em.gather(arg, axis, idx, list(arg.meta["val"].shape), k)
+            source = kept.get(arg, arg)  # derived values are recomputed from the kept ones
+            axis = ta.gathered_constants.get((node, original.get(arg, arg)))
+            return source if axis is None else gather_constant(arg, source, axis, node)
 
         args = map_arg(node.args, remap)
-        if node.target in _RESHAPES or node.target is aten.expand.default:
-            shape = list(args[1])
-            axis = ta.axis[node]
-            if shape[axis] == n_tokens:
-                shape[axis] = k
-            args = (args[0], shape, *args[2:])
+        args = _resize_token_args(node, args, ta, k)
         kept[node] = em(node.target, args, map_arg(node.kwargs, remap), meta_from=node)
 
     x_kept = on_kept(span.hidden_in)
@@ -216,6 +257,50 @@ def _rewrite_block(
     inside = set(span.nodes)
     span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     renamed[span.hidden_out] = out
+    for side in span.side_outputs:  # a joint block's text stream: recomputed in full from the kept tokens
+        if side in ta.axis:
+            raise ValueError(f"block {b} ({span.path}): output {side.name} holds image tokens besides the residual.")
+        if side in kept:
+            side.replace_all_uses_with(kept[side], delete_user_cb=lambda user: user not in inside)
+            renamed[side] = kept[side]
+
+
+def _resize_token_args(node: fx.Node, args: tuple, ta: TokenAxes, k: int) -> tuple:
+    """``node``'s arguments with token-axis sizes and positions moved from N image tokens to K."""
+    n = ta.num_tokens
+    t = node.target
+    if t in _RESHAPES or t is aten.expand.default:
+        shape = list(args[1])
+        axis = ta.axis[node]
+        if shape[axis] == ta.length(node):
+            shape[axis] -= n - k
+        return (args[0], shape, *args[2:])
+    src = node.args[0] if node.args else None
+    cuts = (aten.slice.Tensor, aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default)
+    if t not in cuts or not isinstance(src, fx.Node) or src not in ta.axis:
+        return args
+    a = ta.axis[src]
+    rank = src.meta["val"].dim()
+    before = ta.pad_of(src)[0]
+
+    def moved(pos: int) -> int:
+        return pos if pos <= before else pos - n + k
+
+    if t is aten.slice.Tensor and len(args) > 1 and (args[1] + rank) % rank == a:
+        length = ta.length(src)
+        start, end, _ = slice(*(tuple(args[2:4]) + (None, None))[:2]).indices(length)
+        return (args[0], args[1], moved(start), moved(end), *args[4:])
+    if t in (aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default):
+        dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+        if (dim + rank) % rank != a:
+            return args
+        if t is not aten.split_with_sizes.default:
+            raise ValueError(f"{node.name}: {t} along the token axis cannot be token-cached; only split_with_sizes.")
+        sizes = list(args[1])
+        bounds = itertools.accumulate(sizes, initial=0)
+        new_sizes = [s - (n - k if lo == before and s == n else 0) for lo, s in zip(bounds, sizes, strict=False)]
+        return (args[0], new_sizes, *args[2:])
+    return args
 
 
 def _reuse_block(

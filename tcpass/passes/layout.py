@@ -99,7 +99,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph._codegen = copy.copy(gm.graph._codegen)
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return fx.GraphModule(gm, graph)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    return copied
 
 
 def add_placeholders(graph: fx.Graph, specs: list[TensorSpec]) -> dict[str, fx.Node]:

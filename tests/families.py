@@ -1,0 +1,115 @@
+"""Tiny random-weight PixArt, SD3 and Flux transformers and their inputs, for the family tests."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+TEXT_TOKENS = 10  # != the 16 image tokens: the image stream must be identifiable by its length
+
+
+def _randomize(model):
+    # diffusers zero-initialises some gates and output projections; give every weight some size
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def make_pixart(seed=0):
+    torch.manual_seed(seed)
+    return _randomize(
+        PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            cross_attention_dim=32,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=24,
+            norm_type="ada_norm_single",
+            num_embeds_ada_norm=1000,
+            norm_num_groups=32,
+        )
+    )
+
+
+def make_sd3(seed=0):
+    torch.manual_seed(seed)
+    return _randomize(
+        SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            caption_projection_dim=32,
+            pooled_projection_dim=20,
+            out_channels=4,
+            pos_embed_max_size=16,
+        )
+    )
+
+
+def make_flux(seed=0, guidance_embeds=True):
+    torch.manual_seed(seed)
+    return _randomize(
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            pooled_projection_dim=20,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+    )
+
+
+def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
+    """Inputs of one denoising step; ``t`` in [0, 1] (scaled per family as its pipeline does)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, TEXT_TOKENS, 24, generator=g)
+    if family == "pixart":
+        mask = torch.ones(batch, TEXT_TOKENS)
+        mask[0, 7:] = 0  # padded prompt in row 0
+        return {
+            "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+            "encoder_hidden_states": text,
+            "timestep": torch.full((batch,), int(t * 1000)),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+            "encoder_attention_mask": mask,
+        }
+    pooled = torch.randn(batch, 20, generator=g)
+    if family == "sd3":
+        return {
+            "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+            "encoder_hidden_states": text,
+            "pooled_projections": pooled,
+            "timestep": torch.full((batch,), t * 1000),
+        }
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    return {
+        "hidden_states": torch.randn(batch, 16, 16, generator=g),
+        "encoder_hidden_states": text,
+        "pooled_projections": pooled,
+        "timestep": torch.full((batch,), t),
+        "img_ids": ids.reshape(16, 3),
+        "txt_ids": torch.zeros(TEXT_TOKENS, 3),
+        "guidance": torch.full((batch,), 3.5),
+    }
+
+
+MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux}
+
+
+def blocks_of(model) -> list:
+    """All blocks in call order (Flux: double-stream, then single-stream)."""
+    return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
