@@ -57,6 +57,56 @@ def demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads
     click.echo(f"wrote {save_grid(result, out).resolve()}")
 
 
+@main.command()
+@click.option("--model", "model", required=True, help="diffusers pipeline directory or hub id.")
+@click.option("--prompt", default=None, help="Text prompt (PixArt, SD3, Flux).")
+@click.option("--class-label", type=int, default=None, help="Class id (DiT).")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="TokenCache plan JSON; without it the pipeline runs unchanged.",
+)
+@click.option("--steps", default=28, show_default=True, help="Denoising steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the pipeline's).")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the pipeline's).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("tcpass.png"), show_default=True
+)
+def generate(model, prompt, class_label, plan_path, steps, seed, guidance, height, width, dtype, out) -> None:
+    """Generate one image with a diffusers pipeline, its transformer running TokenCache."""
+    import torch
+
+    from tcpass.generate import generate as run
+    from tcpass.generate import load_pipeline
+    from tcpass.plan import load_plan
+
+    plan = load_plan(plan_path) if plan_path else None
+    try:
+        pipe = load_pipeline(model, getattr(torch, dtype))
+        result = run(
+            pipe,
+            plan,
+            plan_path.parent if plan_path else None,
+            prompt=prompt,
+            class_label=class_label,
+            steps=steps,
+            seed=seed,
+            guidance=guidance,
+            height=height,
+            width=width,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    result.image.save(out)
+    steps_note = f" ({result.steps})" if result.steps else ""
+    click.echo(f"{result.seconds:.2f} s{steps_note}; wrote {out.resolve()}")
+
+
 @main.command("export")
 @click.option("--model", "model_path", required=True, help="Transformer directory (or pipeline dir, or hub id).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)

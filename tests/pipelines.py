@@ -1,0 +1,104 @@
+"""Tiny PixArt-alpha/Sigma, SD3 and Flux pipelines: random weights, text encoders from transformers
+configs, a word-level tokenizer; saved to a local directory and reloaded with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+from tests.families import make_flux, make_pixart, make_sd3
+
+WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree"]
+
+
+def tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>", model_max_length=max_length
+    )
+
+
+def t5(d_model: int) -> T5EncoderModel:
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(WORDS), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    return T5EncoderModel(cfg).eval()
+
+
+def clip(hidden: int, projection: int | None = None):
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        vocab_size=len(WORDS),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=projection or hidden,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+        shift_factor=0.0,
+    ).eval()
+
+
+def build(family: str):
+    """A tiny pipeline of ``family`` ("pixart_alpha", "pixart_sigma", "sd3", "flux")."""
+    if family in ("pixart_alpha", "pixart_sigma"):
+        cls = diffusers.PixArtAlphaPipeline if family == "pixart_alpha" else diffusers.PixArtSigmaPipeline
+        return cls(
+            tokenizer=tokenizer(12), text_encoder=t5(24), vae=vae(), transformer=make_pixart(), scheduler=DDIMScheduler()
+        )
+    if family == "sd3":
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=make_sd3(),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae(),
+            text_encoder=clip(8, 10),
+            tokenizer=tokenizer(16),
+            text_encoder_2=clip(8, 10),
+            tokenizer_2=tokenizer(16),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    if family == "flux":
+        return diffusers.FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae(),
+            text_encoder=clip(20),
+            tokenizer=tokenizer(16),
+            text_encoder_2=t5(24),
+            tokenizer_2=tokenizer(8),
+            transformer=make_flux(),
+        )
+    raise ValueError(family)
+
+
+CALL = {  # per family: keyword arguments of a small generation
+    "pixart_alpha": {"use_resolution_binning": False, "max_sequence_length": 12, "guidance_scale": 4.0},
+    "pixart_sigma": {"use_resolution_binning": False, "max_sequence_length": 12, "guidance_scale": 4.0},
+    "sd3": {"max_sequence_length": 8, "guidance_scale": 4.0},
+    "flux": {"max_sequence_length": 8, "guidance_scale": 3.5},
+}
