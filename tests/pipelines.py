@@ -69,7 +69,11 @@ def build(family: str):
     if family in ("pixart_alpha", "pixart_sigma"):
         cls = diffusers.PixArtAlphaPipeline if family == "pixart_alpha" else diffusers.PixArtSigmaPipeline
         return cls(
-            tokenizer=tokenizer(12), text_encoder=t5(24), vae=vae(), transformer=make_pixart(), scheduler=DDIMScheduler()
+            tokenizer=tokenizer(12),
+            text_encoder=t5(24),
+            vae=vae(),
+            transformer=make_pixart(),
+            scheduler=DDIMScheduler(),
         )
     if family == "sd3":
         return diffusers.StableDiffusion3Pipeline(
