@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tcpass.runtime import TokenCacheTransformer
 from tcpass.schedule import StepKind, simulate
+from tcpass.trace import flatten_inputs
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -49,9 +50,12 @@ class GenerationFlops:
 def generation_flops(
     model: TokenCacheTransformer, inputs: dict[str, torch.Tensor], timesteps: list[float]
 ) -> GenerationFlops:
-    """Count the FLOPs ``model`` spends over a generation calling it at ``timesteps`` with ``inputs``' shapes."""
+    """Count the FLOPs ``model`` spends over a generation calling it at ``timesteps`` with ``inputs``' shapes.
+
+    ``timesteps`` are on the schedule's 0..1000 scale (what `TPRRSchedule.boundary_timestep` uses).
+    """
     graphs = model.step_graphs(inputs)
-    values = list(inputs.values())
+    values = list(flatten_inputs(inputs).values())
     full = count_flops(graphs.full.gm, *values)
     device = values[0].device
     caches = [s.example(device) for s in graphs.full.cache_specs]
