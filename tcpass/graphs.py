@@ -19,38 +19,38 @@ from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.full_step import emit_full_step
 from tcpass.passes.layout import TensorSpec, finalize
 from tcpass.passes.reinplace import reinplace_cache_updates
+from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
 from tcpass.trace import export_graph, find_blocks
 
 
 @dataclass
 class StepGraph:
-    """One step-specialized graph and its calling convention.
+    """One step-specialized graph in two calling conventions.
 
-    Called as ``gm(*model_inputs, *caches, *kept_indices)`` (a FULL graph takes only the model
-    inputs); returns ``(sample, *updated_caches)``. ``gm`` is functional (what ONNX export and FLOP
-    counting see); ``exec_gm`` is what eager and compiled execution run: the same graph with the
-    CACHED-step cache updates made in place (`tcpass.passes.reinplace`).
+    ``gm`` is functional, what ONNX export and FLOP counting see: ``gm(*model_inputs, *caches,
+    *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``.
+    ``exec_gm`` is what eager and compiled execution run, the same computation writing the caches
+    into static buffers: ``exec_gm(*model_inputs, *cache_buffers, *kept_indices)`` returns
+    ``(sample,)``; CACHED updates are in place (`tcpass.passes.reinplace`), the rest copied in
+    (`tcpass.passes.writeback`).
     """
 
     gm: fx.GraphModule
+    exec_gm: fx.GraphModule
     cache_specs: list[TensorSpec]
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
-    exec_gm: fx.GraphModule | None = None
     run: Callable | None = None  # executor (compiled exec_gm); None runs exec_gm eagerly
 
-    def __post_init__(self) -> None:
-        if self.exec_gm is None:
-            self.exec_gm = self.gm
-
-    def __call__(self, *args):
-        return (self.exec_gm if self.run is None else self.run)(*args)
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        """``(*model_inputs, *cache_buffers, *kept_indices) -> sample``; updates the buffers in place."""
+        return (self.exec_gm if self.run is None else self.run)(*args)[0]
 
 
 @dataclass
 class StepGraphs:
-    """All graphs of a plan for one input signature (shapes, dtypes, device)."""
+    """All graphs of a plan for one input signature (shapes, dtypes, device), and its cache buffers."""
 
     input_names: tuple[str, ...]
     input_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
@@ -59,6 +59,7 @@ class StepGraphs:
     num_tokens: int
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
+    caches: list[torch.Tensor]  # static cache buffers, in layout order; every call writes into them
 
     @property
     def cache_bytes(self) -> int:
@@ -92,8 +93,11 @@ def build_step_graphs(
         predictor = copy.deepcopy(predictor).to(device=example[0].device, dtype=model.dtype)
 
     full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
-    full = StepGraph(finalize(full_gm, example), cache_specs)
+    full_gm = finalize(full_gm, example)
+    full = StepGraph(full_gm, write_caches_back(full_gm, cache_specs), cache_specs)
     caches = [s.example(example[0].device) for s in cache_specs]
+    for buffer in caches:  # static inputs to torch.compile: CUDA graphs may then update them in place
+        torch._dynamo.mark_static_address(buffer)
 
     cached: dict[int, StepGraph] = {}
     by_keep: dict[tuple, StepGraph] = {}
@@ -108,7 +112,7 @@ def build_step_graphs(
             indices = [s.example(example[0].device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)
             exec_gm, _ = reinplace_cache_updates(gm, [s.placeholder_name for s in specs])
-            by_keep[key] = StepGraph(gm, specs, index_specs, keep, exec_gm)
+            by_keep[key] = StepGraph(gm, write_caches_back(exec_gm, specs), specs, index_specs, keep)
         if blocks:
             cached[phase] = by_keep[key]
     return StepGraphs(
@@ -119,4 +123,5 @@ def build_step_graphs(
         num_tokens=num_tokens,
         full=full,
         cached=cached,
+        caches=caches,
     )

@@ -3,7 +3,9 @@
 `TokenCacheTransformer` keeps the original ``forward`` signature and the attributes pipelines read
 (``config``, ``dtype``, ``device``), so it replaces ``pipe.transformer`` as is. Per call it reads
 the timestep (one scalar read per step, never per token), asks the schedule for the step kind, and
-calls the FULL or the CACHED graph with the caches from the previous call.
+calls the FULL or the CACHED graph. Caches live in static buffers, one set per input signature
+(`StepGraphs.caches`), allocated once and kept: graphs write them in place, so their addresses never
+change (what CUDA graphs need) and a new generation simply starts with a FULL step.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class TokenCacheTransformer(nn.Module):
         self._forward_signature = inspect.signature(model.forward)
         self._state = TPRRState(plan.schedule)
         self._active: Signature | None = None
-        self._caches: list[torch.Tensor] | None = None
+        self._caches_valid = False  # whether the active signature's buffers hold this generation's caches
         self.step_counts: Counter[StepKind] = Counter()
         self.last_step: Step | None = None
 
@@ -86,8 +88,9 @@ class TokenCacheTransformer(nn.Module):
         return self.transformer.device
 
     def _apply(self, fn, recurse: bool = True):
-        # Graphs bake in device-specific constants: rebuild them after .to()/.half().
+        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half().
         self._graphs.clear()
+        self._active = None
         self.reset()
         return super()._apply(fn, recurse)
 
@@ -102,14 +105,14 @@ class TokenCacheTransformer(nn.Module):
         self._drop_caches()
 
     def _drop_caches(self) -> None:
-        self._caches = None
+        self._caches_valid = False
         if self._selector is not None:
             self._selector.reset()
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the caches currently held between steps (0 before the first call)."""
-        return sum(t.numel() * t.element_size() for t in self._caches or [])
+        """Bytes of the cache buffers of the input signature in use (0 before the first call)."""
+        return self._graphs[self._active].cache_bytes if self._active else 0
 
     def step_graphs(self, inputs: dict[str, torch.Tensor] | None = None) -> StepGraphs:
         """The graphs for ``inputs`` (default: the signature used most recently)."""
@@ -144,15 +147,15 @@ class TokenCacheTransformer(nn.Module):
         values = list(inputs.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():
-            if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
+            if step.kind is StepKind.FULL or not self._caches_valid or not graphs.blocks:
                 step = Step(StepKind.FULL, step.phase, step.new_generation)
-                outputs = graphs.full(*values)
+                sample = graphs.full(*values, *graphs.caches)
             else:
                 graph = graphs.cached[step.phase]
                 device = values[0].device
                 indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
-                outputs = graph(*values, *self._caches, *indices)
-        sample, self._caches = outputs[0], list(outputs[1:])
+                sample = graph(*values, *graphs.caches, *indices)
+        self._caches_valid = True
         self.step_counts[step.kind] += 1
         self.last_step = step
         if not return_dict:
