@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import fx
@@ -57,14 +58,26 @@ class StepGraphs:
     blocks: tuple[int, ...]  # cached blocks
     num_blocks: int
     num_tokens: int
+    device: torch.device
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
-    caches: list[torch.Tensor]  # static cache buffers, in layout order; every call writes into them
 
     @property
     def cache_bytes(self) -> int:
         """Bytes held by the caches between steps."""
         return sum(s.nbytes for s in self.full.cache_specs)
+
+    @cached_property
+    def caches(self) -> list[torch.Tensor]:
+        """The static cache buffers, in layout order: allocated on first use and kept for good.
+
+        Every step graph call writes into them, so their addresses never change. They are marked as
+        static inputs for torch.compile: CUDA graphs may then update them in place.
+        """
+        buffers = [s.example(self.device) for s in self.full.cache_specs]
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer)
+        return buffers
 
 
 def build_step_graphs(
@@ -96,8 +109,6 @@ def build_step_graphs(
     full_gm = finalize(full_gm, example)
     full = StepGraph(full_gm, write_caches_back(full_gm, cache_specs), cache_specs)
     caches = [s.example(example[0].device) for s in cache_specs]
-    for buffer in caches:  # static inputs to torch.compile: CUDA graphs may then update them in place
-        torch._dynamo.mark_static_address(buffer)
 
     cached: dict[int, StepGraph] = {}
     by_keep: dict[tuple, StepGraph] = {}
@@ -121,7 +132,7 @@ def build_step_graphs(
         blocks=blocks,
         num_blocks=len(spans),
         num_tokens=num_tokens,
+        device=example[0].device,
         full=full,
         cached=cached,
-        caches=caches,
     )

@@ -4,8 +4,8 @@
 (``config``, ``dtype``, ``device``), so it replaces ``pipe.transformer`` as is. Per call it reads
 the timestep (one scalar read per step, never per token), asks the schedule for the step kind, and
 calls the FULL or the CACHED graph. Caches live in static buffers, one set per input signature
-(`StepGraphs.caches`), allocated once and kept: graphs write them in place, so their addresses never
-change (what CUDA graphs need) and a new generation simply starts with a FULL step.
+(`StepGraphs.caches`), allocated on the signature's first call and kept: graphs write them in place,
+so their addresses never change (what CUDA graphs need) and a new generation starts with a FULL step.
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ class TokenCacheTransformer(nn.Module):
 
     @staticmethod
     def _signature_of(graphs: StepGraphs) -> Signature:
-        device = next(iter(graphs.full.gm.parameters())).device
         return tuple(
-            (n, shape, dtype, device) for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
+            (n, shape, dtype, graphs.device)
+            for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
         )
 
 
