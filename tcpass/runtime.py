@@ -218,7 +218,8 @@ def transform(
         plan_dir: directory that relative files in the plan (static scores) are resolved against.
         backend: ``None`` runs the graphs eagerly; a ``torch.compile`` backend (``"inductor"``)
             compiles each step graph once (``fullgraph=True``, static shapes).
-        compile_mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``.
+        compile_mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``, or ``"reduce-overhead"``
+            (CUDA graphs, on GPU; the cache buffers are static inputs).
 
     Raises:
         TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.
