@@ -350,3 +350,20 @@ def test_write_back_graphs_compute_what_the_functional_graphs_return(dit, plan):
                 assert torch.equal(got, expected)
     n_copies = sum(n.target is torch.ops.aten.copy_.default for n in copied.graph.nodes)
     assert n_copies == sum(n.target is torch.ops.aten.scatter.src for n in cached.gm.graph.nodes) > 0
+
+
+def test_write_back_refuses_a_cache_updated_to_a_view_of_another_cache():
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from tcpass.passes.layout import TensorSpec
+    from tcpass.passes.writeback import write_caches_back
+
+    class Step(torch.nn.Module):
+        def forward(self, x, a, b):
+            return (x + 1, b.view(4), a + 1)  # the new "a" aliases the old "b", which the copies overwrite
+
+    gm = torch.fx.symbolic_trace(Step())
+    FakeTensorProp(gm).propagate(*(torch.zeros(4) for _ in range(3)))
+    specs = [TensorSpec(name, 0, "delta", (4,), torch.float32) for name in ("a", "b")]
+    with pytest.raises(NotImplementedError, match="cache a is updated to a view of the cache input b"):
+        write_caches_back(gm, specs)
