@@ -62,8 +62,9 @@ def bench(name: str, images: int, keep: float, rounds: int) -> dict:
     for kind, plan in plans.items():
         tm = tcpass.transform(model, plan, example_inputs=inputs)
         graphs = tm.step_graphs()
+        caches = graphs.caches
         with torch.no_grad():
-            caches = list(graphs.full(*values)[1:])
+            graphs.full(*values, *caches)
         g = graphs.cached[0]
         indices = (
             [tm._selector.indices(s, n_tokens, 500.0, values[0].device) for s in g.index_specs] if tm._selector else []

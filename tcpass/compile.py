@@ -2,7 +2,9 @@
 
 The TPRR runtime only chooses which compiled graph to call, so there is no Python decision, no
 ``.item()`` and no data-dependent shape inside a compiled region: zero graph breaks, and no
-recompilation after the first generation (each graph sees one input signature for good).
+recompilation after the first generation (each graph sees one input signature for good). Graphs
+write their caches into static buffers marked with ``mark_static_address``, so
+``mode="reduce-overhead"`` (CUDA graphs) can keep their in-place updates.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import fx
@@ -19,44 +20,45 @@ from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.full_step import emit_full_step
 from tcpass.passes.layout import TensorSpec, finalize
 from tcpass.passes.reinplace import reinplace_cache_updates
+from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
 from tcpass.trace import export_graph, find_blocks, flatten_inputs
 
 
 @dataclass
 class StepGraph:
-    """One step-specialized graph and its calling convention.
+    """One step-specialized graph in two calling conventions.
 
-    Called as ``gm(*model_inputs, *caches, *kept_indices)`` (a FULL graph takes only the model
-    inputs); returns ``(sample, *updated_caches)``. ``gm`` is functional (what ONNX export and FLOP
-    counting see); ``exec_gm`` is what eager and compiled execution run: the same graph with the
-    CACHED-step cache updates made in place (`tcpass.passes.reinplace`).
+    ``gm`` is functional, what ONNX export and FLOP counting see: ``gm(*model_inputs, *caches,
+    *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``.
+    ``exec_gm`` is what eager and compiled execution run, the same computation writing the caches
+    into static buffers: ``exec_gm(*model_inputs, *cache_buffers, *kept_indices)`` returns
+    ``(sample,)``; CACHED updates are in place (`tcpass.passes.reinplace`), the rest copied in
+    (`tcpass.passes.writeback`).
     """
 
     gm: fx.GraphModule
+    exec_gm: fx.GraphModule
     cache_specs: list[TensorSpec]
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
-    exec_gm: fx.GraphModule | None = None
     run: Callable | None = None  # executor (compiled exec_gm); None runs exec_gm eagerly
 
-    def __post_init__(self) -> None:
-        if self.exec_gm is None:
-            self.exec_gm = self.gm
-
-    def __call__(self, *args):
-        return (self.exec_gm if self.run is None else self.run)(*args)
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        """``(*model_inputs, *cache_buffers, *kept_indices) -> sample``; updates the buffers in place."""
+        return (self.exec_gm if self.run is None else self.run)(*args)[0]
 
 
 @dataclass
 class StepGraphs:
-    """All graphs of a plan for one input signature (shapes, dtypes, device)."""
+    """All graphs of a plan for one input signature (shapes, dtypes, device), and its cache buffers."""
 
     input_names: tuple[str, ...]
     input_specs: tuple[tuple[tuple[int, ...], torch.dtype], ...]
     blocks: tuple[int, ...]  # cached blocks
     num_blocks: int
     num_tokens: int
+    device: torch.device
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
 
@@ -64,6 +66,22 @@ class StepGraphs:
     def cache_bytes(self) -> int:
         """Bytes held by the caches between steps."""
         return sum(s.nbytes for s in self.full.cache_specs)
+
+    @cached_property
+    def caches(self) -> list[torch.Tensor]:
+        """The static cache buffers, in layout order: allocated on first use and kept for good.
+
+        Every step graph call writes into them, so their addresses never change. They are marked as
+        static inputs for torch.compile: CUDA graphs may then update them in place.
+        """
+        return self.allocate_caches()
+
+    def allocate_caches(self) -> list[torch.Tensor]:
+        """A new set of cache buffers (zeros), marked as static inputs for torch.compile."""
+        buffers = [s.example(self.device) for s in self.full.cache_specs]
+        for buffer in buffers:
+            torch._dynamo.mark_static_address(buffer)
+        return buffers
 
 
 def build_step_graphs(
@@ -94,7 +112,8 @@ def build_step_graphs(
         predictor = copy.deepcopy(predictor).to(device=example[0].device, dtype=model.dtype)
 
     full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
-    full = StepGraph(finalize(full_gm, example), cache_specs)
+    full_gm = finalize(full_gm, example)
+    full = StepGraph(full_gm, write_caches_back(full_gm, cache_specs), cache_specs)
     caches = [s.example(example[0].device) for s in cache_specs]
 
     cached: dict[int, StepGraph] = {}
@@ -110,7 +129,7 @@ def build_step_graphs(
             indices = [s.example(example[0].device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)
             exec_gm, _ = reinplace_cache_updates(gm, [s.placeholder_name for s in specs])
-            by_keep[key] = StepGraph(gm, specs, index_specs, keep, exec_gm)
+            by_keep[key] = StepGraph(gm, write_caches_back(exec_gm, specs), specs, index_specs, keep)
         if blocks:
             cached[phase] = by_keep[key]
     return StepGraphs(
@@ -119,6 +138,7 @@ def build_step_graphs(
         blocks=blocks,
         num_blocks=len(spans),
         num_tokens=num_tokens,
+        device=example[0].device,
         full=full,
         cached=cached,
     )

@@ -3,7 +3,9 @@
 `TokenCacheTransformer` keeps the original ``forward`` signature and the attributes pipelines read
 (``config``, ``dtype``, ``device``), so it replaces ``pipe.transformer`` as is. Per call it reads
 the timestep (one scalar read per step, never per token), asks the schedule for the step kind, and
-calls the FULL or the CACHED graph with the caches from the previous call.
+calls the FULL or the CACHED graph. Caches live in static buffers, one set per input signature
+(`StepGraphs.caches`), allocated on the signature's first call and kept: graphs write them in place,
+so their addresses never change (what CUDA graphs need) and a new generation starts with a FULL step.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ class TokenCacheTransformer(nn.Module):
         self._forward_signature = inspect.signature(model.forward)
         self._state = TPRRState(plan.schedule)
         self._active: Signature | None = None
-        self._caches: list[torch.Tensor] | None = None
+        self._caches_valid = False  # whether the active signature's buffers hold this generation's caches
         self._context: str | None = None  # see cache_context
         self._saved: dict[str | None, tuple] = {}
+        self._context_buffers: dict[tuple[str, Signature], list[torch.Tensor]] = {}
         self.step_counts: Counter[StepKind] = Counter()
         self.last_step: Step | None = None
 
@@ -90,8 +93,10 @@ class TokenCacheTransformer(nn.Module):
         return self.transformer.device
 
     def _apply(self, fn, recurse: bool = True):
-        # Graphs bake in device-specific constants: rebuild them after .to()/.half().
+        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half().
         self._graphs.clear()
+        self._context_buffers.clear()
+        self._active = None
         self.reset()
         return super()._apply(fn, recurse)
 
@@ -107,14 +112,14 @@ class TokenCacheTransformer(nn.Module):
         self._drop_caches()
 
     def _drop_caches(self) -> None:
-        self._caches = None
+        self._caches_valid = False
         if self._selector is not None:
             self._selector.reset()
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the caches currently held between steps (0 before the first call)."""
-        return sum(t.numel() * t.element_size() for t in self._caches or [])
+        """Bytes of the cache buffers of the input signature in use (0 before the first call)."""
+        return self._graphs[self._active].cache_bytes if self._active else 0
 
     def step_graphs(self, inputs: dict | None = None) -> StepGraphs:
         """The graphs for ``inputs`` (default: the signature used most recently)."""
@@ -154,10 +159,18 @@ class TokenCacheTransformer(nn.Module):
     def _switch_context(self, name: str | None) -> None:
         if name == self._context:
             return
-        self._saved[self._context] = (self._state, self._active, self._caches)
-        fresh = (TPRRState(self.plan.schedule), None, None)
-        self._state, self._active, self._caches = self._saved.pop(name, fresh)
+        self._saved[self._context] = (self._state, self._active, self._caches_valid)
+        fresh = (TPRRState(self.plan.schedule), None, False)
+        self._state, self._active, self._caches_valid = self._saved.pop(name, fresh)
         self._context = name
+
+    def _cache_buffers(self, key: Signature, graphs: StepGraphs) -> list[torch.Tensor]:
+        """The cache buffers of the current context: the graphs' own, or a set kept per named context."""
+        if self._context is None:
+            return graphs.caches
+        if (self._context, key) not in self._context_buffers:
+            self._context_buffers[self._context, key] = graphs.allocate_caches()
+        return self._context_buffers[self._context, key]
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         inputs = self._bind(args, kwargs)
@@ -176,15 +189,15 @@ class TokenCacheTransformer(nn.Module):
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():
-            if step.kind is StepKind.FULL or self._caches is None or not graphs.blocks:
+            if step.kind is StepKind.FULL or not self._caches_valid or not graphs.blocks:
                 step = Step(StepKind.FULL, step.phase, step.new_generation)
-                outputs = graphs.full(*values)
+                sample = graphs.full(*values, *self._cache_buffers(key, graphs))
             else:
                 graph = graphs.cached[step.phase]
                 device = values[0].device
                 indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
-                outputs = graph(*values, *self._caches, *indices)
-        sample, self._caches = outputs[0], list(outputs[1:])
+                sample = graph(*values, *self._cache_buffers(key, graphs), *indices)
+        self._caches_valid = True
         self.step_counts[step.kind] += 1
         self.last_step = step
         if not return_dict:
@@ -223,9 +236,9 @@ class TokenCacheTransformer(nn.Module):
 
     @staticmethod
     def _signature_of(graphs: StepGraphs) -> Signature:
-        device = next(iter(graphs.full.gm.parameters())).device
         return tuple(
-            (n, shape, dtype, device) for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
+            (n, shape, dtype, graphs.device)
+            for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
         )
 
 
@@ -249,7 +262,8 @@ def transform(
         plan_dir: directory that relative files in the plan (static scores) are resolved against.
         backend: ``None`` runs the graphs eagerly; a ``torch.compile`` backend (``"inductor"``)
             compiles each step graph once (``fullgraph=True``, static shapes).
-        compile_mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``.
+        compile_mode: ``torch.compile`` mode, e.g. ``"max-autotune-no-cudagraphs"``, or ``"reduce-overhead"``
+            (CUDA graphs, on GPU; the cache buffers are static inputs).
 
     Raises:
         TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.

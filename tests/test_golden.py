@@ -286,7 +286,7 @@ def test_calls_never_record_autograd_history(dit):
     outs = [tm(**{**dit_inputs(), "timestep": torch.tensor([t, t])}).sample for t in TIMESTEPS]  # grad enabled
     assert tm.step_counts[StepKind.CACHED] == 2
     assert not any(o.requires_grad for o in outs)
-    assert all(c.grad_fn is None for c in tm._caches)
+    assert all(c.grad_fn is None and not c.requires_grad for c in tm.step_graphs().caches)
 
 
 @pytest.mark.parametrize("attention", MODES)
@@ -299,3 +299,71 @@ def test_cache_updates_are_in_place_only_in_the_executed_graph(dit, attention):
     assert len(inplace) == n_caches and not functional
     # the input_change cache is read (scored) before it is updated, and the update still happens in place
     assert any(n.args[0].target.endswith("_input") for n in inplace)
+
+
+def test_cache_buffers_keep_their_addresses_across_generations(dit):
+    tm = tcpass.transform(dit, CachePlan(keep_ratio=0.25, attention="cached_kv", schedule=ALL_PHASE0))
+    buffers = tm.step_graphs().caches
+    addresses = [b.data_ptr() for b in buffers]
+    snapshots = []
+    for seed in (1, 2):  # the timestep goes back up: the second call sequence is a new generation
+        run(tm, dit_inputs(seed=seed))
+        snapshots.append([b.clone() for b in buffers])
+    assert tm.step_counts == {StepKind.FULL: 2, StepKind.CACHED: 4}
+    assert tm.step_graphs().caches is buffers
+    assert [b.data_ptr() for b in tm.step_graphs().caches] == addresses
+    assert all(not torch.equal(a, b) for a, b in zip(*snapshots, strict=True)), "every buffer is rewritten"
+    assert tm.cache_bytes == sum(b.numel() * b.element_size() for b in buffers) > 0
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        CachePlan(keep_ratio=0.25, attention="cached_kv", block_keep_ratio={1: 0.0}),  # K = 0: caches pass through
+        CachePlan(keep_ratio=0.25, attention="kept_only", selector=SelectorSpec(kind="toca")),
+        CachePlan(keep_ratio=0.25, attention="full_kv", selector=SelectorSpec(kind="random")),  # kept-index inputs
+    ],
+    ids=["cached_kv-block_reuse", "kept_only-toca", "full_kv-random"],
+)
+def test_write_back_graphs_compute_what_the_functional_graphs_return(dit, plan):
+    from tcpass.passes.writeback import write_caches_back
+
+    graphs = tcpass.transform(dit, plan).step_graphs()
+    values = list(dit_inputs().values())
+    buffers = [torch.full(s.shape, float("nan"), dtype=s.dtype) for s in graphs.full.cache_specs]
+    with torch.no_grad():
+        want = graphs.full.gm(*values)
+        assert torch.equal(graphs.full(*values, *buffers), want[0])
+        for got, expected in zip(buffers, want[1:], strict=True):
+            assert torch.equal(got, expected)
+        cached = graphs.cached[0]
+        indices = [s.example() for s in cached.index_specs]
+        before = [b.clone() for b in buffers]
+        want = cached.gm(*values, *buffers, *indices)
+        assert all(torch.equal(a, b) for a, b in zip(before, buffers, strict=True)), "gm must stay functional"
+        # the executed graph (updates in place) and the write-back of the functional graph (copies at the end)
+        copied = write_caches_back(cached.gm, cached.cache_specs)
+        for graph in (cached.exec_gm, copied):
+            state = [b.clone() for b in before]
+            assert torch.equal(graph(*values, *state, *indices)[0], want[0])
+            for got, expected in zip(state, want[1:], strict=True):
+                assert torch.equal(got, expected)
+    n_copies = sum(n.target is torch.ops.aten.copy_.default for n in copied.graph.nodes)
+    assert n_copies == sum(n.target is torch.ops.aten.scatter.src for n in cached.gm.graph.nodes) > 0
+
+
+def test_write_back_refuses_a_cache_updated_to_a_view_of_another_cache():
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from tcpass.passes.layout import TensorSpec
+    from tcpass.passes.writeback import write_caches_back
+
+    class Step(torch.nn.Module):
+        def forward(self, x, a, b):
+            return (x + 1, b.view(4), a + 1)  # the new "a" aliases the old "b", which the copies overwrite
+
+    gm = torch.fx.symbolic_trace(Step())
+    FakeTensorProp(gm).propagate(*(torch.zeros(4) for _ in range(3)))
+    specs = [TensorSpec(name, 0, "delta", (4,), torch.float32) for name in ("a", "b")]
+    with pytest.raises(NotImplementedError, match="cache a is updated to a view of the cache input b"):
+        write_caches_back(gm, specs)

@@ -18,9 +18,10 @@ After::
     block3_input_next = scatter_(block3_input, 1, idx, x_kept)   # mutates the cache input
     return (sample, ..., block3_input_next)                      # same tensor as the input
 
-The eager and compiled executors run the reinplaced graph (the runtime owns the caches; the
-caller's tensors are never caches). ONNX has no in-place ops, so export uses the functional
-graph; the tests compare the two.
+The eager and compiled executors run the reinplaced graph, in write-back form
+(`tcpass.passes.writeback`: the runtime owns the caches as static buffers; the caller's tensors are
+never caches). ONNX has no in-place ops, so export uses the functional graph; the tests compare
+the two.
 """
 
 from __future__ import annotations

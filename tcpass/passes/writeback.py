@@ -1,0 +1,107 @@
+"""Write-back pass: step graphs write their caches into caller-owned buffers instead of returning them.
+
+The caching passes return caches as outputs, so every call hands back new tensors at new
+addresses. Static buffers make the addresses stable for good: what CUDA graphs
+(``torch.compile(mode="reduce-overhead")``) need, and a FULL step no longer allocates the caches.
+This is only a change of calling convention; the values written are exactly the graph's outputs.
+
+Before (FULL)::
+
+    def forward(x, t):
+        ...
+        delta = y - x1
+        return (sample, delta)
+
+After::
+
+    def forward(x, t, block3_delta):                 # one buffer per cache, in layout order
+        ...
+        delta = y - x1
+        copy_(block3_delta, delta)                   # right after the value exists
+        return (sample,)
+
+Before (CACHED, after `tcpass.passes.reinplace`)::
+
+    def forward(x, t, block3_delta, block4_delta):
+        ...
+        block3_delta_next = scatter_(block3_delta, 1, idx, rows)   # already written in place
+        return (sample, block3_delta_next, block4_delta)           # block 4 passes through (K = 0)
+
+After::
+
+    def forward(x, t, block3_delta, block4_delta):
+        ...
+        scatter_(block3_delta, 1, idx, rows)
+        return (sample,)
+
+A CACHED update that is neither in place nor a pass-through is copied into its buffer just before
+the output, after every read of the old cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from tcpass.passes.layout import TensorSpec, add_placeholders, copy_graph_module
+
+aten = torch.ops.aten
+
+
+def write_caches_back(gm: fx.GraphModule, cache_specs: list[TensorSpec]) -> fx.GraphModule:
+    """A copy of ``gm`` that writes its cache outputs into cache inputs and returns only the model outputs.
+
+    ``gm`` returns ``(*model_outputs, *caches)`` in ``cache_specs`` order. A graph without cache
+    inputs (FULL) gets them appended after its inputs; the result is called as
+    ``(*model_inputs, *cache_buffers, *kept_indices)`` and returns ``model_outputs``.
+    """
+    gm = copy_graph_module(gm)
+    graph = gm.graph
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    if cache_specs and cache_specs[0].placeholder_name not in placeholders:
+        buffers = add_placeholders(graph, cache_specs)
+    else:
+        buffers = {s.name: placeholders[s.placeholder_name] for s in cache_specs}
+    output = graph.output_node()
+    (values,) = output.args
+    n_model = len(values) - len(cache_specs)
+    buffer_storages = {_storage(b): b for b in buffers.values() if _storage(b) is not None}
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for spec, value in zip(cache_specs, values[n_model:], strict=True):
+        buffer = buffers[spec.name]
+        if value is buffer or _writes_into(value, buffer):
+            continue
+        storage = _storage(value)
+        aliased = buffer_storages.get(storage) if storage is not None else None
+        if aliased is not None:
+            raise NotImplementedError(
+                f"cache {spec.name} is updated to a view of the cache input {aliased.target}; "
+                "write-back needs updates that are new tensors or in place."
+            )
+        # Nothing reads the old cache (so at every FULL step): write once the value exists, freeing it early.
+        if buffer.users:
+            where = graph.inserting_before(output)
+        else:
+            where = graph.inserting_after(max(value, buffer, key=order.__getitem__))
+        with where:
+            copy = graph.call_function(aten.copy_.default, (buffer, value))
+        copy.meta.update({k: v for k, v in value.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    output.args = (tuple(values[:n_model]),)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _writes_into(node: fx.Node, buffer: fx.Node) -> bool:
+    """Whether ``node`` is an in-place op on ``buffer`` (its first argument, written per the schema)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or not node.args or node.args[0] is not buffer:
+        return False
+    alias = target._schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
+
+
+def _storage(node: fx.Node) -> StorageWeakRef | None:
+    val = node.meta.get("val")
+    return StorageWeakRef(val.untyped_storage()) if isinstance(val, torch.Tensor) else None
