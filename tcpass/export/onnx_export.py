@@ -23,6 +23,7 @@ import onnx
 import torch
 from onnx import external_data_helper, numpy_helper
 
+from tcpass.export.index_ops import rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
 from tcpass.passes.layout import TensorSpec
 from tcpass.runtime import TokenCacheTransformer
@@ -104,7 +105,7 @@ def _export_graph(
             opset_version=opset,
             verbose=False,
         )
-    model = program.model_proto
+    model, _ = rows_as_slices(program.model_proto)
     _externalize(model, weights, blob)
     onnx.save_model(model, str(path))
     with torch.no_grad():
