@@ -159,3 +159,44 @@ def _remove_dead(graph: onnx.GraphProto) -> None:
     stale = [v for v in graph.value_info if v.name not in produced]
     for info in stale:
         graph.value_info.remove(info)
+
+
+def in_place_updates(model: onnx.ModelProto) -> dict[str, str]:
+    """{graph output: graph input} pairs a runtime may bind to one buffer: the output is a ScatterND of the input.
+
+    A cache refreshed by ``ScatterND(cache, rows, new)`` only needs its K new rows written when the
+    output buffer is the input buffer (ONNX Runtime's CPU and CUDA ScatterND skip the copy then).
+    That is safe only if every other reader of the input runs before the scatter, i.e. is one of
+    its ancestors (the ``input_change`` selector reads ``block{b}.input`` to choose the rows).
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return {}  # subgraphs read outer names implicitly
+    inputs = {i.name for i in graph.input}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    pairs = {}
+    for output in graph.output:
+        node = producer.get(output.name)
+        if node is None or node.op_type != "ScatterND" or node.input[0] not in inputs:
+            continue
+        others = [r for r in readers[node.input[0]] if r is not node]
+        if others and not _are_ancestors(others, node, producer):
+            continue
+        pairs[output.name] = node.input[0]
+    return pairs
+
+
+def _are_ancestors(nodes: list[onnx.NodeProto], of: onnx.NodeProto, producer) -> bool:
+    seen: set[int] = set()
+    stack = [of]
+    while stack:
+        for name in stack.pop().input:
+            parent = producer.get(name)
+            if parent is not None and id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return all(id(n) in seen for n in nodes)

@@ -5,6 +5,7 @@ Output directory::
     manifest.json        schedule, graphs, their inputs/outputs, caches, conditioning inputs
     full.onnx            FULL step: model inputs -> (sample, *caches)
     cached_phase0.onnx   CACHED step(s): model inputs, caches[, kept indices] -> (sample, *caches)
+                         (``in_place``: cache outputs the runtime may write into their input's buffer)
     weights.bin          every parameter once; all graphs reference it as ONNX external data
     static_scores.npy    (static selector only) the score table, as plain numpy
 
@@ -23,7 +24,7 @@ import onnx
 import torch
 from onnx import external_data_helper, numpy_helper
 
-from tcpass.export.index_ops import rows_as_slices
+from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
 from tcpass.passes.layout import TensorSpec
 from tcpass.runtime import TokenCacheTransformer
@@ -120,6 +121,7 @@ def _export_graph(
         "outputs": [{"name": "sample", "shape": list(sample.shape), "dtype": _dtype_name(sample.dtype)}]
         + [{**_spec_json(s), "name": f"{s.name}.next", "cache": s.name} for s in step_graph.cache_specs],
         "keep": {str(b): k for b, k in step_graph.keep.items()},
+        "in_place": in_place_updates(model),
     }
 
 
