@@ -32,7 +32,7 @@ def rows_as_slices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     shapes = _static_shapes(inferred.graph)
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT64}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -50,7 +50,8 @@ def rows_as_slices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         scatter = node.op_type == _SCATTER
         key = (indices, axis, tuple(data_shape[:axis]), scatter)
         if key not in built:
-            built[key] = _coordinates(indices, axis, data_shape, k, scatter, node.name, new_nodes, new_inits)
+            prefix = f"{indices}_rows{len(built)}"  # new tensor names, one set per key
+            built[key] = _coordinates(indices, axis, data_shape, k, scatter, prefix, new_nodes, new_inits)
         if scatter:
             replacement = helper.make_node(
                 "ScatterND", [node.input[0], built[key], node.input[2]], list(node.output), name=node.name
@@ -112,11 +113,10 @@ def _match(node, producer, constants, shapes) -> tuple[str, int, list[int], int]
     return indices, axis, data_shape, k
 
 
-def _coordinates(indices, axis, data_shape, k, scatter, name, nodes, inits) -> str:
+def _coordinates(indices, axis, data_shape, k, scatter, prefix, nodes, inits) -> str:
     """[B, d1..d(axis-1), K, n] int64 coordinates of each kept row; n = axis (+1 with the batch for ScatterND)."""
     batch, middle = data_shape[0], list(data_shape[1:axis])
     layout = [batch, *middle, k, 1]
-    prefix = f"{name}_rows"
 
     def const(suffix: str, array: np.ndarray) -> str:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.int64), f"{prefix}_{suffix}"))
