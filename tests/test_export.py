@@ -13,6 +13,7 @@ import torch
 
 import tcpass
 from tcpass import CachePlan, StepKind
+from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.runtime import ManifestError, OrtTokenCacheRuntime, ddim_schedule, generate
 from tcpass.sampling import ddim_sample, make_scheduler
@@ -39,6 +40,120 @@ def test_graphs_are_checker_clean_and_share_one_weights_file(exported):
         onnx.checker.check_model(str(out / entry["file"]))
         assert (out / entry["file"]).stat().st_size < params / 2  # weights are not inside the graph files
     assert (out / "weights.bin").stat().st_size <= params * 1.05  # each weight stored once
+
+
+def test_cached_graph_moves_whole_rows_and_updates_caches_in_place(exported):
+    _, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["graphs"]["cached_phase0"]
+    ops = {node.op_type for node in onnx.load(str(out / entry["file"]), load_external_data=False).graph.node}
+    assert not ops & {"GatherElements", "ScatterElements"} and {"GatherND", "ScatterND"} <= ops
+    assert entry["in_place"] == {s["name"]: s["cache"] for s in entry["outputs"][1:]}  # every cache of this plan
+    assert manifest["graphs"]["full"]["in_place"] == {}
+
+    runtime = OrtTokenCacheRuntime(out)
+    inputs = {"hidden_states": np.ones((2, 4, 16, 16), np.float32), "class_labels": np.array([3, 1000])}
+    runtime(**inputs, timestep=np.full(2, 900))  # FULL: fills the caches
+    before = {name: value.data_ptr() for name, value in runtime._caches.items()}
+    runtime(**inputs, timestep=np.full(2, 880))
+    assert runtime.step_counts[StepKind.CACHED] == 1
+    assert {name: value.data_ptr() for name, value in runtime._caches.items()} == before
+
+
+def _index_model(axis: int, data_shape: list[int], k: int, broadcast_shape: list[int]) -> onnx.ModelProto:
+    """GatherElements and ScatterElements on ``axis``, [B, K] indices viewed and expanded as the exporter writes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    view = [1] * len(data_shape)
+    view[0], view[axis] = data_shape[0], k
+    rows = list(data_shape)
+    rows[axis] = k
+    nodes = [
+        helper.make_node("Reshape", ["idx", "view"], ["idx_view"]),
+        helper.make_node("Expand", ["idx_view", "broadcast"], ["idx_full"]),
+        helper.make_node("GatherElements", ["data", "idx_full"], ["gathered"], axis=axis),
+        helper.make_node("ScatterElements", ["data", "idx_full", "updates"], ["scattered"], axis=axis),
+    ]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "rows",
+        [
+            helper.make_tensor_value_info("data", f32, data_shape),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, [data_shape[0], k]),
+            helper.make_tensor_value_info("updates", f32, broadcast_shape),
+        ],
+        [
+            helper.make_tensor_value_info("gathered", f32, broadcast_shape),
+            helper.make_tensor_value_info("scattered", f32, data_shape),
+        ],
+        [
+            numpy_helper.from_array(np.array(view), "view"),
+            numpy_helper.from_array(np.array(broadcast_shape), "broadcast"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize(
+    ("axis", "data_shape", "broadcast_shape", "rewritten"),
+    [
+        (1, [2, 10, 6], [2, 4, 6], 2),  # tokens of [B, N, D]
+        (2, [2, 3, 10, 5], [2, 3, 4, 5], 2),  # tokens of [B, H, N, Dh] (K/V caches)
+        (1, [2, 10, 6], [2, 4, 3], 0),  # not whole rows: left as it is
+    ],
+)
+def test_row_index_rewrite_is_exact(axis, data_shape, broadcast_shape, rewritten):
+    import onnxruntime as ort
+
+    model = _index_model(axis, data_shape, 4, broadcast_shape)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model, count = rows_as_slices(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert count == rewritten
+    assert sum(n.op_type.endswith("Elements") for n in model.graph.node) == 2 - rewritten
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {
+        "data": rng.standard_normal(data_shape).astype(np.float32),
+        "idx": np.stack([rng.permutation(data_shape[axis])[:4] for _ in range(2)]),
+        "updates": rng.standard_normal(broadcast_shape).astype(np.float32),
+    }
+    for got, want in zip(session.run(None, feed), original.run(None, feed), strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_in_place_only_when_the_other_readers_run_first():
+    from onnx import TensorProto, helper
+
+    def model(late_reader: bool) -> onnx.ModelProto:
+        # cache.next = ScatterND(cache, top-2 rows of ||cache - x||^2, new): Sub reads the cache before the scatter
+        nodes = [
+            helper.make_node("Sub", ["cache", "x"], ["change"]),
+            helper.make_node("ReduceSumSquare", ["change", "last"], ["score"], keepdims=0),
+            helper.make_node("TopK", ["score", "k"], ["top", "rows"], axis=0),
+            helper.make_node("Unsqueeze", ["rows", "last"], ["coords"]),
+            helper.make_node("ScatterND", ["cache", "coords", "new"], ["cache.next"]),
+        ]
+        outputs = ["cache.next"]
+        if late_reader:  # reads the old cache but nothing orders it before the scatter
+            nodes.append(helper.make_node("Add", ["cache", "x"], ["y"]))
+            outputs.append("y")
+        info = {
+            n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [8, 4]) for n in ("cache", "x", "y", "cache.next")
+        }
+        new = helper.make_tensor_value_info("new", TensorProto.FLOAT, [2, 4])
+        consts = [
+            helper.make_tensor("last", TensorProto.INT64, [1], [-1]),
+            helper.make_tensor("k", TensorProto.INT64, [1], [2]),
+        ]
+        graph = helper.make_graph(nodes, "m", [info["cache"], info["x"], new], [info[n] for n in outputs], consts)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+    assert in_place_updates(model(late_reader=False)) == {"cache.next": "cache"}
+    assert in_place_updates(model(late_reader=True)) == {}
 
 
 def test_every_step_matches_eager_transformed(exported):

@@ -5,6 +5,7 @@ Output directory::
     manifest.json        schedule, graphs, their inputs/outputs, caches, conditioning inputs
     full.onnx            FULL step: model inputs -> (sample, *caches)
     cached_phase0.onnx   CACHED step(s): model inputs, caches[, kept indices] -> (sample, *caches)
+                         (``in_place``: cache outputs the runtime may write into their input's buffer)
     weights.bin          every parameter once; all graphs reference it as ONNX external data
     static_scores.npy    (static selector only) the score table, as plain numpy
 
@@ -23,6 +24,7 @@ import onnx
 import torch
 from onnx import external_data_helper, numpy_helper
 
+from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
 from tcpass.passes.layout import TensorSpec
 from tcpass.runtime import TokenCacheTransformer
@@ -85,6 +87,7 @@ def _export_graph(
     opset: int,
     weights: dict,
     blob: bytearray,
+    row_slices: bool,
 ) -> dict:
     device = next(iter(model_inputs.values())).device
     caches = [s.example(device) for s in step_graph.cache_specs]
@@ -105,6 +108,8 @@ def _export_graph(
             verbose=False,
         )
     model = program.model_proto
+    if row_slices:
+        model, _ = rows_as_slices(model)
     _externalize(model, weights, blob)
     onnx.save_model(model, str(path))
     with torch.no_grad():
@@ -119,6 +124,7 @@ def _export_graph(
         "outputs": [{"name": "sample", "shape": list(sample.shape), "dtype": _dtype_name(sample.dtype)}]
         + [{**_spec_json(s), "name": f"{s.name}.next", "cache": s.name} for s in step_graph.cache_specs],
         "keep": {str(b): k for b, k in step_graph.keep.items()},
+        "in_place": in_place_updates(model),
     }
 
 
@@ -128,11 +134,15 @@ def export_onnx(
     inputs: dict[str, torch.Tensor] | None = None,
     opset: int = 20,
     null_label: int | None = None,
+    row_slices: bool = True,
 ) -> Path:
     """Write ONNX graphs + manifest for ``model`` at the input signature of ``inputs``; returns the manifest path.
 
     ``inputs`` fixes the static shapes (default: the signature the model was transformed with).
     ``null_label`` (class-conditional models) is recorded for classifier-free guidance at runtime.
+    ``row_slices``: rewrite per-row token gathers/scatters into row copies (GatherND/ScatterND, caches
+    updated in place by the runtime); same results, faster CACHED steps. False keeps the exporter's
+    element-wise GatherElements/ScatterElements (for comparison).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,13 +154,17 @@ def export_onnx(
         }
     weights: dict[str, tuple[int, int]] = {}
     blob = bytearray()
-    entries = {"full": _export_graph(graphs.full, inputs, out_dir / "full.onnx", opset, weights, blob)}
+
+    def export(step_graph: StepGraph, name: str) -> dict:
+        return _export_graph(step_graph, inputs, out_dir / f"{name}.onnx", opset, weights, blob, row_slices)
+
+    entries = {"full": export(graphs.full, "full")}
     phase_graphs = {}
     exported: dict[int, str] = {}
     for phase, step_graph in graphs.cached.items():
         if id(step_graph) not in exported:
             name = f"cached_phase{phase}"
-            entries[name] = _export_graph(step_graph, inputs, out_dir / f"{name}.onnx", opset, weights, blob)
+            entries[name] = export(step_graph, name)
             exported[id(step_graph)] = name
         phase_graphs[str(phase)] = exported[id(step_graph)]
     (out_dir / WEIGHTS_FILE).write_bytes(bytes(blob))

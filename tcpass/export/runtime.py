@@ -69,6 +69,8 @@ class OrtTokenCacheRuntime:
                 )
         self.providers = providers or ["CPUExecutionProvider"]
         self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"
+        # these providers' ScatterND skips its input copy when output and input share a buffer
+        self._in_place = self.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, entry in m["graphs"].items():
             path = self.directory / entry["file"]
@@ -130,13 +132,27 @@ class OrtTokenCacheRuntime:
                 binding.bind_cpu_input(spec["name"], self._kept_indices(spec, timestep))
             else:
                 binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
+        in_place = self._in_place_outputs(entry)
         for spec in entry["outputs"]:
-            binding.bind_output(spec["name"], self.device)
+            if spec["name"] in in_place:  # ScatterND into its own input: only the K new rows are written
+                binding.bind_ortvalue_output(spec["name"], self._caches[in_place[spec["name"]]])
+            else:
+                binding.bind_output(spec["name"], self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self._caches = {spec["cache"]: value for spec, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
         self.step_counts[StepKind.FULL if name == "full" else StepKind.CACHED] += 1
         return outputs[0].numpy()
+
+    def _in_place_outputs(self, entry: dict) -> dict[str, str]:
+        """Cache outputs to write into their input's buffer; none whose buffer another cache shares."""
+        if not self._in_place or self._caches is None:
+            return {}
+        owners: dict[int, int] = {}
+        for value in self._caches.values():
+            owners[value.data_ptr()] = owners.get(value.data_ptr(), 0) + 1
+        pairs = entry.get("in_place", {})
+        return {out: cache for out, cache in pairs.items() if owners[self._caches[cache].data_ptr()] == 1}
 
     def _kept_indices(self, spec: dict, timestep: float) -> np.ndarray:
         batch, k = spec["shape"]
