@@ -23,7 +23,7 @@ from diffusers import DiTTransformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import interleaved, machine, peak_rss_mib, ratio_median, summary, write_json  # noqa: E402
+from bench.common import interleaved, machine, peak_rss_mib, pin_allocator, ratio_median, summary, write_json  # noqa: E402
 from tcpass.flops import generation_flops  # noqa: E402
 from tcpass.sampling import ddim_sample, make_scheduler  # noqa: E402
 
@@ -53,13 +53,9 @@ class OrtGenerator:
     """A whole generation on ONNX Runtime (numpy DDIM + CFG), from an exported directory."""
 
     def __init__(self, directory: Path, steps: int, threads: int) -> None:
-        import onnxruntime as ort
-
         from tcpass.export.runtime import OrtTokenCacheRuntime
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.runtime = OrtTokenCacheRuntime(directory, session_options=options)
+        self.runtime = OrtTokenCacheRuntime(directory, threads=threads)
         self.steps = steps
         self.step_counts = self.runtime.step_counts
 
@@ -192,8 +188,15 @@ def main() -> None:
         help="comma-separated: eager, inductor (compiled A/B), ort (ONNX Runtime CPU A/B)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc malloc's adaptive thresholds on (default: pinned, see bench/common.py::pin_allocator)",
+    )
     parser.add_argument("--out", default="speed.json", help="file name under bench/results/")
     args = parser.parse_args()
+    if not args.malloc_default:
+        pin_allocator()
     torch.set_num_threads(args.threads)
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
     rows = []
