@@ -32,7 +32,11 @@ def rows_as_slices(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     shapes = _static_shapes(inferred.graph)
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT64}
+    constants = {
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.INT64 and t.data_location != onnx.TensorProto.EXTERNAL
+    }
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)

@@ -15,8 +15,10 @@ with torch's dynamo ONNX exporter; nothing about the caching semantics is redefi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +42,23 @@ class _Positional(torch.nn.Module):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__()
         self.gm = gm
+        self.training = False  # the step graph has no train/eval behaviour; keeps the exporter quiet
 
     def forward(self, *args):
         return self.gm(*args)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # The exporter's op registry logs one warning per torchvision op when torchvision is absent;
+    # step graphs never contain torchvision ops.
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        registry_log.setLevel(level)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -97,7 +113,7 @@ def _export_graph(
     args = tuple(model_inputs.values()) + (() if is_full else tuple(caches) + tuple(indices))
     input_names = list(model_inputs) + [s.name for s in cache_inputs] + [s.name for s in step_graph.index_specs]
     output_names = ["sample"] + [f"{s.name}.next" for s in step_graph.cache_specs]  # ONNX names are SSA
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             _Positional(step_graph.gm),
             args,
@@ -108,9 +124,11 @@ def _export_graph(
             verbose=False,
         )
     model = program.model_proto
+    # Weights out first: shape inference (in rows_as_slices) serializes the model, and protobuf
+    # refuses messages over 2 GB (DiT-XL/2 is 2.7 GB of fp32 weights).
+    _externalize(model, weights, blob)
     if row_slices:
         model, _ = rows_as_slices(model)
-    _externalize(model, weights, blob)
     onnx.save_model(model, str(path))
     with torch.no_grad():
         sample = step_graph.gm(*args)[0]
