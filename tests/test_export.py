@@ -60,6 +60,25 @@ def test_cached_graph_moves_whole_rows_and_updates_caches_in_place(exported):
     assert {name: value.data_ptr() for name, value in runtime._caches.items()} == before
 
 
+def test_idle_step_graphs_stop_spinning(exported):
+    import onnxruntime as ort
+
+    _, out = exported
+    runtime = OrtTokenCacheRuntime(out, threads=1)
+    for session in runtime.sessions.values():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    mine = ort.SessionOptions()
+    mine.add_session_config_entry("session.force_spinning_stop", "0")
+    kept = OrtTokenCacheRuntime(out, session_options=mine)  # the caller's choice stands
+    assert kept.sessions["full"].get_session_options().get_session_config_entry("session.force_spinning_stop") == "0"
+    inputs = {"hidden_states": np.ones((2, 4, 16, 16), np.float32), "class_labels": np.array([3, 1000])}
+    for t in (900, 880):  # FULL, then CACHED: the same numbers either way
+        np.testing.assert_array_equal(runtime(**inputs, timestep=np.full(2, t)), kept(**inputs, timestep=np.full(2, t)))
+    assert runtime.step_counts[StepKind.CACHED] == kept.step_counts[StepKind.CACHED] == 1
+
+
 def _index_model(axis: int, data_shape: list[int], k: int, broadcast_shape: list[int]) -> onnx.ModelProto:
     """GatherElements and ScatterElements on ``axis``, [B, K] indices viewed and expanded as the exporter writes."""
     from onnx import TensorProto, helper, numpy_helper

@@ -45,7 +45,16 @@ class OrtTokenCacheRuntime:
         providers: ONNX Runtime execution providers; default CPU.
         expected_plan: if given (a plan dict or `CachePlan`), refuse a directory exported for another plan.
         verify_checksums: check every graph file against the sha256 in the manifest.
-        session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level).
+        session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level);
+            when given, ``threads`` is not used.
+        threads: intra-op threads per graph (default: ONNX Runtime's, one per physical core).
+
+    Each step graph is its own ONNX Runtime session with its own intra-op thread pool. ONNX Runtime's
+    pool threads keep spinning after a run, by default, for the next one; with several graphs taking
+    turns, an idle graph's spinning threads take cores from the graph that runs. The runtime sets
+    ``session.force_spinning_stop=1`` on its sessions when there is more than one graph (unless
+    ``session_options`` already sets it): on this project's 2-core CPU a DiT-S/2 generation with the
+    default plan took 3.16 s without it and 2.58 s with it (the uncached export, one graph: 5.0 s).
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class OrtTokenCacheRuntime:
         expected_plan=None,
         verify_checksums: bool = True,
         session_options: ort.SessionOptions | None = None,
+        threads: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = _load_manifest(self.directory)
@@ -71,6 +81,7 @@ class OrtTokenCacheRuntime:
         self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"
         # these providers' ScatterND skips its input copy when output and input share a buffer
         self._in_place = self.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+        session_options = _step_session_options(session_options, threads, len(m["graphs"]))
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, entry in m["graphs"].items():
             path = self.directory / entry["file"]
@@ -174,6 +185,22 @@ class OrtTokenCacheRuntime:
                     f"shape {spec['shape']} {spec['dtype']} (manifest.json conditioning_inputs); export again for "
                     "other shapes."
                 )
+
+
+_STOP_SPINNING = "session.force_spinning_stop"
+
+
+def _step_session_options(session_options: ort.SessionOptions | None, threads: int | None, graphs: int):
+    """Options for the step graphs' sessions: idle thread pools stop spinning when there are several graphs."""
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
+    if graphs > 1:
+        try:
+            session_options.get_session_config_entry(_STOP_SPINNING)  # the caller chose: keep it
+        except RuntimeError:  # not set
+            session_options.add_session_config_entry(_STOP_SPINNING, "1")
+    return session_options
 
 
 def _load_manifest(directory: Path) -> dict:
