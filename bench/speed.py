@@ -7,7 +7,8 @@
 Real architectures at their published sizes with random weights (speed does not depend on the
 weights; ``digits`` is the shipped trained reference model). Model batch 2 x ``--images`` (default
 one image with classifier-free guidance). Prints a table and writes
-bench/results/speed.json.
+bench/results/speed.json. glibc malloc's mmap/trim thresholds are pinned for both arms
+(``--malloc-default`` to leave them adaptive; see bench/common.py::pin_allocator).
 """
 
 from __future__ import annotations
