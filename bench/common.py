@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import platform
 import resource
@@ -14,38 +13,10 @@ from pathlib import Path
 
 import torch
 
+from tcpass.timing import ALLOCATOR as _ALLOCATOR
+from tcpass.timing import pin_allocator  # noqa: F401  (the benches import it from here)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-_ALLOCATOR = {"malloc": "glibc default"}
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def pin_allocator(threshold_bytes: int = 1 << 30) -> bool:
-    """Fix glibc malloc's mmap and trim thresholds so one A/B arm's frees don't tax the other.
-
-    By default glibc serves large blocks with mmap, raises that threshold as blocks are freed, and
-    hands freed heap back to the OS; how many pages the next call faults in then depends on what
-    ran before it. Measured on this machine (DiT-S/2, eager, 5 interleaved rounds): the uncached
-    baseline's first generation took 6.2 s and, after tcpass generations had run beside it, 7.2 to
-    8.3 s, which inflated the speedup to 2.07x; with the thresholds fixed it took 5.9 to 6.1 s
-    throughout and the speedup was 1.77x. Both arms run under the same setting. Same effect as
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment. Returns False (and
-    changes nothing) where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
-        )
-    except (OSError, AttributeError):
-        return False
-    if ok:
-        _ALLOCATOR["malloc"] = f"glibc, mmap/trim thresholds pinned at {threshold_bytes} bytes"
-    return ok
 
 
 def machine() -> dict:

@@ -33,6 +33,12 @@ def main() -> None:
 @click.option("--rounds", default=3, show_default=True, help="Timed generations per variant (after a warm-up).")
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
 @click.option(
+    "--malloc-default",
+    is_flag=True,
+    help="Leave glibc malloc's adaptive thresholds on (by default they are pinned so neither variant's "
+    "frees slow the other down; see tcpass.timing.pin_allocator).",
+)
+@click.option(
     "-o",
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -40,10 +46,14 @@ def main() -> None:
     show_default=True,
     help="Where to write the PNG grid.",
 )
-def demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, out) -> None:
+def demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
     """Full compute vs TokenCache on the shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
     import torch
 
+    from tcpass.timing import pin_allocator
+
+    if not malloc_default:
+        pin_allocator()
     from tcpass.zoo.demo import format_table, run_demo, save_grid
 
     torch.set_num_threads(threads)
