@@ -14,9 +14,23 @@ from pathlib import Path
 import torch
 
 from tcpass.timing import ALLOCATOR as _ALLOCATOR
-from tcpass.timing import pin_allocator  # noqa: F401  (the benches import it from here)
+from tcpass.timing import pin_allocator
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def add_allocator_option(parser) -> None:
+    """``--malloc-default`` on a bench's argparse parser; call `apply_allocator_option` after parsing."""
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc malloc's adaptive thresholds on (default: pinned, see tcpass.timing.pin_allocator)",
+    )
+
+
+def apply_allocator_option(args) -> None:
+    if not args.malloc_default:
+        pin_allocator()
 
 
 def machine() -> dict:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tcpass  # noqa: E402
-from bench.common import machine, peak_rss_mib, pin_allocator, summary, write_json  # noqa: E402
+from bench.common import add_allocator_option, apply_allocator_option, machine, peak_rss_mib, summary, write_json  # noqa: E402
 from tcpass.adapters import adapter_for  # noqa: E402
 from tcpass.flops import generation_flops  # noqa: E402
 from tcpass.schedule import StepKind  # noqa: E402
@@ -170,15 +170,10 @@ def main() -> None:
     parser.add_argument("--plan", type=Path, help="plan JSON (default: keep 25%%, cached K/V, intervals 5/5)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc's adaptive thresholds on (default: pinned, see bench/common.py::pin_allocator)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--out", default="speed_families.json", help="file name under bench/results/")
     args = parser.parse_args()
-    if not args.malloc_default:
-        pin_allocator()
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
     rows = []

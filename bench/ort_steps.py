@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import machine, pin_allocator, write_json  # noqa: E402
+from bench.common import add_allocator_option, apply_allocator_option, machine, write_json  # noqa: E402
 from bench.speed import DEFAULT_PLAN, example_inputs, load_model  # noqa: E402
 from tcpass.export.onnx_export import export_onnx  # noqa: E402
 
@@ -52,15 +52,10 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--profile", action="store_true", help="also run ORT's profiler (separate sessions)")
-    parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc's adaptive thresholds on (default: pinned, see bench/common.py::pin_allocator)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--out", default="ort_steps.json", help="file name under bench/results/")
     args = parser.parse_args()
-    if not args.malloc_default:
-        pin_allocator()
+    apply_allocator_option(args)
     import onnxruntime as ort
 
     from tcpass.export.runtime import OrtTokenCacheRuntime, ddim_schedule

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import RESULTS, machine, pin_allocator, write_json  # noqa: E402
+from bench.common import RESULTS, add_allocator_option, apply_allocator_option, machine, write_json  # noqa: E402
 from tcpass import calibrate as cal  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
 from tcpass.predictor import sha256_of  # noqa: E402
@@ -107,15 +107,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc's adaptive thresholds on (default: pinned, see tcpass.timing.pin_allocator)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--out", default="quality")
     args = parser.parse_args()
-    if not args.malloc_default:
-        pin_allocator()
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
 
     model = load_reference_model()

@@ -8,7 +8,7 @@ Real architectures at their published sizes with random weights (speed does not 
 weights; ``digits`` is the shipped trained reference model). Model batch 2 x ``--images`` (default
 one image with classifier-free guidance). Prints a table and writes
 bench/results/speed.json. glibc malloc's mmap/trim thresholds are pinned for both arms
-(``--malloc-default`` to leave them adaptive; see bench/common.py::pin_allocator).
+(``--malloc-default`` to leave them adaptive; see tcpass.timing.pin_allocator).
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ from diffusers import DiTTransformer2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import interleaved, machine, peak_rss_mib, pin_allocator, ratio_median, summary, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_allocator_option,
+    apply_allocator_option,
+    interleaved,
+    machine,
+    peak_rss_mib,
+    ratio_median,
+    summary,
+    write_json,
+)
 from tcpass.flops import generation_flops  # noqa: E402
 from tcpass.sampling import ddim_sample, make_scheduler  # noqa: E402
 
@@ -189,15 +198,10 @@ def main() -> None:
         help="comma-separated: eager, inductor (compiled A/B), ort (ONNX Runtime CPU A/B)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--malloc-default",
-        action="store_true",
-        help="leave glibc malloc's adaptive thresholds on (default: pinned, see bench/common.py::pin_allocator)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--out", default="speed.json", help="file name under bench/results/")
     args = parser.parse_args()
-    if not args.malloc_default:
-        pin_allocator()
+    apply_allocator_option(args)
     torch.set_num_threads(args.threads)
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
     rows = []
