@@ -1,5 +1,20 @@
-"""The shipped reference model: a class-conditional DiT trained on real handwritten digits."""
+"""The shipped reference models: class-conditional DiTs trained here, with their own evaluators.
 
+`reference("digits")` (and the other rows of `REFERENCE_MODELS`) gives everything a demo or a
+quality bench needs about one model: its loader, its independent classifier (class accuracy and the
+feature space of Fréchet distances), its held-out real images, its labels and its default plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tcpass.zoo import digits
 from tcpass.zoo.digits import (
     NULL_LABEL,
     DigitsClassifier,
@@ -9,11 +24,70 @@ from tcpass.zoo.digits import (
     reference_model_dir,
 )
 
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """One shipped reference model.
+
+    Attributes:
+        name: registry key (``tcpass demo --model NAME``).
+        class_names: one display name per class label 0..num_classes-1.
+        null_label: the class label classifier-free guidance uses for "no class".
+        image_shape: (channels, height, width) of a sample, pixel space, values in [-1, 1].
+        load_model: ``(directory or None) -> DiTTransformer2DModel`` (``None``: the shipped weights).
+        load_classifier: ``() -> nn.Module`` with ``forward`` (logits) and ``features`` (Fréchet space).
+        held_out: ``() -> (images [n, C, H, W] in [-1, 1], labels [n])``, never used for training.
+        default_plan: the plan `tcpass demo` uses for this model.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    null_label: int
+    image_shape: tuple[int, int, int]
+    load_model: Callable[[Path | None], nn.Module]
+    load_classifier: Callable[[], nn.Module]
+    held_out: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    default_plan: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _digits_held_out() -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, images, labels = digits_split()
+    return images, labels
+
+
+REFERENCE_MODELS: dict[str, ReferenceModel] = {
+    "digits": ReferenceModel(
+        name="digits",
+        class_names=tuple(str(i) for i in range(digits.NUM_CLASSES)),
+        null_label=digits.NULL_LABEL,
+        image_shape=(1, digits.IMAGE_SIZE, digits.IMAGE_SIZE),
+        load_model=load_reference_model,
+        load_classifier=load_classifier,
+        held_out=_digits_held_out,
+        default_plan=Path(__file__).parent / "digits_plan.json",
+    ),
+}
+
+
+def reference(name: str) -> ReferenceModel:
+    """The reference model called ``name``; raises ``ValueError`` listing the known ones."""
+    if name not in REFERENCE_MODELS:
+        raise ValueError(f"unknown reference model {name!r}; known: {sorted(REFERENCE_MODELS)}.")
+    return REFERENCE_MODELS[name]
+
+
 __all__ = [
     "NULL_LABEL",
+    "REFERENCE_MODELS",
     "DigitsClassifier",
+    "ReferenceModel",
     "digits_split",
     "load_classifier",
     "load_reference_model",
+    "reference",
     "reference_model_dir",
 ]
