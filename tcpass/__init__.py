@@ -7,7 +7,7 @@ Importing ``tcpass`` itself does not import torch (plans and schedules are plain
 ONNX Runtime deployment (`tcpass.export.runtime`) runs with numpy and onnxruntime alone.
 """
 
-from tcpass.plan import CachePlan, ModelFingerprint, SelectorSpec, TPRRSchedule, load_plan, save_plan
+from tcpass.plan import CachePlan, ModelFingerprint, SelectorSpec, StepSkip, TPRRSchedule, load_plan, save_plan
 from tcpass.schedule import StepKind
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "ModelFingerprint",
     "SelectorSpec",
     "StepKind",
+    "StepSkip",
     "TPRRSchedule",
     "TokenCacheTransformer",
     "load_plan",

@@ -17,7 +17,7 @@ from tcpass.graphs import StepGraphs
 def compile_step_graphs(graphs: StepGraphs, backend: str = "inductor", mode: str | None = None) -> None:
     """In place: give every graph of ``graphs`` a compiled ``run`` (phases sharing a graph share it)."""
     seen: dict[int, object] = {}
-    for step_graph in [graphs.full, *graphs.cached.values()]:
+    for step_graph in [graphs.full, *graphs.cached.values(), *([graphs.skip] if graphs.skip else [])]:
         key = id(step_graph)
         if key not in seen:
             seen[key] = torch.compile(step_graph.exec_gm, backend=backend, mode=mode, fullgraph=True, dynamic=False)

@@ -1,8 +1,9 @@
 """Build the step-specialized graphs of a plan from one traced graph.
 
-One FULL graph and one CACHED graph per distinct set of per-block K (phases with equal K share a
-graph). All of them share the model's parameters. Executors (eager, torch.compile, ONNX) run these
-graphs; the caching semantics live only in the passes that built them.
+One FULL graph, one CACHED graph per distinct set of per-block K (phases with equal K share a
+graph), and a SKIP graph when the plan skips steps. All of them share the model's parameters.
+Executors (eager, torch.compile, ONNX) run these graphs; the caching semantics live only in the
+passes that built them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch import fx
 from tcpass.adapters import ModelAdapter
 from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.full_step import emit_full_step
-from tcpass.passes.layout import TensorSpec, finalize
+from tcpass.passes.layout import TensorSpec, add_placeholders, copy_graph_module, finalize
 from tcpass.passes.reinplace import reinplace_cache_updates
+from tcpass.passes.skip_step import add_stack_residual, emit_skip_step
 from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
 from tcpass.trace import export_graph, find_blocks, flatten_inputs
@@ -61,6 +63,7 @@ class StepGraphs:
     device: torch.device
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
+    skip: StepGraph | None = None  # (*model_inputs, stack.residual, scale) -> sample; no cache written
 
     @property
     def cache_bytes(self) -> int:
@@ -108,14 +111,30 @@ def build_step_graphs(
     num_tokens = spans[0].num_tokens
     selector = plan.selector.kind
     example = list(inputs.values())
+    device = example[0].device
     if predictor is not None:
-        predictor = copy.deepcopy(predictor).to(device=example[0].device, dtype=model.dtype)
+        predictor = copy.deepcopy(predictor).to(device=device, dtype=model.dtype)
 
-    full_gm, cache_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
+    skip = None
+    stack_specs: list[TensorSpec] = []  # the stack residual comes first in the cache layout
+    if plan.skip is not None:
+        with_residual, residual_spec = add_stack_residual(traced, adapter.block_prefixes, plan.skip.level)
+        skip_gm, scale_spec = emit_skip_step(traced, adapter.block_prefixes, plan.skip.level, residual_spec)
+        traced = with_residual
+        stack_specs = [residual_spec]
+        skip_inputs = example + [residual_spec.example(device), scale_spec.example(device)]
+        skip_gm = finalize(skip_gm, skip_inputs)
+        skip = StepGraph(skip_gm, skip_gm, [residual_spec], [scale_spec])
+
+    full_gm, block_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
+    cache_specs = stack_specs + block_specs
     full_gm = finalize(full_gm, example)
     full = StepGraph(full_gm, write_caches_back(full_gm, cache_specs), cache_specs)
-    caches = [s.example(example[0].device) for s in cache_specs]
+    caches = [s.example(device) for s in cache_specs]
 
+    # CACHED graphs take the stack residual buffer too (before the blocks' caches), and only write it
+    with_stack_inputs = copy_graph_module(traced)
+    add_placeholders(with_stack_inputs.graph, stack_specs)
     cached: dict[int, StepGraph] = {}
     by_keep: dict[tuple, StepGraph] = {}
     for phase in (0, 1):
@@ -123,10 +142,17 @@ def build_step_graphs(
         key = tuple(keep.items())
         if key not in by_keep and blocks:
             gm, specs, index_specs = emit_cached_step(
-                traced, adapter.block_prefixes, keep, plan.attention, selector, predictor, adapter.timestep_input
+                with_stack_inputs,
+                adapter.block_prefixes,
+                keep,
+                plan.attention,
+                selector,
+                predictor,
+                adapter.timestep_input,
             )
-            assert specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
-            indices = [s.example(example[0].device) for s in index_specs]
+            assert stack_specs + specs == cache_specs, "FULL and CACHED graphs disagree on the cache layout"
+            specs = cache_specs
+            indices = [s.example(device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)
             exec_gm, _ = reinplace_cache_updates(gm, [s.placeholder_name for s in specs])
             by_keep[key] = StepGraph(gm, write_caches_back(exec_gm, specs), specs, index_specs, keep)
@@ -138,7 +164,8 @@ def build_step_graphs(
         blocks=blocks,
         num_blocks=len(spans),
         num_tokens=num_tokens,
-        device=example[0].device,
+        device=device,
         full=full,
         cached=cached,
+        skip=skip,
     )

@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
 SELECTOR_KINDS = ("input_change", "random", "static", "dynamic", "toca")
-PREDICTOR_KINDS = ("static", "dynamic")  # selectors that read trained weights from selector.path
+PREDICTOR_KINDS = ("static", "dynamic")
+SKIP_LEVELS = ("stack", "output")  # selectors that read trained weights from selector.path
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
 PLAN_FORMAT_VERSION = 1
 
@@ -117,6 +118,68 @@ class SelectorSpec:
 
 
 @dataclass(frozen=True)
+class StepSkip:
+    """Whole steps whose block stack is not run: a calibrated, irregular table keyed by timestep.
+
+    A call whose timestep is within ``tolerance`` of ``timesteps[i]`` is a SKIP step (unless it starts
+    a generation): no transformer block runs, and the block stack's residual is reused from the last
+    step that computed it, scaled by ``scales[i]``. Every other call runs as the TPRR schedule says
+    (FULL or CACHED); SKIP calls do not advance its cycle. The table is keyed by timestep value, so
+    it fits the sampler grid it was calibrated on (`tcpass calibrate` writes it); calls at other
+    timesteps are simply computed.
+
+    Attributes:
+        timesteps: model-scale timesteps (0..1000, the value the model receives) of the skipped calls.
+            More entries: faster (a SKIP step costs only the embedding and output layers, or
+            nothing), further from full compute.
+        scales: per entry, the factor applied to the reused residual (MagCache's product of
+            calibrated magnitude ratios since the last computed step); ``None``: all 1 (plain reuse).
+        level: ``"stack"``: the current input is embedded and the output layers run on
+            ``embedded + scale * cached stack residual`` (``last block out - first block in``), as
+            MagCache does; ``"output"``: the model output itself is ``scale *`` the last computed
+            output (nothing runs; with DDIM and scale 1 this equals a coarser DDIM step).
+        tolerance: how far (timestep units) a call's timestep may be from a table entry.
+    """
+
+    timesteps: tuple[float, ...] = ()
+    scales: tuple[float, ...] | None = None
+    level: str = "stack"
+    tolerance: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
+            raise ValueError(f"skip.timesteps = {self.timesteps!r}: expected a list of timesteps.")
+        timesteps = tuple(self.timesteps)
+        for i, t in enumerate(timesteps):
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or not 0 <= t <= 1000:
+                raise ValueError(f"skip.timesteps[{i}] = {t!r}: expected a finite timestep in [0, 1000].")
+        object.__setattr__(self, "timesteps", tuple(float(t) for t in timesteps))
+        if self.scales is not None:
+            scales = tuple(self.scales) if hasattr(self.scales, "__iter__") else None
+            if scales is None or len(scales) != len(timesteps):
+                raise ValueError(
+                    f"skip.scales = {self.scales!r}: expected one factor per skip.timesteps entry "
+                    f"({len(timesteps)}), or null for plain reuse."
+                )
+            for i, f in enumerate(scales):
+                if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or not 0 < f <= 10:
+                    raise ValueError(f"skip.scales[{i}] = {f!r}: expected a finite factor in (0, 10].")
+            object.__setattr__(self, "scales", tuple(float(f) for f in scales))
+        if self.level not in SKIP_LEVELS:
+            raise ValueError(f"skip.level = {self.level!r} is unknown; expected one of {SKIP_LEVELS}.")
+        tol = self.tolerance
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"skip.tolerance = {tol!r}: expected a finite number >= 0 (timestep units).")
+
+    def scale_at(self, timestep: float) -> float | None:
+        """The residual factor if a call at ``timestep`` is skipped, else ``None``."""
+        for i, t in enumerate(self.timesteps):
+            if abs(timestep - t) <= self.tolerance:
+                return 1.0 if self.scales is None else self.scales[i]
+        return None
+
+
+@dataclass(frozen=True)
 class ModelFingerprint:
     """What a plan was made for; `transform` refuses a plan whose fingerprint differs from the model."""
 
@@ -146,6 +209,7 @@ class CachePlan:
         schedule: the TPRR schedule (which calls are FULL and which CACHED).
         selector: which tokens are kept (see `SelectorSpec`).
         model: fingerprint of the model the plan was made for; ``None`` fits any model.
+        skip: whole steps whose block stack is skipped (`StepSkip`); ``None`` skips none.
         sampler_steps: the "fewer sampler steps" baseline: samplers driven by tcpass (`tcpass demo`,
             `tcpass generate`, the benchmarks) run this many steps instead of the requested count.
             The transformed model itself ignores it (it never controls the caller's sampler).
@@ -159,6 +223,7 @@ class CachePlan:
     schedule: TPRRSchedule = field(default_factory=TPRRSchedule)
     selector: SelectorSpec = field(default_factory=SelectorSpec)
     model: ModelFingerprint | None = None
+    skip: StepSkip | None = None
     sampler_steps: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -193,6 +258,8 @@ class CachePlan:
             raise TypeError(f"schedule must be a TPRRSchedule, got {type(self.schedule).__name__}.")
         if not isinstance(self.selector, SelectorSpec):
             raise TypeError(f"selector must be a SelectorSpec, got {type(self.selector).__name__}.")
+        if self.skip is not None and not isinstance(self.skip, StepSkip):
+            raise TypeError(f"skip must be a StepSkip or None, got {type(self.skip).__name__}.")
 
     @classmethod
     def no_cache(cls) -> CachePlan:
@@ -231,6 +298,9 @@ class CachePlan:
         d["keep_ratio"] = list(self.keep_ratio)
         d["block_keep_ratio"] = {str(b): list(r) for b, r in self.block_keep_ratio.items()}
         d["schedule"]["intervals"] = list(self.schedule.intervals)
+        if self.skip is not None:
+            d["skip"]["timesteps"] = list(self.skip.timesteps)
+            d["skip"]["scales"] = None if self.skip.scales is None else list(self.skip.scales)
         return {"format_version": PLAN_FORMAT_VERSION, **d}
 
     def to_json(self) -> str:
@@ -250,6 +320,9 @@ class CachePlan:
         if "selector" in d:
             _reject_unknown("plan.selector", d["selector"], SelectorSpec)
             kwargs["selector"] = SelectorSpec(**d["selector"])
+        if d.get("skip") is not None:
+            _reject_unknown("plan.skip", d["skip"], StepSkip)
+            kwargs["skip"] = StepSkip(**d["skip"])
         if d.get("model") is not None:
             _reject_unknown("plan.model", d["model"], ModelFingerprint)
             kwargs["model"] = ModelFingerprint(**d["model"])

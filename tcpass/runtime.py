@@ -46,7 +46,7 @@ class TokenCacheTransformer(nn.Module):
 
     Attributes:
         plan: the `CachePlan` in force.
-        step_counts: how many FULL and CACHED calls ran since construction (``StepKind -> int``).
+        step_counts: how many FULL, CACHED and SKIP calls ran since construction (``StepKind -> int``).
         last_step: the `Step` the latest call ran.
     """
 
@@ -70,7 +70,7 @@ class TokenCacheTransformer(nn.Module):
         self._add_graphs(self._signature_of(graphs), graphs)
         self._selector = make_selector(plan.selector, plan_dir)
         self._forward_signature = inspect.signature(model.forward)
-        self._state = TPRRState(plan.schedule)
+        self._state = TPRRState(plan.schedule, plan.skip)
         self._active: Signature | None = None
         self._caches_valid = False  # whether the active signature's buffers hold this generation's caches
         self._context: str | None = None  # see cache_context
@@ -160,7 +160,7 @@ class TokenCacheTransformer(nn.Module):
         if name == self._context:
             return
         self._saved[self._context] = (self._state, self._active, self._caches_valid)
-        fresh = (TPRRState(self.plan.schedule), None, False)
+        fresh = (TPRRState(self.plan.schedule, self.plan.skip), None, False)
         self._state, self._active, self._caches_valid = self._saved.pop(name, fresh)
         self._context = name
 
@@ -189,7 +189,11 @@ class TokenCacheTransformer(nn.Module):
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():
-            if step.kind is StepKind.FULL or not self._caches_valid or not graphs.blocks:
+            if step.kind is StepKind.SKIP and self._caches_valid:
+                residual = self._cache_buffers(key, graphs)[0]  # stack.residual leads the layout
+                scale = torch.full((1,), step.scale, dtype=residual.dtype, device=residual.device)
+                sample = graphs.skip(*values, residual, scale)
+            elif step.kind is not StepKind.CACHED or not self._caches_valid or not graphs.blocks:
                 step = Step(StepKind.FULL, step.phase, step.new_generation)
                 sample = graphs.full(*values, *self._cache_buffers(key, graphs))
             else:

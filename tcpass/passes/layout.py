@@ -1,6 +1,12 @@
 """The cache layout shared by the FULL and CACHED graphs, and graph plumbing used by every pass.
 
-Both step graphs agree on one ordered list of cache tensors, per cached block:
+Both step graphs agree on one ordered list of cache tensors. First, when the plan skips steps:
+
+- ``stack.residual``    [B, N, D]: ``last block out - first block in`` of the last computed step
+  (``skip.level="stack"``), or the model output [B, C, H, W] (``skip.level="output"``); the SKIP
+  graph reads it (`tcpass.passes.skip_step`).
+
+then, per cached block:
 
 - ``block{b}.delta``    [B, N, D]: residual update ``block_out - block_in`` of every token.
 - ``block{b}.attn{j}.key`` / ``.value`` [B, H, N, d]: keys/values of self-attention ``j``
@@ -36,7 +42,7 @@ class TensorSpec:
 
     name: str
     block: int
-    kind: str  # "delta" | "key" | "value" | "input" | "kept_indices"
+    kind: str  # "delta" | "key" | "value" | "input" | "score" | "residual" | "kept_indices" | "scale"
     shape: tuple[int, ...]
     dtype: torch.dtype
     node: str = ""  # the graph node it belongs to (the attention node for key/value)
@@ -124,7 +130,7 @@ def append_outputs(graph: fx.Graph, extra: list[fx.Node]) -> None:
 
 def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
     """Dead-code-eliminate, lint, recompile and fill ``meta["val"]`` of every node by fake propagation."""
-    gm.graph.eliminate_dead_code(is_impure_node=_mutates)
+    gm.graph.eliminate_dead_code(is_impure_node=mutates)
     gm.graph.lint()
     gm.recompile()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -132,7 +138,7 @@ def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.Graph
     return gm
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
     # ATen marks random-capable ops (dropout, SDPA with its dropout_p) impure, which would keep the
     # replaced full-token computation alive; in these functional graphs only mutation is a side effect.
     if node.op in ("placeholder", "output"):

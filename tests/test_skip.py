@@ -1,0 +1,158 @@
+"""SKIP steps: whole calls whose block stack is not run, from a calibrated timestep table.
+
+The reference is written here with hooks on the diffusers model, without the passes: at a computed
+call it records ``last block out - block 0 in``; at a skipped call it replaces the last block's
+output with ``block 0 in + scale * recorded residual`` (``level="stack"``), or returns ``scale *`` the
+last computed output (``level="output"``).
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import tcpass
+from tcpass import CachePlan, StepKind, StepSkip, TPRRSchedule
+from tcpass.sampling import ddim_sample, make_scheduler
+from tcpass.schedule import simulate
+from tests.conftest import make_dit
+
+STEPS = 12
+
+
+def timesteps(num_steps=STEPS):
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(num_steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
+def generate(model, seed, num_steps=STEPS, batch=2):
+    noise = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(1, batch + 1)
+    return ddim_sample(model, noise, labels, null_label=1000, num_steps=num_steps, guidance_scale=4.0)
+
+
+class SkipReference(torch.nn.Module):
+    """The skip semantics on the eager diffusers model, via hooks (independent of the passes)."""
+
+    def __init__(self, model, skip: StepSkip):
+        super().__init__()
+        self.model, self.skip, self.config = model, skip, model.config
+        self.residual = self.last_output = self.stack_in = None
+        self.scale = None
+        blocks = model.transformer_blocks
+        blocks[0].register_forward_pre_hook(self._pre, with_kwargs=True)
+        blocks[-1].register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self.stack_in = args[0] if args else kwargs["hidden_states"]
+
+    def _post(self, module, args, kwargs, output):
+        if self.scale is None:
+            self.residual = output - self.stack_in
+            return output
+        return self.stack_in + self.scale * self.residual
+
+    def forward(self, hidden_states, timestep, class_labels):
+        t = float(timestep[0])
+        first = self.last_output is None
+        self.scale = None if first else self.skip.scale_at(t)
+        if self.skip.level == "output" and self.scale is not None:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=self.scale * self.last_output)
+        out = self.model(hidden_states, timestep=timestep, class_labels=class_labels)
+        if self.scale is None:
+            self.last_output = out.sample
+        return out
+
+
+@pytest.mark.parametrize("level", ["stack", "output"])
+def test_skipped_generation_matches_reference(level):
+    model = make_dit()
+    ts = timesteps()
+    skip = StepSkip(timesteps=ts[2:9:2] + [ts[9]], scales=[1.0, 0.9, 1.1, 1.0, 0.8], level=level)
+    tm = tcpass.transform(model, CachePlan(blocks=(), skip=skip))
+    out = generate(tm, seed=3)
+    expected = generate(SkipReference(make_dit(), skip), seed=3)
+    assert tm.step_counts[StepKind.SKIP] == 5 and tm.step_counts[StepKind.FULL] == STEPS - 5
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # a skipped call really skips: the stack is gone from the SKIP graph, or everything is (output level)
+    skip_graph = tm.step_graphs().skip.gm.graph
+    block_nodes = [n for n in skip_graph.nodes if "transformer_blocks" in str(n.meta.get("nn_module_stack", ""))]
+    if level == "output":
+        assert [n.op for n in skip_graph.nodes if n.op == "call_function"] == ["call_function"]  # one mul
+    else:
+        assert all("norm1.emb" in str(n.meta["nn_module_stack"]) for n in block_nodes)  # only the final adaLN
+
+
+def test_skip_composes_with_token_caching_and_reads_the_last_computed_residual():
+    model = make_dit()
+    ts = timesteps()
+    skip = StepSkip(timesteps=[ts[3], ts[4], ts[8]], scales=[1.0, 1.2, 0.7])
+    plan = CachePlan(keep_ratio=0.5, schedule=TPRRSchedule(intervals=(3, 3)), skip=skip)
+    tm = tcpass.transform(model, plan)
+    reference = SkipReference(make_dit(), skip)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kinds = []
+    x = noise
+    labels = torch.tensor([1, 1000])
+    for t in ts:
+        timestep = torch.full((2,), int(t))
+        residual_before = tm.step_graphs().caches[0].clone() if tm.step_counts else None
+        out = tm(x, timestep=timestep, class_labels=labels).sample
+        kinds.append(tm.last_step.kind)
+        if tm.last_step.kind is StepKind.SKIP:
+            reference.residual, reference.scale = residual_before, skip.scale_at(t)
+            reference.last_output = out  # not first: the reference skips too
+            expected = reference.model(x, timestep=timestep, class_labels=labels).sample
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        x = x - 0.05 * out[:, :4]  # any trajectory works: each call is checked on its own inputs
+    assert kinds == [s.kind for s in simulate(plan.schedule, ts, skip)]
+    assert set(kinds) == {StepKind.FULL, StepKind.CACHED, StepKind.SKIP}
+    # the call after a CACHED step that a SKIP follows reads what the CACHED step wrote
+    assert kinds[2] is StepKind.CACHED and kinds[3] is StepKind.SKIP
+
+
+def test_first_call_of_a_generation_is_never_skipped_and_generations_restart():
+    model = make_dit()
+    ts = timesteps()
+    tm = tcpass.transform(model, CachePlan(blocks=(), skip=StepSkip(timesteps=[ts[0], ts[1]])))
+    first = generate(tm, seed=0)
+    assert tm.step_counts == {StepKind.FULL: STEPS - 1, StepKind.SKIP: 1}
+    second = generate(tm, seed=0)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # nothing leaks from one generation to the next
+
+
+def test_a_skip_plan_round_trips_and_rejects_bad_tables(tmp_path):
+    plan = CachePlan(skip=StepSkip(timesteps=[980, 500.0], scales=[1.0, 0.95], level="output"))
+    tcpass.save_plan(plan, tmp_path / "p.json")
+    assert tcpass.load_plan(tmp_path / "p.json") == plan
+    with pytest.raises(ValueError, match=r"skip.timesteps\[1\] = 1200"):
+        StepSkip(timesteps=[10, 1200])
+    with pytest.raises(ValueError, match="one factor per skip.timesteps entry"):
+        StepSkip(timesteps=[10, 20], scales=[1.0])
+    with pytest.raises(ValueError, match="skip.level = 'blocks'"):
+        StepSkip(level="blocks")
+    with pytest.raises(ValueError, match=r"plan.skip has unknown field\(s\) \['order'\]"):
+        CachePlan.from_dict({"skip": {"timesteps": [1], "order": 2}})
+
+
+def test_compiled_skip_plan_has_no_graph_breaks_or_recompiles_and_matches_eager():
+    torch._dynamo.reset()
+    counters.clear()
+    ts = timesteps()
+    plan = CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=ts[2::3], scales=[0.9] * len(ts[2::3])))
+    model = make_dit()
+    compiled = tcpass.transform(model, plan, backend="inductor")
+    first = generate(compiled, seed=0)
+    unique = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = generate(compiled, seed=1)
+    assert dict(counters["graph_break"]) == {}
+    assert unique == 3 and counters["stats"]["unique_graphs"] == unique  # FULL, CACHED, SKIP, once each
+    eager = tcpass.transform(model, plan)
+    for seed, got in enumerate((first, second)):
+        want = generate(eager, seed)
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert rel <= 1e-4, f"generation {seed}: max relative error {rel:.2e}"
