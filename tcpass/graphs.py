@@ -32,7 +32,8 @@ class StepGraph:
     """One step-specialized graph in two calling conventions.
 
     ``gm`` is functional, what ONNX export and FLOP counting see: ``gm(*model_inputs, *caches,
-    *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``.
+    *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``;
+    a SKIP graph, ``gm(*model_inputs, stack_residual, scale)``, returns ``(sample,)``.
     ``exec_gm`` is what eager and compiled execution run, the same computation writing the caches
     into static buffers: ``exec_gm(*model_inputs, *cache_buffers, *kept_indices)`` returns
     ``(sample,)``; CACHED updates are in place (`tcpass.passes.reinplace`), the rest copied in
@@ -44,6 +45,7 @@ class StepGraph:
     cache_specs: list[TensorSpec]
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
+    role: str = "full"  # "full": writes caches | "cached": reads and writes them | "skip": reads them
     run: Callable | None = None  # executor (compiled exec_gm); None runs exec_gm eagerly
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ def build_step_graphs(
         stack_specs = [residual_spec]
         skip_inputs = example + [residual_spec.example(device), scale_spec.example(device)]
         skip_gm = finalize(skip_gm, skip_inputs)
-        skip = StepGraph(skip_gm, skip_gm, [residual_spec], [scale_spec])
+        skip = StepGraph(skip_gm, skip_gm, [residual_spec], [scale_spec], role="skip")
 
     full_gm, block_specs = emit_full_step(traced, adapter.block_prefixes, blocks, plan.attention, selector)
     cache_specs = stack_specs + block_specs
@@ -155,7 +157,7 @@ def build_step_graphs(
             indices = [s.example(device) for s in index_specs]
             gm = finalize(gm, example + caches + indices)
             exec_gm, _ = reinplace_cache_updates(gm, [s.placeholder_name for s in specs])
-            by_keep[key] = StepGraph(gm, write_caches_back(exec_gm, specs), specs, index_specs, keep)
+            by_keep[key] = StepGraph(gm, write_caches_back(exec_gm, specs), specs, index_specs, keep, role="cached")
         if blocks:
             cached[phase] = by_keep[key]
     return StepGraphs(

@@ -192,6 +192,7 @@ def test_every_step_matches_eager_transformed(exported):
     assert runtime.step_counts == {
         StepKind.FULL: eager.step_counts[StepKind.FULL],
         StepKind.CACHED: eager.step_counts[StepKind.CACHED],
+        StepKind.SKIP: 0,
     }
     assert runtime.step_counts[StepKind.CACHED] > 0
 

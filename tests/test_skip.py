@@ -156,3 +156,30 @@ def test_compiled_skip_plan_has_no_graph_breaks_or_recompiles_and_matches_eager(
         want = generate(eager, seed)
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel <= 1e-4, f"generation {seed}: max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("level", ["stack", "output"])
+def test_exported_skip_plan_matches_eager_every_step(tmp_path, level):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from tcpass.export.onnx_export import export_onnx
+    from tcpass.export.runtime import OrtTokenCacheRuntime
+
+    ts = timesteps()
+    plan = CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=ts[2::3], scales=[0.9] * len(ts[2::3]), level=level))
+    model = make_dit()
+    exporter = tcpass.transform(model, plan)
+    export_onnx(exporter, tmp_path, null_label=1000)
+    runtime = OrtTokenCacheRuntime(tmp_path)
+    eager = tcpass.transform(model, plan)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 1000])
+    for t in ts:
+        x = torch.randn(2, 4, 16, 16, generator=g)
+        inputs = {"hidden_states": x, "timestep": torch.full((2,), int(t)), "class_labels": labels}
+        want = eager(**inputs).sample.numpy()
+        got = runtime(**{k: v.numpy() for k, v in inputs.items()})
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
+    assert {k: runtime.step_counts[k] for k in StepKind} == {k: eager.step_counts[k] for k in StepKind}
+    assert runtime.step_counts[StepKind.SKIP] == len(ts[2::3])

@@ -108,11 +108,12 @@ def _export_graph(
     device = next(iter(model_inputs.values())).device
     caches = [s.example(device) for s in step_graph.cache_specs]
     indices = [s.example(device) for s in step_graph.index_specs]
-    is_full = not step_graph.keep
+    is_full = step_graph.role == "full"
     cache_inputs = [] if is_full else step_graph.cache_specs
+    cache_outputs = [] if step_graph.role == "skip" else step_graph.cache_specs
     args = tuple(model_inputs.values()) + (() if is_full else tuple(caches) + tuple(indices))
     input_names = list(model_inputs) + [s.name for s in cache_inputs] + [s.name for s in step_graph.index_specs]
-    output_names = ["sample"] + [f"{s.name}.next" for s in step_graph.cache_specs]  # ONNX names are SSA
+    output_names = ["sample"] + [f"{s.name}.next" for s in cache_outputs]  # ONNX names are SSA
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             _Positional(step_graph.gm),
@@ -140,7 +141,7 @@ def _export_graph(
             *(_spec_json(s) for s in step_graph.index_specs),
         ],
         "outputs": [{"name": "sample", "shape": list(sample.shape), "dtype": _dtype_name(sample.dtype)}]
-        + [{**_spec_json(s), "name": f"{s.name}.next", "cache": s.name} for s in step_graph.cache_specs],
+        + [{**_spec_json(s), "name": f"{s.name}.next", "cache": s.name} for s in cache_outputs],
         "keep": {str(b): k for b, k in step_graph.keep.items()},
         "in_place": in_place_updates(model),
     }
@@ -185,6 +186,8 @@ def export_onnx(
             entries[name] = export(step_graph, name)
             exported[id(step_graph)] = name
         phase_graphs[str(phase)] = exported[id(step_graph)]
+    if graphs.skip is not None:
+        entries["skip"] = export(graphs.skip, "skip")
     (out_dir / WEIGHTS_FILE).write_bytes(bytes(blob))
     for name, entry in entries.items():
         onnx.checker.check_model(str(out_dir / entry["file"]))

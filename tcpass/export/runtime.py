@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tcpass.plan import TPRRSchedule
+from tcpass.plan import StepSkip, TPRRSchedule
 from tcpass.schedule import StepKind, TPRRState
 
 MANIFEST_VERSION = 1
@@ -96,7 +96,8 @@ class OrtTokenCacheRuntime:
             self.sessions[name] = session
         schedule = dict(m["schedule"])
         schedule["intervals"] = tuple(schedule["intervals"])
-        self._state = TPRRState(TPRRSchedule(**schedule))
+        skip = m["plan"].get("skip")
+        self._state = TPRRState(TPRRSchedule(**schedule), None if skip is None else StepSkip(**skip))
         self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
         self._timestep_input = m["model"]["timestep_input"]
         self._caches: dict[str, ort.OrtValue] | None = None
@@ -107,7 +108,7 @@ class OrtTokenCacheRuntime:
                 np.load(self.directory / "static_timesteps.npy", allow_pickle=False),
                 {b: i for i, b in enumerate(m["selector"]["blocks"])},
             )
-        self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0}
+        self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0, StepKind.SKIP: 0}
         self.reset()
 
     @property
@@ -130,9 +131,11 @@ class OrtTokenCacheRuntime:
         step = self._state.step(timestep)
         if step.new_generation:
             self._drop_caches()
-        name = "full"
-        if step.kind is StepKind.CACHED and self._caches is not None and self.manifest["phase_graphs"]:
-            name = self.manifest["phase_graphs"][str(step.phase)]
+        name, kind = "full", StepKind.FULL
+        if step.kind is StepKind.SKIP and self._caches is not None:
+            name, kind = "skip", StepKind.SKIP
+        elif step.kind is StepKind.CACHED and self._caches is not None and self.manifest["phase_graphs"]:
+            name, kind = self.manifest["phase_graphs"][str(step.phase)], StepKind.CACHED
         entry = self.manifest["graphs"][name]
         session = self.sessions[name]
         binding = session.io_binding()
@@ -141,6 +144,8 @@ class OrtTokenCacheRuntime:
                 binding.bind_cpu_input(spec["name"], np.ascontiguousarray(inputs[spec["name"]]))
             elif spec["kind"] == "kept_indices":
                 binding.bind_cpu_input(spec["name"], self._kept_indices(spec, timestep))
+            elif spec["kind"] == "scale":  # SKIP: factor on the reused stack residual
+                binding.bind_cpu_input(spec["name"], np.full(spec["shape"], step.scale, _DTYPES[spec["dtype"]]))
             else:
                 binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
         in_place = self._in_place_outputs(entry)
@@ -151,8 +156,9 @@ class OrtTokenCacheRuntime:
                 binding.bind_output(spec["name"], self.device)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        self._caches = {spec["cache"]: value for spec, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
-        self.step_counts[StepKind.FULL if name == "full" else StepKind.CACHED] += 1
+        if kind is not StepKind.SKIP:
+            self._caches = {s["cache"]: value for s, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
+        self.step_counts[kind] += 1
         return outputs[0].numpy()
 
     def _in_place_outputs(self, entry: dict) -> dict[str, str]:
