@@ -1,0 +1,319 @@
+"""Step-level calibration: a skip table (which calls skip the block stack) for a speed or quality target.
+
+    tcpass calibrate --policy steps --target-speedup 2.0 -o plan.json
+
+Works on the model's own full-compute generations (`tcpass.calibrate.collect`, calibration noise):
+
+1. **Magnitude ratios** (MagCache): every calibration call is replayed with hooks on the first and
+   last block; ``ratio[j] = mean_tokens(|r_j| / |r_{j-1}|)`` for the stack residual ``r`` at step j.
+2. **Candidates**, each a static table keyed by timestep:
+   - MagCache's rule (diffusers ``hooks/mag_cache.py``), replayed on the ratios: skip while the
+     accumulated error ``sum |1 - prod ratio|`` stays under a threshold and at most ``max_skip_steps``
+     in a row, never in the first ``retention_ratio`` of the steps; the reused residual is used as
+     is (as diffusers does) or scaled by the ratio product (MagCache's paper);
+   - evenly spread skips, stack or output level;
+   - fewer sampler steps (``sampler_steps``), no skipping: the baseline every table must beat.
+3. **Speed** is predicted from measured per-call times of the FULL and SKIP graphs at ``batch``;
+   candidates predicted within [1, ``window``] x the target are generated on the calibration noise
+   and the best PSNR against full compute wins (``min_psnr``: the fastest that holds the floor).
+   The chosen plan's speedup is then measured on whole generations, interleaved with full compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tcpass.adapters import adapter_for
+from tcpass.calibrate import CalibrationData, collect, ddim_timesteps, fidelity
+from tcpass.plan import CachePlan, StepSkip, save_plan
+from tcpass.sampling import ddim_sample
+from tcpass.schedule import StepKind, simulate
+
+
+@torch.no_grad()
+def magnitude_ratios(model: nn.Module, data: CalibrationData) -> list[float]:
+    """Per calibration step, ``mean(|r_j| / |r_{j-1}|)`` over tokens of the block stack residual (1.0 at j = 0)."""
+    adapter = adapter_for(model)
+    blocks = [b for prefix in adapter.block_prefixes for b in getattr(model, prefix)]
+    seen: dict[str, torch.Tensor] = {}
+    head = blocks[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(stack_in=args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    tail = blocks[-1].register_forward_hook(lambda _m, _a, out: seen.update(stack_out=out))
+    ratios, previous = [], None
+    try:
+        for j in range(data.num_steps):
+            model(
+                data.inputs[j],
+                timestep=data.timesteps[j].expand(len(data.class_labels)),
+                class_labels=data.class_labels,
+            )
+            norm = torch.linalg.norm((seen["stack_out"] - seen["stack_in"]).float(), dim=-1)
+            ratios.append(1.0 if previous is None else float((norm / (previous + 1e-8)).mean()))
+            previous = norm
+    finally:
+        head.remove()
+        tail.remove()
+    return ratios
+
+
+def magcache_table(
+    timesteps: list[float],
+    ratios: list[float],
+    threshold: float,
+    max_skip_steps: int = 3,
+    retention_ratio: float = 0.2,
+    scaled: bool = False,
+) -> StepSkip:
+    """The calls MagCache's rule skips over one generation, as a static table (diffusers' semantics)."""
+    n = len(timesteps)
+    retention_step = int(retention_ratio * n + 0.5)
+    acc_ratio, acc_steps, acc_err = 1.0, 0, 0.0
+    skipped, scales = [], []
+    for j, t in enumerate(timesteps):
+        if j < retention_step:
+            continue
+        acc_ratio *= ratios[j] if j < len(ratios) else 1.0
+        acc_steps += 1
+        acc_err += abs(1.0 - acc_ratio)
+        if j > 0 and acc_err <= threshold and acc_steps <= max_skip_steps:
+            skipped.append(t)
+            scales.append(acc_ratio if scaled else 1.0)
+        else:
+            acc_ratio, acc_steps, acc_err = 1.0, 0, 0.0
+    return StepSkip(timesteps=skipped, scales=scales if scaled else None, level="stack")
+
+
+def spread_table(timesteps: list[float], computed: int, level: str) -> StepSkip:
+    """Skip all but ``computed`` evenly spread calls (the first and last always computed)."""
+    keep = {int(round(i)) for i in np.linspace(0, len(timesteps) - 1, computed)}
+    return StepSkip(timesteps=[t for j, t in enumerate(timesteps) if j not in keep], level=level)
+
+
+@dataclass
+class StepCandidate:
+    name: str
+    plan: CachePlan
+    predicted_speedup: float
+    psnr_db: float | None = None
+
+
+@dataclass
+class StepCalibrationReport:
+    plan: CachePlan
+    chosen: StepCandidate
+    candidates: list[StepCandidate]
+    ratios: list[float]
+    call_seconds: dict[str, float]
+    measured_speedup: float | None = None
+    measured_seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def format(self) -> str:
+        rows = [f"{'candidate':44} {'predicted':>9} {'PSNR dB':>8}"]
+        for c in sorted(self.candidates, key=lambda c: c.predicted_speedup):
+            mark = "  <- chosen" if c is self.chosen else ""
+            psnr = "-" if c.psnr_db is None else f"{c.psnr_db:8.2f}"
+            rows.append(f"{c.name:44} {c.predicted_speedup:8.2f}x {psnr:>8}{mark}")
+        if self.measured_speedup is not None:
+            rows.append(f"chosen plan, measured on whole generations: {self.measured_speedup:.2f}x")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "chosen": self.chosen.name,
+            "measured_speedup": self.measured_speedup,
+            "measured_seconds": self.measured_seconds,
+            "call_seconds": self.call_seconds,
+            "magnitude_ratios": self.ratios,
+            "candidates": [
+                {
+                    "name": c.name,
+                    "predicted_speedup": c.predicted_speedup,
+                    "psnr_db": c.psnr_db,
+                    "plan": c.plan.to_dict(),
+                }
+                for c in self.candidates
+            ],
+        }
+
+
+def _median_seconds(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[str, float]:
+    """Seconds per call of the uncached model, the FULL graph and the SKIP graph (both levels) at ``batch``."""
+    from tcpass.runtime import transform
+
+    inputs = adapter_for(model).example_inputs(model, batch)
+    values = list(inputs.values())
+    out = {"eager": _median_seconds(lambda: model(**inputs), reps)}
+    for level in ("stack", "output"):
+        graphs = transform(model, CachePlan(blocks=(), skip=StepSkip(level=level)), example_inputs=inputs).step_graphs()
+        caches = graphs.caches
+        scale = torch.ones(1, dtype=caches[0].dtype)
+        out[f"skip_{level}"] = _median_seconds(lambda g=graphs, c=caches, s=scale: g.skip(*values, c[0], s), reps)
+        if level == "stack":
+            out["full"] = _median_seconds(lambda g=graphs, c=caches: g.full(*values, *c), reps)
+    return out
+
+
+def predicted_speedup(plan: CachePlan, steps: int, seconds: dict[str, float]) -> float:
+    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds."""
+    timesteps = ddim_timesteps(plan.sampler_steps or steps)
+    total = 0.0
+    for step in simulate(plan.schedule, timesteps, plan.skip):
+        total += seconds[f"skip_{plan.skip.level}"] if step.kind is StepKind.SKIP else seconds["full"]
+    return seconds["eager"] * steps / total
+
+
+def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan) -> list[tuple[str, CachePlan]]:
+    """Every table this search considers (duplicates removed), as ``(name, plan)``."""
+    plans: dict[str, tuple[str, CachePlan]] = {}
+
+    def add(name: str, plan: CachePlan) -> None:
+        plans.setdefault(plan.to_json(), (name, plan))
+
+    n = len(timesteps)
+    for computed in range(max(2, n // 8), n):
+        add(f"fewer steps ({computed})", dataclasses.replace(base, sampler_steps=computed))
+        for level in ("stack", "output"):
+            add(
+                f"spread {level} ({computed}/{n})",
+                dataclasses.replace(base, skip=spread_table(timesteps, computed, level)),
+            )
+    for threshold in np.geomspace(0.005, 3.0, 48):
+        for retention in (0.1, 0.2, 0.3):
+            for max_skip in (1, 2, 3, 4):
+                for scaled in (False, True):
+                    table = magcache_table(timesteps, ratios, float(threshold), max_skip, retention, scaled)
+                    if table.timesteps:
+                        name = f"magcache thr {threshold:.3g} ret {retention} K {max_skip}{' scaled' if scaled else ''}"
+                        add(name, dataclasses.replace(base, skip=table))
+    return list(plans.values())
+
+
+def calibrate_steps(
+    model: nn.Module,
+    out: str | Path,
+    target_speedup: float | None = None,
+    min_psnr: float | None = None,
+    batch: int = 2,
+    num_samples: int = 16,
+    steps: int = 50,
+    guidance_scale: float = 4.0,
+    window: float = 1.08,
+    max_evaluated: int = 24,
+    verify_reps: int = 2,
+    progress: bool = True,
+) -> StepCalibrationReport:
+    """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
+
+    Args:
+        target_speedup: wall-clock speedup to reach (x, > 1); or ``min_psnr`` (dB vs full compute).
+        batch: the model batch speeds are timed at (2 = one image with classifier-free guidance).
+        num_samples / steps / guidance_scale: the calibration generations (DDIM, full compute).
+        window: candidates predicted within [target, window * target] are evaluated.
+        max_evaluated: at most this many candidates are generated (evenly over predicted speed).
+        verify_reps: interleaved whole-generation timings of the chosen plan vs full compute.
+    """
+    if (target_speedup is None) == (min_psnr is None):
+        raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
+    if target_speedup is not None and not target_speedup > 1:
+        raise ValueError(f"target_speedup = {target_speedup!r}: expected a speedup above 1 (e.g. 2.0).")
+    data = collect(model, num_samples=num_samples, steps=steps, guidance_scale=guidance_scale, progress=progress)
+    ratios = magnitude_ratios(model, data)
+    seconds = measure_call_seconds(model, batch)
+    timesteps = [float(t) for t in data.timesteps]
+    base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
+    pool = [
+        StepCandidate(n, p, predicted_speedup(p, steps, seconds)) for n, p in step_candidates(timesteps, ratios, base)
+    ]
+    if target_speedup is not None:
+        pool = [c for c in pool if target_speedup <= c.predicted_speedup <= window * target_speedup]
+        if not pool:
+            raise ValueError(
+                f"no step candidate is predicted within [{target_speedup}, {window * target_speedup:.2f}]x."
+            )
+    pool.sort(key=lambda c: c.predicted_speedup)
+    if len(pool) > max_evaluated:  # keep every fewer-steps baseline, thin the rest evenly over speed
+        baselines = [c for c in pool if c.plan.skip is None]
+        others = [c for c in pool if c.plan.skip is not None]
+        picks = np.linspace(0, len(others) - 1, max(1, max_evaluated - len(baselines))).round().astype(int)
+        pool = sorted(baselines + [others[i] for i in sorted(set(picks))], key=lambda c: c.predicted_speedup)
+    for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
+        c.psnr_db = fidelity(model, c.plan, data)
+    if target_speedup is not None:
+        chosen = max(pool, key=lambda c: c.psnr_db)
+    else:
+        holding = [c for c in pool if c.psnr_db >= min_psnr]
+        if not holding:
+            raise ValueError(f"no step candidate holds {min_psnr} dB (best {max(c.psnr_db for c in pool):.2f} dB).")
+        chosen = max(holding, key=lambda c: c.predicted_speedup)
+    plan = dataclasses.replace(
+        chosen.plan,
+        notes={
+            "calibrated_by": "tcpass calibrate --policy steps",
+            "candidate": chosen.name,
+            "predicted_speedup": round(chosen.predicted_speedup, 3),
+            "calibration_psnr_db": round(chosen.psnr_db, 3),
+            "batch": batch,
+            "samples": num_samples,
+            "steps": steps,
+        },
+    )
+    report = StepCalibrationReport(plan, chosen, pool, ratios, seconds)
+    if verify_reps > 0:
+        report.measured_speedup, report.measured_seconds = verify_speedup(model, plan, data, verify_reps)
+        plan.notes["measured_speedup"] = round(report.measured_speedup, 3)
+    _write_atomically(out, plan, report)
+    return report
+
+
+@torch.no_grad()
+def verify_speedup(
+    model: nn.Module, plan: CachePlan, data: CalibrationData, reps: int
+) -> tuple[float, dict[str, list[float]]]:
+    """Median over interleaved rounds of full-compute / plan seconds per whole calibration generation."""
+    from tcpass.runtime import transform
+
+    example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
+    tm = transform(model, plan, example_inputs=example)
+    arms = {"full": (model, data.steps), "plan": (tm, plan.sampler_steps or data.steps)}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    for round_ in range(reps + 1):
+        for name, (m, n) in arms.items():
+            start = time.perf_counter()
+            ddim_sample(m, data.noise, data.labels, data.null_label, n, data.guidance_scale)
+            if round_ > 0:  # round 0 warms up
+                seconds[name].append(time.perf_counter() - start)
+    ratio = statistics.median(f / p for f, p in zip(seconds["full"], seconds["plan"], strict=True))
+    return ratio, seconds
+
+
+def _write_atomically(out: str | Path, plan: CachePlan, report: StepCalibrationReport) -> None:
+    out = Path(out)
+    tmp_plan = out.with_name(out.name + ".tmp")
+    tmp_report = out.with_name(out.stem + ".calibration.json.tmp")
+    save_plan(plan, tmp_plan)
+    tmp_report.write_text(json.dumps(report.to_dict(), indent=2, default=lambda x: None if math.isnan(x) else x) + "\n")
+    tmp_report.replace(out.with_name(out.stem + ".calibration.json"))
+    tmp_plan.replace(out)
