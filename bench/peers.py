@@ -208,6 +208,7 @@ class Context:
     calibration_noise: torch.Tensor
     calibration_labels: torch.Tensor
     example_inputs: dict[str, torch.Tensor]
+    probe_samples: int  # samples of the calibration noise a threshold probe generates (one per class)
 
     @property
     def num_blocks(self) -> int:
@@ -228,11 +229,10 @@ def _probed(ctx: Context, make: Callable[[dict], Arm], candidates: list[dict]) -
     """The settings of a data-dependent peer whose computed fractions come closest to `PROBE_TARGETS`.
 
     A residual-difference threshold means a different speed on every model and step count, so each candidate
-    runs once on the calibration noise (one sample per class, never a test seed) and its block-call fraction
+    runs once on the first `probe_samples` of the calibration noise (never a test seed) and its block-call fraction
     is read from the counter; the candidates nearest each target are kept (the probe is recorded in the JSON).
     """
-    per_class = ctx.calibration_noise.shape[0] // (ctx.batch // 2) or 1
-    noise, labels = ctx.calibration_noise[::per_class], ctx.calibration_labels[::per_class]
+    noise, labels = ctx.calibration_noise[: ctx.probe_samples], ctx.calibration_labels[: ctx.probe_samples]
     arms, fractions = [], []
     for knobs in candidates:
         arm = make(knobs)
@@ -303,7 +303,7 @@ def _magcache_arms(ctx: Context) -> list[Arm]:
     # highest thresholds come with longer runs
     candidates = [
         {"threshold": t, "max_skip_steps": k}
-        for t, k in ((0.02, 3), (0.04, 3), (0.08, 3), (0.15, 3), (0.25, 4), (0.4, 6), (0.7, 8))
+        for t, k in ((0.02, 3), (0.05, 3), (0.1, 3), (0.2, 4), (0.4, 6), (0.7, 8), (1.0, 12))
     ]
     arms = _probed(ctx, make, candidates)
     for arm in arms:
@@ -320,7 +320,7 @@ def _fbc_arms(ctx: Context) -> list[Arm]:
         denoiser = HookedDenoiser(model)
         return Arm("FirstBlockCache", f"thr {knobs['threshold']}", denoiser, ctx.steps, knobs, counter, denoiser.reset)
 
-    return _probed(ctx, make, [{"threshold": t} for t in (0.03, 0.06, 0.1, 0.16, 0.25, 0.4, 0.6)])
+    return _probed(ctx, make, [{"threshold": t} for t in (0.06, 0.1, 0.16, 0.25, 0.4, 0.6, 0.9)])
 
 
 # TaylorSeer's defaults ``^transformer_blocks.*attn`` (re.fullmatch) match no DiT module (``attn1``): a silent
@@ -332,7 +332,7 @@ def _taylorseer_arms(ctx: Context, order: int) -> list[Arm]:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     arms = []
-    intervals = (2, 3, 4, 6) if order == 1 else (2, 3, 4)
+    intervals = (2, 3, 4, 6, 8) if order == 1 else (2, 3, 4)
     for interval in intervals:
         model, counter = _counted_copy(ctx.model)
         config = TaylorSeerCacheConfig(
@@ -381,7 +381,7 @@ def _fastercache_arms(ctx: Context) -> list[Arm]:
     arms = []
     # (attention skip range, unconditional-branch skip range, upper timestep bound of both):
     # the docs' defaults are (2, 5, 681 / 641); wider ranges and longer skips go faster
-    for attn_skip, uncond_skip, upper in ((2, 5, None), (3, 5, 901), (4, 8, 1001), (6, 12, 1001)):
+    for attn_skip, uncond_skip, upper in ((2, 5, None), (3, 5, 901), (4, 8, 1001), (6, 12, 1001), (8, 25, 1001)):
         model, counter = _counted_copy(ctx.model)
         denoiser = HookedDenoiser(model, uncond_first=True)
         defaults = FasterCacheConfig()
@@ -452,7 +452,7 @@ def _dbcache_arms(ctx: Context, taylorseer: bool) -> list[Arm]:
         method = "cache-dit DBCache+TaylorSeer" if taylorseer else "cache-dit DBCache"
         return Arm(method, f"thr {threshold}", model, ctx.steps, knobs, counter, reset, stats)
 
-    return _probed(ctx, make, [{"residual_diff_threshold": t} for t in (0.04, 0.08, 0.12, 0.18, 0.27, 0.4, 0.6)])
+    return _probed(ctx, make, [{"residual_diff_threshold": t} for t in (0.08, 0.12, 0.18, 0.27, 0.4, 0.6, 0.9, 1.4)])
 
 
 def _plan_arms(ctx: Context, paths: list[Path]) -> list[Arm]:
@@ -503,17 +503,18 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
 
 
 def select_settings(arms: list[Arm], per_method: int | None) -> list[Arm]:
-    """``per_method`` settings of each method, spread over its sweep (first and last always kept)."""
+    """``per_method`` settings of each peer, spread over its sweep (first and last kept); every tcpass plan kept."""
     if per_method is None:
         return arms
     by_method: dict[str, list[Arm]] = {}
     for arm in arms:
-        by_method.setdefault(arm.method, []).append(arm)
-    kept = []
+        if arm.counter is not None:
+            by_method.setdefault(arm.method, []).append(arm)
+    chosen = set()
     for group in by_method.values():
-        picks = sorted({round(i) for i in np.linspace(0, len(group) - 1, min(per_method, len(group)))})
-        kept += [group[i] for i in picks]
-    return kept
+        picks = {round(i) for i in np.linspace(0, len(group) - 1, min(per_method, len(group)))}
+        chosen |= {id(group[i]) for i in picks}
+    return [arm for arm in arms if arm.counter is None or id(arm) in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -609,6 +610,7 @@ def main() -> None:
             "timestep": torch.zeros(batch, dtype=torch.long),
             "class_labels": torch.zeros(batch, dtype=torch.long),
         },
+        probe_samples=ref.num_classes,
     )
     methods = args.methods.split(",") if args.methods else [*PEER_METHODS, *(["tcpass"] if args.plan else [])]
     if args.plan and "tcpass" not in methods:
