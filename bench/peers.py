@@ -203,7 +203,6 @@ class Context:
 
     model: nn.Module
     steps: int
-    batch: int
     generate: Callable[[nn.Module, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
     calibration_noise: torch.Tensor
     calibration_labels: torch.Tensor
@@ -601,7 +600,6 @@ def main() -> None:
     ctx = Context(
         model=model,
         steps=args.steps,
-        batch=batch,
         generate=generate,
         calibration_noise=torch.randn(len(labels), *ref.image_shape, generator=calibration),
         calibration_labels=torch.randint(0, ref.num_classes, (len(labels),), generator=calibration),
@@ -632,9 +630,10 @@ def main() -> None:
 
     # warm-up on seed 0's noise: seed 0's timed generation must reproduce it bit for bit (the reset works)
     first_noise = noise_for(0)
-    warm_images = {}
+    warm_images, warm_counts = {}, {}
     for arm in arms:
-        warm_images[arm.name], _, _ = run(arm, first_noise)
+        warm_images[arm.name], _, warm_counts[arm.name] = run(arm, first_noise)
+    check_fires(arms, warm_counts, args.allow_noop)  # before the timed rounds: a no-op fails fast
     seconds: dict[str, list[float]] = {a.name: [] for a in arms}
     per_seed = {a.name: {"psnr": [], "ssim": [], "acc": []} for a in arms}
     samples: dict[str, list[torch.Tensor]] = {a.name: [] for a in arms}
@@ -649,6 +648,8 @@ def main() -> None:
             if seed == 0:
                 arm.record["counts"] = counts
                 arm.record["reset_verified"] = bool(torch.equal(images[arm.name], warm_images[arm.name]))
+                if not arm.record["reset_verified"]:
+                    print(f"!! {arm.name}: seed 0 twice gave different images: state leaks across generations")
         for arm in arms:
             per_seed[arm.name]["psnr"].append(float(np.mean(psnr(images[arm.name], images["full"]))))
             per_seed[arm.name]["ssim"].append(float(np.mean(ssim(images[arm.name], images["full"]))))
@@ -661,7 +662,6 @@ def main() -> None:
     rows = [
         summarize(arm, full, seconds, per_seed[arm.name], samples[arm.name], classifier, real_features) for arm in arms
     ]
-    check_fires(rows, args.allow_noop)
     front = frontier(rows)
     print_table(rows, front, len(labels), args, batch, real_vs_real, unavailable)
     payload = {
@@ -724,25 +724,25 @@ def summarize(arm, full, seconds, quality, samples, classifier, real_features) -
         "work_fraction": work,
         "counts_per_generation": counts,
         "reset_verified": arm.record.get("reset_verified"),
-        **{k: v for k, v in arm.record.items() if k not in ("counts", "reset_verified")},
+        "noop": arm.record.get("noop", False),
+        **{k: v for k, v in arm.record.items() if k not in ("counts", "reset_verified", "noop")},
     }
 
 
-def check_fires(rows: list[dict], allow_noop: bool) -> None:
+def skipped_nothing(counts: dict, full_counts: dict) -> bool:
+    """Whether a generation computed everything full compute does (tcpass arms: no CACHED step)."""
+    if "step_counts" in counts:
+        return counts["step_counts"].get(StepKind.CACHED.value, 0) == 0
+    computed = counts["attention_rows"] + counts["mlp_rows"]
+    return computed >= full_counts["attention_rows"] + full_counts["mlp_rows"]
+
+
+def check_fires(arms: list[Arm], counts: dict[str, dict], allow_noop: bool) -> None:
     """A setting that computes what full compute computes is a configuration bug: raise, or flag it."""
-    bad = []
-    for r in rows:
-        if r["method"] == "full":
-            continue
-        steps = r["counts_per_generation"].get("step_counts")
-        skipped_nothing = (
-            steps.get(StepKind.CACHED.value, 0) == 0 if steps is not None else (r["work_fraction"] or 1.0) >= 1.0
-        )
-        r["noop"] = skipped_nothing
-        if skipped_nothing:
-            bad.append(r["name"])
-        if r["reset_verified"] is False:
-            print(f"!! {r['name']}: the same seed twice gave different images: its state leaks across generations")
+    full_counts = counts[arms[0].name]
+    bad = [arm.name for arm in arms[1:] if skipped_nothing(counts[arm.name], full_counts)]
+    for arm in arms[1:]:
+        arm.record["noop"] = arm.name in bad
     if bad:
         message = f"these settings computed everything full compute does (the peer did not fire): {bad}"
         if not allow_noop:

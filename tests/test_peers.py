@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.peers import frontier, psnr_at_speed
+from bench.peers import frontier, psnr_at_speed, skipped_nothing
 
 POINTS = [(1.5, 30.0), (2.5, 26.0), (3.5, 20.0)]
 
@@ -41,3 +41,11 @@ def test_frontier_names_the_best_peer_and_leaves_tcpass_out():
     assert front["best_peer"]["2.0"] == {"method": "MagCache", "psnr_db": pytest.approx(30.0)}
     assert front["best_peer"]["3.0"] == {"method": "fewer steps", "psnr_db": pytest.approx(23.0)}
     assert front["psnr_db_at_speedup"]["tcpass"]["3.0"] == pytest.approx(40.0)
+
+
+def test_a_setting_that_computes_everything_is_a_noop():
+    full = {"attention_rows": 3200, "mlp_rows": 3200}
+    assert skipped_nothing({"attention_rows": 3200, "mlp_rows": 3200}, full)
+    assert not skipped_nothing({"attention_rows": 1600, "mlp_rows": 3200}, full)  # PAB: attention only
+    assert skipped_nothing({"step_counts": {"full": 50, "cached": 0}}, full)
+    assert not skipped_nothing({"step_counts": {"full": 20, "cached": 30}}, full)
