@@ -1,0 +1,51 @@
+"""The peers bench's frontier reading: interpolate between measured settings, never extrapolate."""
+
+import math
+
+import pytest
+
+from bench.peers import frontier, psnr_at_speed, skipped_nothing
+
+POINTS = [(1.5, 30.0), (2.5, 26.0), (3.5, 20.0)]
+
+
+def test_psnr_at_speed_interpolates_between_bracketing_settings():
+    assert psnr_at_speed(POINTS, 2.0) == pytest.approx(28.0)
+    assert psnr_at_speed(POINTS, 3.0) == pytest.approx(23.0)
+    assert psnr_at_speed(list(reversed(POINTS)), 3.0) == pytest.approx(23.0)
+
+
+def test_psnr_at_speed_returns_measured_value_at_a_setting():
+    assert psnr_at_speed(POINTS, 2.5) == pytest.approx(26.0)
+    assert psnr_at_speed([(2.0, 25.0)], 2.0) == pytest.approx(25.0)
+
+
+def test_psnr_at_speed_never_extrapolates():
+    assert psnr_at_speed(POINTS, 1.2) is None
+    assert psnr_at_speed(POINTS, 4.0) is None
+    assert psnr_at_speed([], 2.0) is None
+    assert psnr_at_speed([(1.0, math.inf), (2.0, 25.0)], 1.5) is None  # identical outputs are no setting
+
+
+def test_frontier_names_the_best_peer_and_leaves_tcpass_out():
+    rows = [
+        {"method": "full", "speedup_median": 1.0, "psnr_db_mean": math.inf},
+        *({"method": "fewer steps", "speedup_median": s, "psnr_db_mean": p} for s, p in POINTS),
+        {"method": "MagCache", "speedup_median": 1.8, "psnr_db_mean": 31.0},
+        {"method": "MagCache", "speedup_median": 2.2, "psnr_db_mean": 29.0},
+        {"method": "tcpass", "speedup_median": 1.9, "psnr_db_mean": 40.0, "is_tcpass": True},
+        {"method": "tcpass", "speedup_median": 3.1, "psnr_db_mean": 40.0, "is_tcpass": True},
+    ]
+    front = frontier(rows)
+    assert front["psnr_db_at_speedup"]["MagCache"] == {"2.0": pytest.approx(30.0), "3.0": None}
+    assert front["best_peer"]["2.0"] == {"method": "MagCache", "psnr_db": pytest.approx(30.0)}
+    assert front["best_peer"]["3.0"] == {"method": "fewer steps", "psnr_db": pytest.approx(23.0)}
+    assert front["psnr_db_at_speedup"]["tcpass"]["3.0"] == pytest.approx(40.0)
+
+
+def test_a_setting_that_computes_everything_is_a_noop():
+    full = {"attention_rows": 3200, "mlp_rows": 3200}
+    assert skipped_nothing({"attention_rows": 3200, "mlp_rows": 3200}, full)
+    assert not skipped_nothing({"attention_rows": 1600, "mlp_rows": 3200}, full)  # PAB: attention only
+    assert skipped_nothing({"step_counts": {"full": 50, "cached": 0}}, full)
+    assert not skipped_nothing({"step_counts": {"full": 20, "cached": 30}}, full)
