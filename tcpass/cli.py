@@ -156,6 +156,14 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
 )
 @click.option("--min-psnr", type=float, default=None, help="Or: quality floor, dB of final samples vs full compute.")
 @click.option(
+    "--policy",
+    type=click.Choice(["tokens", "steps"]),
+    default="tokens",
+    show_default=True,
+    help="tokens: token caching (predictor, blocks, TPRR). steps: a skip table of whole steps (MagCache rule, "
+    "spread skips) or fewer sampler steps, whichever keeps the most PSNR at the target (tcpass.calibrate_steps).",
+)
+@click.option(
     "--predictor",
     type=click.Choice(["dynamic", "static", "input_change"]),
     default="dynamic",
@@ -177,9 +185,9 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
-    model_path, target_speedup, min_psnr, predictor, attention, batch, samples, steps, iterations, threads, out
+    model_path, target_speedup, min_psnr, policy, predictor, attention, batch, samples, steps, iterations, threads, out
 ):
-    """Find a plan for a model: predictor, blocks and TPRR schedule, against a speed or quality target."""
+    """Find a plan for a model against a speed or quality target: token caching or whole-step skipping."""
     import torch
 
     from tcpass.adapters import load_transformer
@@ -188,8 +196,19 @@ def calibrate(
 
     if (target_speedup is None) == (min_psnr is None):
         raise click.UsageError("give exactly one of --target-speedup (e.g. 2.0) or --min-psnr (e.g. 30).")
+    if target_speedup is not None and not target_speedup > 1:
+        raise click.BadParameter(f"{target_speedup} is not above 1 (e.g. 2.0).", param_hint="--target-speedup")
     torch.set_num_threads(threads)
     model = load_reference_model() if model_path is None else load_transformer(model_path)
+    if policy == "steps":
+        from tcpass.calibrate_steps import calibrate_steps
+
+        report = calibrate_steps(
+            model, out, target_speedup=target_speedup, min_psnr=min_psnr, batch=batch, num_samples=samples, steps=steps
+        )
+        click.echo(report.format())
+        click.echo(f"wrote {Path(out).resolve()}")
+        return
     report = run(
         model,
         out,

@@ -1,0 +1,95 @@
+"""Step-level calibration: MagCache's rule as a static table, checked against diffusers' own MagCache hook."""
+
+import ast
+import contextlib
+import copy
+import io
+import json
+
+import pytest
+import torch
+
+import tcpass
+from bench.peers import HookedDenoiser
+from tcpass import CachePlan, StepKind
+from tcpass.calibrate import collect
+from tcpass.calibrate_steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
+from tcpass.sampling import ddim_sample
+from tests.conftest import make_dit
+
+STEPS = 12
+
+
+def generate(model, seed=0):
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return ddim_sample(model, noise, torch.tensor([1, 2]), null_label=1000, num_steps=STEPS, guidance_scale=4.0)
+
+
+def diffusers_magcache(model, **config):
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    model = copy.deepcopy(model)
+    apply_mag_cache(model, MagCacheConfig(num_inference_steps=STEPS, **config))
+    computed = []  # step indices at which block 1 really ran
+    denoiser = HookedDenoiser(model)
+    model.transformer_blocks[1].norm1.register_forward_hook(lambda *_: computed.append(denoiser.step_index))
+    return denoiser, computed
+
+
+def test_magnitude_ratios_equal_diffusers_magcache_calibration():
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=STEPS, seed=5, progress=False)
+    ours = magnitude_ratios(model, data)
+    denoiser, _ = diffusers_magcache(model, calibrate=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ddim_sample(denoiser, data.noise, data.labels, 1000, STEPS, 4.0)
+    theirs = ast.literal_eval(printed.getvalue().split("mag_ratios=...):", 1)[1].strip().splitlines()[0])
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+@pytest.mark.parametrize(("threshold", "max_skip", "retention"), [(0.3, 2, 0.2), (2.0, 3, 0.1)])
+def test_magcache_table_skips_the_steps_diffusers_skips_and_gives_its_images(threshold, max_skip, retention):
+    model = make_dit()
+    ratios = [1.0, 0.9, 0.95, 1.1, 0.98, 1.02, 0.9, 1.05, 0.99, 0.97, 1.2, 0.8]
+    denoiser, computed = diffusers_magcache(
+        model, mag_ratios=ratios, threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention
+    )
+    expected = generate(denoiser)
+    timesteps = tcpass.calibrate.ddim_timesteps(STEPS)
+    table = magcache_table(timesteps, ratios, threshold, max_skip, retention)
+    skipped = sorted(timesteps.index(t) for t in table.timesteps)
+    assert skipped == sorted(set(range(STEPS)) - set(computed))
+    assert 0 < len(skipped) < STEPS - 1
+    tm = tcpass.transform(model, CachePlan(blocks=(), skip=table))
+    torch.testing.assert_close(generate(tm), expected, rtol=1e-5, atol=1e-5)
+    assert tm.step_counts[StepKind.SKIP] == len(skipped)
+
+
+def test_spread_table_keeps_the_first_and_last_calls():
+    timesteps = tcpass.calibrate.ddim_timesteps(10)
+    table = spread_table(timesteps, 4, "output")
+    assert len(table.timesteps) == 6 and timesteps[0] not in table.timesteps and timesteps[-1] not in table.timesteps
+
+
+def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(tmp_path):
+    out = tmp_path / "plan.json"
+    report = calibrate_steps(
+        make_dit(), out, target_speedup=1.5, num_samples=2, steps=8, window=1.6, max_evaluated=4, verify_reps=1,
+        progress=False,
+    )  # fmt: skip
+    plan = tcpass.load_plan(out)
+    assert plan == report.plan and plan.skip is not None or plan.sampler_steps is not None
+    assert all(c.psnr_db is not None for c in report.candidates) and len(report.candidates) <= 4
+    assert report.chosen.psnr_db == max(c.psnr_db for c in report.candidates)
+    assert report.measured_speedup > 0 and plan.notes["measured_speedup"] == round(report.measured_speedup, 3)
+    log = json.loads((tmp_path / "plan.calibration.json").read_text())
+    assert log["chosen"] == report.chosen.name and len(log["magnitude_ratios"]) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.calibration.json", "plan.json"]  # no temp left
+
+
+def test_calibrate_steps_refuses_a_target_it_cannot_mean():
+    with pytest.raises(ValueError, match="target_speedup = 0.5"):
+        calibrate_steps(make_dit(), "unused.json", target_speedup=0.5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        calibrate_steps(make_dit(), "unused.json")
