@@ -41,6 +41,8 @@ class GenerationFlops:
     cached_step: dict[int, int]  # phase -> FLOPs of one CACHED call
     num_full: int
     num_cached: int
+    skip_step: int = 0  # FLOPs of one SKIP call (embedding and output layers, or none)
+    num_skip: int = 0
 
     @property
     def ideal_speedup(self) -> float:
@@ -63,8 +65,26 @@ def generation_flops(
     for phase, g in graphs.cached.items():
         indices = [s.example(device) for s in g.index_specs]
         cached[phase] = count_flops(g.gm, *values, *caches, *indices)
-    steps = simulate(model.plan.schedule, timesteps)
-    runs_full = [s.kind is StepKind.FULL or not graphs.blocks for s in steps]  # no cached blocks: all FULL
-    transformed = sum(full if is_full else cached[s.phase] for s, is_full in zip(steps, runs_full, strict=True))
-    n_full = sum(runs_full)
-    return GenerationFlops(full * len(steps), transformed, full, cached, n_full, len(steps) - n_full)
+    skip = 0
+    if graphs.skip is not None:
+        scale = [s.example(device) for s in graphs.skip.index_specs]
+        skip = count_flops(graphs.skip.gm, *values, caches[0], *scale)
+    kinds = []
+    for step in simulate(model.plan.schedule, timesteps, model.plan.skip):
+        if step.kind is StepKind.CACHED and not graphs.blocks:  # no cached blocks: computed calls are FULL
+            kinds.append((StepKind.FULL, step.phase))
+        else:
+            kinds.append((step.kind, step.phase))
+    cost = {StepKind.FULL: lambda _: full, StepKind.CACHED: cached.__getitem__, StepKind.SKIP: lambda _: skip}
+    transformed = sum(cost[kind](phase) for kind, phase in kinds)
+    count = {kind: sum(k is kind for k, _ in kinds) for kind in StepKind}
+    return GenerationFlops(
+        full * len(kinds),
+        transformed,
+        full,
+        cached,
+        count[StepKind.FULL],
+        count[StepKind.CACHED],
+        skip,
+        count[StepKind.SKIP],
+    )

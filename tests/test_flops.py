@@ -26,3 +26,13 @@ def test_kept_only_quarter_of_tokens_costs_about_a_quarter_per_cached_step():
     assert 0.2 < flops.cached_step[0] / flops.full_step < 0.35
     assert flops.transformed == 2 * flops.full_step + 6 * flops.cached_step[0]
     assert flops.baseline == 8 * flops.full_step
+
+
+def test_skipped_calls_cost_only_the_layers_outside_the_blocks():
+    skip = tcpass.StepSkip(timesteps=[800, 700, 400])
+    flops = generation_flops(tcpass.transform(make_dit(), CachePlan(blocks=(), skip=skip)), dit_inputs(), TIMESTEPS)
+    assert (flops.num_full, flops.num_cached, flops.num_skip) == (5, 0, 3)
+    assert 0 < flops.skip_step < 0.2 * flops.full_step
+    assert flops.transformed == 5 * flops.full_step + 3 * flops.skip_step
+    output_level = CachePlan(blocks=(), skip=tcpass.StepSkip(timesteps=[800], level="output"))
+    assert generation_flops(tcpass.transform(make_dit(), output_level), dit_inputs(), TIMESTEPS).skip_step == 0
