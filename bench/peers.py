@@ -548,7 +548,27 @@ def frontier(rows: list[dict]) -> dict:
     for s in FRONTIER_SPEEDUPS:
         peers = [(v[str(s)], m) for m, v in table.items() if m not in tcpass_methods and v[str(s)] is not None]
         best[str(s)] = None if not peers else {"method": max(peers)[1], "psnr_db": max(peers)[0]}
-    return {"psnr_db_at_speedup": table, "best_peer": best}
+    # the criterion: each tcpass plan against every peer interpolated at the plan's own measured speed
+    at_plans = []
+    for r in rows:
+        if not r.get("is_tcpass"):
+            continue
+        speed = r["speedup_median"]
+        peers = [(psnr_at_speed(pts, speed), m) for m, pts in methods.items() if m not in tcpass_methods]
+        peers = [(v, m) for v, m in peers if v is not None]
+        top = max(peers) if peers else None
+        at_plans.append(
+            {
+                "plan": r["name"],
+                "speedup": speed,
+                "psnr_db": r["psnr_db_mean"],
+                "psnr_db_std": r["psnr_db_std"],
+                "best_peer": None if top is None else {"method": top[1], "psnr_db": top[0]},
+                "margin_db": None if top is None else r["psnr_db_mean"] - top[0],
+                "peers_at_speed": {m: v for v, m in peers},
+            }
+        )
+    return {"psnr_db_at_speedup": table, "best_peer": best, "tcpass_plans": at_plans}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -782,6 +802,14 @@ def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) ->
             f"best peer at {s:.1f}x: "
             + ("none measured there" if best is None else f"{best['method']} {best['psnr_db']:.2f} dB")
         )
+    for p in front["tcpass_plans"]:
+        best = p["best_peer"]
+        versus = (
+            "no peer measured at that speed"
+            if best is None
+            else (f"best peer there {best['method']} {best['psnr_db']:.2f} dB, margin {p['margin_db']:+.2f} dB")
+        )
+        print(f"{p['plan']} at {p['speedup']:.2f}x: {p['psnr_db']:.2f} ± {p['psnr_db_std']:.2f} dB; {versus}")
 
 
 def plot(rows: list[dict], path: Path, model_name: str) -> Path:

@@ -33,14 +33,33 @@ def test_frontier_names_the_best_peer_and_leaves_tcpass_out():
         *({"method": "fewer steps", "speedup_median": s, "psnr_db_mean": p} for s, p in POINTS),
         {"method": "MagCache", "speedup_median": 1.8, "psnr_db_mean": 31.0},
         {"method": "MagCache", "speedup_median": 2.2, "psnr_db_mean": 29.0},
-        {"method": "tcpass", "speedup_median": 1.9, "psnr_db_mean": 40.0, "is_tcpass": True},
-        {"method": "tcpass", "speedup_median": 3.1, "psnr_db_mean": 40.0, "is_tcpass": True},
+        {
+            "method": "tcpass",
+            "name": "a",
+            "speedup_median": 1.9,
+            "psnr_db_mean": 40.0,
+            "psnr_db_std": 0,
+            "is_tcpass": True,
+        },
+        {
+            "method": "tcpass",
+            "name": "b",
+            "speedup_median": 3.1,
+            "psnr_db_mean": 40.0,
+            "psnr_db_std": 0,
+            "is_tcpass": True,
+        },
     ]
     front = frontier(rows)
     assert front["psnr_db_at_speedup"]["MagCache"] == {"2.0": pytest.approx(30.0), "3.0": None}
     assert front["best_peer"]["2.0"] == {"method": "MagCache", "psnr_db": pytest.approx(30.0)}
     assert front["best_peer"]["3.0"] == {"method": "fewer steps", "psnr_db": pytest.approx(23.0)}
     assert front["psnr_db_at_speedup"]["tcpass"]["3.0"] == pytest.approx(40.0)
+    # each plan against the peers at its own measured speed: MagCache at 1.9x is 30.5 dB, fewer steps 29.2 dB
+    plan_a, plan_b = front["tcpass_plans"]
+    assert plan_a["best_peer"] == {"method": "MagCache", "psnr_db": pytest.approx(30.5)}
+    assert plan_a["margin_db"] == pytest.approx(9.5)
+    assert plan_b["best_peer"] == {"method": "fewer steps", "psnr_db": pytest.approx(22.4)}
 
 
 def test_a_setting_that_computes_everything_is_a_noop():
