@@ -201,7 +201,7 @@ def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan
                 dataclasses.replace(base, skip=spread_table(timesteps, computed, level)),
             )
     for threshold in np.geomspace(0.005, 3.0, 48):
-        for retention in (0.1, 0.2, 0.3):
+        for retention in (0.1, 0.2, 0.3, 0.4):
             for max_skip in (1, 2, 3, 4):
                 for scaled in (False, True):
                     table = magcache_table(timesteps, ratios, float(threshold), max_skip, retention, scaled)
