@@ -750,9 +750,10 @@ def summarize(arm, full, seconds, quality, samples, classifier, real_features) -
 
 
 def skipped_nothing(counts: dict, full_counts: dict) -> bool:
-    """Whether a generation computed everything full compute does (tcpass arms: no CACHED step)."""
+    """Whether a generation computed everything full compute does (tcpass arms: no CACHED or SKIP step)."""
     if "step_counts" in counts:
-        return counts["step_counts"].get(StepKind.CACHED.value, 0) == 0
+        steps = counts["step_counts"]
+        return steps.get(StepKind.CACHED.value, 0) + steps.get(StepKind.SKIP.value, 0) == 0
     computed = counts["attention_rows"] + counts["mlp_rows"]
     return computed >= full_counts["attention_rows"] + full_counts["mlp_rows"]
 

@@ -68,3 +68,4 @@ def test_a_setting_that_computes_everything_is_a_noop():
     assert not skipped_nothing({"attention_rows": 1600, "mlp_rows": 3200}, full)  # PAB: attention only
     assert skipped_nothing({"step_counts": {"full": 50, "cached": 0}}, full)
     assert not skipped_nothing({"step_counts": {"full": 20, "cached": 30}}, full)
+    assert not skipped_nothing({"step_counts": {"full": 25, "cached": 0, "skip": 25}}, full)  # a skip table fires
