@@ -435,7 +435,8 @@ class StepTimes:
         return self.eager * len(timesteps) / total
 
 
-def _timeit(fn: Callable, reps: int) -> float:
+def best_seconds(fn: Callable, reps: int) -> float:
+    """Fastest of ``reps`` timed calls of ``fn`` (seconds), after one warm-up call."""
     fn()
     best = math.inf
     for _ in range(reps):
@@ -461,7 +462,7 @@ def measure_step_times(
     adapter = adapter_for(model)
     inputs = adapter.example_inputs(model, batch)
     values = list(inputs.values())
-    eager = _timeit(lambda: model(**inputs), reps)
+    eager = best_seconds(lambda: model(**inputs), reps)
     cached, full = {}, math.inf
     for r in tqdm(ratios, desc="timing step graphs", disable=not progress, leave=False):
         tm = transform(
@@ -472,10 +473,10 @@ def measure_step_times(
         )
         graphs = tm.step_graphs()
         caches = graphs.caches  # the runtime's buffers: every call updates them in place, as in sampling
-        full = min(full, _timeit(lambda graphs=graphs, caches=caches: graphs.full(*values, *caches), reps))
+        full = min(full, best_seconds(lambda graphs=graphs, caches=caches: graphs.full(*values, *caches), reps))
         g = graphs.cached[0]
         indices = [s.example(values[0].device) for s in g.index_specs]
-        cached[r] = _timeit(lambda g=g, caches=caches, indices=indices: g(*values, *caches, *indices), reps)
+        cached[r] = best_seconds(lambda g=g, caches=caches, indices=indices: g(*values, *caches, *indices), reps)
     return StepTimes(eager, full, cached, len(model.transformer_blocks))
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate import CalibrationData, collect, ddim_timesteps, fidelity
+from tcpass.calibrate import CalibrationData, best_seconds, collect, ddim_timesteps, fidelity
 from tcpass.plan import CachePlan, StepSkip, save_plan
 from tcpass.sampling import ddim_sample
 from tcpass.schedule import StepKind, simulate
@@ -148,16 +148,6 @@ class StepCalibrationReport:
         }
 
 
-def _median_seconds(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[str, float]:
     """Seconds per call of the uncached model, the FULL graph and the SKIP graph (both levels) at ``batch``."""
@@ -165,14 +155,14 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
 
     inputs = adapter_for(model).example_inputs(model, batch)
     values = list(inputs.values())
-    out = {"eager": _median_seconds(lambda: model(**inputs), reps)}
+    out = {"eager": best_seconds(lambda: model(**inputs), reps)}
     for level in ("stack", "output"):
         graphs = transform(model, CachePlan(blocks=(), skip=StepSkip(level=level)), example_inputs=inputs).step_graphs()
         caches = graphs.caches
         scale = torch.ones(1, dtype=caches[0].dtype)
-        out[f"skip_{level}"] = _median_seconds(lambda g=graphs, c=caches, s=scale: g.skip(*values, c[0], s), reps)
+        out[f"skip_{level}"] = best_seconds(lambda g=graphs, c=caches, s=scale: g.skip(*values, c[0], s), reps)
         if level == "stack":
-            out["full"] = _median_seconds(lambda g=graphs, c=caches: g.full(*values, *c), reps)
+            out["full"] = best_seconds(lambda g=graphs, c=caches: g.full(*values, *c), reps)
     return out
 
 
