@@ -91,18 +91,22 @@ def train_dit(
     warmup: int = 100,
     seed: int = 0,
     checkpoint: Callable[[DiTTransformer2DModel, list[float]], None] | None = None,
-    checkpoint_every: int = 250,
+    checkpoint_every: int = 50,
     progress: bool = True,
+    init: Path | None = None,
 ) -> tuple[DiTTransformer2DModel, list[float]]:
     """Train a DiT on ``x`` [n, C, H, W] in [-1, 1] with labels ``y``; returns ``(EMA model, per-step losses)``.
 
     The null label is ``config["num_embeds_ada_norm"]``. ``checkpoint(ema, losses)`` is called every
-    ``checkpoint_every`` steps, so a long run leaves usable weights behind.
+    ``checkpoint_every`` steps, so a long run leaves usable weights behind. ``init``: a saved DiT
+    (same config) to continue from, with a fresh optimizer, warmup and cosine schedule.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     null_label = config["num_embeds_ada_norm"]
     model = DiTTransformer2DModel(**config)
+    if init is not None:
+        model.load_state_dict(DiTTransformer2DModel.from_pretrained(init).state_dict())
     # eval(): diffusers' label embedding would drop labels independently in every block; the null
     # label is applied here instead, once per sample, consistently across blocks.
     model.eval()
@@ -170,9 +174,10 @@ def main() -> None:
     parser.add_argument("--classifier-out", type=Path, default=classifier_path())
     parser.add_argument("--held-out-out", type=Path, default=held_out_path())
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the loss curve goes")
-    parser.add_argument("--steps", type=int, default=700, help="DiT optimizer steps")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=650, help="DiT optimizer steps")
+    parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved DiT (same config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["classifier", "dit", "held-out"], default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -204,7 +209,7 @@ def main() -> None:
 
         dit_start = time.perf_counter()
         ema, losses = train_dit(
-            x, y, DIT_CONFIG, args.steps, batch=args.batch, lr=args.lr, seed=args.seed, checkpoint=checkpoint
+            x, y, DIT_CONFIG, args.steps, args.batch, args.lr, seed=args.seed, checkpoint=checkpoint, init=args.init
         )
         ema.save_pretrained(args.out, safe_serialization=True)
         seconds = time.perf_counter() - dit_start
