@@ -1,7 +1,8 @@
-"""Quality vs speed on the shipped reference model: TokenCache selectors against the baselines.
+"""Quality vs speed on a shipped reference model: TokenCache selectors against the baselines.
 
     python bench/quality.py --plan bench/plans/digits_2x.json --plan bench/plans/digits_3x.json
     python bench/quality.py --seeds 3                     # the shipped plan only
+    python bench/quality.py --model emoji --seeds 3       # the emoji model and its shipped plan
 
 For every plan given (normally `tcpass calibrate` outputs at about 2x and 3x), variants with the
 same blocks, keep ratios and TPRR schedule and a different token selector, plus the baselines at
@@ -19,8 +20,9 @@ the plan's predicted speed:
 All variants run from the same noise per seed (50-step DDIM, CFG 4); speedups are measured on these
 very generations (median over seeds of full time / variant time, one process, variants in turn).
 Fidelity (PSNR/SSIM vs full) and class accuracy are per seed (mean ± std over seeds); the Fréchet
-distance pools all seeds' samples against 200 held-out real digits, next to the distance between
-two disjoint halves of real held-out digits. Writes bench/results/<out>.json and <out>.png.
+distance pools all seeds' samples against one half of the model's held-out real images, next to the
+distance between the two disjoint halves. Writes bench/results/<out>.json and <out>.png
+(``--out`` defaults to ``quality`` for digits, ``quality_<model>`` otherwise).
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ from tcpass.metrics import class_accuracy, classifier_features, frechet_distance
 from tcpass.predictor import sha256_of  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.selectors import StaticScoreSelector  # noqa: E402
-from tcpass.zoo.demo import DEFAULT_PLAN_PATH  # noqa: E402
-from tcpass.zoo.digits import NULL_LABEL, NUM_CLASSES, digits_split, load_classifier, load_reference_model  # noqa: E402
+from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
 
 PLANS_DIR = Path(__file__).parent / "plans"
 
@@ -56,14 +57,15 @@ def timed(fn):
     return out.clamp(-1, 1), time.perf_counter() - start
 
 
-def static_selector(model) -> tcpass.SelectorSpec:
+def static_selector(model, model_name: str) -> tcpass.SelectorSpec:
     """Train the static Cache Predictor on the model's own calibration samples (cached on disk)."""
-    path = PLANS_DIR / "digits_static_scores.safetensors"
+    path = PLANS_DIR / f"{model_name}_static_scores.safetensors"
     if not path.is_file():
         data = cal.collect(model, num_samples=20)
         trained = cal.train_predictor(model, data, "static", iterations=120)
         grid = torch.arange(0, 1000, 10, dtype=torch.float32)
-        StaticScoreSelector(trained.predictor.table(grid), grid, torch.arange(8)).save(path)
+        blocks = torch.arange(len(model.transformer_blocks))
+        StaticScoreSelector(trained.predictor.table(grid), grid, blocks).save(path)
     return tcpass.SelectorSpec(kind="static", path=str(path), sha256=sha256_of(path))
 
 
@@ -101,6 +103,7 @@ def variants_for(model, name: str, plan: tcpass.CachePlan, batch: int, static: t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="digits", help="reference model")
     parser.add_argument("--plan", type=Path, action="append", help="plan JSON (repeatable; default: shipped plan)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=2, help="samples per class per seed")
@@ -108,30 +111,32 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
     add_allocator_option(parser)
-    parser.add_argument("--out", default="quality")
+    parser.add_argument("--out", default=None, help="result file stem (default: quality or quality_<model>)")
     args = parser.parse_args()
+    args.out = args.out or ("quality" if args.model == "digits" else f"quality_{args.model}")
     apply_allocator_option(args)
     torch.set_num_threads(args.threads)
 
-    model = load_reference_model()
-    classifier = load_classifier()
-    _, _, held_out, _ = digits_split()
-    real_a, real_b = held_out[:200], held_out[200:]
+    ref = reference(args.model)
+    model = ref.load_model(None)
+    classifier = ref.load_classifier()
+    held_out, _ = ref.held_out()
+    real_a, real_b = held_out[: len(held_out) // 2], held_out[len(held_out) // 2 :]
     real_features = classifier_features(real_a, classifier)
     real_vs_real = frechet_distance(classifier_features(real_b, classifier), real_features)
 
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+    labels = torch.arange(ref.num_classes).repeat_interleave(args.per_class)
     batch = 2 * len(labels)
     example = {
-        "hidden_states": torch.zeros(batch, 1, 32, 32),
+        "hidden_states": torch.zeros(batch, *ref.image_shape),
         "timestep": torch.zeros(batch, dtype=torch.long),
         "class_labels": torch.zeros(batch, dtype=torch.long),
     }
-    static = static_selector(model)
+    static = static_selector(model, ref.name)
     variants: dict[str, tuple] = {"full": (model, args.steps)}
     plans: dict[str, tcpass.CachePlan] = {}
     targets = {}
-    for path in args.plan or [DEFAULT_PLAN_PATH]:
+    for path in args.plan or [ref.default_plan]:
         plan = tcpass.load_plan(path)
         target, group = variants_for(model, path.stem, plan, batch, static, args.steps)
         targets[path.stem] = target
@@ -141,16 +146,16 @@ def main() -> None:
     print("predicted speedups: " + ", ".join(f"{k} {v:.2f}x" for k, v in targets.items()), flush=True)
 
     def generate(m, noise, steps):
-        return ddim_sample(m, noise, labels, NULL_LABEL, steps, args.guidance)
+        return ddim_sample(m, noise, labels, ref.null_label, steps, args.guidance)
 
-    warm = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(10_000))
+    warm = torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(10_000))
     for m, steps in variants.values():
         generate(m, warm, steps)
 
     per_seed: dict[str, dict[str, list[float]]] = {n: {"psnr": [], "ssim": [], "acc": [], "s": []} for n in variants}
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in variants}
     for seed in range(args.seeds):
-        noise = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(seed))
         images = {}
         for name, (m, steps) in variants.items():
             images[name], seconds = timed(lambda m=m, steps=steps, noise=noise: generate(m, noise, steps))
@@ -198,6 +203,7 @@ def main() -> None:
     payload = {
         "machine": machine(),
         "config": {
+            "model": args.model,
             "seeds": args.seeds,
             "samples_per_seed": len(labels),
             "batch": batch,
@@ -210,10 +216,10 @@ def main() -> None:
         "results": rows,
     }
     print(f"wrote {write_json(args.out + '.json', payload)}")
-    print(f"wrote {plot(rows, RESULTS / (args.out + '.png'), real_vs_real)}")
+    print(f"wrote {plot(rows, RESULTS / (args.out + '.png'), real_vs_real, args.model)}")
 
 
-def plot(rows: list[dict], path: Path, real_vs_real: float) -> Path:
+def plot(rows: list[dict], path: Path, real_vs_real: float, model_name: str) -> Path:
     """Left: PSNR vs full compute; right: Fréchet distance to held-out real; both vs measured speedup.
 
     Colour = method (selector or baseline), marker = the plan it is matched to.
@@ -258,7 +264,7 @@ def plot(rows: list[dict], path: Path, real_vs_real: float) -> Path:
     ax2.set(
         xlabel="measured speedup vs full compute (x)",
         ylabel="Fréchet distance to held-out real",
-        title="distribution vs speed (lower is closer to real digits)",
+        title=f"distribution vs speed (lower is closer to real {model_name})",
     )
     fig.legend(handles=handles, loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.8, 1))

@@ -16,9 +16,14 @@ def main() -> None:
 @main.command()
 @click.option(
     "--model",
-    "model_dir",
+    default="digits",
+    show_default=True,
+    help="Reference model from the registry (tcpass.zoo.REFERENCE_MODELS): digits or emoji.",
+)
+@click.option(
+    "--model-dir",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
-    help="DiT directory (default: the shipped reference model).",
+    help="DiT directory with the same classes (default: the reference model's shipped weights).",
 )
 @click.option(
     "--plan",
@@ -28,7 +33,7 @@ def main() -> None:
 )
 @click.option("--steps", default=50, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--per-class", default=1, show_default=True, help="Samples per digit class.")
+@click.option("--per-class", default=1, show_default=True, help="Samples per class.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rounds", default=3, show_default=True, help="Timed generations per variant (after a warm-up).")
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
@@ -46,22 +51,27 @@ def main() -> None:
     show_default=True,
     help="Where to write the PNG grid.",
 )
-def demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
-    """Full compute vs TokenCache on the shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
+def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
+    """Full compute vs TokenCache on a shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
     import torch
 
     from tcpass.timing import pin_allocator
 
     if not malloc_default:
         pin_allocator()
+    from tcpass.zoo import REFERENCE_MODELS
     from tcpass.zoo.demo import format_table, run_demo, save_grid
 
+    if model not in REFERENCE_MODELS:
+        raise click.BadParameter(
+            f"{model!r} is not a reference model; known: {sorted(REFERENCE_MODELS)}.", param_hint="--model"
+        )
     torch.set_num_threads(threads)
-    result = run_demo(model_dir, plan_path, steps, guidance, per_class, seed, rounds)
+    result = run_demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds)
     click.echo(
         f"plan: {result.plan.attention}, keep {result.plan.keep_ratio}, "
         f"intervals {result.plan.schedule.intervals}; {steps} DDIM steps, CFG {guidance}, "
-        f"{len(result.labels)} samples, median of {rounds} rounds"
+        f"{model} model, {len(result.labels)} samples, median of {rounds} rounds"
     )
     click.echo(format_table(result))
     click.echo(f"wrote {save_grid(result, out).resolve()}")

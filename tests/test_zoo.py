@@ -5,8 +5,15 @@ import torch
 import tcpass
 from tcpass.metrics import class_accuracy
 from tcpass.sampling import ddim_sample
-from tcpass.zoo import NULL_LABEL, digits_split, load_classifier, load_reference_model, reference_model_dir
-from tcpass.zoo.demo import DEFAULT_PLAN_PATH, format_table, run_demo, save_grid
+from tcpass.zoo import (
+    NULL_LABEL,
+    digits_split,
+    load_classifier,
+    load_reference_model,
+    reference,
+    reference_model_dir,
+)
+from tcpass.zoo.demo import format_table, run_demo, save_grid
 
 
 def test_shipped_weights_are_safetensors_under_20_mb():
@@ -37,7 +44,7 @@ def test_classifier_is_accurate_on_held_out_digits():
 
 
 def test_shipped_plan_loads_and_fits_the_model():
-    plan = tcpass.load_plan(DEFAULT_PLAN_PATH)
+    plan = tcpass.load_plan(reference("digits").default_plan)
     graphs = tcpass.transform(load_reference_model(), plan).step_graphs()
     assert graphs.blocks == tuple(range(8)) and graphs.num_tokens == 256
     assert {b: k for b, k in graphs.cached[0].keep.items()} == {b: 64 for b in range(8)}

@@ -1,6 +1,6 @@
 """The shipped reference models: class-conditional DiTs trained here, with their own evaluators.
 
-`reference("digits")` (and the other rows of `REFERENCE_MODELS`) gives everything a demo or a
+`reference("digits")`, `reference("emoji")` (and the other rows of `REFERENCE_MODELS`) gives everything a demo or a
 quality bench needs about one model: its loader, its independent classifier (class accuracy and the
 feature space of Fréchet distances), its held-out real images, its labels and its default plan.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tcpass.zoo import digits
+from tcpass.zoo import digits, emoji
 from tcpass.zoo.digits import (
     NULL_LABEL,
     DigitsClassifier,
@@ -69,6 +69,16 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
         load_classifier=load_classifier,
         held_out=_digits_held_out,
         default_plan=Path(__file__).parent / "digits_plan.json",
+    ),
+    "emoji": ReferenceModel(
+        name="emoji",
+        class_names=emoji.CLASS_NAMES,
+        null_label=emoji.NULL_LABEL,
+        image_shape=(3, emoji.IMAGE_SIZE, emoji.IMAGE_SIZE),
+        load_model=emoji.load_reference_model,
+        load_classifier=emoji.load_classifier,
+        held_out=emoji.held_out,
+        default_plan=Path(__file__).parent / "emoji_plan.json",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""`tcpass demo`: full compute vs TokenCache on the shipped reference model, same noise, one run."""
+"""`tcpass demo`: full compute vs TokenCache on a shipped reference model, same noise, one run."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import torch
 import tcpass
 from tcpass.metrics import class_accuracy, psnr, ssim
 from tcpass.sampling import ddim_sample
-from tcpass.zoo.digits import NULL_LABEL, NUM_CLASSES, load_classifier, load_reference_model
-
-DEFAULT_PLAN_PATH = Path(__file__).parent / "digits_plan.json"
+from tcpass.zoo import reference
 
 
 @dataclass
@@ -30,6 +28,7 @@ class DemoResult:
     full_accuracy: float
     cached_accuracy: float
     plan: tcpass.CachePlan
+    class_names: tuple[str, ...]
 
     @property
     def speedup(self) -> float:
@@ -37,6 +36,7 @@ class DemoResult:
 
 
 def run_demo(
+    model: str = "digits",
     model_dir: Path | None = None,
     plan_path: Path | None = None,
     steps: int = 50,
@@ -46,15 +46,18 @@ def run_demo(
     rounds: int = 3,
     progress: bool = True,
 ) -> DemoResult:
-    """Generate ``per_class`` samples of every class with and without TokenCache from the same noise.
+    """Generate ``per_class`` samples of every class of the reference model ``model`` (a registry name)
+    with and without TokenCache from the same noise.
 
+    ``model_dir`` replaces the shipped DiT weights (same classes); ``plan_path`` the model's default plan.
     Both variants are timed in alternation over ``rounds`` whole generations after one warm-up each.
     """
-    model = load_reference_model(model_dir)
-    classifier = load_classifier()
-    plan = tcpass.load_plan(plan_path or DEFAULT_PLAN_PATH)
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
-    cfg = model.config
+    ref = reference(model)
+    dit = ref.load_model(model_dir)
+    classifier = ref.load_classifier()
+    plan = tcpass.load_plan(plan_path or ref.default_plan)
+    labels = torch.arange(ref.num_classes).repeat_interleave(per_class)
+    cfg = dit.config
     noise = torch.randn(
         len(labels), cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=torch.Generator().manual_seed(seed)
     )
@@ -64,17 +67,17 @@ def run_demo(
         "timestep": torch.zeros(batch, dtype=torch.long),
         "class_labels": torch.zeros(batch, dtype=torch.long),
     }
-    cached_model = tcpass.transform(model, plan, example_inputs=example)
+    cached_model = tcpass.transform(dit, plan, example_inputs=example)
 
     def generate(m, show):
-        return ddim_sample(m, noise, labels, NULL_LABEL, steps, guidance_scale, progress=show)
+        return ddim_sample(m, noise, labels, ref.null_label, steps, guidance_scale, progress=show)
 
     seconds: dict[str, list[float]] = {"full": [], "cached": []}
     images = {}
     from tqdm.auto import tqdm
 
     for i in tqdm(range(rounds + 1), desc="generations (full + TokenCache)", disable=not progress):
-        for name, m in (("full", model), ("cached", cached_model)):
+        for name, m in (("full", dit), ("cached", cached_model)):
             start = time.perf_counter()
             images[name] = generate(m, show=False)
             if i > 0:  # round 0 warms up
@@ -91,6 +94,7 @@ def run_demo(
         full_accuracy=class_accuracy(full, labels, classifier),
         cached_accuracy=class_accuracy(cached, labels, classifier),
         plan=plan,
+        class_names=ref.class_names,
     )
 
 
@@ -105,15 +109,25 @@ def format_table(r: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def _show(image: torch.Tensor) -> tuple[np.ndarray, dict]:
+    """[C, H, W] in [-1, 1] -> (array for ``imshow``, its keyword arguments); gray for one channel, else RGB."""
+    if image.shape[0] == 1:
+        return image[0].numpy(), {"cmap": "gray", "vmin": -1, "vmax": 1}
+    return ((image.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), {}
+
+
 def save_grid(r: DemoResult, path: Path) -> Path:
-    """PNG: full compute (top), TokenCache (middle), |difference| x4 (bottom), one column per sample."""
+    """PNG: full compute (top), TokenCache (middle), |difference| x4 (bottom), one column per sample.
+
+    Columns are titled with the class name; the difference row is black where the two agree.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(r.labels)
-    fig, axes = plt.subplots(3, n, figsize=(1.2 * n, 4.2), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(max(1.2 * n, 4.0), 4.2), squeeze=False)
     rows = [
         ("full compute", r.full_images),
         ("TokenCache", r.cached_images),
@@ -122,11 +136,12 @@ def save_grid(r: DemoResult, path: Path) -> Path:
     for row, (title, imgs) in enumerate(rows):
         for col in range(n):
             ax = axes[row, col]
-            ax.imshow(imgs[col, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            array, kwargs = _show(imgs[col])
+            ax.imshow(array, **kwargs)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(str(int(r.labels[col])), fontsize=9)
+                ax.set_title(r.class_names[int(r.labels[col])], fontsize=8)
             if col == 0:
                 ax.set_ylabel(title, fontsize=8)
     fig.suptitle(f"tcpass demo: speedup {r.speedup:.2f}x, PSNR {r.psnr_db.mean():.1f} dB vs full compute", fontsize=10)
