@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tcpass.zoo.loading import load_dit, load_weights
+
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the class-embedding row classifier-free guidance uses for "no class"
@@ -96,19 +98,8 @@ class DigitsClassifier(nn.Module):
 
 def load_reference_model(path: str | Path | None = None):
     """The shipped DiT, loaded with diffusers' ``from_pretrained`` from the package directory."""
-    from diffusers import DiTTransformer2DModel
-
-    path = Path(path) if path else reference_model_dir()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no reference model at {path}; train it with `python -m tcpass.zoo.train_digits --out {path}`."
-        )
-    return DiTTransformer2DModel.from_pretrained(path).eval()
+    return load_dit(path or reference_model_dir(), "tcpass.zoo.train_digits")
 
 
 def load_classifier(path: str | Path | None = None) -> DigitsClassifier:
-    from safetensors.torch import load_file
-
-    model = DigitsClassifier()
-    model.load_state_dict(load_file(str(path or classifier_path())))
-    return model.eval()
+    return load_weights(DigitsClassifier(), path or classifier_path())

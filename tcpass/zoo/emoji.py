@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tcpass.zoo.loading import load_dit, load_weights
+
 IMAGE_SIZE = 32
 PACKAGE = "emoji-datasource-google"
 PACKAGE_VERSION = "16.0.0"
@@ -222,19 +224,8 @@ class EmojiClassifier(nn.Module):
 
 def load_reference_model(path: str | Path | None = None):
     """The shipped emoji DiT, loaded with diffusers' ``from_pretrained`` from the package directory."""
-    from diffusers import DiTTransformer2DModel
-
-    path = Path(path) if path else reference_model_dir()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no emoji reference model at {path}; train it with `python -m tcpass.zoo.train_emoji --out {path}`."
-        )
-    return DiTTransformer2DModel.from_pretrained(path).eval()
+    return load_dit(path or reference_model_dir(), "tcpass.zoo.train_emoji")
 
 
 def load_classifier(path: str | Path | None = None) -> EmojiClassifier:
-    from safetensors.torch import load_file
-
-    model = EmojiClassifier()
-    model.load_state_dict(load_file(str(path or classifier_path())))
-    return model.eval()
+    return load_weights(EmojiClassifier(), path or classifier_path())
