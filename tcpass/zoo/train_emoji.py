@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -42,6 +41,7 @@ from tcpass.zoo.emoji import (
     reference_model_dir,
     to_uint8,
 )
+from tcpass.zoo.training import diffusion_step, noise_schedule, set_cosine_lr
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -115,31 +115,15 @@ def train_dit(
     # label is applied here instead, once per sample, consistently across blocks.
     model.eval()
     ema = copy.deepcopy(model).requires_grad_(False)
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    schedule = noise_schedule()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="DiT training", disable=not progress, mininterval=10)
     for step in bar:
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr * max(scale, 0.05)
+        set_cosine_lr(opt, lr, step, steps, warmup)
         idx = balanced_batch(y, batch, g)
         x0 = augment(x[idx], g)
-        labels = y[idx].clone()
-        labels[torch.rand(batch, generator=g) < 0.1] = null_label
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        pred = model(noise_schedule.add_noise(x0, noise, t), timestep=t, class_labels=labels).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - decay)
-        losses.append(loss.item())
+        losses.append(diffusion_step(model, ema, opt, schedule, x0, y[idx], null_label, step, g))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
