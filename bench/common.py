@@ -11,6 +11,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tcpass.timing import ALLOCATOR as _ALLOCATOR
@@ -74,6 +75,22 @@ def interleaved(variants: dict[str, Callable[[], object]], reps: int) -> dict[st
 def ratio_median(base: list[float], other: list[float]) -> float:
     """Median over rounds of base/other: the speedup, robust to drift between rounds."""
     return statistics.median(b / o for b, o in zip(base, other, strict=True))
+
+
+def fidelity_row(speedups: list[float], quality: dict[str, list[float]], frechet: float) -> dict:
+    """The numbers every quality bench reports for one variant: speedup (median, min-max over rounds),
+    PSNR/SSIM vs full compute and class accuracy (mean and std over seeds), Fréchet distance to real."""
+    return {
+        "speedup_median": statistics.median(speedups),
+        "speedup_min_max": [min(speedups), max(speedups)],
+        "psnr_db_mean": float(np.mean(quality["psnr"])),
+        "psnr_db_std": float(np.std(quality["psnr"])),
+        "ssim_mean": float(np.mean(quality["ssim"])),
+        "ssim_std": float(np.std(quality["ssim"])),
+        "class_acc_mean": float(np.mean(quality["acc"])),
+        "class_acc_std": float(np.std(quality["acc"])),
+        "frechet_vs_heldout": frechet,
+    }
 
 
 def peak_rss_mib() -> float:

@@ -39,7 +39,6 @@ import contextlib
 import copy
 import io
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every context refresh at info
 
 import tcpass  # noqa: E402
-from bench.common import RESULTS, add_allocator_option, apply_allocator_option, machine, write_json  # noqa: E402
+from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.schedule import StepKind  # noqa: E402
@@ -727,16 +726,8 @@ def summarize(arm, full, seconds, quality, samples, classifier, real_features) -
         "is_tcpass": arm.counter is None,
         "steps": arm.steps,
         "knobs": arm.knobs,
-        "speedup_median": statistics.median(speedups),
-        "speedup_min_max": [min(speedups), max(speedups)],
+        **fidelity_row(speedups, quality, frechet_distance(feats, real_features)),
         "seconds_per_generation": seconds[arm.name],
-        "psnr_db_mean": float(np.mean(quality["psnr"])),
-        "psnr_db_std": float(np.std(quality["psnr"])),
-        "ssim_mean": float(np.mean(quality["ssim"])),
-        "ssim_std": float(np.std(quality["ssim"])),
-        "class_acc_mean": float(np.mean(quality["acc"])),
-        "class_acc_std": float(np.std(quality["acc"])),
-        "frechet_vs_heldout": frechet_distance(feats, real_features),
         "block_calls": counts.get("block_calls"),
         "block_call_fraction": fraction("block_calls"),
         "attention_fraction": fraction("attention_rows"),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import RESULTS, add_allocator_option, apply_allocator_option, machine, write_json  # noqa: E402
+from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
 from tcpass import calibrate as cal  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
 from tcpass.predictor import sha256_of  # noqa: E402
@@ -176,15 +175,7 @@ def main() -> None:
             {
                 "variant": name,
                 "steps": variants[name][1],
-                "speedup_median": statistics.median(speedups),
-                "speedup_min_max": [min(speedups), max(speedups)],
-                "psnr_db_mean": float(np.mean(d["psnr"])),
-                "psnr_db_std": float(np.std(d["psnr"])),
-                "ssim_mean": float(np.mean(d["ssim"])),
-                "ssim_std": float(np.std(d["ssim"])),
-                "class_acc_mean": float(np.mean(d["acc"])),
-                "class_acc_std": float(np.std(d["acc"])),
-                "frechet_vs_heldout": frechet_distance(feats, real_features),
+                **fidelity_row(speedups, d, frechet_distance(feats, real_features)),
                 "seconds_per_generation": d["s"],
             }
         )
