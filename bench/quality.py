@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tcpass  # noqa: E402
 from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
 from tcpass import calibrate as cal  # noqa: E402
+from tcpass.files import sha256_of  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
-from tcpass.predictor import sha256_of  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.selectors import StaticScoreSelector  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402

@@ -19,8 +19,13 @@ class Generated:
 
 
 def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
-    """``DiffusionPipeline.from_pretrained`` on a pipeline directory or hub id; its transformer must be supported."""
+    """``DiffusionPipeline.from_pretrained`` on a pipeline directory or hub id; its transformer must be supported.
+
+    A pipeline saved with a transformed transformer loads with it (its saved plan in force).
+    """
     import diffusers
+
+    from tcpass.runtime import TokenCacheTransformer  # imported so diffusers can load saved transforms
 
     root = Path(model)
     if root.exists() and not (root / "model_index.json").is_file():
@@ -36,7 +41,10 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
         # components saved as None (SD3 without its T5 encoder) must be passed as None explicitly
         kwargs = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **kwargs)
-    name = type(pipe.transformer).__name__
+    transformer = pipe.transformer
+    if isinstance(transformer, TokenCacheTransformer):
+        transformer = transformer.transformer
+    name = type(transformer).__name__
     if name not in ADAPTERS:
         raise TypeError(f"{model}: the pipeline's transformer is {name}; tcpass supports {sorted(ADAPTERS)}.")
     return pipe
@@ -55,17 +63,22 @@ def generate(
     height: int | None = None,
     width: int | None = None,
 ) -> Generated:
-    """Run ``pipe`` once (its own progress bar); with ``plan``, its transformer runs TokenCache."""
-    from tcpass.runtime import transform
+    """Run ``pipe`` once (its own progress bar); with ``plan``, its transformer runs TokenCache.
+
+    A pipeline whose transformer is already transformed (loaded from a saved transform) runs its own
+    plan, or ``plan`` in its place.
+    """
+    from tcpass.runtime import TokenCacheTransformer, transform
 
     original = pipe.transformer
-    tm = None
+    tm = original if isinstance(original, TokenCacheTransformer) else None
+    base = original.transformer if tm is not None else original
     if plan is not None:
-        pipe.transformer = tm = transform(original, plan, plan_dir=plan_dir)
+        pipe.transformer = tm = transform(base, plan, plan_dir=plan_dir)
     kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed)}
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
-    if type(original).__name__ == "DiTTransformer2DModel":
+    if type(base).__name__ == "DiTTransformer2DModel":
         if class_label is None:
             raise ValueError("a DiT pipeline is class-conditional: pass --class-label (an ImageNet class id).")
         kwargs["class_labels"] = [class_label]
@@ -77,6 +90,7 @@ def generate(
             kwargs["height"] = height
         if width is not None:
             kwargs["width"] = width
+    before = {kind.value: n for kind, n in tm.step_counts.items()} if tm is not None else {}
     try:
         start = time.perf_counter()
         image = pipe(**kwargs).images[0]
@@ -84,4 +98,6 @@ def generate(
     finally:
         pipe.transformer = original
     counts = {kind.value: n for kind, n in tm.step_counts.items()} if tm is not None else {}
+    if tm is original:  # counts of this call only
+        counts = {k: n - before.get(k, 0) for k, n in counts.items()}
     return Generated(image, seconds, counts)

@@ -9,12 +9,13 @@ traced; checks that need the model (block indices, model fingerprint) run in `tc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from tcpass.files import sha256_of, write_atomic
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
 SELECTOR_KINDS = ("input_change", "random", "static", "dynamic", "toca")
@@ -361,8 +362,8 @@ def _reject_unknown(where: str, d: Any, cls: type) -> None:
 
 
 def save_plan(plan: CachePlan, path: str | Path) -> None:
-    """Write ``plan`` as human-readable JSON."""
-    Path(path).write_text(plan.to_json() + "\n")
+    """Write ``plan`` as human-readable JSON, atomically (temporary file, then rename)."""
+    write_atomic(path, plan.to_json() + "\n")
 
 
 def load_plan(path: str | Path) -> CachePlan:
@@ -392,7 +393,7 @@ def load_plan(path: str | Path) -> CachePlan:
                 f"{selector.kind} predictor weights; keep them next to the plan or re-run `tcpass calibrate`)."
             )
         if selector.sha256 is not None:
-            digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+            digest = sha256_of(weights)
             if digest != selector.sha256:
                 raise ValueError(
                     f"{path}: selector.sha256 = {selector.sha256} but {weights} has sha256 {digest}: the "

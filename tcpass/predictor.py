@@ -16,7 +16,6 @@ Weights are safetensors with their configuration in the file's metadata; no pick
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from tcpass.files import sha256_of
 
 NUM_FREQUENCIES = 8  # sinusoidal timestep features: 2 * NUM_FREQUENCIES values
 TIMESTEP_RANGE = 1000.0  # timesteps are read in [0, TIMESTEP_RANGE)
@@ -123,10 +124,6 @@ def save_predictor(predictor: DynamicPredictor, path: str | Path) -> str:
     meta = {"tcpass_predictor": predictor.kind, "config": json.dumps(predictor.config())}
     save_file(tensors, str(path), metadata=meta)
     return sha256_of(path)
-
-
-def sha256_of(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_predictor(

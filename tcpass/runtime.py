@@ -11,20 +11,25 @@ so their addresses never change (what CUDA graphs need) and a new generation sta
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import ModelMixin  # also how diffusers finds our loader (model_index.json: "tcpass.runtime")
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from tcpass.adapters import ModelAdapter, adapter_for
 from tcpass.compile import compile_step_graphs
+from tcpass.files import sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs
-from tcpass.plan import CachePlan
+from tcpass.plan import CachePlan, load_plan
 from tcpass.predictor import load_predictor
 from tcpass.schedule import Step, StepKind, TPRRState
 from tcpass.selectors import make_selector
@@ -34,8 +39,42 @@ logger = logging.getLogger("tcpass")
 
 Signature = tuple[Any, ...]
 
+SAVED_MANIFEST = "tcpass.json"  # written last by save_pretrained: a directory without it is not a saved transform
+SAVED_PLAN = "tcpass_plan.json"
+SAVED_FORMAT = 1
 
-class TokenCacheTransformer(nn.Module):
+# ModelMixin methods that change the wrapped model's attention or layers. The graphs were traced from
+# the model as it was, so such a change would not reach them: refuse instead of silently ignoring it.
+_TRACED_AWAY = (
+    "set_use_npu_flash_attention",
+    "enable_npu_flash_attention",
+    "enable_xla_flash_attention",
+    "set_use_memory_efficient_attention_xformers",
+    "enable_xformers_memory_efficient_attention",
+    "enable_layerwise_casting",
+    "enable_group_offload",
+    "set_attention_backend",
+    "compile_repeated_blocks",
+    "enable_parallelism",
+    "fuse_qkv_projections",
+    "set_attn_processor",
+    "set_default_attn_processor",
+)
+
+
+def _traced_away(name: str):
+    def refuse(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"TokenCacheTransformer.{name}: tcpass traced its graphs from the model as it was, so this change "
+            f"would not reach them. Call `{name}` on the original model, then `tcpass.transform` it."
+        )
+
+    refuse.__name__ = name
+    refuse.__doc__ = f"Not supported after `tcpass.transform`: call `{name}` on the original model first."
+    return refuse
+
+
+class TokenCacheTransformer(ModelMixin):
     """A diffusion transformer running TokenCache. Build it with `tcpass.transform`.
 
     Inference only: calls run under ``torch.no_grad()``.
@@ -43,6 +82,14 @@ class TokenCacheTransformer(nn.Module):
     The wrapped model is registered as ``self.transformer`` and shared, never modified: its
     parameters are the ones the graphs compute with. Graphs are built per input signature (shapes,
     dtypes, device) on first use; a new signature or a rising timestep starts a new generation.
+
+    It is a diffusers ``ModelMixin``, so pipelines save, load and move it like their own models:
+    ``pipe.save_pretrained(d)`` writes the original model in diffusers' format plus the plan
+    (`save_pretrained`), and ``DiffusionPipeline.from_pretrained(d)`` gives the transformed model
+    back (`from_pretrained`) once ``tcpass.runtime`` is imported (``from tcpass import transform``).
+    ``.to(device/dtype)`` re-traces on the next call. Methods that would change the wrapped
+    model's attention or layers after tracing (``enable_xformers_memory_efficient_attention``,
+    ``set_attention_backend``, ``enable_layerwise_casting``, ...) raise ``NotImplementedError``.
 
     Attributes:
         plan: the `CachePlan` in force.
@@ -68,6 +115,7 @@ class TokenCacheTransformer(nn.Module):
         self._compile_options = compile_options
         self._graphs: dict[Signature, StepGraphs] = {}
         self._add_graphs(self._signature_of(graphs), graphs)
+        self._plan_dir = plan_dir
         self._selector = make_selector(plan.selector, plan_dir)
         self._forward_signature = inspect.signature(model.forward)
         self._state = TPRRState(plan.schedule, plan.skip)
@@ -91,6 +139,108 @@ class TokenCacheTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.transformer.device
+
+    def enable_gradient_checkpointing(self, *args, **kwargs):
+        raise NotImplementedError("TokenCacheTransformer is inference-only: gradient checkpointing does not apply.")
+
+    # Save and load ------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the original model in diffusers' own format, plus the plan next to it.
+
+        ``save_directory`` gets what ``self.transformer.save_pretrained`` writes (``config.json`` and
+        safetensors weights: any diffusers install loads them with the original class), then
+        ``tcpass_plan.json`` (and the selector's weights file, if the plan has one, with its sha256),
+        then ``tcpass.json`` last, which marks the directory as a saved transform. `from_pretrained`
+        reads it back. Safetensors only: ``safe_serialization=False`` is refused (no pickle).
+        """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: tcpass saves safetensors only (no pickle); leave it True.")
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: save locally, then upload the directory.")
+        save_directory = Path(save_directory)
+        if save_directory.is_file():
+            raise ValueError(f"save_directory = {str(save_directory)!r} is a file; pass a directory.")
+        self.transformer.save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            safe_serialization=True,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
+        if not is_main_process:
+            return
+        plan = self.plan
+        if plan.selector.path:
+            source = Path(plan.selector.path)
+            if not source.is_absolute() and self._plan_dir is not None:
+                source = self._plan_dir / source
+            name = "tcpass_selector" + source.suffix
+            write_atomic(save_directory / name, source.read_bytes())
+            selector = dataclasses.replace(plan.selector, path=name, sha256=sha256_of(save_directory / name))
+            plan = dataclasses.replace(plan, selector=selector)
+        write_atomic(save_directory / SAVED_PLAN, plan.to_json() + "\n")
+        backend = None if self._compile_options is None else self._compile_options["backend"]
+        mode = None if self._compile_options is None else self._compile_options["mode"]
+        manifest = {
+            "format": SAVED_FORMAT,
+            "model_class": type(self.transformer).__name__,
+            "plan": SAVED_PLAN,
+            "backend": backend,
+            "compile_mode": mode,
+        }
+        write_atomic(save_directory / SAVED_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs
+    ) -> TokenCacheTransformer:
+        """Load a transformed model written by `save_pretrained` (a local directory).
+
+        The original model is loaded with its own diffusers class and every loading keyword
+        (``torch_dtype``, ``variant``, ``device_map``, ...), then transformed with the saved plan
+        (its selector file checked by sha256) and the saved ``backend``/``compile_mode``.
+        Pass ``backend=...``/``compile_mode=...`` to override them.
+
+        Raises:
+            FileNotFoundError: the directory is not a saved transform (no ``tcpass.json``).
+            ValueError: the manifest or the plan is invalid, naming the field.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if subfolder:
+            path = path / subfolder
+        manifest_path = path / SAVED_MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a transformer saved by tcpass (no {SAVED_MANIFEST}); load it with its diffusers "
+                "class and call tcpass.transform, or save it with TokenCacheTransformer.save_pretrained."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest_path}: not valid JSON ({e}).") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != SAVED_FORMAT:
+            got = manifest.get("format") if isinstance(manifest, dict) else manifest
+            raise ValueError(f"{manifest_path}: format = {got!r}; this tcpass reads format {SAVED_FORMAT}.")
+        model_cls = getattr(diffusers, str(manifest.get("model_class")), None)
+        if not (isinstance(model_cls, type) and issubclass(model_cls, ModelMixin)):
+            raise ValueError(
+                f"{manifest_path}: model_class = {manifest.get('model_class')!r} is not a diffusers model class."
+            )
+        backend = kwargs.pop("backend", manifest.get("backend"))
+        compile_mode = kwargs.pop("compile_mode", manifest.get("compile_mode"))
+        plan = load_plan(path / str(manifest.get("plan", SAVED_PLAN)))
+        model = model_cls.from_pretrained(path, **kwargs)
+        return transform(model, plan, plan_dir=path, backend=backend, compile_mode=compile_mode)
 
     def _apply(self, fn, recurse: bool = True):
         # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half().
@@ -246,6 +396,11 @@ class TokenCacheTransformer(nn.Module):
         )
 
 
+for _name in _TRACED_AWAY:
+    setattr(TokenCacheTransformer, _name, _traced_away(_name))
+del _name
+
+
 def transform(
     model: nn.Module,
     plan: CachePlan,
@@ -273,6 +428,10 @@ def transform(
         TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.
         ValueError: the plan does not fit the model (block index, fingerprint), naming the field.
     """
+    if isinstance(model, TokenCacheTransformer):
+        raise TypeError(
+            "model is already transformed by tcpass; pass model.transformer (the original) to apply another plan."
+        )
     adapter = adapter_for(model)
     if not isinstance(plan, CachePlan):
         raise TypeError(f"plan must be a tcpass.CachePlan, got {type(plan).__name__}.")

@@ -7,12 +7,12 @@ score table per block and timestep, the interface a trained static Cache Predict
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tcpass.files import sha256_of
 from tcpass.passes.layout import TensorSpec
 from tcpass.plan import SelectorSpec
 
@@ -57,7 +57,7 @@ class StaticScoreSelector:
         if not path.is_file():
             raise FileNotFoundError(f"static selector scores file {path} does not exist.")
         if sha256 is not None:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_of(path)
             if digest != sha256:
                 raise ValueError(f"{path}: sha256 {digest} does not match the plan's selector.sha256 {sha256}.")
         tensors = load_file(str(path))
@@ -70,7 +70,7 @@ class StaticScoreSelector:
         """Write the table as safetensors; returns its sha256 for ``SelectorSpec.sha256``."""
         blocks = torch.tensor(sorted(self.rows, key=self.rows.get), dtype=torch.long)
         save_file({"scores": self.scores.contiguous(), "timesteps": self.timesteps, "blocks": blocks}, str(path))
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_of(path)
 
     def reset(self) -> None:
         pass

@@ -1,4 +1,4 @@
-"""Tiny PixArt-alpha/Sigma, SD3 and Flux pipelines: random weights, text encoders from transformers
+"""Tiny DiT, PixArt-alpha/Sigma, SD3 and Flux pipelines: random weights, text encoders from transformers
 configs, a word-level tokenizer; saved to a local directory and reloaded with ``from_pretrained``."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from tests.conftest import make_dit
 from tests.families import make_flux, make_pixart, make_sd3
 
 WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree"]
@@ -65,7 +66,20 @@ def vae() -> AutoencoderKL:
 
 
 def build(family: str):
-    """A tiny pipeline of ``family`` ("pixart_alpha", "pixart_sigma", "sd3", "flux")."""
+    """A tiny pipeline of ``family`` ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux")."""
+    if family == "dit":
+        torch.manual_seed(0)
+        dit_vae = AutoencoderKL(
+            block_out_channels=(32,),
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=16,
+        ).eval()
+        return diffusers.DiTPipeline(
+            transformer=make_dit(), vae=dit_vae, scheduler=DDIMScheduler(), id2label={0: "zero", 1: "one"}
+        )
     if family in ("pixart_alpha", "pixart_sigma"):
         cls = diffusers.PixArtAlphaPipeline if family == "pixart_alpha" else diffusers.PixArtSigmaPipeline
         return cls(
