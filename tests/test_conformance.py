@@ -255,3 +255,14 @@ def test_a_plan_with_a_selector_file_round_trips(dit, tmp_path):
     copied.write_bytes(copied.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="sha256"):
         TokenCacheTransformer.from_pretrained(tmp_path / "saved")
+
+
+def test_variants_round_trip(tmp_path):
+    pipe = build("dit")
+    pipe.transformer = tcpass.transform(pipe.transformer, DEFAULT)
+    want = generate(pipe, "dit")
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    again = DiffusionPipeline.from_pretrained(tmp_path, variant="fp16")
+    assert isinstance(again.transformer, TokenCacheTransformer)
+    assert np.abs(generate(again, "dit") - want).max() <= 1e-6
