@@ -3,15 +3,34 @@
 The calibrated skip table (`StepSkip`) is consulted first: a call at a listed timestep skips the
 block stack. Every other call follows the two-phase round-robin (TPRR). The state lives in the
 runtime, one per transformed model and cache context. It needs no step count: a generation starts
-at the first call and a new one is detected when the timestep goes up again.
+at the first call, and a call whose timestep is not below the previous one starts a new one
+(a stray warm-up call at the first timestep, or a sampler restarting). Timesteps are on the
+0..1000 scale; a non-finite or out-of-range timestep is refused before any state changes.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import math
 from dataclasses import dataclass
 
 from tcpass.plan import StepSkip, TPRRSchedule
+
+logger = logging.getLogger("tcpass")
+
+MAX_TIMESTEP = 1000.0  # the schedule's scale: 0 (clean) .. 1000 (pure noise)
+_SHORT_GENERATIONS_WARNING = 3  # this many generations of <= 2 calls in a row: warn once
+
+
+def check_timestep(timestep: float) -> None:
+    """Raise ``ValueError`` unless ``timestep`` is finite and within 0..1000 (the schedule's scale)."""
+    if not math.isfinite(timestep) or not 0.0 <= timestep <= MAX_TIMESTEP * (1 + 1e-6):
+        raise ValueError(
+            f"timestep = {timestep!r} (on the 0..1000 scale) is not a diffusion timestep: it must be finite and "
+            f"within 0..{MAX_TIMESTEP:g}. Pass the scheduler's timestep (for flow-matching models such as Flux, "
+            "t in 0..1, which the adapter scales by 1000)."
+        )
 
 
 class StepKind(enum.Enum):
@@ -34,6 +53,8 @@ class TPRRState:
     def __init__(self, schedule: TPRRSchedule, skip: StepSkip | None = None) -> None:
         self.schedule = schedule
         self.skip = skip
+        self._short_generations = 0
+        self._warned = False
         self.reset()
 
     def reset(self) -> None:
@@ -46,11 +67,21 @@ class TPRRState:
     def phase_of(self, timestep: float) -> int:
         return 0 if timestep >= self.schedule.boundary_timestep else 1
 
+    def starts_generation(self, timestep: float) -> bool:
+        """Whether a call at ``timestep`` would start a new generation (first call, or not below the last)."""
+        return self._prev_timestep is None or timestep >= self._prev_timestep
+
     def step(self, timestep: float) -> Step:
-        """Advance by one model call at ``timestep`` and return what this call must compute."""
+        """Advance by one model call at ``timestep`` and return what this call must compute.
+
+        Raises:
+            ValueError: ``timestep`` is not finite or not within 0..1000 (nothing changes).
+        """
+        check_timestep(timestep)
         s = self.schedule
-        new_generation = self._prev_timestep is None or timestep > self._prev_timestep
+        new_generation = self.starts_generation(timestep)
         if new_generation:
+            self._note_generation_length()
             self.reset()
         phase = self.phase_of(timestep)
         scale = None if self.skip is None or new_generation else self.skip.scale_at(timestep)
@@ -74,6 +105,21 @@ class TPRRState:
         self._phase = phase
         self._calls += 1
         return Step(kind, phase, new_generation)
+
+    def _note_generation_length(self) -> None:
+        """Warn once when generations keep ending after one or two calls: caching keeps restarting."""
+        if self._prev_timestep is None:
+            return
+        self._short_generations = self._short_generations + 1 if self._calls <= 2 else 0
+        if self._short_generations >= _SHORT_GENERATIONS_WARNING and not self._warned:
+            self._warned = True
+            logger.warning(
+                "tcpass: the timestep repeats or rises every call or two, so every such call starts a new "
+                "generation and runs FULL (at most one call in two is cached). A sampler that evaluates the "
+                "model twice at one timestep (Heun) is not supported for caching; one that calls it for two "
+                "streams needs "
+                "`with model.cache_context(name):` per stream."
+            )
 
 
 def simulate(schedule: TPRRSchedule, timesteps: list[float], skip: StepSkip | None = None) -> list[Step]:

@@ -45,6 +45,30 @@ def test_interval_one_is_always_full():
     assert kinds(TPRRSchedule(intervals=(1, 1)), [900, 700, 500, 300]) == [F, F, F, F]
 
 
-def test_repeated_timestep_continues_the_generation():
+def test_a_timestep_not_below_the_last_starts_a_new_generation():
+    """A stray call at the first timestep (a warm-up) must not leave its caches to the generation."""
     state = TPRRState(TPRRSchedule(boundary_timestep=0, intervals=(3, 3)))
-    assert [state.step(t).kind for t in (900, 900, 800)] == [F, C, C]
+    steps = [state.step(t) for t in (900, 900, 800, 700, 700)]
+    assert [st.kind for st in steps] == [F, F, C, C, F]
+    assert [st.new_generation for st in steps] == [True, True, False, False, True]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 5000.0, -1.0, 1000.5])
+def test_bad_timesteps_are_refused_and_change_nothing(bad):
+    schedule = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))
+    state, clean = TPRRState(schedule), TPRRState(schedule)
+    state.step(900)
+    clean.step(900)
+    with pytest.raises(ValueError, match="0..1000"):
+        state.step(bad)
+    assert [state.step(t) for t in (800, 700, 600)] == [clean.step(t) for t in (800, 700, 600)]
+    assert TPRRState(schedule).step(1000.0).kind is F  # the top of the scale is a timestep
+
+
+def test_a_sampler_repeating_timesteps_is_warned_about_once(caplog):
+    state = TPRRState(TPRRSchedule(boundary_timestep=0, intervals=(3, 3)))
+    heun = [900, 800, 800, 700, 700, 600, 600, 500, 500]  # second-order: two calls per timestep
+    with caplog.at_level("WARNING", logger="tcpass"):
+        kinds_ = [state.step(t).kind for t in heun]
+    assert kinds_ == [F, C, F, C, F, C, F, C, F]  # each repeat restarts: correct, but little is cached
+    assert sum("Heun" in r.message for r in caplog.records) == 1
