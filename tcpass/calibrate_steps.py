@@ -14,9 +14,14 @@ Works on the model's own full-compute generations (`tcpass.calibrate.collect`, c
    - evenly spread skips, stack or output level;
    - fewer sampler steps (``sampler_steps``), no skipping: the baseline every table must beat.
 3. **Speed** is predicted from measured per-call times of the FULL and SKIP graphs at ``batch``;
-   candidates predicted within [1, ``window``] x the target are generated on the calibration noise
-   and the best PSNR against full compute wins (``min_psnr``: the fastest that holds the floor).
-   The chosen plan's speedup is then measured on whole generations, interleaved with full compute.
+   candidates predicted within [1/``window``, ``window``] x the target are generated on the
+   calibration noise and ranked by PSNR against full compute.
+4. **Verified choice**: a prediction from per-call times misses per-step overheads, so the best
+   candidates are measured on whole generations interleaved with full compute, best PSNR first,
+   and the first whose *measured* speedup reaches the target wins (up to ``max_verified``; the
+   measured/predicted bias of those verified so far skips candidates that cannot reach it). If
+   none does, the fastest verified one is written and the report says the target was missed.
+   (``min_psnr``: the fastest predicted candidate that holds the floor, then measured.)
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class StepCandidate:
     plan: CachePlan
     predicted_speedup: float
     psnr_db: float | None = None
+    measured_speedup: float | None = None  # whole generations, interleaved with full compute
 
 
 @dataclass
@@ -118,20 +124,27 @@ class StepCalibrationReport:
     call_seconds: dict[str, float]
     measured_speedup: float | None = None
     measured_seconds: dict[str, list[float]] = field(default_factory=dict)
+    target_speedup: float | None = None
 
     def format(self) -> str:
-        rows = [f"{'candidate':44} {'predicted':>9} {'PSNR dB':>8}"]
+        rows = [f"{'candidate':44} {'predicted':>9} {'measured':>9} {'PSNR dB':>8}"]
         for c in sorted(self.candidates, key=lambda c: c.predicted_speedup):
             mark = "  <- chosen" if c is self.chosen else ""
             psnr = "-" if c.psnr_db is None else f"{c.psnr_db:8.2f}"
-            rows.append(f"{c.name:44} {c.predicted_speedup:8.2f}x {psnr:>8}{mark}")
+            measured = "-" if c.measured_speedup is None else f"{c.measured_speedup:8.2f}x"
+            rows.append(f"{c.name:44} {c.predicted_speedup:8.2f}x {measured:>9} {psnr:>8}{mark}")
         if self.measured_speedup is not None:
             rows.append(f"chosen plan, measured on whole generations: {self.measured_speedup:.2f}x")
+            if self.target_speedup is not None and self.measured_speedup < self.target_speedup:
+                rows.append(
+                    f"TARGET MISSED: no verified candidate reached {self.target_speedup}x; wrote the fastest verified."
+                )
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
         return {
             "chosen": self.chosen.name,
+            "target_speedup": self.target_speedup,
             "measured_speedup": self.measured_speedup,
             "measured_seconds": self.measured_seconds,
             "call_seconds": self.call_seconds,
@@ -141,6 +154,7 @@ class StepCalibrationReport:
                     "name": c.name,
                     "predicted_speedup": c.predicted_speedup,
                     "psnr_db": c.psnr_db,
+                    "measured_speedup": c.measured_speedup,
                     "plan": c.plan.to_dict(),
                 }
                 for c in self.candidates
@@ -210,9 +224,10 @@ def calibrate_steps(
     num_samples: int = 16,
     steps: int = 50,
     guidance_scale: float = 4.0,
-    window: float = 1.08,
-    max_evaluated: int = 24,
+    window: float = 1.12,
+    max_evaluated: int = 32,
     verify_reps: int = 2,
+    max_verified: int = 4,
     progress: bool = True,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
@@ -221,9 +236,11 @@ def calibrate_steps(
         target_speedup: wall-clock speedup to reach (x, > 1); or ``min_psnr`` (dB vs full compute).
         batch: the model batch speeds are timed at (2 = one image with classifier-free guidance).
         num_samples / steps / guidance_scale: the calibration generations (DDIM, full compute).
-        window: candidates predicted within [target, window * target] are evaluated.
+        window: candidates predicted within [target / window, window * target] are evaluated.
         max_evaluated: at most this many candidates are generated (evenly over predicted speed).
-        verify_reps: interleaved whole-generation timings of the chosen plan vs full compute.
+        verify_reps: interleaved whole-generation timings of a candidate vs full compute (after a warm-up round).
+        max_verified: at most this many candidates are timed on whole generations (``verify_reps`` 0: none;
+            the best predicted-at-target PSNR is then chosen unmeasured).
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
@@ -238,44 +255,85 @@ def calibrate_steps(
         StepCandidate(n, p, predicted_speedup(p, steps, seconds)) for n, p in step_candidates(timesteps, ratios, base)
     ]
     if target_speedup is not None:
-        pool = [c for c in pool if target_speedup <= c.predicted_speedup <= window * target_speedup]
+        pool = [c for c in pool if target_speedup / window <= c.predicted_speedup <= window * target_speedup]
         if not pool:
             raise ValueError(
-                f"no step candidate is predicted within [{target_speedup}, {window * target_speedup:.2f}]x."
+                f"no step candidate is predicted within [{target_speedup / window:.2f}, "
+                f"{window * target_speedup:.2f}]x."
             )
     pool.sort(key=lambda c: c.predicted_speedup)
-    if len(pool) > max_evaluated:  # keep every fewer-steps baseline, thin the rest evenly over speed
-        baselines = [c for c in pool if c.plan.skip is None]
-        others = [c for c in pool if c.plan.skip is not None]
-        picks = np.linspace(0, len(others) - 1, max(1, max_evaluated - len(baselines))).round().astype(int)
-        pool = sorted(baselines + [others[i] for i in sorted(set(picks))], key=lambda c: c.predicted_speedup)
+    if len(pool) > max_evaluated:  # thin evenly over speed: up to a quarter fewer-steps baselines, then tables
+        baselines = _evenly([c for c in pool if c.plan.skip is None], max(1, max_evaluated // 4))
+        others = _evenly([c for c in pool if c.plan.skip is not None], max_evaluated - len(baselines))
+        pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
-    if target_speedup is not None:
-        chosen = max(pool, key=lambda c: c.psnr_db)
+    if target_speedup is not None and verify_reps > 0:
+        chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress)
+    elif target_speedup is not None:
+        chosen = max((c for c in pool if c.predicted_speedup >= target_speedup), key=lambda c: c.psnr_db)
     else:
         holding = [c for c in pool if c.psnr_db >= min_psnr]
         if not holding:
             raise ValueError(f"no step candidate holds {min_psnr} dB (best {max(c.psnr_db for c in pool):.2f} dB).")
         chosen = max(holding, key=lambda c: c.predicted_speedup)
-    plan = dataclasses.replace(
-        chosen.plan,
-        notes={
-            "calibrated_by": "tcpass calibrate --policy steps",
-            "candidate": chosen.name,
-            "predicted_speedup": round(chosen.predicted_speedup, 3),
-            "calibration_psnr_db": round(chosen.psnr_db, 3),
-            "batch": batch,
-            "samples": num_samples,
-            "steps": steps,
-        },
+        if verify_reps > 0:
+            chosen.measured_speedup, _ = verify_speedup(model, chosen.plan, data, verify_reps)
+    notes = {
+        "calibrated_by": "tcpass calibrate --policy steps",
+        "candidate": chosen.name,
+        "predicted_speedup": round(chosen.predicted_speedup, 3),
+        "calibration_psnr_db": round(chosen.psnr_db, 3),
+        "batch": batch,
+        "samples": num_samples,
+        "steps": steps,
+    }
+    if chosen.measured_speedup is not None:
+        notes["measured_speedup"] = round(chosen.measured_speedup, 3)
+    plan = dataclasses.replace(chosen.plan, notes=notes)
+    report = StepCalibrationReport(
+        plan, chosen, pool, ratios, seconds, measured_speedup=chosen.measured_speedup, target_speedup=target_speedup
     )
-    report = StepCalibrationReport(plan, chosen, pool, ratios, seconds)
-    if verify_reps > 0:
-        report.measured_speedup, report.measured_seconds = verify_speedup(model, plan, data, verify_reps)
-        plan.notes["measured_speedup"] = round(report.measured_speedup, 3)
     _write_atomically(out, plan, report)
     return report
+
+
+def _evenly(items: list, n: int) -> list:
+    """At most ``n`` of ``items`` (sorted), evenly spaced, first and last included."""
+    if len(items) <= n:
+        return items
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, n).round().astype(int)))]
+
+
+def verified_choice(
+    model: nn.Module,
+    pool: list[StepCandidate],
+    data: CalibrationData,
+    target: float,
+    reps: int,
+    max_verified: int,
+    progress: bool = False,
+) -> StepCandidate:
+    """Best PSNR first, the first candidate whose measured speedup reaches ``target`` (see module doc)."""
+    verified: list[StepCandidate] = []
+    bias = 1.0  # measured / predicted, median over the candidates verified so far
+    for c in sorted(pool, key=lambda c: -c.psnr_db):
+        if len(verified) >= max_verified:
+            break
+        if c.predicted_speedup * bias < 0.98 * target:
+            continue  # expected to miss by more than timing noise
+        c.measured_speedup, _ = verify_speedup(model, c.plan, data, reps)
+        verified.append(c)
+        if progress:
+            tqdm.write(f"verified {c.name}: {c.measured_speedup:.2f}x (predicted {c.predicted_speedup:.2f}x)")
+        if c.measured_speedup >= target:
+            return c
+        bias = statistics.median(v.measured_speedup / v.predicted_speedup for v in verified)
+    if not verified:  # every candidate predicted short of the target
+        c = max(pool, key=lambda c: c.predicted_speedup)
+        c.measured_speedup, _ = verify_speedup(model, c.plan, data, reps)
+        verified.append(c)
+    return max(verified, key=lambda c: c.measured_speedup)
 
 
 @torch.no_grad()
