@@ -327,7 +327,26 @@ def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
         selector = tcpass.SelectorSpec(kind="dynamic", path=str(tmp_path / "p.safetensors"), sha256=digest)
     plan = CachePlan(keep_ratio=0.25, attention="cached_kv", selector=selector)
     export_onnx(tcpass.transform(model, plan), tmp_path / "onnx", null_label=1000)
-    runtime = OrtTokenCacheRuntime(tmp_path / "onnx")
+    _assert_runtime_matches_eager(model, plan, OrtTokenCacheRuntime(tmp_path / "onnx"))
+
+
+def test_static_selector_export_matches_eager_and_guards_its_tables(tmp_path):
+    from tcpass.selectors import StaticScoreSelector
+
+    model = make_dit()
+    scores = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))
+    digest = StaticScoreSelector(scores, torch.tensor([900.0, 300.0]), torch.arange(3)).save(tmp_path / "s.safetensors")
+    selector = tcpass.SelectorSpec(kind="static", path=str(tmp_path / "s.safetensors"), sha256=digest)
+    plan = CachePlan(keep_ratio=0.25, attention="cached_kv", selector=selector)
+    export_onnx(tcpass.transform(model, plan), tmp_path / "onnx", null_label=1000)
+    _assert_runtime_matches_eager(model, plan, OrtTokenCacheRuntime(tmp_path / "onnx"))
+    table = tmp_path / "onnx" / "static_scores.npy"
+    np.save(table, -np.load(table), allow_pickle=False)  # same size, other ranking
+    with pytest.raises(ManifestError, match="static_scores.npy: sha256 differs from manifest.json selector.scores"):
+        OrtTokenCacheRuntime(tmp_path / "onnx")
+
+
+def _assert_runtime_matches_eager(model, plan, runtime):
     eager = tcpass.transform(model, plan)
     g = torch.Generator().manual_seed(0)
     scheduler = make_scheduler()
