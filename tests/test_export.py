@@ -443,6 +443,8 @@ def _snapshot(directory: Path) -> dict[str, str]:
 def test_interrupted_re_export_leaves_the_previous_export_untouched(copy_of):
     before = _snapshot(copy_of)
     script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
         import tcpass
         from tcpass.export.onnx_export import export_onnx
         from tests.conftest import make_dit
