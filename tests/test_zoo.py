@@ -57,3 +57,27 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "TokenCache" in format_table(result)
     path = save_grid(result, tmp_path / "grid.png")
     assert path.stat().st_size > 1000
+
+
+def test_model_loads_print_no_install_accelerate_notice(tmp_path):
+    import logging
+
+    from tcpass.adapters import load_transformer
+    from tcpass.generate import load_pipeline
+    from tests.conftest import make_dit
+    from tests.pipelines import build
+
+    make_dit().save_pretrained(tmp_path / "dit")
+    build("dit").save_pretrained(tmp_path / "pipe")
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    diffusers_log = logging.getLogger("diffusers")  # its own handler, no propagation: capture fixtures miss it
+    diffusers_log.addHandler(handler)
+    try:
+        load_reference_model()
+        load_transformer(tmp_path / "dit")
+        load_pipeline(tmp_path / "pipe")
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert not [m for m in messages if "accelerate" in m]
