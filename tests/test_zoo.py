@@ -1,5 +1,6 @@
 """The shipped reference model and its evaluator."""
 
+import pytest
 import torch
 
 import tcpass
@@ -50,8 +51,11 @@ def test_shipped_plan_loads_and_fits_the_model():
     assert {b: k for b, k in graphs.cached[0].keep.items()} == {b: 64 for b in range(8)}
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = run_demo(steps=4, rounds=1, progress=False)
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    result = run_demo(steps=4, rounds=1, progress=True)
+    progress = capsys.readouterr().err  # the bar says what runs: warm-up, then timed rounds, each variant
+    for phase in ("warm-up", "timed round 1/1"):
+        assert f"{phase}: full compute" in progress and f"{phase}: tcpass" in progress
     assert result.full_images.shape == result.cached_images.shape == (10, 1, 32, 32)
     assert len(result.psnr_db) == 10 and (result.ssim <= 1).all()
     assert "TokenCache" in format_table(result)
@@ -81,3 +85,16 @@ def test_model_loads_print_no_install_accelerate_notice(tmp_path):
     finally:
         diffusers_log.removeHandler(handler)
     assert not [m for m in messages if "accelerate" in m]
+
+
+def test_default_demo_and_generate_outputs_are_git_ignored():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("tcpass_demo.png", "tcpass.png", "bench/tcpass_demo.png"):
+        result = subprocess.run(["git", "check-ignore", "-q", name], cwd=root)
+        assert result.returncode == 0, f"{name} is not git-ignored"
