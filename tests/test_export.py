@@ -473,3 +473,13 @@ def test_re_export_replaces_the_previous_export(exported, copy_of):
     export_onnx(tcpass.transform(model, other), copy_of, null_label=1000)
     OrtTokenCacheRuntime(copy_of, expected_plan=other)
     assert not list(copy_of.parent.glob(f".{copy_of.name}.*"))
+
+
+def test_export_directory_gets_the_usual_permissions(exported, tmp_path):
+    import os
+
+    model, _ = exported
+    export_onnx(tcpass.transform(model, CachePlan.no_cache()), tmp_path / "out", null_label=1000)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

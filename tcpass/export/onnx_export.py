@@ -26,8 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -206,17 +206,22 @@ def _check_target(out_dir: Path) -> None:
         )
 
 
+def _sibling(out_dir: Path, role: str) -> Path:
+    """An unused hidden name beside ``out_dir`` (same file system, so renaming it is atomic)."""
+    return out_dir.parent / f".{out_dir.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
     """Rename ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted after."""
     if not out_dir.exists():
         os.rename(staging, out_dir)
         return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-    os.rename(out_dir, old / out_dir.name)
+    old = _sibling(out_dir, "old")
+    os.rename(out_dir, old)
     try:
         os.rename(staging, out_dir)
     except BaseException:
-        os.rename(old / out_dir.name, out_dir)
+        os.rename(old, out_dir)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -250,7 +255,8 @@ def export_onnx(
     graphs: StepGraphs = model.step_graphs(inputs)
     null_label = _check_null_label(model, graphs.input_names, null_label)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    staging = _sibling(out_dir, "tmp")
+    staging.mkdir()  # not mkdtemp: the export directory gets the usual permissions (umask), not 0700
     try:
         _write_export(model, graphs, staging, inputs, opset, null_label, row_slices)
         _swap_into_place(staging, out_dir)
@@ -330,7 +336,7 @@ def _write_export(
     # Each graph carries the manifest it belongs with (the graphs' sha256 cannot be in it: they hash this copy).
     copy = json.dumps(manifest, sort_keys=True)
     for name, proto in protos.items():
-        onnx.helper.set_model_props(proto, {MANIFEST_METADATA: copy})
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, MANIFEST_METADATA: copy})
         path = out_dir / entries[name]["file"]
         onnx.save_model(proto, str(path))
         onnx.checker.check_model(str(path))
