@@ -217,6 +217,17 @@ def adapter_for(model: object) -> ModelAdapter:
     return ADAPTERS[name]
 
 
+def quiet_load_kwargs() -> dict:
+    """``from_pretrained`` keywords for tcpass's model loads.
+
+    Without ``accelerate`` installed, diffusers asks for it at every load unless
+    ``low_cpu_mem_usage=False`` is passed explicitly (which is what it then uses anyway).
+    """
+    from diffusers.utils import is_accelerate_available
+
+    return {"low_cpu_mem_usage": is_accelerate_available()}
+
+
 def load_transformer(path: str) -> nn.Module:
     """Load a supported diffusers transformer with ``from_pretrained`` (a local directory or a hub id).
 
@@ -239,4 +250,4 @@ def load_transformer(path: str) -> nn.Module:
         class_name = json.loads(Path(hf_hub_download(str(path), "config.json")).read_text()).get("_class_name")
     if class_name not in ADAPTERS:
         raise TypeError(f"{path}: model class {class_name!r} is not supported; supported: {sorted(ADAPTERS)}.")
-    return getattr(diffusers, class_name).from_pretrained(path, subfolder=subfolder).eval()
+    return getattr(diffusers, class_name).from_pretrained(path, subfolder=subfolder, **quiet_load_kwargs()).eval()

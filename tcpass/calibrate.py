@@ -29,6 +29,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
+from tcpass.files import write_atomic
 from tcpass.plan import CachePlan, SelectorSpec, TPRRSchedule, save_plan
 from tcpass.predictor import DynamicPredictor, StaticPredictor, save_predictor
 from tcpass.sampling import ddim_sample, make_scheduler
@@ -682,6 +686,11 @@ def calibrate(
 ) -> CalibrationReport:
     """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
 
+    The weights file is named by its content (``<plan stem>.predictor.<sha256[:12]>.safetensors``, or
+    ``.static_scores.`` for the static predictor), so a new calibration never overwrites the file the
+    previous plan at ``out`` references; the plan is written last, atomically. An interrupted run
+    leaves the previous plan and its weights loadable; a finished one deletes the previous weights.
+
     Args:
         target_speedup: wall-clock speedup to reach (within +8%), measured on this machine at ``batch``.
         min_psnr: alternatively, a quality floor in dB (PSNR of final samples vs full compute).
@@ -696,6 +705,7 @@ def calibrate(
     start = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous_weights = _own_weights_file(out)
     adapter = adapter_for(model)
     fingerprint = adapter.fingerprint(model)
     data = collect(model, num_samples, steps, seed=seed, progress=progress)
@@ -775,6 +785,8 @@ def calibrate(
     }
     report.plan = dataclasses.replace(winner.plan, notes=notes)
     save_plan(report.plan, out)
+    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
+        previous_weights.unlink(missing_ok=True)
     sidecar = {
         "candidates": [
             {"predicted_speedup": c.predicted_speedup, "psnr_db": c.psnr_db, "plan": c.plan.to_dict()}
@@ -783,18 +795,41 @@ def calibrate(
         "step_times_s": dataclasses.asdict(times),
         "train_losses": losses,
     }
-    out.with_suffix(".calibration.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    write_atomic(out.with_suffix(".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
     return report
 
 
+def _weights_name(out: Path, role: str, digest: str) -> str:
+    return f"{out.stem}.{role}.{digest[:12]}.safetensors"
+
+
+def _own_weights_file(out: Path) -> Path | None:
+    """The weights file the plan now at ``out`` references, if `calibrate` named it for that plan."""
+    try:
+        path = json.loads(out.read_text())["selector"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    pattern = rf"{re.escape(out.stem)}\.(predictor|static_scores)\.[0-9a-f]{{12}}\.safetensors"
+    return out.parent / path if isinstance(path, str) and re.fullmatch(pattern, path) else None
+
+
 def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
+    """Write the selector's file beside ``out`` under a content-addressed name; never overwrites another's."""
     if isinstance(predictor, StaticPredictor):
         from tcpass.selectors import StaticScoreSelector
 
         grid = torch.arange(0, 1000, 10, dtype=torch.float32)
         table = StaticScoreSelector(predictor.table(grid), grid, torch.arange(predictor.num_blocks))
-        path = out.with_suffix(".static_scores.safetensors")
-        digest = table.save(path)
-        return SelectorSpec(kind="static", path=path.name, sha256=digest)
-    path = out.with_suffix(".predictor.safetensors")
-    return SelectorSpec(kind="dynamic", path=path.name, sha256=save_predictor(predictor, path))
+        kind, role, save = "static", "static_scores", table.save
+    else:
+        kind, role, save = "dynamic", "predictor", lambda path: save_predictor(predictor, path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.{role}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        digest = save(tmp)
+        path = out.parent / _weights_name(out, role, digest)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return SelectorSpec(kind=kind, path=path.name, sha256=digest)

@@ -6,6 +6,29 @@ from pathlib import Path
 
 import click
 
+from tcpass.export import OPSETS
+
+POSITIVE = click.IntRange(min=1)
+
+
+def _plan_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
+    """Load the plan up front, so a bad file is one line naming the file and field, before any work."""
+    if path is not None:
+        from tcpass.plan import load_plan
+
+        try:
+            load_plan(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise click.BadParameter(str(e)) from e
+    return path
+
+
+def _output_file(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
+    """Fail before the run, not after it, when the output's directory does not exist."""
+    if not path.parent.is_dir():
+        raise click.BadParameter(f"{path}: directory {path.parent} does not exist; create it first.")
+    return path
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tcpass")
@@ -29,14 +52,17 @@ def main() -> None:
     "--plan",
     "plan_path",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    callback=_plan_file,
     help="Plan JSON (default: the reference model's shipped plan).",
 )
-@click.option("--steps", default=50, show_default=True, help="DDIM steps.")
+@click.option("--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--per-class", default=1, show_default=True, help="Samples per class.")
+@click.option("--per-class", type=POSITIVE, default=1, show_default=True, help="Samples per class.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--rounds", default=3, show_default=True, help="Timed generations per variant (after a warm-up).")
-@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--rounds", type=POSITIVE, default=3, show_default=True, help="Timed generations per variant (after a warm-up)."
+)
+@click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option(
     "--malloc-default",
     is_flag=True,
@@ -49,7 +75,8 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     default=Path("tcpass_demo.png"),
     show_default=True,
-    help="Where to write the PNG grid.",
+    callback=_output_file,
+    help="Where to write the PNG grid (its directory must exist).",
 )
 def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
     """Full compute vs TokenCache on a shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
@@ -86,16 +113,23 @@ def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, 
     "plan_path",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     default=None,
+    callback=_plan_file,
     help="TokenCache plan JSON; without it the pipeline runs unchanged.",
 )
-@click.option("--steps", default=28, show_default=True, help="Denoising steps.")
+@click.option("--steps", type=POSITIVE, default=28, show_default=True, help="Denoising steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
-@click.option("--height", type=int, default=None, help="Image height in pixels (default: the pipeline's).")
-@click.option("--width", type=int, default=None, help="Image width in pixels (default: the pipeline's).")
+@click.option("--height", type=POSITIVE, default=None, help="Image height in pixels (default: the pipeline's).")
+@click.option("--width", type=POSITIVE, default=None, help="Image width in pixels (default: the pipeline's).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("tcpass.png"), show_default=True
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("tcpass.png"),
+    show_default=True,
+    callback=_output_file,
+    help="Where to write the image (its directory must exist).",
 )
 def generate(model, prompt, class_label, plan_path, steps, seed, guidance, height, width, dtype, out) -> None:
     """Generate one image with a diffusers pipeline, its transformer running TokenCache."""
@@ -129,30 +163,64 @@ def generate(model, prompt, class_label, plan_path, steps, seed, guidance, heigh
 
 @main.command("export")
 @click.option("--model", "model_path", required=True, help="Transformer directory (or pipeline dir, or hub id).")
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
-@click.option("--batch", default=2, show_default=True, help="Model batch the graphs are fixed to (2 = 1 image + CFG).")
-@click.option("--null-label", type=int, default=None, help="Class label used for CFG's unconditional rows.")
-@click.option("--opset", default=20, show_default=True)
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    callback=_plan_file,
+    required=True,
+)
+@click.option(
+    "--batch",
+    type=POSITIVE,
+    default=2,
+    show_default=True,
+    help="Model batch the graphs are fixed to (2 = 1 image + CFG).",
+)
+@click.option(
+    "--null-label",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Class label of CFG's unconditional rows (default and only accepted value: the model config's).",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
+    default=20,
+    show_default=True,
+    help="ONNX opset (the exporter writes these natively; the manifest records the one written).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory to write; new, empty, or an earlier export (replaced whole, atomically).",
+)
 def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> None:
-    """Export step-specialized ONNX graphs + manifest.json for ONNX Runtime."""
+    """Export step-specialized ONNX graphs + manifest.json for ONNX Runtime (needs the onnx extra)."""
+    try:
+        from tcpass.export.onnx_export import export_onnx
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
     from tcpass.adapters import adapter_for, load_transformer
-    from tcpass.export.onnx_export import export_onnx
     from tcpass.plan import load_plan
     from tcpass.runtime import transform
 
-    model = load_transformer(model_path)
-    plan = load_plan(plan_path)
-    inputs = adapter_for(model).example_inputs(model, batch)
-    if null_label is None and hasattr(model.config, "num_embeds_ada_norm"):
-        null_label = model.config.num_embeds_ada_norm
-    manifest = export_onnx(
-        transform(model, plan, example_inputs=inputs, plan_dir=plan_path.parent),
-        out_dir,
-        inputs,
-        opset=opset,
-        null_label=null_label,
-    )
+    try:
+        model = load_transformer(model_path)
+        plan = load_plan(plan_path)
+        inputs = adapter_for(model).example_inputs(model, batch)
+        manifest = export_onnx(
+            transform(model, plan, example_inputs=inputs, plan_dir=plan_path.parent),
+            out_dir,
+            inputs,
+            opset=opset,
+            null_label=null_label,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
     sizes = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     for name, size in sizes.items():
         click.echo(f"  {name:24} {size / 2**20:8.2f} MiB")
@@ -162,7 +230,10 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
 @main.command()
 @click.option("--model", "model_path", default=None, help="Transformer directory (default: the shipped reference DiT).")
 @click.option(
-    "--target-speedup", type=float, default=None, help="Wall-clock speedup to reach on this machine, e.g. 2.0."
+    "--target-speedup",
+    type=click.FloatRange(min=1, min_open=True),
+    default=None,
+    help="Wall-clock speedup to reach on this machine, e.g. 2.0 (above 1).",
 )
 @click.option("--min-psnr", type=float, default=None, help="Or: quality floor, dB of final samples vs full compute.")
 @click.option(
@@ -188,11 +259,23 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     show_default=True,
     help="Attention mode(s) to search (repeatable).",
 )
-@click.option("--batch", default=2, show_default=True, help="Model batch the speed is timed at (2 = 1 image + CFG).")
-@click.option("--samples", default=16, show_default=True, help="Calibration samples generated with full compute.")
-@click.option("--steps", default=50, show_default=True, help="DDIM steps of the calibration generations.")
-@click.option("--iterations", default=120, show_default=True, help="Predictor training iterations.")
-@click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--batch",
+    type=POSITIVE,
+    default=2,
+    show_default=True,
+    help="Model batch the speed is timed at (2 = 1 image + CFG).",
+)
+@click.option(
+    "--samples", type=POSITIVE, default=16, show_default=True, help="Calibration samples generated with full compute."
+)
+@click.option(
+    "--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps of the calibration generations."
+)
+@click.option(
+    "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
+)
+@click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
     model_path, target_speedup, min_psnr, policy, predictor, attention, batch, samples, steps, iterations, threads, out
@@ -206,10 +289,11 @@ def calibrate(
 
     if (target_speedup is None) == (min_psnr is None):
         raise click.UsageError("give exactly one of --target-speedup (e.g. 2.0) or --min-psnr (e.g. 30).")
-    if target_speedup is not None and not target_speedup > 1:
-        raise click.BadParameter(f"{target_speedup} is not above 1 (e.g. 2.0).", param_hint="--target-speedup")
     torch.set_num_threads(threads)
-    model = load_reference_model() if model_path is None else load_transformer(model_path)
+    try:
+        model = load_reference_model() if model_path is None else load_transformer(model_path)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
     if policy == "steps":
         from tcpass.calibrate_steps import calibrate_steps
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tcpass.adapters import ADAPTERS
+from tcpass.adapters import ADAPTERS, quiet_load_kwargs
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
         index = json.loads((root / "model_index.json").read_text())
         # components saved as None (SD3 without its T5 encoder) must be passed as None explicitly
         kwargs = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **kwargs)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **kwargs, **quiet_load_kwargs())
     transformer = pipe.transformer
     if isinstance(transformer, TokenCacheTransformer):
         transformer = transformer.transformer

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +24,43 @@ SELECTOR_KINDS = ("input_change", "random", "static", "dynamic", "toca")
 PREDICTOR_KINDS = ("static", "dynamic")
 SKIP_LEVELS = ("stack", "output")  # selectors that read trained weights from selector.path
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 PLAN_FORMAT_VERSION = 1
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type, for error messages about plan files."""
+    if value is None:
+        return "null"
+    for types, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (Mapping, "object")):
+        if isinstance(value, types):
+            return name
+    if isinstance(value, Iterable):
+        return "list"
+    return type(value).__name__
+
+
+def _type_error(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{name} = {value!r}: type error: expected {expected}, got {_json_type(value)}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list(value: Any) -> bool:
+    """A JSON list or a Python sequence/iterable standing for one; strings and objects are not."""
+    return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
+
+
 def _check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0):
+    if not _is_number(value):
+        raise _type_error(name, value, "a number in [0, 1]")
+    if not (0.0 <= value <= 1.0):
         raise ValueError(
             f"{name} = {value!r} is outside [0, 1]: it is the fraction of image tokens a cached block "
             "recomputes at a CACHED step (1.0 recomputes all tokens, 0.25 a quarter, 0 reuses the whole "
@@ -60,21 +94,33 @@ class TPRRSchedule:
     full_below_timestep: float | None = None
 
     def __post_init__(self) -> None:
+        if not _is_list(self.intervals):
+            raise _type_error("schedule.intervals", self.intervals, "a list of two integers >= 1")
         object.__setattr__(self, "intervals", tuple(self.intervals))
-        if len(self.intervals) != 2 or any(
-            not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.intervals
-        ):
+        for phase, n in enumerate(self.intervals):
+            if not _is_integer(n):
+                raise _type_error(f"schedule.intervals[{phase}]", n, "an integer >= 1")
+        if len(self.intervals) != 2 or any(n < 1 for n in self.intervals):
             raise ValueError(
                 f"schedule.intervals = {self.intervals!r}: expected two integers >= 1 "
                 "(cycle length of phase 0 and of phase 1; 1 = every step FULL)."
             )
-        if not isinstance(self.warmup_full_steps, int) or self.warmup_full_steps < 1:
+        if not _is_integer(self.warmup_full_steps):
+            raise _type_error("schedule.warmup_full_steps", self.warmup_full_steps, "an integer >= 1")
+        if self.warmup_full_steps < 1:
             raise ValueError(
                 f"schedule.warmup_full_steps = {self.warmup_full_steps!r}: expected an integer >= 1 "
                 "(the first call of a generation is always FULL: it fills the caches)."
             )
-        if not math.isfinite(float(self.boundary_timestep)):
-            raise ValueError(f"schedule.boundary_timestep = {self.boundary_timestep!r}: expected a finite number.")
+        for name in ("boundary_timestep", "full_below_timestep"):
+            value = getattr(self, name)
+            if value is None and name == "full_below_timestep":
+                continue
+            if not _is_number(value):
+                expected = "a finite number (timestep units)" + (" or null" if name == "full_below_timestep" else "")
+                raise _type_error(f"schedule.{name}", value, expected)
+            if not math.isfinite(value):
+                raise ValueError(f"schedule.{name} = {value!r}: expected a finite number (timestep units).")
 
 
 @dataclass(frozen=True)
@@ -89,10 +135,10 @@ class SelectorSpec:
         ``static``: a score table per (block, timestep) read from ``path`` (safetensors with
             ``scores`` [num_blocks, num_timesteps, num_tokens] and ``timesteps`` [num_timesteps]);
             the top-K tokens of the nearest tabulated timestep. The static Cache Predictor
-            (`tcpass.predictor`) writes such a table. ``sha256`` guards the file.
+            (`tcpass.predictor`) writes such a table; ``sha256`` (required) guards the file.
         ``dynamic``: the dynamic Cache Predictor, a small network on the tokens entering the first
             block and the timestep, whose weights are read from ``path`` (safetensors, guarded by
-            ``sha256``); it runs inside the CACHED graph and is followed by a fixed-K top-k.
+            ``sha256``, required); it runs inside the CACHED graph and is followed by a fixed-K top-k.
         ``toca``: ToCa-style baseline: the attention each token received at the last FULL step
             (computed there with an explicit attention path, for scoring only); tokens recomputed
             since are deprioritised, so successive CACHED steps cover the next most-attended ones.
@@ -104,17 +150,25 @@ class SelectorSpec:
     sha256: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kind, str):
+            raise _type_error("selector.kind", self.kind, f"one of {SELECTOR_KINDS}")
         if self.kind not in SELECTOR_KINDS:
             raise ValueError(f"selector.kind = {self.kind!r} is unknown; expected one of {SELECTOR_KINDS}.")
+        if not _is_integer(self.seed):
+            raise _type_error("selector.seed", self.seed, "an integer")
+        if self.path is not None and not isinstance(self.path, str):
+            raise _type_error("selector.path", self.path, "a file path (string) or null")
+        if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
+            raise ValueError(f"selector.sha256 = {self.sha256!r}: expected 64 lowercase hex digits or null.")
         if self.kind in PREDICTOR_KINDS and not self.path:
             raise ValueError(
                 f"selector.kind = {self.kind!r} needs selector.path: a safetensors file of "
                 f"{'token scores' if self.kind == 'static' else 'predictor weights'} (written by `tcpass calibrate`)."
             )
-        if self.kind == "dynamic" and not self.sha256:
+        if self.kind in PREDICTOR_KINDS and not self.sha256:
             raise ValueError(
-                "selector.kind = 'dynamic' needs selector.sha256, the checksum of the predictor weights file "
-                "(`tcpass calibrate` writes it; `sha256sum FILE` prints it)."
+                f"selector.kind = {self.kind!r} needs selector.sha256, the checksum of selector.path "
+                "(`tcpass calibrate` writes it; `sha256sum FILE` prints it): a plan never reads a file unchecked."
             )
 
 
@@ -148,28 +202,38 @@ class StepSkip:
     tolerance: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
-            raise ValueError(f"skip.timesteps = {self.timesteps!r}: expected a list of timesteps.")
+        if not _is_list(self.timesteps):
+            raise _type_error("skip.timesteps", self.timesteps, "a list of timesteps")
         timesteps = tuple(self.timesteps)
         for i, t in enumerate(timesteps):
-            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or not 0 <= t <= 1000:
+            if not _is_number(t):
+                raise _type_error(f"skip.timesteps[{i}]", t, "a timestep in [0, 1000]")
+            if not math.isfinite(t) or not 0 <= t <= 1000:
                 raise ValueError(f"skip.timesteps[{i}] = {t!r}: expected a finite timestep in [0, 1000].")
         object.__setattr__(self, "timesteps", tuple(float(t) for t in timesteps))
         if self.scales is not None:
-            scales = tuple(self.scales) if hasattr(self.scales, "__iter__") else None
-            if scales is None or len(scales) != len(timesteps):
+            if not _is_list(self.scales):
+                raise _type_error("skip.scales", self.scales, "a list of factors or null")
+            scales = tuple(self.scales)
+            if len(scales) != len(timesteps):
                 raise ValueError(
                     f"skip.scales = {self.scales!r}: expected one factor per skip.timesteps entry "
                     f"({len(timesteps)}), or null for plain reuse."
                 )
             for i, f in enumerate(scales):
-                if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or not 0 < f <= 10:
+                if not _is_number(f):
+                    raise _type_error(f"skip.scales[{i}]", f, "a factor in (0, 10]")
+                if not math.isfinite(f) or not 0 < f <= 10:
                     raise ValueError(f"skip.scales[{i}] = {f!r}: expected a finite factor in (0, 10].")
             object.__setattr__(self, "scales", tuple(float(f) for f in scales))
+        if not isinstance(self.level, str):
+            raise _type_error("skip.level", self.level, f"one of {SKIP_LEVELS}")
         if self.level not in SKIP_LEVELS:
             raise ValueError(f"skip.level = {self.level!r} is unknown; expected one of {SKIP_LEVELS}.")
         tol = self.tolerance
-        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol < 0:
+        if not _is_number(tol):
+            raise _type_error("skip.tolerance", tol, "a number >= 0 (timestep units)")
+        if not math.isfinite(tol) or tol < 0:
             raise ValueError(f"skip.tolerance = {tol!r}: expected a finite number >= 0 (timestep units).")
 
     def scale_at(self, timestep: float) -> float | None:
@@ -187,6 +251,16 @@ class ModelFingerprint:
     model_class: str
     num_blocks: int
     hidden_size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_class, str):
+            raise _type_error("model.model_class", self.model_class, "a class name (string)")
+        for name in ("num_blocks", "hidden_size"):
+            value = getattr(self, name)
+            if not _is_integer(value):
+                raise _type_error(f"model.{name}", value, "an integer >= 1")
+            if value < 1:
+                raise ValueError(f"model.{name} = {value!r}: expected an integer >= 1.")
 
 
 @dataclass(frozen=True)
@@ -229,30 +303,39 @@ class CachePlan:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.sampler_steps is not None and (
-            not isinstance(self.sampler_steps, int) or isinstance(self.sampler_steps, bool) or self.sampler_steps < 1
-        ):
-            raise ValueError(f"sampler_steps = {self.sampler_steps!r}: expected a positive integer or null.")
+        if self.sampler_steps is not None:
+            if not _is_integer(self.sampler_steps):
+                raise _type_error("sampler_steps", self.sampler_steps, "a positive integer or null")
+            if self.sampler_steps < 1:
+                raise ValueError(f"sampler_steps = {self.sampler_steps!r}: expected a positive integer or null.")
         if not isinstance(self.notes, dict):
-            raise ValueError(f"notes = {self.notes!r}: expected a JSON object.")
+            raise _type_error("notes", self.notes, "a JSON object")
         if isinstance(self.blocks, str):
             if self.blocks != "all":
                 raise ValueError(f"blocks = {self.blocks!r}: expected 'all' or a list of block indices.")
+        elif not _is_list(self.blocks):
+            raise _type_error("blocks", self.blocks, "'all' or a list of block indices")
         else:
             blocks = tuple(self.blocks)
             for i, b in enumerate(blocks):
-                if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+                if not _is_integer(b):
+                    raise _type_error(f"blocks[{i}]", b, "a non-negative block index (integer)")
+                if b < 0:
                     raise ValueError(f"blocks[{i}] = {b!r}: expected a non-negative block index.")
             if len(set(blocks)) != len(blocks):
                 raise ValueError(f"blocks = {list(blocks)} lists a block twice.")
             object.__setattr__(self, "blocks", tuple(sorted(blocks)))
         object.__setattr__(self, "keep_ratio", _ratio_pair("keep_ratio", self.keep_ratio))
+        if not isinstance(self.block_keep_ratio, Mapping):
+            raise _type_error("block_keep_ratio", self.block_keep_ratio, "an object {block: [r0, r1]}")
         overrides = {}
-        for b, r in dict(self.block_keep_ratio).items():
-            if not isinstance(b, int) or b < 0:
+        for b, r in self.block_keep_ratio.items():
+            if not _is_integer(b) or b < 0:
                 raise ValueError(f"block_keep_ratio key {b!r}: expected a non-negative block index.")
             overrides[b] = _ratio_pair(f"block_keep_ratio[{b}]", r)
         object.__setattr__(self, "block_keep_ratio", overrides)
+        if not isinstance(self.attention, str):
+            raise _type_error("attention", self.attention, f"one of {ATTENTION_MODES}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention = {self.attention!r} is unknown; expected one of {ATTENTION_MODES}.")
         if not isinstance(self.schedule, TPRRSchedule):
@@ -309,6 +392,8 @@ class CachePlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CachePlan:
+        if not isinstance(d, Mapping):
+            raise _type_error("plan", d, "a JSON object")
         d = dict(d)
         version = d.pop("format_version", PLAN_FORMAT_VERSION)
         if version != PLAN_FORMAT_VERSION:
@@ -328,11 +413,14 @@ class CachePlan:
             _reject_unknown("plan.model", d["model"], ModelFingerprint)
             kwargs["model"] = ModelFingerprint(**d["model"])
         if "block_keep_ratio" in d:
+            overrides = d["block_keep_ratio"]
+            if not isinstance(overrides, Mapping):
+                raise _type_error("block_keep_ratio", overrides, "an object {block: [r0, r1]}")
             try:
-                kwargs["block_keep_ratio"] = {int(b): r for b, r in d["block_keep_ratio"].items()}
-            except (ValueError, AttributeError) as e:
+                kwargs["block_keep_ratio"] = {int(b): r for b, r in overrides.items()}
+            except ValueError as e:
                 raise ValueError(
-                    f"plan.block_keep_ratio = {d['block_keep_ratio']!r}: expected {{block: [r0, r1]}}"
+                    f"block_keep_ratio = {overrides!r}: keys must be block indices, {{block: [r0, r1]}}."
                 ) from e
         return cls(**kwargs)
 
@@ -342,8 +430,10 @@ class CachePlan:
 
 
 def _ratio_pair(name: str, value: Any) -> tuple[float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_number(value):
         value = (value, value)
+    if not _is_list(value):
+        raise _type_error(name, value, "one ratio or a pair (phase 0, phase 1) of numbers in [0, 1]")
     pair = tuple(value)
     if len(pair) != 2:
         raise ValueError(f"{name} = {value!r}: expected one ratio or a pair (phase 0, phase 1).")
@@ -353,8 +443,8 @@ def _ratio_pair(name: str, value: Any) -> tuple[float, float]:
 
 
 def _reject_unknown(where: str, d: Any, cls: type) -> None:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(d).__name__}.")
+    if not isinstance(d, Mapping):
+        raise _type_error(where, d, "a JSON object")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -1,6 +1,14 @@
 """Calibration: predictor training, block selection, the calibrated plan and its files."""
 
 import dataclasses
+import hashlib
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +92,8 @@ def test_calibrated_plan_round_trips_and_guards_its_weights(tiny, tmp_path):
         progress=False,
     )
     assert "dynamic trained" in report.format()
+    assert re.fullmatch(r"plan\.predictor\.[0-9a-f]{12}\.safetensors", report.plan.selector.path)
+    assert report.plan.selector.sha256.startswith(report.plan.selector.path.split(".")[2])
     plan = load_plan(out)
     assert plan.selector.kind == "dynamic" and plan.model == report.plan.model
     assert dataclasses.replace(plan, selector=report.plan.selector) == report.plan
@@ -122,3 +132,73 @@ def test_plan_with_a_wrong_fingerprint_is_rejected(tiny):
         plan = tcpass.CachePlan(model=dataclasses.replace(fp, **{field: value}))
         with pytest.raises(ValueError, match=f"{field}={value}"):
             tcpass.transform(tiny, plan)
+
+
+def _predictor_files(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("plan.predictor*"))}
+
+
+def test_interrupted_re_calibration_leaves_the_previous_plan_loadable(tmp_path):
+    from tcpass.predictor import DynamicPredictor, save_predictor
+
+    out = tmp_path / "plan.json"
+    digest = save_predictor(DynamicPredictor(hidden_size=32, num_blocks=3), tmp_path / "plan.predictor.safetensors")
+    previous = tcpass.CachePlan(
+        selector=tcpass.SelectorSpec(kind="dynamic", path="plan.predictor.safetensors", sha256=digest)
+    )
+    tcpass.save_plan(previous, out)
+    before = _predictor_files(tmp_path)
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
+        from tcpass import calibrate as cal
+        from tests.conftest import make_dit
+        cal.calibrate(make_dit(), {str(out)!r}, min_psnr=-100.0, predictor="dynamic", attention="full_kv",
+                      num_samples=2, steps=10, iterations=4, ratios=(0.5,), progress=False)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _predictor_files(tmp_path) == before:  # interrupt once the new weights are on disk, before the plan
+        assert process.poll() is None, f"calibration ended before it was interrupted: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "calibration did not write its predictor"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+    assert load_plan(out) == dataclasses.replace(  # the old plan, its weights still matching its sha256
+        previous, selector=dataclasses.replace(previous.selector, path=str(tmp_path / "plan.predictor.safetensors"))
+    )
+    assert not list(tmp_path.glob(".plan.*"))  # no temporary file left behind
+
+
+def test_finished_re_calibration_deletes_only_the_previous_plans_weights(tmp_path):
+    from tcpass.predictor import DynamicPredictor, save_predictor
+
+    out = tmp_path / "plan.json"
+    old_name = "plan.predictor.0123456789ab.safetensors"  # what an earlier calibration named
+    digest = save_predictor(DynamicPredictor(hidden_size=32, num_blocks=3), tmp_path / old_name)
+    (tmp_path / "other.predictor.safetensors").write_bytes((tmp_path / old_name).read_bytes())
+    selector = tcpass.SelectorSpec(kind="dynamic", path=old_name, sha256=digest)
+    tcpass.save_plan(tcpass.CachePlan(selector=selector), out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
+    try:
+        report = cal.calibrate(
+            make_dit(),
+            out,
+            min_psnr=-100.0,
+            predictor="dynamic",
+            attention="full_kv",
+            num_samples=2,
+            steps=10,
+            iterations=4,
+            ratios=(0.5,),
+            progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert load_plan(out).selector.sha256 == report.plan.selector.sha256
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(
+        [report.plan.selector.path, "other.predictor.safetensors"]
+    )

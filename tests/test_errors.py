@@ -53,7 +53,8 @@ def test_unsupported_call_argument(dit):
 
 
 def test_missing_static_scores_file(dit, tmp_path):
-    plan = CachePlan(selector=tcpass.SelectorSpec(kind="static", path=str(tmp_path / "missing.safetensors")))
+    selector = tcpass.SelectorSpec(kind="static", path=str(tmp_path / "missing.safetensors"), sha256="0" * 64)
+    plan = CachePlan(selector=selector)
     with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
         tcpass.transform(dit, plan)
 

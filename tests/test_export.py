@@ -1,10 +1,14 @@
 """ONNX export + the torch-free ONNX Runtime TPRR runtime."""
 
+import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -323,7 +327,26 @@ def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
         selector = tcpass.SelectorSpec(kind="dynamic", path=str(tmp_path / "p.safetensors"), sha256=digest)
     plan = CachePlan(keep_ratio=0.25, attention="cached_kv", selector=selector)
     export_onnx(tcpass.transform(model, plan), tmp_path / "onnx", null_label=1000)
-    runtime = OrtTokenCacheRuntime(tmp_path / "onnx")
+    _assert_runtime_matches_eager(model, plan, OrtTokenCacheRuntime(tmp_path / "onnx"))
+
+
+def test_static_selector_export_matches_eager_and_guards_its_tables(tmp_path):
+    from tcpass.selectors import StaticScoreSelector
+
+    model = make_dit()
+    scores = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))
+    digest = StaticScoreSelector(scores, torch.tensor([900.0, 300.0]), torch.arange(3)).save(tmp_path / "s.safetensors")
+    selector = tcpass.SelectorSpec(kind="static", path=str(tmp_path / "s.safetensors"), sha256=digest)
+    plan = CachePlan(keep_ratio=0.25, attention="cached_kv", selector=selector)
+    export_onnx(tcpass.transform(model, plan), tmp_path / "onnx", null_label=1000)
+    _assert_runtime_matches_eager(model, plan, OrtTokenCacheRuntime(tmp_path / "onnx"))
+    table = tmp_path / "onnx" / "static_scores.npy"
+    np.save(table, -np.load(table), allow_pickle=False)  # same size, other ranking
+    with pytest.raises(ManifestError, match="static_scores.npy: sha256 differs from manifest.json selector.scores"):
+        OrtTokenCacheRuntime(tmp_path / "onnx")
+
+
+def _assert_runtime_matches_eager(model, plan, runtime):
     eager = tcpass.transform(model, plan)
     g = torch.Generator().manual_seed(0)
     scheduler = make_scheduler()
@@ -338,3 +361,125 @@ def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
         got = runtime(**{k: v.numpy() for k, v in inputs.items()})
         assert np.abs(got - want).max() <= 1e-4
     assert runtime.step_counts[StepKind.CACHED] > 0
+
+
+def test_manifest_records_the_sha256_of_every_file(exported):
+    _, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    weights = manifest["weights"]
+    assert weights["file"] == "weights.bin" and weights["bytes"] == (out / "weights.bin").stat().st_size
+    assert weights["sha256"] == hashlib.sha256((out / "weights.bin").read_bytes()).hexdigest()
+    for entry in manifest["graphs"].values():
+        assert entry["sha256"] == hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
+
+
+def test_zeroed_weights_of_the_same_size_are_refused(copy_of):
+    weights = copy_of / "weights.bin"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2 :] = bytes(len(blob) - len(blob) // 2)
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ManifestError, match=r"weights.bin: sha256 differs from manifest.json weights.sha256"):
+        OrtTokenCacheRuntime(copy_of)
+    OrtTokenCacheRuntime(copy_of, verify_checksums=False)  # the explicit opt-out skips hashing
+
+
+def test_truncated_weights_are_refused_even_without_checksums(copy_of):
+    weights = copy_of / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ManifestError, match=r"weights.bin is \d+ bytes but manifest.json weights.bytes = \d+"):
+        OrtTokenCacheRuntime(copy_of, verify_checksums=False)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m["model"].update(null_label=3), r"model.null_label = 3 but full.onnx was exported with .* = 1000"),
+        (lambda m: m["model"].update(num_tokens=32), "model.num_tokens = 32"),
+        (lambda m: m["schedule"].update(intervals=[8, 8]), r"schedule.intervals\[0\] = 8"),
+        (lambda m: m["selector"].update(seed=7), "selector.seed = 7"),
+        (lambda m: m["graphs"]["cached_phase0"].update(in_place={}), "graphs.cached_phase0.in_place"),
+    ],
+)
+def test_edited_manifest_fields_are_refused_naming_the_field(copy_of, edit, field):
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    edit(manifest)
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    for verify in (True, False):  # checked against the graphs' own copy, not by hashing
+        with pytest.raises(ManifestError, match=f"manifest.json {field}.*the manifest was edited"):
+            OrtTokenCacheRuntime(copy_of, verify_checksums=verify)
+
+
+def test_null_label_is_checked_against_the_model_config(tmp_path):
+    transformed = tcpass.transform(make_dit(num_layers=1, sample_size=8), CachePlan.no_cache())
+    with pytest.raises(ValueError, match=r"null_label = 7: the model's class embedding reserves label 1000"):
+        export_onnx(transformed, tmp_path / "out", null_label=7)
+    assert not (tmp_path / "out").exists()
+    export_onnx(transformed, tmp_path / "out")  # default: the label the config reserves
+    assert OrtTokenCacheRuntime(tmp_path / "out").null_label == 1000
+
+
+def test_the_recorded_opset_is_the_one_written(tmp_path):
+    transformed = tcpass.transform(make_dit(num_layers=1, sample_size=8), CachePlan.no_cache())
+    export_onnx(transformed, tmp_path / "out", opset=18)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    graph = onnx.load(str(tmp_path / "out" / "full.onnx"), load_external_data=False)
+    assert manifest["opset"] == 18 and [o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    with pytest.raises(ValueError, match=r"opset = 17: the exporter writes opsets 18..25"):
+        export_onnx(transformed, tmp_path / "other", opset=17)
+
+
+def test_export_over_a_foreign_directory_is_refused(exported, tmp_path):
+    model, _ = exported
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files an export does not write \(\['notes.txt'\]\)"):
+        export_onnx(tcpass.transform(model, PLAN), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_interrupted_re_export_leaves_the_previous_export_untouched(copy_of):
+    before = _snapshot(copy_of)
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
+        import tcpass
+        from tcpass.export.onnx_export import export_onnx
+        from tests.conftest import make_dit
+        plan = tcpass.CachePlan(keep_ratio=0.5, attention="cached_kv")
+        export_onnx(tcpass.transform(make_dit(), plan), {str(copy_of)!r}, null_label=1000)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # interrupt as soon as the new export starts writing (into a temporary directory, or into the target)
+    while not list(copy_of.parent.glob(f".{copy_of.name}.tmp-*")) and _snapshot(copy_of) == before:
+        assert process.poll() is None, f"the export ended before it was interrupted: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "the export did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+    assert _snapshot(copy_of) == before
+    assert not list(copy_of.parent.glob(f".{copy_of.name}.*"))  # the temporary directory is removed
+    OrtTokenCacheRuntime(copy_of, expected_plan=PLAN)
+
+
+def test_re_export_replaces_the_previous_export(exported, copy_of):
+    model, _ = exported
+    other = CachePlan(keep_ratio=0.5, attention="cached_kv")
+    export_onnx(tcpass.transform(model, other), copy_of, null_label=1000)
+    OrtTokenCacheRuntime(copy_of, expected_plan=other)
+    assert not list(copy_of.parent.glob(f".{copy_of.name}.*"))
+
+
+def test_export_directory_gets_the_usual_permissions(exported, tmp_path):
+    import os
+
+    model, _ = exported
+    export_onnx(tcpass.transform(model, CachePlan.no_cache()), tmp_path / "out", null_label=1000)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -76,6 +76,11 @@ def test_selector_validation():
         SelectorSpec(kind="topk")
     with pytest.raises(ValueError, match="needs selector.path"):
         SelectorSpec(kind="static")
+    for kind in ("static", "dynamic"):  # a plan never reads a file it cannot check
+        with pytest.raises(ValueError, match=f"selector.kind = '{kind}' needs selector.sha256"):
+            SelectorSpec(kind=kind, path="scores.safetensors")
+    with pytest.raises(ValueError, match="selector.sha256 = 'abc': expected 64 lowercase hex digits"):
+        SelectorSpec(kind="static", path="scores.safetensors", sha256="abc")
 
 
 @pytest.mark.parametrize(
@@ -100,3 +105,50 @@ def test_load_plan_rejects_non_json(tmp_path):
     (tmp_path / "p.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_plan(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize(
+    "edit, field, got",
+    [
+        (lambda d: d["schedule"].update(intervals=3), r"schedule.intervals", "number"),
+        (lambda d: d["schedule"].update(intervals=None), r"schedule.intervals", "null"),
+        (lambda d: d["schedule"].update(intervals=["4", 4]), r"schedule.intervals\[0\]", "string"),
+        (lambda d: d["schedule"].update(full_below_timestep="abc"), "schedule.full_below_timestep", "string"),
+        (lambda d: d["schedule"].update(boundary_timestep=None), "schedule.boundary_timestep", "null"),
+        (lambda d: d["schedule"].update(warmup_full_steps=True), "schedule.warmup_full_steps", "boolean"),
+        (lambda d: d.update(keep_ratio="abc"), "keep_ratio", "string"),
+        (lambda d: d.update(keep_ratio=None), "keep_ratio", "null"),
+        (lambda d: d.update(keep_ratio=[0.25, "0.5"]), r"keep_ratio\[1\]", "string"),
+        (lambda d: d.update(blocks=None), "blocks", "null"),
+        (lambda d: d.update(blocks=3), "blocks", "number"),
+        (lambda d: d.update(blocks=[0, "1"]), r"blocks\[1\]", "string"),
+        (lambda d: d.update(block_keep_ratio=[0.5]), "block_keep_ratio", "list"),
+        (lambda d: d.update(attention=["full_kv"]), "attention", "list"),
+        (lambda d: d.update(schedule=None), "plan.schedule", "null"),
+        (lambda d: d.update(selector=[]), "plan.selector", "list"),
+        (lambda d: d["selector"].update(seed="0"), "selector.seed", "string"),
+        (lambda d: d["selector"].update(path=3), "selector.path", "number"),
+        (lambda d: d.update(skip={"timesteps": 500}), "skip.timesteps", "number"),
+        (lambda d: d.update(skip={"timesteps": [500], "scales": "1"}), "skip.scales", "string"),
+        (
+            lambda d: d.update(model={"model_class": "DiT", "num_blocks": "8", "hidden_size": 32}),
+            "model.num_blocks",
+            "string",
+        ),
+        (lambda d: d.update(sampler_steps="10"), "sampler_steps", "string"),
+        (lambda d: d.update(notes=[]), "notes", "list"),
+    ],
+)
+def test_odd_json_types_are_type_errors_naming_the_field(tmp_path, edit, field, got):
+    d = CachePlan().to_dict()
+    edit(d)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=rf"plan.json: {field} = .*: type error: expected .*, got {got}\."):
+        load_plan(path)
+
+
+def test_a_plan_file_that_is_not_an_object_is_a_type_error(tmp_path):
+    (tmp_path / "plan.json").write_text("[0.25, 0.25]")
+    with pytest.raises(ValueError, match=r"plan = \[0.25, 0.25\]: type error: expected a JSON object, got list"):
+        load_plan(tmp_path / "plan.json")

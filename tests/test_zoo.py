@@ -1,5 +1,6 @@
 """The shipped reference model and its evaluator."""
 
+import pytest
 import torch
 
 import tcpass
@@ -50,10 +51,50 @@ def test_shipped_plan_loads_and_fits_the_model():
     assert {b: k for b, k in graphs.cached[0].keep.items()} == {b: 64 for b in range(8)}
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = run_demo(steps=4, rounds=1, progress=False)
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    result = run_demo(steps=4, rounds=1, progress=True)
+    progress = capsys.readouterr().err  # the bar says what runs: warm-up, then timed rounds, each variant
+    for phase in ("warm-up", "timed round 1/1"):
+        assert f"{phase}: full compute" in progress and f"{phase}: tcpass" in progress
     assert result.full_images.shape == result.cached_images.shape == (10, 1, 32, 32)
     assert len(result.psnr_db) == 10 and (result.ssim <= 1).all()
     assert "TokenCache" in format_table(result)
     path = save_grid(result, tmp_path / "grid.png")
     assert path.stat().st_size > 1000
+
+
+def test_model_loads_print_no_install_accelerate_notice(tmp_path):
+    import logging
+
+    from tcpass.adapters import load_transformer
+    from tcpass.generate import load_pipeline
+    from tests.conftest import make_dit
+    from tests.pipelines import build
+
+    make_dit().save_pretrained(tmp_path / "dit")
+    build("dit").save_pretrained(tmp_path / "pipe")
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    diffusers_log = logging.getLogger("diffusers")  # its own handler, no propagation: capture fixtures miss it
+    diffusers_log.addHandler(handler)
+    try:
+        load_reference_model()
+        load_transformer(tmp_path / "dit")
+        load_pipeline(tmp_path / "pipe")
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert not [m for m in messages if "accelerate" in m]
+
+
+def test_default_demo_and_generate_outputs_are_git_ignored():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("tcpass_demo.png", "tcpass.png", "bench/tcpass_demo.png"):
+        result = subprocess.run(["git", "check-ignore", "-q", name], cwd=root)
+        assert result.returncode == 0, f"{name} is not git-ignored"

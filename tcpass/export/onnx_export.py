@@ -11,6 +11,12 @@ Output directory::
 
 The graphs are the very graphs the eager and compiled executors run (the passes' output), exported
 with torch's dynamo ONNX exporter; nothing about the caching semantics is redefined here.
+
+Integrity: the manifest records the sha256 of every file (graphs, ``weights.bin``, score tables),
+and every graph carries a copy of the manifest (minus the graphs' own sha256) in its ONNX metadata
+(``tcpass.manifest``), so the runtime refuses a tampered file or a hand-edited manifest field.
+The export is written into a temporary directory next to ``out_dir`` and renamed into place at the
+end: an interrupted export leaves the previous one untouched.
 """
 
 from __future__ import annotations
@@ -19,12 +25,22 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import external_data_helper, numpy_helper
+
+from tcpass.export import OPSETS, missing_extra
+
+try:
+    import onnx
+    import onnxscript  # noqa: F401  (the dynamo exporter's op library; fail here, not mid-export)
+    from onnx import external_data_helper, numpy_helper
+except ImportError as e:
+    raise missing_extra(e) from e
 
 from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
@@ -32,8 +48,10 @@ from tcpass.passes.layout import TensorSpec
 from tcpass.runtime import TokenCacheTransformer
 from tcpass.selectors import StaticScoreSelector
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 WEIGHTS_FILE = "weights.bin"
+MANIFEST_METADATA = "tcpass.manifest"  # ONNX metadata key of the manifest copy inside each graph
+_EXPORT_FILES = {"manifest.json", WEIGHTS_FILE, "static_scores.npy", "static_timesteps.npy"}  # and *.onnx
 _INLINE_BYTES = 1024  # initializers smaller than this stay inside each graph
 
 
@@ -99,12 +117,12 @@ def _externalize(model: onnx.ModelProto, weights: dict[str, tuple[int, int]], bl
 def _export_graph(
     step_graph: StepGraph,
     model_inputs: dict[str, torch.Tensor],
-    path: Path,
+    file: str,
     opset: int,
     weights: dict,
     blob: bytearray,
     row_slices: bool,
-) -> dict:
+) -> tuple[onnx.ModelProto, dict]:
     device = next(iter(model_inputs.values())).device
     caches = [s.example(device) for s in step_graph.cache_specs]
     indices = [s.example(device) for s in step_graph.index_specs]
@@ -130,11 +148,13 @@ def _export_graph(
     _externalize(model, weights, blob)
     if row_slices:
         model, _ = rows_as_slices(model)
-    onnx.save_model(model, str(path))
+    produced = _opset_of(model)
+    if produced != opset:  # the exporter falls back silently; never record an opset the file does not have
+        raise ValueError(f"opset = {opset} was requested but the exporter wrote opset {produced}; use one of {OPSETS}.")
     with torch.no_grad():
         sample = step_graph.gm(*args)[0]
-    return {
-        "file": path.name,
+    return model, {
+        "file": file,
         "inputs": [
             *({"name": n, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for n, t in model_inputs.items()),
             *(_spec_json(s) for s in cache_inputs),
@@ -145,6 +165,65 @@ def _export_graph(
         "keep": {str(b): k for b, k in step_graph.keep.items()},
         "in_place": in_place_updates(model),
     }
+
+
+def _opset_of(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _file_entry(path: Path) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _check_null_label(model: TokenCacheTransformer, input_names: tuple[str, ...], null_label: int | None) -> int | None:
+    """The CFG null label, checked against the model config: DiT's label table reserves row ``num_embeds_ada_norm``."""
+    if "class_labels" not in input_names:
+        if null_label is not None:
+            raise ValueError(f"null_label = {null_label}: the model takes no class labels; leave it unset.")
+        return None
+    reserved = getattr(model.transformer.config, "num_embeds_ada_norm", None)
+    if null_label is None:
+        return reserved
+    if reserved is not None and null_label != reserved:
+        raise ValueError(
+            f"null_label = {null_label}: the model's class embedding reserves label {reserved} "
+            f"(config.num_embeds_ada_norm) for classifier-free guidance; labels 0..{reserved - 1} are classes."
+        )
+    return null_label
+
+
+def _check_target(out_dir: Path) -> None:
+    """Refuse to replace a directory that holds anything but an earlier export (it is replaced whole)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory; choose a new directory to export into.")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _EXPORT_FILES and p.suffix != ".onnx")
+    if foreign:
+        raise ValueError(
+            f"{out_dir} holds files an export does not write ({foreign[:5]}); export into a new or empty "
+            "directory, or over an earlier export (which is replaced whole)."
+        )
+
+
+def _sibling(out_dir: Path, role: str) -> Path:
+    """An unused hidden name beside ``out_dir`` (same file system, so renaming it is atomic)."""
+    return out_dir.parent / f".{out_dir.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted after."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    old = _sibling(out_dir, "old")
+    os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_onnx(
@@ -158,14 +237,44 @@ def export_onnx(
     """Write ONNX graphs + manifest for ``model`` at the input signature of ``inputs``; returns the manifest path.
 
     ``inputs`` fixes the static shapes (default: the signature the model was transformed with).
-    ``null_label`` (class-conditional models) is recorded for classifier-free guidance at runtime.
+    ``opset``: ONNX opset of the graphs, one of `tcpass.export.OPSETS` (what the exporter writes natively).
+    ``null_label`` (class-conditional models) is recorded for classifier-free guidance at runtime;
+    default: the label the model's config reserves for it (DiT: ``num_embeds_ada_norm``), and any
+    other value is refused.
     ``row_slices``: rewrite per-row token gathers/scatters into row copies (GatherND/ScatterND, caches
     updated in place by the runtime); same results, faster CACHED steps. False keeps the exporter's
     element-wise GatherElements/ScatterElements (for comparison).
+
+    ``out_dir`` is written atomically: the export goes to a temporary directory beside it, renamed
+    into place at the end. An existing ``out_dir`` must be empty or an earlier export; it is replaced whole.
     """
+    if isinstance(opset, bool) or opset not in OPSETS:
+        raise ValueError(f"opset = {opset!r}: the exporter writes opsets {OPSETS.start}..{OPSETS.stop - 1}.")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_target(out_dir)
     graphs: StepGraphs = model.step_graphs(inputs)
+    null_label = _check_null_label(model, graphs.input_names, null_label)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out_dir, "tmp")
+    staging.mkdir()  # not mkdtemp: the export directory gets the usual permissions (umask), not 0700
+    try:
+        _write_export(model, graphs, staging, inputs, opset, null_label, row_slices)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / "manifest.json"
+
+
+def _write_export(
+    model: TokenCacheTransformer,
+    graphs: StepGraphs,
+    out_dir: Path,
+    inputs: dict[str, torch.Tensor] | None,
+    opset: int,
+    null_label: int | None,
+    row_slices: bool,
+) -> None:
     if inputs is None:
         inputs = {
             n: torch.zeros(shape, dtype=dtype)
@@ -173,26 +282,26 @@ def export_onnx(
         }
     weights: dict[str, tuple[int, int]] = {}
     blob = bytearray()
+    protos: dict[str, onnx.ModelProto] = {}
+    entries: dict[str, dict] = {}
 
-    def export(step_graph: StepGraph, name: str) -> dict:
-        return _export_graph(step_graph, inputs, out_dir / f"{name}.onnx", opset, weights, blob, row_slices)
+    def export(step_graph: StepGraph, name: str) -> None:
+        protos[name], entries[name] = _export_graph(
+            step_graph, inputs, f"{name}.onnx", opset, weights, blob, row_slices
+        )
 
-    entries = {"full": export(graphs.full, "full")}
+    export(graphs.full, "full")
     phase_graphs = {}
     exported: dict[int, str] = {}
     for phase, step_graph in graphs.cached.items():
         if id(step_graph) not in exported:
             name = f"cached_phase{phase}"
-            entries[name] = export(step_graph, name)
+            export(step_graph, name)
             exported[id(step_graph)] = name
         phase_graphs[str(phase)] = exported[id(step_graph)]
     if graphs.skip is not None:
-        entries["skip"] = export(graphs.skip, "skip")
+        export(graphs.skip, "skip")
     (out_dir / WEIGHTS_FILE).write_bytes(bytes(blob))
-    for name, entry in entries.items():
-        onnx.checker.check_model(str(out_dir / entry["file"]))
-        entry["sha256"] = hashlib.sha256((out_dir / entry["file"]).read_bytes()).hexdigest()
-        entries[name] = entry
     plan = model.plan
     selector = {"kind": plan.selector.kind, "seed": plan.selector.seed}
     if plan.selector.kind == "static":
@@ -200,6 +309,8 @@ def export_onnx(
         np.save(out_dir / "static_scores.npy", table.scores.numpy(), allow_pickle=False)
         np.save(out_dir / "static_timesteps.npy", table.timesteps.numpy(), allow_pickle=False)
         selector["blocks"] = sorted(table.rows, key=table.rows.get)
+        selector["scores"] = _file_entry(out_dir / "static_scores.npy")
+        selector["timesteps"] = _file_entry(out_dir / "static_timesteps.npy")
     manifest = {
         "format_version": MANIFEST_VERSION,
         "model": {
@@ -219,9 +330,15 @@ def export_onnx(
         "caches": [_spec_json(s) for s in graphs.full.cache_specs],
         "graphs": entries,
         "phase_graphs": phase_graphs,
-        "weights": {"file": WEIGHTS_FILE, "bytes": len(blob), "tensors": len(weights)},
+        "weights": {**_file_entry(out_dir / WEIGHTS_FILE), "tensors": len(weights)},
         "opset": opset,
     }
-    path = out_dir / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    # Each graph carries the manifest it belongs with (the graphs' sha256 cannot be in it: they hash this copy).
+    copy = json.dumps(manifest, sort_keys=True)
+    for name, proto in protos.items():
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, MANIFEST_METADATA: copy})
+        path = out_dir / entries[name]["file"]
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path))
+        entries[name]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

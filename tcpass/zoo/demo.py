@@ -76,12 +76,15 @@ def run_demo(
     images = {}
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(rounds + 1), desc="generations (full + TokenCache)", disable=not progress):
-        for name, m in (("full", dit), ("cached", cached_model)):
-            start = time.perf_counter()
-            images[name] = generate(m, show=False)
-            if i > 0:  # round 0 warms up
-                seconds[name].append(time.perf_counter() - start)
+    variants = (("full", "full compute", dit), ("cached", "tcpass", cached_model))
+    runs = tqdm([(i, *v) for i in range(rounds + 1) for v in variants], unit="generation", disable=not progress)
+    for i, name, label, m in runs:
+        # round 0 warms up (the tcpass graphs are traced there); rounds 1.. are timed
+        runs.set_description(f"{'warm-up' if i == 0 else f'timed round {i}/{rounds}'}: {label}")
+        start = time.perf_counter()
+        images[name] = generate(m, show=False)
+        if i > 0:
+            seconds[name].append(time.perf_counter() - start)
     full, cached = images["full"].clamp(-1, 1), images["cached"].clamp(-1, 1)
     return DemoResult(
         full_images=full,

@@ -14,10 +14,12 @@ def load_dit(path: str | Path, train_module: str):
     """
     from diffusers import DiTTransformer2DModel
 
+    from tcpass.adapters import quiet_load_kwargs
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no reference model at {path}; train it with `python -m {train_module} --out {path}`.")
-    return DiTTransformer2DModel.from_pretrained(path).eval()
+    return DiTTransformer2DModel.from_pretrained(path, **quiet_load_kwargs()).eval()
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -30,6 +30,7 @@ from diffusers import DiTTransformer2DModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from tcpass.adapters import quiet_load_kwargs
 from tcpass.zoo.emoji import (
     DIT_CONFIG,
     NULL_LABEL,
@@ -110,7 +111,7 @@ def train_dit(
     null_label = config["num_embeds_ada_norm"]
     model = DiTTransformer2DModel(**config)
     if init is not None:
-        model.load_state_dict(DiTTransformer2DModel.from_pretrained(init).state_dict())
+        model.load_state_dict(DiTTransformer2DModel.from_pretrained(init, **quiet_load_kwargs()).state_dict())
     # eval(): diffusers' label embedding would drop labels independently in every block; the null
     # label is applied here instead, once per sample, consistently across blocks.
     model.eval()
