@@ -26,7 +26,7 @@ from diffusers import ModelMixin  # also how diffusers finds our loader (model_i
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from tcpass.adapters import ModelAdapter, adapter_for
+from tcpass.adapters import ModelAdapter, adapter_for, quiet_load_kwargs
 from tcpass.compile import compile_step_graphs
 from tcpass.files import sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs
@@ -245,7 +245,7 @@ class TokenCacheTransformer(ModelMixin):
         backend = kwargs.pop("backend", manifest.get("backend"))
         compile_mode = kwargs.pop("compile_mode", manifest.get("compile_mode"))
         plan = load_plan(path / str(manifest.get("plan", SAVED_PLAN)))
-        model = model_cls.from_pretrained(path, **kwargs)
+        model = model_cls.from_pretrained(path, **{**quiet_load_kwargs(), **kwargs})
         return transform(model, plan, plan_dir=path, backend=backend, compile_mode=compile_mode)
 
     def _apply(self, fn, recurse: bool = True):
