@@ -32,7 +32,7 @@ from tcpass.files import sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs
 from tcpass.plan import CachePlan, load_plan
 from tcpass.predictor import load_predictor
-from tcpass.schedule import Step, StepKind, TPRRState, check_timestep
+from tcpass.schedule import Step, StepKind, ThreadGuard, TPRRState, check_timestep
 from tcpass.selectors import make_selector
 from tcpass.trace import flatten_inputs
 
@@ -41,7 +41,6 @@ logger = logging.getLogger("tcpass")
 Signature = tuple[Any, ...]
 
 _TRACE_LOCK = threading.Lock()  # torch.export is not thread-safe: one trace at a time in this process
-_BUSY_LOCK = threading.Lock()  # guards TokenCacheTransformer._busy (test-and-set)
 
 SAVED_MANIFEST = "tcpass.json"  # written last by save_pretrained: a directory without it is not a saved transform
 SAVED_PLAN = "tcpass_plan.json"
@@ -127,8 +126,7 @@ class TokenCacheTransformer(ModelMixin):
         self._caches_valid = False  # whether the active signature's buffers hold this generation's caches
         self._context: str | None = None  # see cache_context
         self._saved: dict[str | None, tuple] = {}
-        self._owner: int | None = None  # thread that started the current generation (this context)
-        self._busy: int | None = None  # thread inside forward, if any
+        self._guard = ThreadGuard("TokenCacheTransformer")  # owner: per context, swapped with it
         self._context_buffers: dict[tuple[str, Signature], list[torch.Tensor]] = {}
         self.step_counts: Counter[StepKind] = Counter()
         self.last_step: Step | None = None
@@ -264,7 +262,7 @@ class TokenCacheTransformer(ModelMixin):
         automatically); useful when a new generation starts at a lower timestep (img2img).
         """
         self._state.reset()
-        self._owner = None
+        self._guard.owner = None
         self._saved.clear()
         self._drop_caches()
 
@@ -317,9 +315,9 @@ class TokenCacheTransformer(ModelMixin):
     def _switch_context(self, name: str | None) -> None:
         if name == self._context:
             return
-        self._saved[self._context] = (self._state, self._active, self._caches_valid, self._owner)
+        self._saved[self._context] = (self._state, self._active, self._caches_valid, self._guard.owner)
         fresh = (TPRRState(self.plan.schedule, self.plan.skip), None, False, None)
-        self._state, self._active, self._caches_valid, self._owner = self._saved.pop(name, fresh)
+        self._state, self._active, self._caches_valid, self._guard.owner = self._saved.pop(name, fresh)
         self._context = name
 
     def _cache_buffers(self, key: Signature, graphs: StepGraphs) -> list[torch.Tensor]:
@@ -339,19 +337,8 @@ class TokenCacheTransformer(ModelMixin):
         model per thread (``tcpass.transform`` again shares the weights), or serialize whole
         generations.
         """
-        me = threading.get_ident()
-        with _BUSY_LOCK:
-            if self._busy is not None:
-                raise RuntimeError(
-                    "TokenCacheTransformer called from two threads at once; its caches and step state belong to one "
-                    "generation. Use one transformed model per thread (tcpass.transform shares the weights) or "
-                    "serialize the calls."
-                )
-            self._busy = me
-        try:
+        with self._guard.call() as me:
             return self._forward(me, args, kwargs, return_dict)
-        finally:
-            self._busy = None
 
     def _forward(self, me: int, args: tuple, kwargs: dict, return_dict: bool):
         inputs = self._bind(args, kwargs)
@@ -360,13 +347,7 @@ class TokenCacheTransformer(ModelMixin):
         # one scalar read per step, on the schedule's 0..1000 scale; checked before any state changes
         timestep = float(flat[self._adapter.timestep_input].reshape(-1)[0]) * self._adapter.timestep_scale
         check_timestep(timestep)
-        continues = key == self._active and not self._state.starts_generation(timestep)
-        if continues and self._owner not in (None, me):
-            raise RuntimeError(
-                "TokenCacheTransformer: this call continues a generation another thread started (its timestep is "
-                "below that thread's last call), so it would reuse that thread's caches. Use one transformed model "
-                "per thread (tcpass.transform shares the weights), or call reset() before starting over."
-            )
+        self._guard.check(me, continues=key == self._active and not self._state.starts_generation(timestep))
         graphs = self._graphs_for(key, inputs)
         if key != self._active:  # a new input signature starts a new generation in this context
             self._state.reset()
@@ -375,7 +356,7 @@ class TokenCacheTransformer(ModelMixin):
         step = self._state.step(timestep)
         if step.new_generation:
             self._drop_caches()
-            self._owner = me
+            self._guard.owner = me
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad():

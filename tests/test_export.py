@@ -483,3 +483,32 @@ def test_export_directory_gets_the_usual_permissions(exported, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_runtime_refuses_bad_timesteps_and_other_threads_generations(exported):
+    """The ORT runtime shares the torch runtime's generation rules (tcpass.schedule)."""
+    import threading
+
+    _, out = exported
+    runtime = OrtTokenCacheRuntime(out)
+    inputs = {
+        "hidden_states": np.zeros((2, 4, 16, 16), np.float32),
+        "class_labels": np.array([3, 1000]),
+    }
+    runtime(**inputs, timestep=np.array([999, 999]))
+    with pytest.raises(ValueError, match="0..1000"):
+        runtime(**inputs, timestep=np.array([5000, 5000]))
+    errors = []
+
+    def other():
+        try:
+            runtime(**inputs, timestep=np.array([950, 950]))
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(60)
+    assert errors and "another thread" in errors[0]
+    runtime(**inputs, timestep=np.array([950, 950]))  # the owner continues: CACHED, as if nothing happened
+    assert runtime.step_counts[StepKind.CACHED] == 1 and runtime.step_counts[StepKind.FULL] == 1

@@ -123,6 +123,6 @@ def test_one_transformed_model_per_thread_matches_serial_calls():
         t.start()
     for t in threads:
         t.join(300)
-    for i in range(2):
+    for i in range(2):  # float rounding only (kernels split work differently under two threads); mixing is ~1e-1
         for a, b in zip(outs[i], serial[i], strict=True):
-            assert (a - b).abs().max() <= 1e-6
+            assert (a - b).abs().max() <= 1e-5

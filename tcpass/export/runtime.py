@@ -20,7 +20,7 @@ import numpy as np
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
 from tcpass.plan import StepSkip, TPRRSchedule
-from tcpass.schedule import StepKind, TPRRState
+from tcpass.schedule import StepKind, ThreadGuard, TPRRState, check_timestep
 
 try:
     import onnxruntime as ort
@@ -119,6 +119,7 @@ class OrtTokenCacheRuntime:
                 {b: i for i, b in enumerate(m["selector"]["blocks"])},
             )
         self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0, StepKind.SKIP: 0}
+        self._guard = ThreadGuard("OrtTokenCacheRuntime")
         self.reset()
 
     @property
@@ -128,6 +129,7 @@ class OrtTokenCacheRuntime:
     def reset(self) -> None:
         """Drop the caches; the next call is FULL and starts a new generation."""
         self._state.reset()
+        self._guard.owner = None
         self._drop_caches()
 
     def _drop_caches(self) -> None:
@@ -135,12 +137,23 @@ class OrtTokenCacheRuntime:
         self._rng = np.random.default_rng(self.manifest["selector"]["seed"])
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
-        """One model call; ``inputs`` are the conditioning inputs by name. Returns the model output."""
+        """One model call; ``inputs`` are the conditioning inputs by name. Returns the model output.
+
+        Like the torch runtime, one runtime holds one generation: concurrent calls from several
+        threads raise ``RuntimeError`` (see `tcpass.schedule.ThreadGuard`); use one runtime per thread.
+        """
+        with self._guard.call() as me:
+            return self._call(me, inputs)
+
+    def _call(self, me: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
         self._check_inputs(inputs)
         timestep = float(np.asarray(inputs[self._timestep_input]).reshape(-1)[0])
+        check_timestep(timestep)
+        self._guard.check(me, continues=not self._state.starts_generation(timestep))
         step = self._state.step(timestep)
         if step.new_generation:
             self._drop_caches()
+            self._guard.owner = me
         name, kind = "full", StepKind.FULL
         if step.kind is StepKind.SKIP and self._caches is not None:
             name, kind = "skip", StepKind.SKIP
