@@ -40,7 +40,52 @@ logger = logging.getLogger("tcpass")
 
 Signature = tuple[Any, ...]
 
-_TRACE_LOCK = threading.Lock()  # torch.export is not thread-safe: one trace at a time in this process
+
+class _TraceLock:
+    """Tracing is exclusive, running graphs is shared: across every transformed model in this process.
+
+    ``torch.export`` is not thread-safe, and while it traces a model it temporarily swaps that
+    model's parameters; graphs of another transformed model sharing those weights must not run
+    meanwhile (measured: outputs off by 0.57 without this). Waiting tracers go first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._tracing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def running(self):
+        with self._cond:
+            while self._tracing or self._waiting:
+                self._cond.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def tracing(self):
+        with self._cond:
+            self._waiting += 1
+            while self._tracing or self._running:
+                self._cond.wait()
+            self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+_TRACE_LOCK = _TraceLock()
 
 SAVED_MANIFEST = "tcpass.json"  # written last by save_pretrained: a directory without it is not a saved transform
 SAVED_PLAN = "tcpass_plan.json"
@@ -285,7 +330,7 @@ class TokenCacheTransformer(ModelMixin):
     def _graphs_for(self, key: Signature, inputs: dict) -> StepGraphs:
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
-            with _TRACE_LOCK:
+            with _TRACE_LOCK.tracing():
                 graphs = build_step_graphs(self.transformer, self._adapter, self.plan, inputs, self.predictor)
             self._add_graphs(key, graphs)
         return self._graphs[key]
@@ -359,7 +404,7 @@ class TokenCacheTransformer(ModelMixin):
             self._guard.owner = me
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
-        with torch.no_grad():
+        with torch.no_grad(), _TRACE_LOCK.running():
             if step.kind is StepKind.SKIP and self._caches_valid:
                 residual = self._cache_buffers(key, graphs)[0]  # stack.residual leads the layout
                 scale = torch.full((1,), step.scale, dtype=residual.dtype, device=residual.device)
@@ -474,7 +519,7 @@ def transform(
         )
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
-    with _TRACE_LOCK:
+    with _TRACE_LOCK.tracing():
         graphs = build_step_graphs(model, adapter, plan, example_inputs, predictor)
     compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}
     return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, compile_options, predictor)
