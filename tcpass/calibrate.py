@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
 from tcpass.files import write_atomic
-from tcpass.plan import CachePlan, SelectorSpec, TPRRSchedule, save_plan
+from tcpass.plan import CachePlan, SelectorSpec, TPRRSchedule, keep_count, save_plan
 from tcpass.predictor import DynamicPredictor, StaticPredictor, save_predictor
 from tcpass.sampling import ddim_sample, make_scheduler
 from tcpass.schedule import StepKind, simulate
@@ -220,7 +220,7 @@ def block_sensitivity(
             now = dict(hooks.inputs)
             for b in range(len(hooks.blocks)):
                 x_now = now[b]
-                k = max(1, math.ceil(keep_ratio * x_now.shape[1]))
+                k = keep_count(keep_ratio, x_now.shape[1])
                 score = ((x_now - inputs[b]) ** 2).sum(-1)
                 mask = topk_mask(score, k)
                 hooks.mode, hooks.weights = "mix", {b: mask}
@@ -273,7 +273,7 @@ def predictor_loss(
         w = {b: torch.sigmoid(logits[..., b]) for b in blocks}
         ws.extend(w.values())
         if hard_keep is not None:
-            k = max(1, math.ceil(hard_keep * logits.shape[1]))
+            k = keep_count(hard_keep, logits.shape[1])
             for b, soft in w.items():
                 hard = topk_mask(soft.detach(), k)
                 w[b] = hard + soft - soft.detach()
@@ -314,7 +314,7 @@ def topk_error(
             _model_call(model, data, s, rows)
             hooks.cached, refresh_inputs = dict(hooks.deltas), dict(hooks.inputs)
             n = hooks.cached[blocks[0]].shape[1]
-            k = max(1, math.ceil(keep_ratio * n))
+            k = keep_count(keep_ratio, n)
             hooks.mode, hooks.weights = "mix", {b: torch.zeros(len(rows), n) for b in blocks}
             err0 = _rel_err(_model_call(model, data, t, rows), target)
             timestep = data.timesteps[t].expand(len(rows))

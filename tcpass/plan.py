@@ -57,6 +57,16 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping))
 
 
+def keep_count(ratio: float, num_tokens: int) -> int:
+    """K = ceil(ratio * num_tokens), at least 1 and at most ``num_tokens``; 0 for ratio 0 (whole-block reuse).
+
+    The one definition of K: graphs, selectors, FLOP counts and calibration all use it.
+    """
+    if ratio == 0:
+        return 0
+    return max(1, min(num_tokens, math.ceil(ratio * num_tokens)))
+
+
 def _check_ratio(name: str, value: float) -> None:
     if not _is_number(value):
         raise _type_error(name, value, "a number in [0, 1]")
@@ -370,10 +380,7 @@ class CachePlan:
 
     def keep_tokens(self, block: int, phase: int, num_tokens: int) -> int:
         """K: how many of ``num_tokens`` tokens ``block`` recomputes at a CACHED step of ``phase``."""
-        ratio = self.block_keep_ratio.get(block, self.keep_ratio)[phase]
-        if ratio == 0:
-            return 0  # whole-block reuse
-        return max(1, min(num_tokens, math.ceil(ratio * num_tokens)))
+        return keep_count(self.block_keep_ratio.get(block, self.keep_ratio)[phase], num_tokens)
 
     # JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
