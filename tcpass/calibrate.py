@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,8 @@ from tcpass.plan import CachePlan, SelectorSpec, TPRRSchedule, keep_count, save_
 from tcpass.predictor import DynamicPredictor, StaticPredictor, save_predictor
 from tcpass.sampling import ddim_sample, make_scheduler
 from tcpass.schedule import StepKind, simulate
+
+logger = logging.getLogger("tcpass")
 
 
 # 1. Calibration data ------------------------------------------------------------------------------
@@ -484,6 +488,40 @@ def measure_step_times(
     return StepTimes(eager, full, cached, len(model.transformer_blocks))
 
 
+def implausible(times: StepTimes, noise: float = 0.15) -> list[str]:
+    """What is wrong with ``times`` if they cannot be right (empty list: plausible).
+
+    The FULL graph does the uncached model's work plus cache writes, so it cannot be much faster
+    than it, and a CACHED graph recomputing more tokens cannot be much cheaper than one recomputing
+    fewer. (A CACHED call slower than FULL is not flagged: on tiny models gather/scatter can cost more.)
+    Other jobs on the machine break these (measured: FULL 23.7 ms vs eager 35.9 ms under load).
+    """
+    problems = []
+    if times.full < (1 - noise) * times.eager:
+        problems.append(f"FULL {times.full * 1e3:.1f} ms is faster than the uncached model {times.eager * 1e3:.1f} ms")
+    ordered = [times.cached[r] for r in sorted(times.cached)]
+    if any(b < (1 - noise) * a for a, b in zip(ordered, ordered[1:], strict=False)):
+        problems.append("CACHED times fall as the keep ratio rises: " + ", ".join(f"{t * 1e3:.1f}" for t in ordered))
+    return problems
+
+
+def measure_plausible_step_times(*args, attempts: int = 3, **kwargs) -> tuple[StepTimes, list[str]]:
+    """`measure_step_times`, re-measured (up to ``attempts`` times) while `implausible`; returns the times
+    and the problems left (empty when plausible), which the caller reports."""
+    for attempt in range(attempts):
+        times = measure_step_times(*args, **kwargs)
+        problems = implausible(times)
+        if not problems:
+            return times, []
+        logger.warning(
+            "tcpass calibrate: implausible step times (%s); re-measuring (%d/%d)",
+            "; ".join(problems),
+            attempt + 1,
+            attempts,
+        )
+    return times, problems
+
+
 @dataclass
 class Candidate:
     plan: CachePlan
@@ -503,6 +541,27 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     out = ddim_sample(tm, data.noise, data.labels, data.null_label, steps, data.guidance_scale)
     out = out.clamp(float(data.final.min()), float(data.final.max()))  # one diverged pixel must not decide
     return float(psnr(out, data.final).mean())
+
+
+@torch.no_grad()
+def verify_speedup(
+    model: nn.Module, plan: CachePlan, data: CalibrationData, reps: int, plan_dir: Path | None = None
+) -> tuple[float, dict[str, list[float]]]:
+    """Median over interleaved rounds of full-compute / plan seconds per whole calibration generation."""
+    from tcpass.runtime import transform
+
+    example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
+    tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+    arms = {"full": (model, data.steps), "plan": (tm, plan.sampler_steps or data.steps)}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    for round_ in range(reps + 1):
+        for name, (m, n) in arms.items():
+            start = time.perf_counter()
+            ddim_sample(m, data.noise, data.labels, data.null_label, n, data.guidance_scale)
+            if round_ > 0:  # round 0 warms up
+                seconds[name].append(time.perf_counter() - start)
+    ratio = statistics.median(f / p for f, p in zip(seconds["full"], seconds["plan"], strict=True))
+    return ratio, seconds
 
 
 def ddim_timesteps(steps: int) -> list[float]:
@@ -560,6 +619,8 @@ def search_schedule(
                     for i0 in range(1, 13):
                         for i1 in range(1, 13):
                             plan = make(n, r0, r1, i0, i1, boundary)
+                            if not any(st.kind is StepKind.CACHED for st in simulate(plan.schedule, ts)):
+                                continue  # caches nothing: never a plan for a speedup target
                             grid.append((times.speedup(plan, ts), n, r0, r1, i0, i1, boundary, plan))
 
     if target_speedup is not None:
@@ -641,6 +702,7 @@ class CalibrationReport:
     train_losses: list[float] = field(default_factory=list)
     selection_error: dict[str, float | str] = field(default_factory=dict)  # `topk_error` per selector
     seconds: float = 0.0
+    measured_speedup: float | None = None  # whole generations, interleaved with full compute
 
     def format(self) -> str:
         s = self.plan.schedule
@@ -654,6 +716,11 @@ class CalibrationReport:
             f"step times         : eager {self.times.eager * 1e3:.1f} ms, FULL {self.times.full * 1e3:.1f} ms, "
             + ", ".join(f"CACHED@{r:g} {t * 1e3:.1f} ms" for r, t in sorted(self.times.cached.items())),
             f"predicted speedup  : {self.predicted_speedup:.2f}x (wall clock, from measured step times)",
+            *(
+                [f"measured speedup   : {self.measured_speedup:.2f}x (whole generations vs full compute)"]
+                if self.measured_speedup is not None
+                else []
+            ),
             f"calibration PSNR   : {self.psnr_db:.2f} dB vs full compute ({len(self.candidates)} candidates run)",
         ]
         if self.selection_error:
@@ -682,6 +749,7 @@ def calibrate(
     iterations: int = 150,
     ratios: tuple[float, ...] = (0.1, 0.15, 0.25, 0.35, 0.5),
     seed: int = 1234,
+    verify_reps: int = 2,
     progress: bool = True,
 ) -> CalibrationReport:
     """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
@@ -701,6 +769,8 @@ def calibrate(
         num_samples: calibration samples generated with full compute.
         steps: DDIM steps of the calibration generations.
         iterations: predictor training iterations.
+        verify_reps: the chosen plan's speedup is measured on whole calibration generations,
+            interleaved with full compute, this many rounds after a warm-up (0: not measured).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -730,10 +800,12 @@ def calibrate(
         selection["kept"] = "trained" if keep_trained else "initial"
         selector = _write_predictor(trained.predictor if keep_trained else untrained, out)
     modes = (attention,) if isinstance(attention, str) else tuple(attention)
-    winner, candidates, times, errors = None, [], None, []
+    winner, candidates, times, errors, problems = None, [], None, [], []
     for mode in modes:  # each attention mode has its own step times; the best plan over all wins
         base = CachePlan(attention=mode, selector=selector, model=fingerprint)
-        mode_times = measure_step_times(model, ratios, base, batch, plan_dir=out.parent, progress=progress)
+        mode_times, timing_problems = measure_plausible_step_times(
+            model, ratios, base, batch, plan_dir=out.parent, progress=progress
+        )
         try:
             best, tried = search_schedule(
                 model,
@@ -756,7 +828,7 @@ def calibrate(
             else best.predicted_speedup > winner.predicted_speedup
         )
         if better:
-            winner, times = best, mode_times
+            winner, times, problems = best, mode_times, timing_problems
     if winner is None:
         raise ValueError("; ".join(errors))
     seconds = time.perf_counter() - start
@@ -783,6 +855,11 @@ def calibrate(
         "topk_error": {k: round(v, 4) if isinstance(v, float) else v for k, v in selection.items()},
         "seconds": round(seconds, 1),
     }
+    if problems:
+        notes["timing_problems"] = problems  # still implausible after re-measuring: other jobs running?
+    if verify_reps > 0:
+        report.measured_speedup, _ = verify_speedup(model, winner.plan, data, verify_reps, plan_dir=out.parent)
+        notes["measured_speedup"] = round(report.measured_speedup, 3)
     report.plan = dataclasses.replace(winner.plan, notes=notes)
     save_plan(report.plan, out)
     if previous_weights is not None and previous_weights.name != report.plan.selector.path:

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate import CalibrationData, best_seconds, collect, ddim_timesteps, fidelity
+from tcpass.calibrate import CalibrationData, best_seconds, collect, ddim_timesteps, fidelity, verify_speedup
 from tcpass.plan import CachePlan, StepSkip, save_plan
-from tcpass.sampling import ddim_sample
 from tcpass.schedule import StepKind, simulate
 
 
@@ -334,27 +332,6 @@ def verified_choice(
         c.measured_speedup, _ = verify_speedup(model, c.plan, data, reps)
         verified.append(c)
     return max(verified, key=lambda c: c.measured_speedup)
-
-
-@torch.no_grad()
-def verify_speedup(
-    model: nn.Module, plan: CachePlan, data: CalibrationData, reps: int
-) -> tuple[float, dict[str, list[float]]]:
-    """Median over interleaved rounds of full-compute / plan seconds per whole calibration generation."""
-    from tcpass.runtime import transform
-
-    example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
-    tm = transform(model, plan, example_inputs=example)
-    arms = {"full": (model, data.steps), "plan": (tm, plan.sampler_steps or data.steps)}
-    seconds: dict[str, list[float]] = {name: [] for name in arms}
-    for round_ in range(reps + 1):
-        for name, (m, n) in arms.items():
-            start = time.perf_counter()
-            ddim_sample(m, data.noise, data.labels, data.null_label, n, data.guidance_scale)
-            if round_ > 0:  # round 0 warms up
-                seconds[name].append(time.perf_counter() - start)
-    ratio = statistics.median(f / p for f, p in zip(seconds["full"], seconds["plan"], strict=True))
-    return ratio, seconds
 
 
 def _write_atomically(out: str | Path, plan: CachePlan, report: StepCalibrationReport) -> None:

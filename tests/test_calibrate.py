@@ -91,7 +91,8 @@ def test_calibrated_plan_round_trips_and_guards_its_weights(tiny, tmp_path):
         ratios=(0.5,),
         progress=False,
     )
-    assert "dynamic trained" in report.format()
+    assert "dynamic trained" in report.format() and "measured speedup" in report.format()
+    assert report.measured_speedup > 0 and report.plan.notes["measured_speedup"] == round(report.measured_speedup, 3)
     assert re.fullmatch(r"plan\.predictor\.[0-9a-f]{12}\.safetensors", report.plan.selector.path)
     assert report.plan.selector.sha256.startswith(report.plan.selector.path.split(".")[2])
     plan = load_plan(out)
@@ -202,3 +203,28 @@ def test_finished_re_calibration_deletes_only_the_previous_plans_weights(tmp_pat
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(
         [report.plan.selector.path, "other.predictor.safetensors"]
     )
+
+
+def test_implausible_step_times_are_re_measured(monkeypatch):
+    """Under load FULL once timed faster than the uncached model (23.7 vs 35.9 ms): re-measure, report."""
+    loaded = cal.StepTimes(eager=0.0359, full=0.0237, cached={0.25: 0.02, 0.5: 0.022}, num_blocks=3)
+    quiet = cal.StepTimes(eager=0.0359, full=0.0361, cached={0.25: 0.02, 0.5: 0.026}, num_blocks=3)
+    assert "faster than the uncached model" in cal.implausible(loaded)[0] and cal.implausible(quiet) == []
+    assert (
+        "fall as the keep ratio rises" in cal.implausible(dataclasses.replace(quiet, cached={0.25: 0.03, 0.5: 0.01}))[0]
+    )
+    answers = iter([loaded, quiet])
+    monkeypatch.setattr(cal, "measure_step_times", lambda *a, **k: next(answers))
+    assert cal.measure_plausible_step_times() == (quiet, [])
+    monkeypatch.setattr(cal, "measure_step_times", lambda *a, **k: loaded)
+    times, problems = cal.measure_plausible_step_times(attempts=2)
+    assert times is loaded and problems and "FULL" in problems[0]
+
+
+def test_a_plan_that_caches_nothing_is_never_chosen_for_a_speedup_target():
+    """Timed under load, every-step-FULL was predicted at 1.51x and chosen with "PSNR inf"; measured 0.98x."""
+    from types import SimpleNamespace
+
+    loaded = cal.StepTimes(eager=0.0359, full=0.0237, cached={0.25: 0.030}, num_blocks=3)
+    with pytest.raises(ValueError, match="out of reach"):  # only all-FULL plans reach 1.5x on these times
+        cal.search_schedule(None, SimpleNamespace(steps=50), tcpass.CachePlan(), loaded, [0, 1, 2], target_speedup=1.5)
