@@ -226,6 +226,7 @@ def calibrate_steps(
     max_evaluated: int = 32,
     verify_reps: int = 2,
     max_verified: int = 4,
+    sample_range: tuple[float, float] | None = None,
     progress: bool = True,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
@@ -237,6 +238,8 @@ def calibrate_steps(
         window: candidates predicted within [target / window, window * target] are evaluated.
         max_evaluated: at most this many candidates are generated (evenly over predicted speed).
         verify_reps: interleaved whole-generation timings of a candidate vs full compute (after a warm-up round).
+        sample_range: the range a viewer sees (pixel-space models: ``(-1, 1)``); samples are scored clamped
+            to it (`tcpass.calibrate.fidelity`).
         max_verified: at most this many candidates are timed on whole generations (``verify_reps`` 0: none;
             the best predicted-at-target PSNR is then chosen unmeasured).
     """
@@ -244,7 +247,14 @@ def calibrate_steps(
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
     if target_speedup is not None and not target_speedup > 1:
         raise ValueError(f"target_speedup = {target_speedup!r}: expected a speedup above 1 (e.g. 2.0).")
-    data = collect(model, num_samples=num_samples, steps=steps, guidance_scale=guidance_scale, progress=progress)
+    data = collect(
+        model,
+        num_samples=num_samples,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        progress=progress,
+        sample_range=sample_range,
+    )
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
     timesteps = [float(t) for t in data.timesteps]

@@ -275,10 +275,29 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
 @click.option(
     "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
 )
+@click.option(
+    "--sample-range",
+    type=(float, float),
+    default=None,
+    help="Range a viewer sees, LO HI: calibration samples are scored clamped to it (pixel-space models: -1 1; "
+    "default: -1 1 for the shipped reference model, else the samples' 0.1-99.9 percentile range).",
+)
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
-    model_path, target_speedup, min_psnr, policy, predictor, attention, batch, samples, steps, iterations, threads, out
+    model_path,
+    target_speedup,
+    min_psnr,
+    policy,
+    predictor,
+    attention,
+    batch,
+    samples,
+    steps,
+    iterations,
+    sample_range,
+    threads,
+    out,
 ):
     """Find a plan for a model against a speed or quality target: token caching or whole-step skipping."""
     import torch
@@ -294,11 +313,22 @@ def calibrate(
         model = load_reference_model() if model_path is None else load_transformer(model_path)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
+    if sample_range is None and model_path is None:
+        sample_range = (-1.0, 1.0)  # the reference model generates pixels in [-1, 1]
+    if sample_range is not None and not sample_range[0] < sample_range[1]:
+        raise click.BadParameter(f"{sample_range}: LO must be below HI.", param_hint="--sample-range")
     if policy == "steps":
         from tcpass.calibrate_steps import calibrate_steps
 
         report = calibrate_steps(
-            model, out, target_speedup=target_speedup, min_psnr=min_psnr, batch=batch, num_samples=samples, steps=steps
+            model,
+            out,
+            target_speedup=target_speedup,
+            min_psnr=min_psnr,
+            batch=batch,
+            num_samples=samples,
+            steps=steps,
+            sample_range=sample_range,
         )
         click.echo(report.format())
         click.echo(f"wrote {Path(out).resolve()}")
@@ -314,6 +344,7 @@ def calibrate(
         num_samples=samples,
         steps=steps,
         iterations=iterations,
+        sample_range=sample_range,
     )
     click.echo(report.format())
     click.echo(
