@@ -317,35 +317,22 @@ def calibrate(
         sample_range = (-1.0, 1.0)  # the reference model generates pixels in [-1, 1]
     if sample_range is not None and not sample_range[0] < sample_range[1]:
         raise click.BadParameter(f"{sample_range}: LO must be below HI.", param_hint="--sample-range")
+    common = {
+        "target_speedup": target_speedup,
+        "min_psnr": min_psnr,
+        "batch": batch,
+        "num_samples": samples,
+        "steps": steps,
+        "sample_range": sample_range,
+    }
     if policy == "steps":
         from tcpass.calibrate_steps import calibrate_steps
 
-        report = calibrate_steps(
-            model,
-            out,
-            target_speedup=target_speedup,
-            min_psnr=min_psnr,
-            batch=batch,
-            num_samples=samples,
-            steps=steps,
-            sample_range=sample_range,
-        )
+        report = calibrate_steps(model, out, **common)
         click.echo(report.format())
         click.echo(f"wrote {Path(out).resolve()}")
         return
-    report = run(
-        model,
-        out,
-        target_speedup=target_speedup,
-        min_psnr=min_psnr,
-        predictor=predictor,
-        attention=attention,
-        batch=batch,
-        num_samples=samples,
-        steps=steps,
-        iterations=iterations,
-        sample_range=sample_range,
-    )
+    report = run(model, out, predictor=predictor, attention=attention, iterations=iterations, **common)
     click.echo(report.format())
     click.echo(
         f"wrote {Path(out).resolve()}" + (f" and {report.plan.selector.path}" if report.plan.selector.path else "")

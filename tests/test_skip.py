@@ -160,7 +160,6 @@ def test_compiled_skip_plan_has_no_graph_breaks_or_recompiles_and_matches_eager(
 
 @pytest.mark.parametrize("level", ["stack", "output"])
 def test_exported_skip_plan_matches_eager_every_step(tmp_path, level):
-    pytest.importorskip("onnxruntime")
     import numpy as np
 
     from tcpass.export.onnx_export import export_onnx
