@@ -34,7 +34,7 @@ def median_ms(fn, calls: int = 8) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     model = load_model("digits")
-    inputs = example_inputs(model, 20)
+    inputs = example_inputs(model, 40)  # 20 images with CFG
     values = list(inputs.values())
     plan = tcpass.load_plan(Path(__file__).parent / "plans" / "digits_2x.json")
     graphs = tcpass.transform(model, plan, example_inputs=inputs).step_graphs()

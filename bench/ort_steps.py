@@ -63,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
     model = load_model(args.model)
-    inputs = example_inputs(model, 1)
+    inputs = example_inputs(model, 2)  # one image with CFG
     null = int(model.config.num_embeds_ada_norm)
     root = Path(tempfile.mkdtemp(prefix="tcpass-ort-steps-"))
     base = tcpass.transform(model, tcpass.CachePlan.no_cache(), example_inputs=inputs)

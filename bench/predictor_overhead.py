@@ -32,7 +32,7 @@ from tcpass.selectors import StaticScoreSelector  # noqa: E402
 
 def bench(name: str, images: int, keep: float, rounds: int) -> dict:
     model = load_model(name)
-    inputs = example_inputs(model, images)
+    inputs = example_inputs(model, 2 * images)  # CFG: 2 rows per image
     values = list(inputs.values())
     cfg = model.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim

@@ -26,6 +26,23 @@ from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
 from tcpass.trace import export_graph, find_blocks, flatten_inputs
 
+# Dtypes a model may compute in: the graphs run the model's own arithmetic, with caches, kept-token
+# indices' gathers and the Cache Predictor in the model's dtype (float64 is for numerics checks).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_dtypes(model: torch.nn.Module) -> None:
+    """Refuse a model whose floating-point weights are in a dtype tcpass does not run (float8, ...)."""
+    found = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    unsupported = sorted(str(d).removeprefix("torch.") for d in found if d not in SUPPORTED_DTYPES)
+    if unsupported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(
+            f"{type(model).__name__} has {', '.join(unsupported)} weights; tcpass runs models in {names}. "
+            "Cast it first, e.g. `model.to(torch.bfloat16)` (for float8 storage, load the model in "
+            "bfloat16 instead)."
+        )
+
 
 @dataclass
 class StepGraph:
@@ -101,6 +118,7 @@ def build_step_graphs(
     The graphs take the tensors of ``flatten_inputs(inputs)`` positionally. ``predictor``: the dynamic
     Cache Predictor (selector kind ``dynamic``), emitted into the CACHED graphs.
     """
+    check_dtypes(model)
     traced = export_graph(model, inputs, adapter.image_tokens(model, inputs))
     inputs = flatten_inputs(inputs)
     spans = find_blocks(traced.graph, adapter.block_prefixes)

@@ -29,7 +29,7 @@ from torch import nn
 from tcpass.adapters import ModelAdapter, adapter_for, quiet_load_kwargs
 from tcpass.compile import compile_step_graphs
 from tcpass.files import sha256_of, write_atomic
-from tcpass.graphs import StepGraphs, build_step_graphs
+from tcpass.graphs import StepGraphs, build_step_graphs, check_dtypes
 from tcpass.plan import CachePlan, load_plan
 from tcpass.predictor import load_predictor
 from tcpass.schedule import Step, StepKind, ThreadGuard, TPRRState, check_timestep
@@ -491,7 +491,7 @@ def transform(
             (CUDA graphs, on GPU; the cache buffers are static inputs).
 
     Raises:
-        TypeError: the model family is not supported, or ``plan`` is not a `CachePlan`.
+        TypeError: the model family or its dtype (float8, ...) is not supported, or ``plan`` is not a `CachePlan`.
         ValueError: the plan does not fit the model (block index, fingerprint), naming the field.
     """
     if isinstance(model, TokenCacheTransformer):
@@ -499,6 +499,7 @@ def transform(
             "model is already transformed by tcpass; pass model.transformer (the original) to apply another plan."
         )
     adapter = adapter_for(model)
+    check_dtypes(model)
     if not isinstance(plan, CachePlan):
         raise TypeError(f"plan must be a tcpass.CachePlan, got {type(plan).__name__}.")
     fingerprint = adapter.fingerprint(model)

@@ -38,6 +38,8 @@ def ddim_sample(
 
     ``guidance_scale`` 1.0 disables guidance (batch B); otherwise the model sees batch 2B.
     Models whose output has twice the input channels (learned sigma) have the variance half dropped.
+    The sampler's arithmetic stays in ``noise``'s dtype; the model's input is cast to ``model.dtype``
+    (a bfloat16 or float16 model) and its output back.
     """
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
@@ -45,10 +47,12 @@ def ddim_sample(
     channels = noise.shape[1]
     guided = guidance_scale != 1.0
     labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)]) if guided else class_labels
+    model_dtype = getattr(model, "dtype", noise.dtype)
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
         model_input = torch.cat([latents, latents]) if guided else latents
         timesteps = t.expand(model_input.shape[0]).to(noise.device)
-        out = model(model_input, timestep=timesteps, class_labels=labels).sample[:, :channels]
+        out = model(model_input.to(model_dtype), timestep=timesteps, class_labels=labels).sample[:, :channels]
+        out = out.to(latents.dtype)
         if guided:
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

@@ -85,7 +85,7 @@ class ReferenceTokenCache:
             if idx is None:
                 return x + st["delta"]
             if self.toca:
-                st["score"] = _put_rows(st["score"], idx, torch.zeros(idx.shape))
+                st["score"] = _put_rows(st["score"], idx, torch.zeros(idx.shape, dtype=st["score"].dtype))
             x_kept = _rows(x, idx)
 
             def kv(normed):

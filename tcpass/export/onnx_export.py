@@ -226,6 +226,17 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_exportable_dtypes(graphs: StepGraphs) -> None:
+    """ONNX Runtime has no bfloat16 kernels for a DiT's Conv/LayerNorm on CPU (and few on CUDA): refuse
+    before anything is written, naming the fix, rather than write graphs no session can load."""
+    dtypes = {dtype for _, dtype in graphs.input_specs} | {s.dtype for s in graphs.full.cache_specs}
+    if torch.bfloat16 in dtypes:
+        raise TypeError(
+            "the model runs in bfloat16, which ONNX Runtime cannot run (no bfloat16 Conv/LayerNorm kernels); "
+            "export a float16 or float32 copy instead: `tcpass.transform(model.to(torch.float16), plan)`."
+        )
+
+
 def export_onnx(
     model: TokenCacheTransformer,
     out_dir: str | Path,
@@ -253,6 +264,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     _check_target(out_dir)
     graphs: StepGraphs = model.step_graphs(inputs)
+    _check_exportable_dtypes(graphs)
     null_label = _check_null_label(model, graphs.input_names, null_label)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "tmp")

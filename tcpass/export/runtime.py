@@ -126,6 +126,13 @@ class OrtTokenCacheRuntime:
     def null_label(self) -> int | None:
         return self.manifest["model"]["null_label"]
 
+    def input_dtype(self, name: str) -> np.dtype:
+        """The numpy dtype the graphs were exported for, for conditioning input ``name`` (float16 for a
+        float16 export: callers cast their arrays to it)."""
+        if name not in self._inputs:
+            raise KeyError(f"no input {name!r}; the graphs take {sorted(self._inputs)}.")
+        return np.dtype(_DTYPES[self._inputs[name]["dtype"]])
+
     def reset(self) -> None:
         """Drop the caches; the next call is FULL and starts a new generation."""
         self._state.reset()
@@ -333,7 +340,11 @@ def generate(
     num_steps: int = 50,
     guidance_scale: float = 4.0,
 ) -> np.ndarray:
-    """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W]."""
+    """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
+
+    The sampler's arithmetic is float32 whatever the export's dtype; the model's input is cast to the
+    dtype the graphs take (float16 for a float16 export) and its output back to float32.
+    """
     timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
     step = 1000 // num_steps
     guided = guidance_scale != 1.0
@@ -342,11 +353,14 @@ def generate(
         labels = np.concatenate([labels, np.full_like(labels, runtime.null_label)])
     x = noise.astype(np.float32)
     channels = x.shape[1]
+    model_dtype = runtime.input_dtype("hidden_states")
     for t in timesteps:
         model_input = np.concatenate([x, x]) if guided else x
         eps = runtime(
-            hidden_states=model_input, timestep=np.full(len(model_input), t, dtype=np.int64), class_labels=labels
-        )[:, :channels]
+            hidden_states=model_input.astype(model_dtype),
+            timestep=np.full(len(model_input), t, dtype=np.int64),
+            class_labels=labels,
+        )[:, :channels].astype(np.float32)
         if guided:
             cond, uncond = np.split(eps, 2)
             eps = uncond + guidance_scale * (cond - uncond)
