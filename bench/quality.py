@@ -43,8 +43,8 @@ from bench.common import RESULTS, add_allocator_option, apply_allocator_option, 
 from tcpass import calibrate as cal  # noqa: E402
 from tcpass.files import sha256_of  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
-from tcpass.sampling import ddim_sample  # noqa: E402
-from tcpass.selectors import StaticScoreSelector  # noqa: E402
+from tcpass.policies import StaticScoreSelector  # noqa: E402
+from tcpass.sampling import ddim_sample, ddim_timesteps  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
 
 PLANS_DIR = Path(__file__).parent / "plans"
@@ -72,7 +72,7 @@ def variants_for(model, name: str, plan: tcpass.CachePlan, batch: int, static: t
     """(variant name -> (plan or None for the plain model, sampler steps)) around one plan."""
     ratios = tuple(sorted({0.0, *plan.keep_ratio}))
     times = cal.measure_step_times(model, ratios, dataclasses.replace(plan, selector=tcpass.SelectorSpec()), batch)
-    ts = cal.ddim_timesteps(steps)
+    ts = ddim_timesteps(steps)
     target = times.speedup(plan, ts)
     fora = min(
         (

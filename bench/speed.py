@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DiTTransformer2DModel
 
@@ -65,7 +66,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from tcpass.flops import generation_flops  # noqa: E402
-from tcpass.sampling import ddim_sample, make_scheduler  # noqa: E402
+from tcpass.sampling import ddim_sample, ddim_timesteps  # noqa: E402
 
 # Published DiT configs (diffusers), 256x256 images -> 32x32 latents -> 256 tokens.
 MODELS = {
@@ -87,11 +88,12 @@ DEFAULT_PLAN = tcpass.CachePlan(
 )
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    peak = (b.max() - b.min()).item()
-    mse = torch.mean((a - b) ** 2).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak**2 / mse)).item()
+def psnr_db(test: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean PSNR (dB) of ``test``'s samples against ``reference``'s, peak = the reference's value range."""
+    from tcpass.metrics import psnr
+
+    test, reference = test.float().cpu(), reference.float().cpu()
+    return float(np.mean(psnr(test, reference, data_range=float(reference.max() - reference.min()))))
 
 
 def synchronize(device: torch.device) -> None:
@@ -303,9 +305,7 @@ def bench_row(
             per_step[kind] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "calls": len(ms)}
     memory = {label: peak_memory_mib(timed(m), device) for label, m in (("baseline", baseline), ("tcpass", tm))}
 
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(steps)
-    flops = generation_flops(eager_tm, example, [float(t) for t in scheduler.timesteps])
+    flops = generation_flops(eager_tm, example, ddim_timesteps(steps))
     speedup = ratio_median(times["baseline"], times["tcpass"])
     failures = []
     if compiled:
@@ -324,7 +324,7 @@ def bench_row(
     if compiled:
         want = generate(eager_tm)
         rel = ((samples["tcpass"].float() - want.float()).abs().max() / want.float().abs().max()).item()
-        row["tcpass_vs_eager_transformed"] = {"max_rel_error": rel, "psnr_db": psnr(samples["tcpass"], want)}
+        row["tcpass_vs_eager_transformed"] = {"max_rel_error": rel, "psnr_db": psnr_db(samples["tcpass"], want)}
         if not rel <= TOLERANCE[dtype]:
             failures.append(f"tcpass compiled vs eager: relative error {rel:.2e} > {TOLERANCE[dtype]:.0e}")
     row.update(
@@ -341,7 +341,7 @@ def bench_row(
             "steps_full_cached": [flops.num_full, flops.num_cached],
             "cache_mib": eager_tm.cache_bytes / 2**20,
             "peak_gpu_memory_mib": memory,
-            "psnr_vs_baseline_db_random_weights": psnr(generate(tm), generate(baseline)),
+            "psnr_vs_baseline_db_random_weights": psnr_db(generate(tm), generate(baseline)),
             "peak_rss_mib": peak_rss_mib(),
         }
     )

@@ -47,7 +47,7 @@ from tcpass.adapters import adapter_for
 from tcpass.files import write_atomic
 from tcpass.plan import CachePlan, SelectorSpec, TPRRSchedule, keep_count, save_plan
 from tcpass.predictor import DynamicPredictor, StaticPredictor, save_predictor
-from tcpass.sampling import ddim_sample, make_scheduler
+from tcpass.sampling import ddim_sample, ddim_timesteps
 from tcpass.schedule import StepKind, simulate
 
 logger = logging.getLogger("tcpass")
@@ -590,12 +590,6 @@ def verify_speedup(
     return ratio, seconds
 
 
-def ddim_timesteps(steps: int) -> list[float]:
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(steps)
-    return [float(t) for t in scheduler.timesteps]
-
-
 def search_schedule(
     model: nn.Module,
     data: CalibrationData,
@@ -922,7 +916,7 @@ def _own_weights_file(out: Path) -> Path | None:
 def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
     """Write the selector's file beside ``out`` under a content-addressed name; never overwrites another's."""
     if isinstance(predictor, StaticPredictor):
-        from tcpass.selectors import StaticScoreSelector
+        from tcpass.policies import StaticScoreSelector
 
         grid = torch.arange(0, 1000, 10, dtype=torch.float32)
         table = StaticScoreSelector(predictor.table(grid), grid, torch.arange(predictor.num_blocks))

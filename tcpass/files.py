@@ -35,3 +35,21 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_sha256(path: str | Path, expected: str, what: str = "the plan's selector.sha256") -> None:
+    """Raise ``ValueError`` unless the file at ``path`` has sha256 ``expected`` (``what`` names where
+    the expected value comes from, for the message)."""
+    digest = sha256_of(path)
+    if digest != expected:
+        raise ValueError(
+            f"{path}: sha256 {digest} does not match {what} {expected}: the file was changed or belongs "
+            "to another plan."
+        )
+
+
+def resolve_path(path: str | Path, directory: str | Path | None) -> Path:
+    """``path`` if absolute or without ``directory``, else ``directory / path`` (plan files are
+    relative to the plan's directory)."""
+    path = Path(path)
+    return path if path.is_absolute() or directory is None else Path(directory) / path

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tcpass.files import sha256_of, write_atomic
+from tcpass.files import check_sha256, resolve_path, write_atomic
+from tcpass.policies import POLICIES, policy_class
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
-SELECTOR_KINDS = ("input_change", "random", "static", "dynamic", "toca")
-PREDICTOR_KINDS = ("static", "dynamic")
 SKIP_LEVELS = ("stack", "output")  # selectors that read trained weights from selector.path
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -135,23 +134,14 @@ class TPRRSchedule:
 
 @dataclass(frozen=True)
 class SelectorSpec:
-    """Which tokens a cached block recomputes at a CACHED step.
+    """Which tokens a cached block recomputes at a CACHED step: a token policy and its settings.
 
-    kinds:
-        ``input_change``: training-free, content-aware, computed inside the graph: the K tokens whose
-            block input changed most (squared L2 over features) since the block last computed them.
-        ``random``: K tokens drawn uniformly per batch row from a generator seeded with ``seed`` at
-            the start of each generation (the baseline every selector must beat).
-        ``static``: a score table per (block, timestep) read from ``path`` (safetensors with
-            ``scores`` [num_blocks, num_timesteps, num_tokens] and ``timesteps`` [num_timesteps]);
-            the top-K tokens of the nearest tabulated timestep. The static Cache Predictor
-            (`tcpass.predictor`) writes such a table; ``sha256`` (required) guards the file.
-        ``dynamic``: the dynamic Cache Predictor, a small network on the tokens entering the first
-            block and the timestep, whose weights are read from ``path`` (safetensors, guarded by
-            ``sha256``, required); it runs inside the CACHED graph and is followed by a fixed-K top-k.
-        ``toca``: ToCa-style baseline: the attention each token received at the last FULL step
-            (computed there with an explicit attention path, for scoring only); tokens recomputed
-            since are deprioritised, so successive CACHED steps cover the next most-attended ones.
+    ``kind`` names a policy of `tcpass.policies` (each module there documents its own): ``input_change``
+    (default; training-free, in the graph), ``random`` (the baseline), ``static`` (a score table per
+    block and timestep), ``dynamic`` (the dynamic Cache Predictor, in the graph) or ``toca``.
+    ``seed``: the ``random`` policy's generator seed, reset at every generation. ``path``/``sha256``:
+    the file a policy reads (``static``: token scores; ``dynamic``: predictor weights), relative to the
+    plan's directory, and its required checksum.
     """
 
     kind: str = "input_change"
@@ -161,25 +151,15 @@ class SelectorSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str):
-            raise _type_error("selector.kind", self.kind, f"one of {SELECTOR_KINDS}")
-        if self.kind not in SELECTOR_KINDS:
-            raise ValueError(f"selector.kind = {self.kind!r} is unknown; expected one of {SELECTOR_KINDS}.")
+            raise _type_error("selector.kind", self.kind, f"one of {tuple(POLICIES)}")
+        policy = policy_class(self.kind)
         if not _is_integer(self.seed):
             raise _type_error("selector.seed", self.seed, "an integer")
         if self.path is not None and not isinstance(self.path, str):
             raise _type_error("selector.path", self.path, "a file path (string) or null")
         if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
             raise ValueError(f"selector.sha256 = {self.sha256!r}: expected 64 lowercase hex digits or null.")
-        if self.kind in PREDICTOR_KINDS and not self.path:
-            raise ValueError(
-                f"selector.kind = {self.kind!r} needs selector.path: a safetensors file of "
-                f"{'token scores' if self.kind == 'static' else 'predictor weights'} (written by `tcpass calibrate`)."
-            )
-        if self.kind in PREDICTOR_KINDS and not self.sha256:
-            raise ValueError(
-                f"selector.kind = {self.kind!r} needs selector.sha256, the checksum of selector.path "
-                "(`tcpass calibrate` writes it; `sha256sum FILE` prints it): a plan never reads a file unchecked."
-            )
+        policy.check(self)
 
 
 @dataclass(frozen=True)
@@ -480,21 +460,14 @@ def load_plan(path: str | Path) -> CachePlan:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
     selector = plan.selector
-    if selector.kind in PREDICTOR_KINDS:
-        weights = Path(selector.path)
-        if not weights.is_absolute():
-            weights = path.parent / weights
+    role = policy_class(selector.kind).file_role
+    if role:
+        weights = resolve_path(selector.path, path.parent)
         if not weights.is_file():
             raise FileNotFoundError(
                 f"{path}: selector.path = {selector.path!r}: {weights} does not exist (the plan's "
-                f"{selector.kind} predictor weights; keep them next to the plan or re-run `tcpass calibrate`)."
+                f"{selector.kind} {role}; keep them next to the plan or re-run `tcpass calibrate`)."
             )
-        if selector.sha256 is not None:
-            digest = sha256_of(weights)
-            if digest != selector.sha256:
-                raise ValueError(
-                    f"{path}: selector.sha256 = {selector.sha256} but {weights} has sha256 {digest}: the "
-                    "weights file was changed or belongs to another plan."
-                )
+        check_sha256(weights, selector.sha256, f"{path}'s selector.sha256")
         plan = dataclasses.replace(plan, selector=dataclasses.replace(selector, path=str(weights.resolve())))
     return plan

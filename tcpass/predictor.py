@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tcpass.files import sha256_of
+from tcpass.files import check_sha256, sha256_of
 
 NUM_FREQUENCIES = 8  # sinusoidal timestep features: 2 * NUM_FREQUENCIES values
 TIMESTEP_RANGE = 1000.0  # timesteps are read in [0, TIMESTEP_RANGE)
@@ -142,12 +142,7 @@ def load_predictor(
             "or copy the file next to the plan."
         )
     if sha256 is not None:
-        digest = sha256_of(path)
-        if digest != sha256:
-            raise ValueError(
-                f"{path}: sha256 {digest} does not match the plan's selector.sha256 {sha256}; the weights "
-                "were changed or belong to another plan."
-            )
+        check_sha256(path, sha256, "the plan's selector.sha256")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

@@ -28,12 +28,11 @@ from torch import nn
 
 from tcpass.adapters import ModelAdapter, adapter_for, quiet_load_kwargs
 from tcpass.compile import compile_step_graphs
-from tcpass.files import sha256_of, write_atomic
+from tcpass.files import resolve_path, sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs, check_dtypes
 from tcpass.plan import CachePlan, load_plan
-from tcpass.predictor import load_predictor
+from tcpass.policies import TokenPolicy, make_policy
 from tcpass.schedule import Step, StepKind, ThreadGuard, TPRRState, check_timestep
-from tcpass.selectors import make_selector
 from tcpass.trace import flatten_inputs
 
 logger = logging.getLogger("tcpass")
@@ -152,19 +151,20 @@ class TokenCacheTransformer(ModelMixin):
         adapter: ModelAdapter,
         graphs: StepGraphs,
         plan_dir: Path | None,
+        policy: TokenPolicy,
         compile_options: dict | None = None,
         predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.transformer = model
-        self.predictor = predictor
+        self.predictor = predictor  # the module the policy's CACHED graphs call (dynamic), or None
         self.plan = plan
-        self._adapter = adapter
+        self.policy = policy  # the plan's token policy (`tcpass.policies`), its files loaded
+        self.model_adapter = adapter  # the model family's `tcpass.adapters.ModelAdapter`
         self._compile_options = compile_options
         self._graphs: dict[Signature, StepGraphs] = {}
         self._add_graphs(self._signature_of(graphs), graphs)
         self._plan_dir = plan_dir
-        self._selector = make_selector(plan.selector, plan_dir)
         self._forward_signature = inspect.signature(model.forward)
         self._state = TPRRState(plan.schedule, plan.skip)
         self._active: Signature | None = None
@@ -230,9 +230,7 @@ class TokenCacheTransformer(ModelMixin):
             return
         plan = self.plan
         if plan.selector.path:
-            source = Path(plan.selector.path)
-            if not source.is_absolute() and self._plan_dir is not None:
-                source = self._plan_dir / source
+            source = resolve_path(plan.selector.path, self._plan_dir)
             name = "tcpass_selector" + source.suffix
             write_atomic(save_directory / name, source.read_bytes())
             selector = dataclasses.replace(plan.selector, path=name, sha256=sha256_of(save_directory / name))
@@ -313,8 +311,7 @@ class TokenCacheTransformer(ModelMixin):
 
     def _drop_caches(self) -> None:
         self._caches_valid = False
-        if self._selector is not None:
-            self._selector.reset()
+        self.policy.reset()
 
     @property
     def cache_bytes(self) -> int:
@@ -331,7 +328,9 @@ class TokenCacheTransformer(ModelMixin):
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             with _TRACE_LOCK.tracing():
-                graphs = build_step_graphs(self.transformer, self._adapter, self.plan, inputs, self.predictor)
+                graphs = build_step_graphs(
+                    self.transformer, self.model_adapter, self.plan, inputs, self.policy, self.predictor
+                )
             self._add_graphs(key, graphs)
         return self._graphs[key]
 
@@ -390,7 +389,7 @@ class TokenCacheTransformer(ModelMixin):
         flat = flatten_inputs(inputs)
         key = self._signature(flat)
         # one scalar read per step, on the schedule's 0..1000 scale; checked before any state changes
-        timestep = float(flat[self._adapter.timestep_input].reshape(-1)[0]) * self._adapter.timestep_scale
+        timestep = float(flat[self.model_adapter.timestep_input].reshape(-1)[0]) * self.model_adapter.timestep_scale
         check_timestep(timestep)
         self._guard.check(me, continues=key == self._active and not self._state.starts_generation(timestep))
         graphs = self._graphs_for(key, inputs)
@@ -415,7 +414,10 @@ class TokenCacheTransformer(ModelMixin):
             else:
                 graph = graphs.cached[step.phase]
                 device = values[0].device
-                indices = [self._selector.indices(s, graphs.num_tokens, timestep, device) for s in graph.index_specs]
+                indices = [
+                    torch.from_numpy(self.policy.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(device)
+                    for s in graph.index_specs
+                ]
                 sample = graph(*values, *self._cache_buffers(key, graphs), *indices)
         self._caches_valid = True
         self.step_counts[step.kind] += 1
@@ -429,25 +431,25 @@ class TokenCacheTransformer(ModelMixin):
             bound = self._forward_signature.bind(*args, **kwargs)
         except TypeError as e:
             raise TypeError(f"{type(self.transformer).__name__}.forward: {e}") from e
-        names = self._adapter.input_names
+        names = self.model_adapter.input_names
         extra = {k: v for k, v in bound.arguments.items() if k not in names and v not in (None, {})}
         if extra:
             raise ValueError(
                 f"tcpass does not support the argument(s) {sorted(extra)} of "
                 f"{type(self.transformer).__name__}.forward; pass None or use the original model."
             )
-        missing = [n for n in self._adapter.required_inputs if bound.arguments.get(n) is None]
+        missing = [n for n in self.model_adapter.required_inputs if bound.arguments.get(n) is None]
         if missing:
             raise ValueError(f"{type(self.transformer).__name__}.forward needs {missing} under tcpass.")
         inputs = {n: bound.arguments[n] for n in names if bound.arguments.get(n) is not None}
         batch = inputs[names[0]].shape[0]
-        t = inputs[self._adapter.timestep_input]
+        t = inputs[self.model_adapter.timestep_input]
         t = torch.as_tensor(t, device=inputs[names[0]].device)
         if t.dim() == 0:
             t = t.expand(batch)
         if t.dim() == 1 and t.shape[0] == 1 and batch > 1:
             t = t.expand(batch)
-        inputs[self._adapter.timestep_input] = t
+        inputs[self.model_adapter.timestep_input] = t
         return inputs
 
     @staticmethod
@@ -510,17 +512,11 @@ def transform(
         )
     plan.resolve_blocks(fingerprint.num_blocks)
     plan_dir = Path(plan_dir) if plan_dir else None
-    predictor = None
-    if plan.selector.kind == "dynamic":
-        path = Path(plan.selector.path)
-        if not path.is_absolute() and plan_dir is not None:
-            path = plan_dir / path
-        predictor = load_predictor(
-            path, plan.selector.sha256, hidden_size=fingerprint.hidden_size, num_blocks=fingerprint.num_blocks
-        )
+    policy = make_policy(plan.selector, plan_dir)  # loads and checks the policy's file, if any
+    predictor = policy.module(fingerprint.hidden_size, fingerprint.num_blocks)
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
     with _TRACE_LOCK.tracing():
-        graphs = build_step_graphs(model, adapter, plan, example_inputs, predictor)
+        graphs = build_step_graphs(model, adapter, plan, example_inputs, policy, predictor)
     compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}
-    return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, compile_options, predictor)
+    return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, policy, compile_options, predictor)

@@ -25,6 +25,13 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
 
 
 @torch.no_grad()
+def ddim_timesteps(num_steps: int) -> list[float]:
+    """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(num_steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
 def ddim_sample(
     model: torch.nn.Module,
     noise: torch.Tensor,

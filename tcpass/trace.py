@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from tcpass.passes.cleanup import strip_export_artifacts
-
 
 class UnsupportedModelError(ValueError):
     """The traced graph does not have the structure token caching needs."""
@@ -65,17 +63,17 @@ IMAGE_TOKENS = "tcpass_image_tokens"  # GraphModule.meta key: N, the image-token
 
 
 def export_graph(model: nn.Module, inputs: dict, image_tokens: int | None = None) -> fx.GraphModule:
-    """Export ``model(**inputs, return_dict=False)`` to a plain GraphModule taking the input tensors in order.
+    """Export ``model(**inputs, return_dict=False)`` to a GraphModule (`torch.export`'s module).
 
-    The GraphModule shares parameters and buffers with ``model`` (nothing is copied) and is called
-    positionally with the tensors of ``flatten_inputs(inputs)``; it returns a tuple whose first item is
-    the output. ``image_tokens`` (N) tells `find_blocks` which stream of a joint-attention block
-    carries the image tokens.
+    The GraphModule shares parameters and buffers with ``model`` (nothing is copied). The pipeline's
+    first pass (`tcpass.passes.cleanup`) makes it a plain graph called positionally with the tensors
+    of ``flatten_inputs(inputs)``, returning a tuple whose first item is the output.
+    ``image_tokens`` (N) tells `find_blocks` which stream of a joint-attention block carries the
+    image tokens.
     """
     with torch.no_grad():
         program = torch.export.export(model, (), {**inputs, "return_dict": False}, strict=False)
     gm = program.module()
-    strip_export_artifacts(gm, list(flatten_inputs(inputs)))
     if image_tokens is not None:
         gm.meta[IMAGE_TOKENS] = image_tokens
     return gm

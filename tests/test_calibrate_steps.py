@@ -14,7 +14,7 @@ from bench.peers import HookedDenoiser
 from tcpass import CachePlan, StepKind
 from tcpass.calibrate import collect
 from tcpass.calibrate_steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
-from tcpass.sampling import ddim_sample
+from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
 
 STEPS = 12
@@ -56,7 +56,7 @@ def test_magcache_table_skips_the_steps_diffusers_skips_and_gives_its_images(thr
         model, mag_ratios=ratios, threshold=threshold, max_skip_steps=max_skip, retention_ratio=retention
     )
     expected = generate(denoiser)
-    timesteps = tcpass.calibrate.ddim_timesteps(STEPS)
+    timesteps = ddim_timesteps(STEPS)
     table = magcache_table(timesteps, ratios, threshold, max_skip, retention)
     skipped = sorted(timesteps.index(t) for t in table.timesteps)
     assert skipped == sorted(set(range(STEPS)) - set(computed))
@@ -67,7 +67,7 @@ def test_magcache_table_skips_the_steps_diffusers_skips_and_gives_its_images(thr
 
 
 def test_spread_table_keeps_the_first_and_last_calls():
-    timesteps = tcpass.calibrate.ddim_timesteps(10)
+    timesteps = ddim_timesteps(10)
     table = spread_table(timesteps, 4, "output")
     assert len(table.timesteps) == 6 and timesteps[0] not in table.timesteps and timesteps[-1] not in table.timesteps
 

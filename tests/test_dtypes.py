@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import tcpass
 from tcpass import CachePlan, SelectorSpec, StepKind, StepSkip, TPRRSchedule
-from tcpass.sampling import ddim_sample, make_scheduler
+from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import ReferenceTokenCache, topk_input_change
 
@@ -153,7 +153,7 @@ def test_dynamic_predictor_runs_in_the_model_dtype_and_matches_reference(dtype, 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_whole_block_reuse_and_static_scores_match_reference(dtype, tmp_path):
-    from tcpass.selectors import StaticScoreSelector
+    from tcpass.policies import StaticScoreSelector
 
     model, inputs = half_dit(dtype), half_inputs(dtype)
     scores = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))  # float32 table, 2 blocks
@@ -179,18 +179,12 @@ def test_whole_block_reuse_and_static_scores_match_reference(dtype, tmp_path):
         assert_within_eps(got[i], want, dtype, what=f"step {i}")
 
 
-def _timesteps(num_steps):
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(num_steps)
-    return [float(t) for t in scheduler.timesteps]
-
-
 @pytest.mark.parametrize("dtype", HALF)
 def test_skipped_steps_match_reference(dtype):
     """SKIP steps scale the stack residual in the model's dtype; reference: hooks on the eager model."""
     from tests.test_skip import SkipReference
 
-    ts = _timesteps(8)
+    ts = ddim_timesteps(8)
     skip = StepSkip(timesteps=[ts[2], ts[4], ts[5]], scales=[1.0, 0.9, 1.1], level="stack")
     model = half_dit(dtype)
     tm = tcpass.transform(model, CachePlan(blocks=(), skip=skip), example_inputs=half_inputs(dtype))
@@ -269,7 +263,7 @@ def test_float16_export_matches_eager_every_step(fp16_export):
     assert runtime.input_dtype("hidden_states") == np.float16
     eager = tcpass.transform(model, plan, example_inputs=half_inputs(torch.float16))
     g = torch.Generator().manual_seed(0)
-    for t in _timesteps(8):
+    for t in ddim_timesteps(8):
         inputs = {
             "hidden_states": torch.randn(2, 4, 16, 16, generator=g).to(torch.float16),
             "timestep": torch.full((2,), int(t)),

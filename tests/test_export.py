@@ -311,14 +311,15 @@ def test_cli_export_from_a_saved_model_directory(tmp_path):
     assert np.isfinite(images).all()
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "toca"])
-def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
-    """The learned dynamic predictor and the ToCa-style scores run inside the exported graphs too."""
+@pytest.mark.parametrize("kind", ["dynamic", "toca", "random"])
+def test_selectors_export_and_match_eager(tmp_path, kind):
+    """The learned dynamic predictor and the ToCa-style scores run inside the exported graphs too; the
+    random policy draws the same tokens in both runtimes (one numpy definition)."""
     from tcpass.predictor import DynamicPredictor, save_predictor
 
     model = make_dit()
-    if kind == "toca":
-        selector = tcpass.SelectorSpec(kind="toca")
+    if kind in ("toca", "random"):
+        selector = tcpass.SelectorSpec(kind=kind, seed=3)
     else:
         torch.manual_seed(1)
         predictor = DynamicPredictor(hidden_size=32, num_blocks=3, width=8)
@@ -331,7 +332,7 @@ def test_in_graph_selectors_export_and_match_eager(tmp_path, kind):
 
 
 def test_static_selector_export_matches_eager_and_guards_its_tables(tmp_path):
-    from tcpass.selectors import StaticScoreSelector
+    from tcpass.policies import StaticScoreSelector
 
     model = make_dit()
     scores = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))

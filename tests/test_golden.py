@@ -8,7 +8,7 @@ import torch
 
 import tcpass
 from tcpass import CachePlan, SelectorSpec, StepKind, TPRRSchedule
-from tcpass.selectors import StaticScoreSelector
+from tcpass.policies import StaticScoreSelector
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import ReferenceTokenCache, topk_input_change
 
@@ -355,7 +355,7 @@ def test_write_back_graphs_compute_what_the_functional_graphs_return(dit, plan):
 def test_write_back_refuses_a_cache_updated_to_a_view_of_another_cache():
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    from tcpass.passes.layout import TensorSpec
+    from tcpass.contracts import TensorSpec
     from tcpass.passes.writeback import write_caches_back
 
     class Step(torch.nn.Module):

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import tcpass
 from tcpass import CachePlan, StepKind, StepSkip, TPRRSchedule
-from tcpass.sampling import ddim_sample, make_scheduler
+from tcpass.sampling import ddim_sample, ddim_timesteps
 from tcpass.schedule import simulate
 from tests.conftest import make_dit
 
@@ -21,9 +21,7 @@ STEPS = 12
 
 
 def timesteps(num_steps=STEPS):
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(num_steps)
-    return [float(t) for t in scheduler.timesteps]
+    return ddim_timesteps(num_steps)
 
 
 def generate(model, seed, num_steps=STEPS, batch=2):

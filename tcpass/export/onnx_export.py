@@ -30,7 +30,6 @@ import secrets
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tcpass.export import OPSETS, missing_extra
@@ -42,13 +41,11 @@ try:
 except ImportError as e:
     raise missing_extra(e) from e
 
+from tcpass.contracts import MANIFEST_VERSION, TensorSpec
 from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
-from tcpass.passes.layout import TensorSpec
 from tcpass.runtime import TokenCacheTransformer
-from tcpass.selectors import StaticScoreSelector
 
-MANIFEST_VERSION = 2
 WEIGHTS_FILE = "weights.bin"
 MANIFEST_METADATA = "tcpass.manifest"  # ONNX metadata key of the manifest copy inside each graph
 _EXPORT_FILES = {"manifest.json", WEIGHTS_FILE, "static_scores.npy", "static_timesteps.npy"}  # and *.onnx
@@ -315,22 +312,15 @@ def _write_export(
         export(graphs.skip, "skip")
     (out_dir / WEIGHTS_FILE).write_bytes(bytes(blob))
     plan = model.plan
-    selector = {"kind": plan.selector.kind, "seed": plan.selector.seed}
-    if plan.selector.kind == "static":
-        table: StaticScoreSelector = model._selector
-        np.save(out_dir / "static_scores.npy", table.scores.numpy(), allow_pickle=False)
-        np.save(out_dir / "static_timesteps.npy", table.timesteps.numpy(), allow_pickle=False)
-        selector["blocks"] = sorted(table.rows, key=table.rows.get)
-        selector["scores"] = _file_entry(out_dir / "static_scores.npy")
-        selector["timesteps"] = _file_entry(out_dir / "static_timesteps.npy")
+    selector = {"kind": plan.selector.kind, "seed": plan.selector.seed, **model.policy.export(out_dir, _file_entry)}
     manifest = {
         "format_version": MANIFEST_VERSION,
         "model": {
             "class": type(model.transformer).__name__,
-            "fingerprint": model._adapter.fingerprint(model.transformer).__dict__,
+            "fingerprint": model.model_adapter.fingerprint(model.transformer).__dict__,
             "num_tokens": graphs.num_tokens,
             "null_label": null_label,
-            "timestep_input": model._adapter.timestep_input,
+            "timestep_input": model.model_adapter.timestep_input,
         },
         "plan": plan.to_dict(),
         "plan_sha256": hashlib.sha256(plan.to_json().encode()).hexdigest(),

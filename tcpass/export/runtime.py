@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tcpass.contracts import MANIFEST_VERSION
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
-from tcpass.plan import StepSkip, TPRRSchedule
+from tcpass.plan import CachePlan, StepSkip, TPRRSchedule
+from tcpass.policies import policy_class
 from tcpass.schedule import StepKind, ThreadGuard, TPRRState, check_timestep
 
 try:
@@ -27,7 +29,6 @@ try:
 except ImportError as e:
     raise missing_extra(e) from e
 
-MANIFEST_VERSION = 2
 MANIFEST_METADATA = "tcpass.manifest"  # the manifest copy every graph carries (see `tcpass.export.onnx_export`)
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32}
 _ORT_TYPES = {
@@ -92,9 +93,8 @@ class OrtTokenCacheRuntime:
         # these providers' ScatterND skips its input copy when output and input share a buffer
         self._in_place = self.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
         session_options = _step_session_options(session_options, threads, len(m["graphs"]))
-        data_files = {"weights": m["weights"]}
-        if m["selector"]["kind"] == "static":
-            data_files.update({f"selector.{k}": m["selector"][k] for k in ("scores", "timesteps")})
+        data_files = {"weights": m["weights"]}  # + the files the token policy exported (static: its table)
+        data_files.update({f"selector.{k}": v for k, v in m["selector"].items() if isinstance(v, dict) and "file" in v})
         for field, entry in data_files.items():
             _check_file(self.directory, field, entry, verify_checksums)
         self.sessions: dict[str, ort.InferenceSession] = {}
@@ -111,13 +111,10 @@ class OrtTokenCacheRuntime:
         self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
         self._timestep_input = m["model"]["timestep_input"]
         self._caches: dict[str, ort.OrtValue] | None = None
-        self._static = None
-        if m["selector"]["kind"] == "static":
-            self._static = (
-                np.load(self.directory / m["selector"]["scores"]["file"], allow_pickle=False),
-                np.load(self.directory / m["selector"]["timesteps"]["file"], allow_pickle=False),
-                {b: i for i, b in enumerate(m["selector"]["blocks"])},
-            )
+        spec = CachePlan.from_dict(m["plan"]).selector
+        policy = policy_class(spec.kind)
+        # out-of-graph policies choose kept tokens here, with the same numpy definition as the torch runtime
+        self._policy = None if policy.in_graph else policy.from_manifest(spec, m["selector"], self.directory)
         self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0, StepKind.SKIP: 0}
         self._guard = ThreadGuard("OrtTokenCacheRuntime")
         self.reset()
@@ -141,7 +138,8 @@ class OrtTokenCacheRuntime:
 
     def _drop_caches(self) -> None:
         self._caches = None
-        self._rng = np.random.default_rng(self.manifest["selector"]["seed"])
+        if self._policy is not None:
+            self._policy.reset()
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         """One model call; ``inputs`` are the conditioning inputs by name. Returns the model output.
@@ -202,13 +200,8 @@ class OrtTokenCacheRuntime:
         return {out: cache for out, cache in pairs.items() if owners[self._caches[cache].data_ptr()] == 1}
 
     def _kept_indices(self, spec: dict, timestep: float) -> np.ndarray:
-        batch, k = spec["shape"]
         num_tokens = self.manifest["model"]["num_tokens"]
-        if self._static is None:  # random: K distinct tokens per row
-            return np.argsort(self._rng.random((batch, num_tokens)), axis=1)[:, :k].astype(np.int64)
-        scores, timesteps, rows = self._static
-        row = scores[rows[spec["block"]], int(np.abs(timesteps - timestep).argmin())]
-        return np.broadcast_to(np.argsort(-row, kind="stable")[:k], (batch, k)).astype(np.int64)
+        return self._policy.indices(spec["block"], tuple(spec["shape"]), num_tokens, timestep)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         if set(inputs) != set(self._inputs):

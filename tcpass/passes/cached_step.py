@@ -20,17 +20,10 @@ After (``attention="full_kv"``; ``idx`` [B, K] per batch row)::
 
 ``cached_kv`` computes k/v for the K kept tokens only and scatters them into the K/V caches the
 attention then reads; ``kept_only`` runs the whole block, attention included, on the K tokens.
-Kept indices, per selector kind (always a fixed-K top-k, so shapes stay static):
-
-- ``input_change``: top-K of ``||x - input_cache||^2``, computed in the graph.
-- ``dynamic``: the Cache Predictor runs once per step as a submodule call on the tokens entering
-  block 0, the timestep and block 0's input when each token was last recomputed (cache
-  ``predictor.input``, refreshed at FULL steps and, at CACHED steps, for the tokens the first cached
-  block keeps): ``scores = tc_predictor(x0, t, x0_ref)`` [B, N, L]; block ``b`` keeps the top-K of
-  ``scores[..., b]``.
-- ``toca``: top-K of the ``block{b}.score`` cache (attention received at the FULL step); the kept
-  tokens' scores are zeroed in the updated cache.
-- ``random`` / ``static``: graph inputs ``block{b}.kept_indices`` [B, K] chosen outside.
+Kept indices are always a fixed-K top-k, so shapes stay static. The token policy
+(`tcpass.policies`) gives each block's [B, N] score in the graph (``kept_score``) and updates its
+own caches (``after_keep``); a policy that chooses outside the graph (``random``, ``static``) makes
+the indices graph inputs ``block{b}.kept_indices`` [B, K] instead.
 
 K = 0 (``keep_ratio`` 0) is whole-block reuse (FORA-style): the block is not run at all and its
 output is ``x + delta_cache``; its caches pass through unchanged.
@@ -45,19 +38,18 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
+from tcpass.contracts import TensorSpec, block_cache
 from tcpass.passes.emit import Emitter
 from tcpass.passes.layout import (
-    IN_GRAPH_SELECTORS,
-    TensorSpec,
     add_placeholders,
     append_outputs,
     attention_kv_sources,
     block_caches,
     copy_graph_module,
     is_self_attention,
-    predictor_caches,
 )
-from tcpass.passes.token_axis import _RESHAPES, TokenAxes, analyze
+from tcpass.passes.token_axis import RESHAPES, TokenAxes, analyze
+from tcpass.policies import TokenPolicy
 from tcpass.trace import BlockSpan, find_blocks
 
 aten = torch.ops.aten
@@ -68,50 +60,42 @@ def emit_cached_step(
     block_prefixes: tuple[str, ...],
     keep: dict[int, int],
     attention: str,
-    selector: str,
-    predictor: torch.nn.Module | None = None,
+    policy: TokenPolicy,
+    module: torch.nn.Module | None = None,
     timestep_input: str | None = None,
 ) -> tuple[fx.GraphModule, list[TensorSpec], list[TensorSpec]]:
     """A copy of ``gm`` where block ``b`` recomputes ``keep[b]`` tokens, for every ``b`` in ``keep``.
 
-    ``selector`` is the plan's selector kind; ``dynamic`` needs ``predictor`` (called as
-    ``predictor(x0 [B, N, D], timestep [B]) -> scores [B, N, num_blocks]``) and the name of the
-    timestep input. Returns the graph, its cache layout (inputs and, updated, outputs) and its
-    kept-index inputs.
+    ``policy`` chooses the tokens; ``module`` is the module its graph calls, if any (the dynamic
+    predictor, given the name of the timestep input). Returns the graph, its cache layout (inputs
+    and, updated, outputs) and its kept-index inputs.
     """
     gm = copy_graph_module(gm)
     graph = gm.graph
     spans = find_blocks(graph, block_prefixes)
     analyses = {b: analyze(spans[b].nodes, spans[b].hidden_in, f"block {b} ({spans[b].path})") for b in keep}
-    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, selector)]
-    cache_specs += predictor_caches(spans, selector)
+    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, policy)]
+    cache_specs += policy.graph_caches(spans)
     index_specs = []
-    if selector not in IN_GRAPH_SELECTORS:
+    if not policy.in_graph:
         batch = int(spans[0].hidden_in.meta["val"].shape[0])
         index_specs = [
-            TensorSpec(f"block{b}.kept_indices", b, "kept_indices", (batch, k), torch.long)
+            TensorSpec(block_cache(b, "kept_indices"), b, "kept_indices", (batch, k), torch.long)
             for b, k in keep.items()
             if k > 0
         ]
     placeholders = add_placeholders(graph, cache_specs + index_specs)
-    scores = None
     updated: dict[str, fx.Node] = {}
-    if selector == "dynamic":
-        x0_ref = placeholders["predictor.input"]
-        updated["predictor.input"] = x0_ref  # unchanged unless a block keeps tokens (below)
-        if any(keep.values()):
-            scores = _emit_predictor(gm, spans[0].hidden_in, predictor, timestep_input, x0_ref)
+    ctx = {"keep": keep, "module": module, "timestep_input": timestep_input}
+    policy.begin_cached(gm, spans, placeholders, updated, ctx)
     renamed: dict[fx.Node, fx.Node] = {}
-    refreshed = False  # the first block that keeps tokens refreshes the dynamic predictor's reference
     for b, k in keep.items():
-        span = spans[b]
         if k == 0:
-            _reuse_block(graph, span, placeholders, updated, renamed)
-            continue
-        refresh = spans[0].hidden_in if scores is not None and not refreshed else None
-        refreshed = refreshed or refresh is not None
-        _rewrite_block(graph, span, analyses[b], k, attention, placeholders, updated, renamed, scores, refresh)
-    append_outputs(graph, [updated[s.name] for s in cache_specs])
+            _reuse_block(graph, spans[b], placeholders, updated, renamed)
+        else:
+            _rewrite_block(graph, spans[b], analyses[b], k, attention, policy, placeholders, updated, renamed, ctx)
+    # a cache nothing updated at this step keeps its value (e.g. a policy's FULL-step-only cache)
+    append_outputs(graph, [updated.get(s.name, placeholders[s.name]) for s in cache_specs])
     return gm, cache_specs, index_specs
 
 
@@ -121,11 +105,11 @@ def _rewrite_block(
     ta: TokenAxes,
     k: int,
     attention: str,
+    policy: TokenPolicy,
     placeholders: dict[str, fx.Node],
     updated: dict[str, fx.Node],
     renamed: dict[fx.Node, fx.Node],
-    scores: fx.Node | None,
-    refresh_x0: fx.Node | None = None,
+    ctx: dict,
 ) -> None:
     b = span.index
     n_tokens = ta.num_tokens
@@ -133,28 +117,11 @@ def _rewrite_block(
     full_shape = list(span.hidden_in.meta["val"].shape)
     em = Emitter(graph, span.nodes[-1], span.hidden_out)
 
-    input_cache = placeholders.get(f"block{b}.input")
-    score_cache = placeholders.get(f"block{b}.score")
-    if input_cache is not None:
-        change = em(aten.sub.Tensor, (x_in, input_cache))
-        score = em(aten.sum.dim_IntList, (em(aten.mul.Tensor, (change, change)), [-1]))
-    elif score_cache is not None:
-        score = score_cache
-    elif scores is not None:
-        score = em(aten.select.int, (scores, 2, b))
-    else:
-        score = None
+    score = policy.kept_score(em, span, x_in, placeholders, ctx)
     if score is None:
-        idx = placeholders[f"block{b}.kept_indices"]
+        idx = placeholders[block_cache(b, "kept_indices")]
     else:
         idx = em(operator.getitem, (em(aten.topk.default, (score, k, 1)), 1))
-    if refresh_x0 is not None:  # the dynamic predictor's reference: x0 of the tokens recomputed now
-        shape = list(refresh_x0.meta["val"].shape)
-        rows = em.gather(refresh_x0, 1, idx, shape, k)
-        updated["predictor.input"] = em.scatter(placeholders["predictor.input"], 1, idx, rows, shape, k)
-    if score_cache is not None:  # recomputed tokens go to the back of the queue until the next FULL step
-        zeros = em(aten.mul.Tensor, (em(aten.gather.default, (score_cache, 1, idx)), 0.0))
-        updated[f"block{b}.score"] = em(aten.scatter.src, (score_cache, 1, idx, zeros))
 
     batch = full_shape[0]
     mixed: dict[tuple[int, int], fx.Node] = {(0, 0): idx}
@@ -249,11 +216,10 @@ def _rewrite_block(
 
     x_kept = on_kept(span.hidden_in)
     delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
-    delta = em.scatter(placeholders[f"block{b}.delta"], 1, idx, delta_kept, full_shape, k)
+    delta = em.scatter(placeholders[block_cache(b, "delta")], 1, idx, delta_kept, full_shape, k)
     out = em(aten.add.Tensor, (x_in, delta))
-    updated[f"block{b}.delta"] = delta
-    if input_cache is not None:
-        updated[f"block{b}.input"] = em.scatter(input_cache, 1, idx, x_kept, full_shape, k)
+    updated[block_cache(b, "delta")] = delta
+    policy.after_keep(em, span, idx, x_kept, placeholders, updated, ctx)
     inside = set(span.nodes)
     span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     renamed[span.hidden_out] = out
@@ -269,7 +235,7 @@ def _resize_token_args(node: fx.Node, args: tuple, ta: TokenAxes, k: int) -> tup
     """``node``'s arguments with token-axis sizes and positions moved from N image tokens to K."""
     n = ta.num_tokens
     t = node.target
-    if t in _RESHAPES or t is aten.expand.default:
+    if t in RESHAPES or t is aten.expand.default:
         shape = list(args[1])
         axis = ta.axis[node]
         if shape[axis] == ta.length(node):
@@ -321,22 +287,3 @@ def _reuse_block(
     inside = set(span.nodes)
     span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     renamed[span.hidden_out] = out
-
-
-PREDICTOR_MODULE = "tc_predictor"
-
-
-def _emit_predictor(
-    gm: fx.GraphModule, x0: fx.Node, predictor: torch.nn.Module | None, timestep: str | None, x0_ref: fx.Node
-) -> fx.Node:
-    """Call the dynamic Cache Predictor once, right after the tokens entering block 0 exist."""
-    if predictor is None or timestep is None:
-        raise ValueError("selector 'dynamic' needs the predictor module and the timestep input name.")
-    t = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == timestep), None)
-    if t is None:
-        raise ValueError(f"the traced graph has no input named {timestep!r} for the dynamic predictor.")
-    gm.add_submodule(PREDICTOR_MODULE, predictor)
-    with gm.graph.inserting_after(x0):
-        node = gm.graph.call_module(PREDICTOR_MODULE, (x0, t, x0_ref))
-    node.meta.update({k: v for k, v in x0.meta.items() if k == "stack_trace"})
-    return node

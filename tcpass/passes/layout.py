@@ -1,6 +1,7 @@
 """The cache layout shared by the FULL and CACHED graphs, and graph plumbing used by every pass.
 
-Both step graphs agree on one ordered list of cache tensors. First, when the plan skips steps:
+Both step graphs agree on one ordered list of cache tensors (`tcpass.contracts.TensorSpec`). First,
+when the plan skips steps:
 
 - ``stack.residual``    [B, N, D]: ``last block out - first block in`` of the last computed step
   (``skip.level="stack"``), or the model output [B, C, H, W] (``skip.level="output"``); the SKIP
@@ -11,12 +12,10 @@ then, per cached block:
 - ``block{b}.delta``    [B, N, D]: residual update ``block_out - block_in`` of every token.
 - ``block{b}.attn{j}.key`` / ``.value`` [B, H, N, d]: keys/values of self-attention ``j``
   (``attention="cached_kv"`` only).
-- ``block{b}.input``    [B, N, D]: the block input when each token was last computed
-  (``selector.kind="input_change"`` only; the selector scores how much it has moved since).
-- ``predictor.input``  [B, N, D]: block 0's input at the last FULL step (``selector.kind="dynamic"``
-  only, once per graph, after the blocks' caches): the dynamic predictor scores tokens by their change.
-- ``block{b}.score``    [B, N]: attention each token received at the last FULL step, zeroed for
-  tokens recomputed since (``selector.kind="toca"`` only).
+- the token policy's caches of the block (`tcpass.policies`: ``block{b}.input`` for
+  ``input_change``, ``block{b}.score`` for ``toca``),
+
+then the policy's graph-wide caches (``predictor.input`` for ``dynamic``).
 
 The FULL graph returns them after the model output; the CACHED graph takes them as inputs (after
 the model inputs, before any kept-index inputs) and returns their updated values in the same order.
@@ -25,42 +24,16 @@ the model inputs, before any kept-index inputs) and returns their updated values
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from tcpass.contracts import TensorSpec, block_cache
 from tcpass.passes.token_axis import SDPA, TokenAxes
+from tcpass.policies import TokenPolicy
 from tcpass.trace import BlockSpan
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output that is not a model input: a cache or a kept-index tensor."""
-
-    name: str
-    block: int
-    kind: str  # "delta" | "key" | "value" | "input" | "score" | "residual" | "kept_indices" | "scale"
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    node: str = ""  # the graph node it belongs to (the attention node for key/value)
-
-    @property
-    def placeholder_name(self) -> str:
-        """The graph placeholder's name (FX node names cannot contain dots)."""
-        return self.name.replace(".", "_")
-
-    def example(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A tensor of this spec's shape: zeros for caches, tokens 0..K-1 for kept indices."""
-        if self.kind == "kept_indices":
-            return torch.arange(self.shape[1], device=device).expand(self.shape).contiguous()
-        return torch.zeros(self.shape, dtype=self.dtype, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def self_attentions(ta: TokenAxes) -> list[fx.Node]:
@@ -68,35 +41,17 @@ def self_attentions(ta: TokenAxes) -> list[fx.Node]:
     return [n for n in ta.attention if n.args[1] in ta.axis and n.args[2] in ta.axis]
 
 
-def predictor_caches(spans: list[BlockSpan], selector: str) -> list[TensorSpec]:
-    """Caches that belong to the graph rather than a block (the dynamic predictor's reference input)."""
-    if selector != "dynamic":
-        return []
-    v = spans[0].hidden_in.meta["val"]
-    return [TensorSpec("predictor.input", -1, "input", tuple(v.shape), v.dtype)]
-
-
-IN_GRAPH_SELECTORS = ("input_change", "toca", "dynamic")  # kept indices computed inside the graph
-
-
-def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, selector: str) -> list[TensorSpec]:
-    """The caches of one block, in layout order (``selector``: the plan's selector kind)."""
+def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPolicy) -> list[TensorSpec]:
+    """The caches of one block, in layout order: its delta, its K/V (``cached_kv``), then the policy's."""
     b = span.index
     val = span.hidden_out.meta["val"]
-    specs = [TensorSpec(f"block{b}.delta", b, "delta", tuple(val.shape), val.dtype)]
+    specs = [TensorSpec(block_cache(b, "delta"), b, "delta", tuple(val.shape), val.dtype)]
     if attention == "cached_kv":
         for j, node in enumerate(self_attentions(ta)):
             for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
                 v = arg.meta["val"]
-                specs.append(TensorSpec(f"block{b}.attn{j}.{kind}", b, kind, tuple(v.shape), v.dtype, node.name))
-    v = span.hidden_in.meta["val"]
-    if selector == "input_change":
-        specs.append(TensorSpec(f"block{b}.input", b, "input", tuple(v.shape), v.dtype))
-    elif selector == "toca":
-        if not self_attentions(ta):
-            raise ValueError(f"selector 'toca' needs a self-attention in block {b} ({span.path}); none found.")
-        specs.append(TensorSpec(f"block{b}.score", b, "score", tuple(v.shape[:2]), v.dtype))
-    return specs
+                specs.append(TensorSpec(block_cache(b, f"attn{j}.{kind}"), b, kind, tuple(v.shape), v.dtype, node.name))
+    return specs + policy.block_caches(span, ta)
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

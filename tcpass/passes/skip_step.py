@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from tcpass.passes.layout import TensorSpec, add_placeholders, append_outputs, copy_graph_module, mutates
+from tcpass.contracts import TensorSpec
+from tcpass.passes.layout import add_placeholders, append_outputs, copy_graph_module, mutates
 from tcpass.trace import find_blocks
 
 aten = torch.ops.aten

@@ -50,7 +50,7 @@ _ELEMENTWISE = {
     aten.detach.default,
     aten.type_as.default,
 }
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FLAT_RESHAPES = {aten.flatten.using_ints, aten.unflatten.int}  # reshapes without a shape argument to rewrite
 _PRESERVING = {aten.linear.default, aten.layer_norm.default, aten.rms_norm.default}
 _SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
@@ -193,13 +193,13 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int | None, .
         a = _broadcast_axis(node, ta, where, rank_out - 1)
         return a + 1 if d <= a else a
     src = node.args[0]
-    if src not in axes and (t in _PRESERVING or t in _RESHAPES or t in _SPLITS or t in _FLAT_RESHAPES):
+    if src not in axes and (t in _PRESERVING or t in RESHAPES or t in _SPLITS or t in _FLAT_RESHAPES):
         raise _unsupported(node, where, "token-dependent weight or shape argument")
     a = axes.get(src) if isinstance(src, fx.Node) else None
     rank_in = _val(src).dim() if isinstance(src, fx.Node) else 0
     if isinstance(src, fx.Node) and src in axes and t is not SDPA:
         _set_pad(ta, node, ta.pad.get(src))  # single-input ops keep the padding; overridden below
-    if t in _RESHAPES or t in _FLAT_RESHAPES:
+    if t in RESHAPES or t in _FLAT_RESHAPES:
         out = _reshape_axis(tuple(_val(src).shape), a, tuple(_val(node).shape))
         if out is None:
             raise _unsupported(node, where, "the reshape splits or merges the token axis")

@@ -44,7 +44,8 @@ import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from tcpass.passes.layout import TensorSpec, add_placeholders, copy_graph_module
+from tcpass.contracts import TensorSpec
+from tcpass.passes.layout import add_placeholders, copy_graph_module
 
 aten = torch.ops.aten
 
