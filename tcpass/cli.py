@@ -242,7 +242,7 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     default="tokens",
     show_default=True,
     help="tokens: token caching (predictor, blocks, TPRR). steps: a skip table of whole steps (MagCache rule, "
-    "spread skips) or fewer sampler steps, whichever keeps the most PSNR at the target (tcpass.calibrate_steps).",
+    "spread skips) or fewer sampler steps, whichever keeps the most PSNR at the target (tcpass.calibrate.steps).",
 )
 @click.option(
     "--predictor",
@@ -326,7 +326,7 @@ def calibrate(
         "sample_range": sample_range,
     }
     if policy == "steps":
-        from tcpass.calibrate_steps import calibrate_steps
+        from tcpass.calibrate.steps import calibrate_steps
 
         report = calibrate_steps(model, out, **common)
         click.echo(report.format())

@@ -1,7 +1,9 @@
-"""A class-conditional DDIM sampler with classifier-free guidance, shared by demo, benchmarks and tests.
+"""The DDIM sampler with classifier-free guidance shared by calibration, demo, benchmarks and tests.
 
 The model is called once per step on the batch ``[conditional rows; unconditional rows]``, as
-diffusers' DiTPipeline does, so CFG halves are rows like any other for the transformed model.
+diffusers' pipelines do, so CFG halves are rows like any other for the transformed model.
+`guided_ddim` takes any conditioning (a dict of the model's keyword arguments per sample: class
+labels, text embeddings and their masks...); `ddim_sample` is the class-conditional case.
 """
 
 from __future__ import annotations
@@ -24,12 +26,70 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
     )
 
 
-@torch.no_grad()
 def ddim_timesteps(num_steps: int) -> list[float]:
     """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
     return [float(t) for t in scheduler.timesteps]
+
+
+def cat_rows(*parts: dict) -> dict:
+    """Model keyword arguments of several row groups, concatenated along the batch axis (dicts of
+    tensors recursively; ``None`` stays ``None``)."""
+    out = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        if isinstance(first, dict):
+            out[key] = cat_rows(*values)
+        elif first is None:
+            out[key] = None
+        else:
+            out[key] = torch.cat(values)
+    return out
+
+
+def take_rows(kwargs: dict, rows) -> dict:
+    """Model keyword arguments restricted to batch rows ``rows`` (recursively, ``None`` kept)."""
+    return {
+        k: take_rows(v, rows) if isinstance(v, dict) else (None if v is None else v[rows]) for k, v in kwargs.items()
+    }
+
+
+@torch.no_grad()
+def guided_ddim(
+    model: torch.nn.Module,
+    noise: torch.Tensor,
+    cond: dict,
+    uncond: dict | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Denoise ``noise`` [B, C, H, W] with the model's keyword arguments ``cond`` (B rows each); returns
+    [B, C, H, W].
+
+    With ``uncond`` (B rows: the null class, an empty prompt's embedding...) and ``guidance_scale`` not
+    1.0 the model sees batch 2B, ``[cond; uncond]``. Models whose output has twice the input channels
+    (learned sigma) have the variance half dropped. The sampler's arithmetic stays in ``noise``'s
+    dtype; the model's input is cast to ``model.dtype`` (a bfloat16 or float16 model) and its output back.
+    """
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(num_steps)
+    latents = noise
+    channels = noise.shape[1]
+    guided = guidance_scale != 1.0 and uncond is not None
+    kwargs = cat_rows(cond, uncond) if guided else cond
+    model_dtype = getattr(model, "dtype", noise.dtype)
+    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        model_input = torch.cat([latents, latents]) if guided else latents
+        timesteps = t.expand(model_input.shape[0]).to(noise.device)
+        out = model(model_input.to(model_dtype), timestep=timesteps, **kwargs).sample[:, :channels]
+        out = out.to(latents.dtype)
+        if guided:
+            cond_out, uncond_out = out.chunk(2)
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
 
 
 def ddim_sample(
@@ -41,27 +101,7 @@ def ddim_sample(
     guidance_scale: float = 4.0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise ``noise`` [B, C, H, W] into samples for ``class_labels`` [B]; returns [B, C, H, W].
-
-    ``guidance_scale`` 1.0 disables guidance (batch B); otherwise the model sees batch 2B.
-    Models whose output has twice the input channels (learned sigma) have the variance half dropped.
-    The sampler's arithmetic stays in ``noise``'s dtype; the model's input is cast to ``model.dtype``
-    (a bfloat16 or float16 model) and its output back.
-    """
-    scheduler = make_scheduler()
-    scheduler.set_timesteps(num_steps)
-    latents = noise
-    channels = noise.shape[1]
-    guided = guidance_scale != 1.0
-    labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)]) if guided else class_labels
-    model_dtype = getattr(model, "dtype", noise.dtype)
-    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        timesteps = t.expand(model_input.shape[0]).to(noise.device)
-        out = model(model_input.to(model_dtype), timestep=timesteps, class_labels=labels).sample[:, :channels]
-        out = out.to(latents.dtype)
-        if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(out, t, latents).prev_sample
-    return latents
+    """Class-conditional `guided_ddim`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
+    cond = {"class_labels": class_labels}
+    uncond = {"class_labels": torch.full_like(class_labels, null_label)}
+    return guided_ddim(model, noise, cond, uncond, num_steps, guidance_scale, progress)

@@ -44,7 +44,7 @@ def _objective(model, predictor, data, lam, pairs):
 @pytest.mark.parametrize("kind", ["static", "dynamic"])
 def test_predictor_training_reduces_its_loss(tiny, data, kind):
     lam = 0.3
-    pairs = cal._pairs(data.num_steps, 4, 6, torch.Generator().manual_seed(7))
+    pairs = cal.step_pairs(data.num_steps, 4, 6, torch.Generator().manual_seed(7))
     untrained = cal.train_predictor(tiny, data, kind, iterations=0, progress=False).predictor
     result = cal.train_predictor(
         tiny,
@@ -214,9 +214,9 @@ def test_implausible_step_times_are_re_measured(monkeypatch):
         "fall as the keep ratio rises" in cal.implausible(dataclasses.replace(quiet, cached={0.25: 0.03, 0.5: 0.01}))[0]
     )
     answers = iter([loaded, quiet])
-    monkeypatch.setattr(cal, "measure_step_times", lambda *a, **k: next(answers))
+    monkeypatch.setattr(cal.timing, "measure_step_times", lambda *a, **k: next(answers))
     assert cal.measure_plausible_step_times() == (quiet, [])
-    monkeypatch.setattr(cal, "measure_step_times", lambda *a, **k: loaded)
+    monkeypatch.setattr(cal.timing, "measure_step_times", lambda *a, **k: loaded)
     times, problems = cal.measure_plausible_step_times(attempts=2)
     assert times is loaded and problems and "FULL" in problems[0]
 

@@ -13,7 +13,7 @@ import tcpass
 from bench.peers import HookedDenoiser
 from tcpass import CachePlan, StepKind
 from tcpass.calibrate import collect
-from tcpass.calibrate_steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
+from tcpass.calibrate.steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
 from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
 
@@ -101,7 +101,7 @@ def test_calibrate_steps_refuses_a_target_it_cannot_mean():
 def test_the_choice_is_verified_on_whole_generations(monkeypatch):
     """Best PSNR first; the first whose measured speed reaches the target wins; the measured/predicted
     bias skips candidates that cannot reach it; if none does, the fastest verified is returned."""
-    from tcpass import calibrate_steps as cs
+    from tcpass.calibrate import steps as cs
 
     def pool(*rows):
         return [cs.StepCandidate(name, CachePlan(), pred, psnr) for name, pred, psnr in rows]

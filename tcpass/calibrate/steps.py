@@ -39,7 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate import CalibrationData, best_seconds, collect, fidelity, verify_speedup
+from tcpass.calibrate.data import CalibrationData, collect
+from tcpass.calibrate.search import fidelity, verify_speedup
+from tcpass.calibrate.timing import best_seconds
 from tcpass.plan import CachePlan, StepSkip, save_plan
 from tcpass.sampling import ddim_timesteps
 from tcpass.schedule import StepKind, simulate

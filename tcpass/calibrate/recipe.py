@@ -1,0 +1,250 @@
+"""The whole token-caching recipe (`calibrate`): data, sensitivity, predictor, search, report, files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tcpass.adapters import adapter_for
+from tcpass.calibrate.data import collect
+from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
+from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup
+from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
+from tcpass.files import write_atomic
+from tcpass.plan import CachePlan, SelectorSpec, save_plan
+from tcpass.predictor import StaticPredictor, save_predictor
+
+
+# The whole recipe ---------------------------------------------------------------------------------
+@dataclass
+class CalibrationReport:
+    plan: CachePlan
+    sensitivity: list[float]
+    block_order: list[int]
+    times: StepTimes
+    predicted_speedup: float
+    psnr_db: float
+    candidates: list[Candidate]
+    train_losses: list[float] = field(default_factory=list)
+    selection_error: dict[str, float | str] = field(default_factory=dict)  # `topk_error` per selector
+    seconds: float = 0.0
+    measured_speedup: float | None = None  # whole generations, interleaved with full compute
+
+    def format(self) -> str:
+        s = self.plan.schedule
+        blocks = "all" if self.plan.blocks == "all" else list(self.plan.blocks)
+        lines = [
+            f"blocks cached      : {blocks} (least sensitive first: {self.block_order})",
+            "block sensitivity  : " + ", ".join(f"{b}:{v:.4f}" for b, v in enumerate(self.sensitivity)),
+            f"selector           : {self.plan.selector.kind}   attention: {self.plan.attention}",
+            f"keep ratio         : phase 0 {self.plan.keep_ratio[0]:.2f}, phase 1 {self.plan.keep_ratio[1]:.2f}",
+            f"TPRR schedule      : boundary t={s.boundary_timestep:g}, intervals {s.intervals}",
+            f"step times         : eager {self.times.eager * 1e3:.1f} ms, FULL {self.times.full * 1e3:.1f} ms, "
+            + ", ".join(f"CACHED@{r:g} {t * 1e3:.1f} ms" for r, t in sorted(self.times.cached.items())),
+            f"predicted speedup  : {self.predicted_speedup:.2f}x (wall clock, from measured step times)",
+            *(
+                [f"measured speedup   : {self.measured_speedup:.2f}x (whole generations vs full compute)"]
+                if self.measured_speedup is not None
+                else []
+            ),
+            f"calibration PSNR   : {self.psnr_db:.2f} dB vs full compute ({len(self.candidates)} candidates run)",
+        ]
+        if self.selection_error:
+            lines.append(
+                "top-K error @0.25  : "
+                + ", ".join(
+                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in self.selection_error.items()
+                )
+                + "  (output error left vs caching every token; lower is better)"
+            )
+        lines.append(f"calibration time   : {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def calibrate(
+    model: nn.Module,
+    out: str | Path,
+    *,
+    target_speedup: float | None = None,
+    min_psnr: float | None = None,
+    predictor: str = "dynamic",
+    attention: str | tuple[str, ...] = ("cached_kv", "full_kv"),
+    batch: int = 2,
+    num_samples: int = 16,
+    steps: int = 50,
+    iterations: int = 150,
+    ratios: tuple[float, ...] = (0.1, 0.15, 0.25, 0.35, 0.5),
+    seed: int = 1234,
+    verify_reps: int = 2,
+    sample_range: tuple[float, float] | None = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
+
+    The weights file is named by its content (``<plan stem>.predictor.<sha256[:12]>.safetensors``, or
+    ``.static_scores.`` for the static predictor), so a new calibration never overwrites the file the
+    previous plan at ``out`` references; the plan is written last, atomically. An interrupted run
+    leaves the previous plan and its weights loadable; a finished one deletes the previous weights.
+
+    Args:
+        target_speedup: wall-clock speedup to reach (within +8%), measured on this machine at ``batch``.
+        min_psnr: alternatively, a quality floor in dB (PSNR of final samples vs full compute).
+        predictor: ``"dynamic"`` (in-graph network), ``"static"`` (per block/timestep table) or
+            ``"input_change"`` (training-free).
+        attention: attention mode(s) to search; each is timed and searched, the best plan wins.
+        batch: model batch the speedup is timed at (rows, classifier-free guidance included).
+        num_samples: calibration samples generated with full compute.
+        steps: DDIM steps of the calibration generations.
+        iterations: predictor training iterations.
+        sample_range: the range a viewer sees (pixel-space models: ``(-1, 1)``); calibration samples are
+            scored clamped to it (default: their 0.1-99.9 percentile range).
+        verify_reps: the chosen plan's speedup is measured on whole calibration generations,
+            interleaved with full compute, this many rounds after a warm-up (0: not measured).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous_weights = _own_weights_file(out)
+    adapter = adapter_for(model)
+    fingerprint = adapter.fingerprint(model)
+    data = collect(model, num_samples, steps, seed=seed, progress=progress, sample_range=sample_range)
+    sens = block_sensitivity(model, data, progress=progress)
+    order = [int(b) for b in sens.argsort()]
+    losses: list[float] = []
+    selection = {}
+    if predictor == "input_change":
+        selector = SelectorSpec(kind="input_change")
+    else:
+        untrained = train_predictor(model, data, predictor, iterations=0, progress=False).predictor
+        trained = train_predictor(model, data, predictor, iterations=iterations, progress=progress)
+        losses = trained.losses
+        selection = {
+            "random": topk_error(model, data, "random"),
+            f"{predictor} initial": topk_error(model, data, predictor_scorer(untrained)),
+            f"{predictor} trained": topk_error(model, data, predictor_scorer(trained.predictor)),
+        }
+        # Keep training only if it helps on held-out pairs (the dynamic predictor starts from a
+        # strong training-free ranking, and a short training run can make it worse).
+        keep_trained = predictor == "static" or selection[f"{predictor} trained"] <= selection[f"{predictor} initial"]
+        selection["kept"] = "trained" if keep_trained else "initial"
+        selector = _write_predictor(trained.predictor if keep_trained else untrained, out)
+    modes = (attention,) if isinstance(attention, str) else tuple(attention)
+    winner, candidates, times, errors, problems = None, [], None, [], []
+    for mode in modes:  # each attention mode has its own step times; the best plan over all wins
+        base = CachePlan(attention=mode, selector=selector, model=fingerprint)
+        mode_times, timing_problems = measure_plausible_step_times(
+            model, ratios, base, batch, plan_dir=out.parent, progress=progress
+        )
+        try:
+            best, tried = search_schedule(
+                model,
+                data,
+                base,
+                mode_times,
+                order,
+                target_speedup=target_speedup,
+                min_psnr=min_psnr,
+                plan_dir=out.parent,
+                progress=progress,
+            )
+        except ValueError as e:  # this mode cannot reach the target; another may
+            errors.append(f"attention={mode}: {e}")
+            continue
+        candidates += tried
+        better = winner is None or (
+            best.psnr_db > winner.psnr_db
+            if target_speedup is not None
+            else best.predicted_speedup > winner.predicted_speedup
+        )
+        if better:
+            winner, times, problems = best, mode_times, timing_problems
+    if winner is None:
+        raise ValueError("; ".join(errors))
+    seconds = time.perf_counter() - start
+    report = CalibrationReport(
+        plan=winner.plan,
+        sensitivity=sens.tolist(),
+        block_order=order,
+        times=times,
+        predicted_speedup=winner.predicted_speedup,
+        psnr_db=winner.psnr_db,
+        candidates=candidates,
+        train_losses=losses,
+        selection_error=selection,
+        seconds=seconds,
+    )
+    notes = {
+        "calibrated_by": "tcpass calibrate",
+        "target_speedup": target_speedup,
+        "min_psnr": min_psnr,
+        "batch": batch,
+        "predicted_speedup": round(winner.predicted_speedup, 3),
+        "calibration_psnr_db": round(winner.psnr_db, 2),
+        "block_sensitivity": [round(v, 5) for v in sens.tolist()],
+        "topk_error": {k: round(v, 4) if isinstance(v, float) else v for k, v in selection.items()},
+        "seconds": round(seconds, 1),
+    }
+    if problems:
+        notes["timing_problems"] = problems  # still implausible after re-measuring: other jobs running?
+    if verify_reps > 0:
+        report.measured_speedup, _ = verify_speedup(model, winner.plan, data, verify_reps, plan_dir=out.parent)
+        notes["measured_speedup"] = round(report.measured_speedup, 3)
+    report.plan = dataclasses.replace(winner.plan, notes=notes)
+    save_plan(report.plan, out)
+    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
+        previous_weights.unlink(missing_ok=True)
+    sidecar = {
+        "candidates": [
+            {"predicted_speedup": c.predicted_speedup, "psnr_db": c.psnr_db, "plan": c.plan.to_dict()}
+            for c in sorted(candidates, key=lambda c: -c.psnr_db)
+        ],
+        "step_times_s": dataclasses.asdict(times),
+        "train_losses": losses,
+    }
+    write_atomic(out.with_suffix(".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
+    return report
+
+
+def _weights_name(out: Path, role: str, digest: str) -> str:
+    return f"{out.stem}.{role}.{digest[:12]}.safetensors"
+
+
+def _own_weights_file(out: Path) -> Path | None:
+    """The weights file the plan now at ``out`` references, if `calibrate` named it for that plan."""
+    try:
+        path = json.loads(out.read_text())["selector"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    pattern = rf"{re.escape(out.stem)}\.(predictor|static_scores)\.[0-9a-f]{{12}}\.safetensors"
+    return out.parent / path if isinstance(path, str) and re.fullmatch(pattern, path) else None
+
+
+def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
+    """Write the selector's file beside ``out`` under a content-addressed name; never overwrites another's."""
+    if isinstance(predictor, StaticPredictor):
+        from tcpass.policies import StaticScoreSelector
+
+        grid = torch.arange(0, 1000, 10, dtype=torch.float32)
+        table = StaticScoreSelector(predictor.table(grid), grid, torch.arange(predictor.num_blocks))
+        kind, role, save = "static", "static_scores", table.save
+    else:
+        kind, role, save = "dynamic", "predictor", lambda path: save_predictor(predictor, path)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.{role}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        digest = save(tmp)
+        path = out.parent / _weights_name(out, role, digest)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return SelectorSpec(kind=kind, path=path.name, sha256=digest)
