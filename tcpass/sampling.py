@@ -24,7 +24,6 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
     )
 
 
-@torch.no_grad()
 def ddim_timesteps(num_steps: int) -> list[float]:
     """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
     scheduler = make_scheduler()
@@ -32,6 +31,7 @@ def ddim_timesteps(num_steps: int) -> list[float]:
     return [float(t) for t in scheduler.timesteps]
 
 
+@torch.no_grad()
 def ddim_sample(
     model: torch.nn.Module,
     noise: torch.Tensor,
