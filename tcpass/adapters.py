@@ -33,6 +33,10 @@ class ModelAdapter:
         timestep_scale: factor from the ``timestep`` argument to the 0..1000 scale of the schedule
             (Flux pipelines pass ``t / 1000``).
         text_stream: how the family's text tokens are handled, for the docs and error messages.
+        calibration_conditioning: ``(model, n, generator) -> (cond, uncond)``, the model's keyword
+            arguments (besides ``hidden_states`` and ``timestep``) for ``n`` calibration samples and
+            their classifier-free-guidance rows, for `tcpass.calibrate` to generate its own data;
+            ``None``: calibration needs conditioning passed in (``collect(..., conditioning=...)``).
     """
 
     class_name: str
@@ -45,6 +49,11 @@ class ModelAdapter:
     image_tokens: Callable[[nn.Module, dict], int]
     timestep_scale: float = 1.0
     text_stream: str = "none"
+    calibration_conditioning: Callable[[nn.Module, int, torch.Generator], tuple[dict, dict]] | None = None
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks, in call order."""
+        return [block for prefix in self.block_prefixes for block in getattr(model, prefix)]
 
 
 def _param(model: nn.Module) -> torch.Tensor:
@@ -84,6 +93,13 @@ def _dit_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
+def _dit_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """Random class labels; the unconditional rows get the null class (``num_embeds_ada_norm``)."""
+    null = int(model.config.num_embeds_ada_norm)
+    labels = torch.randint(0, null, (n,), generator=generator)
+    return {"class_labels": labels}, {"class_labels": torch.full_like(labels, null)}
+
+
 PIXART_TEXT_TOKENS = 120  # PixArt-alpha's T5 sequence length (Sigma uses 300)
 
 
@@ -104,6 +120,21 @@ def _pixart_example_inputs(model: nn.Module, batch: int) -> dict:
         "added_cond_kwargs": {"resolution": resolution, "aspect_ratio": aspect},
         "encoder_attention_mask": torch.ones(batch, PIXART_TEXT_TOKENS, dtype=p.dtype, device=p.device),
     }
+
+
+def _pixart_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """Stand-in prompts: random caption embeddings (unit variance, as T5 outputs roughly are); the
+    unconditional rows get zeros. Calibrating for real prompts: pass their embeddings to
+    `tcpass.calibrate.collect` (``conditioning=``)."""
+    cfg = model.config
+    text = torch.randn(n, PIXART_TEXT_TOKENS, cfg.caption_channels, generator=generator)
+    mask = torch.ones(n, PIXART_TEXT_TOKENS)
+    additional = cfg.sample_size == 128 if cfg.use_additional_conditions is None else cfg.use_additional_conditions
+    extra = {"resolution": None, "aspect_ratio": None}
+    if additional:
+        extra = {"resolution": torch.full((n, 2), float(cfg.sample_size * 8)), "aspect_ratio": torch.ones(n, 1)}
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "added_cond_kwargs": extra}
+    return cond, {**cond, "encoder_hidden_states": torch.zeros_like(text)}
 
 
 SD3_TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens in StableDiffusion3Pipeline
@@ -152,6 +183,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         example_inputs=_dit_example_inputs,
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
         image_tokens=_patch_tokens,
+        calibration_conditioning=_dit_conditioning,
     ),
     "PixArtTransformer2DModel": ModelAdapter(
         class_name="PixArtTransformer2DModel",
@@ -169,6 +201,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
         image_tokens=_patch_tokens,
         text_stream="cross-attention: text keys/values are a constant of the step, never pruned",
+        calibration_conditioning=_pixart_conditioning,
     ),
     "SD3Transformer2DModel": ModelAdapter(
         class_name="SD3Transformer2DModel",

@@ -228,3 +228,49 @@ def test_a_plan_that_caches_nothing_is_never_chosen_for_a_speedup_target():
     loaded = cal.StepTimes(eager=0.0359, full=0.0237, cached={0.25: 0.030}, num_blocks=3)
     with pytest.raises(ValueError, match="out of reach"):  # only all-FULL plans reach 1.5x on these times
         cal.search_schedule(None, SimpleNamespace(steps=50), tcpass.CachePlan(), loaded, [0, 1, 2], target_speedup=1.5)
+
+
+def test_a_pixart_model_calibrates_through_its_adapter(tmp_path):
+    """Model specifics (blocks, sizes, conditioning for its own samples) come from the adapter: a tiny
+    PixArt-alpha (text cross-attention, ada_norm_single) calibrates end to end, both policies."""
+    from tcpass.calibrate.steps import calibrate_steps
+    from tests.families import make_pixart
+
+    model = make_pixart()
+    data = cal.collect(model, num_samples=2, steps=8, progress=False)
+    assert data.inputs.shape[:2] == (8, 4)  # 8 steps, 2 samples x (conditional, unconditional) rows
+    assert data.row_kwargs["encoder_hidden_states"].shape == (4, 120, 24)
+    assert torch.equal(data.row_kwargs["encoder_hidden_states"][2:], torch.zeros(2, 120, 24))  # CFG rows: no text
+    with torch.no_grad():  # the recorded calls replay with their conditioning
+        torch.testing.assert_close(cal.model_call(model, data, 3, torch.arange(4)), data.outputs[3])
+    report = cal.calibrate(
+        model,
+        tmp_path / "plan.json",
+        min_psnr=-100.0,  # a random tiny model: any plan passes; this test is about the machinery
+        predictor="dynamic",
+        attention="full_kv",
+        num_samples=2,
+        steps=8,
+        iterations=4,
+        ratios=(0.5,),
+        progress=False,
+    )
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.model.model_class == "PixArtTransformer2DModel" and plan.selector.kind == "dynamic"
+    assert report.train_losses and report.measured_speedup > 0
+    tm = tcpass.transform(model, plan)
+    samples = data.sample(tm)
+    assert torch.isfinite(samples).all() and tm.step_counts[tcpass.StepKind.CACHED] > 0
+
+    steps_report = calibrate_steps(
+        model, tmp_path / "steps.json", target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=3,
+        verify_reps=1, progress=False,
+    )  # fmt: skip
+    assert steps_report.plan.model.model_class == "PixArtTransformer2DModel"
+
+
+def test_a_family_without_calibration_conditioning_names_the_fix():
+    from tests.families import make_sd3
+
+    with pytest.raises(NotImplementedError, match=r"pass `conditioning=\(cond, uncond\)`"):
+        cal.collect(make_sd3(), num_samples=1, steps=2, progress=False)

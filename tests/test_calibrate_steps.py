@@ -43,7 +43,7 @@ def test_magnitude_ratios_equal_diffusers_magcache_calibration():
     denoiser, _ = diffusers_magcache(model, calibrate=True)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        ddim_sample(denoiser, data.noise, data.labels, 1000, STEPS, 4.0)
+        data.sample(denoiser, STEPS)
     theirs = ast.literal_eval(printed.getvalue().split("mag_ratios=...):", 1)[1].strip().splitlines()[0])
     assert ours == pytest.approx(theirs, rel=1e-4)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, model_call, rel_err, step_pairs
 from tcpass.plan import keep_count
 from tcpass.predictor import DynamicPredictor, StaticPredictor
@@ -18,7 +19,7 @@ from tcpass.predictor import DynamicPredictor, StaticPredictor
 
 # 2./3. Block hooks: record residuals, mix fresh and cached ------------------------------------------
 class BlockHooks:
-    """Forward hooks on a DiT's transformer blocks.
+    """Forward hooks on a model's transformer blocks (the adapter's, in call order).
 
     ``mode="record"``: store each block's input and residual (``output - input``).
     ``mode="mix"``: block ``b`` in ``weights`` outputs ``x + w * (out - x) + (1 - w) * cached_delta[b]``,
@@ -27,7 +28,7 @@ class BlockHooks:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = list(model.transformer_blocks)
+        self.blocks = adapter_for(model).blocks(model)
         self.mode = "off"
         self.inputs: dict[int, torch.Tensor] = {}
         self.deltas: dict[int, torch.Tensor] = {}
@@ -183,7 +184,7 @@ def topk_error(
     ``scorer(x0, x0_ref, timestep, block) -> scores [R, N]`` (``x0_ref``: block 0's input at the
     refresh step), or ``"random"`` / ``"input_change"``.
     """
-    blocks = tuple(range(len(model.transformer_blocks))) if blocks is None else blocks
+    blocks = tuple(range(adapter_for(model).fingerprint(model).num_blocks)) if blocks is None else blocks
     hooks = BlockHooks(model)
     rows = torch.arange(data.inputs.shape[1])
     g = torch.Generator().manual_seed(seed)
@@ -258,10 +259,11 @@ def train_predictor(
     (straight-through gradient), matching inference.
     """
     torch.manual_seed(seed)
-    num_blocks = len(model.transformer_blocks)
+    adapter = adapter_for(model)
+    fingerprint = adapter.fingerprint(model)
+    num_blocks, hidden = fingerprint.num_blocks, fingerprint.hidden_size
     blocks = tuple(range(num_blocks)) if blocks is None else tuple(blocks)
-    hidden = int(model.config.num_attention_heads * model.config.attention_head_dim)
-    num_tokens = (model.config.sample_size // model.config.patch_size) ** 2
+    num_tokens = adapter.image_tokens(model, adapter.example_inputs(model, 1))
     if kind == "static":
         predictor: nn.Module = StaticPredictor(num_blocks, num_tokens)
     elif kind == "dynamic":

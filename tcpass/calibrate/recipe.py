@@ -87,6 +87,7 @@ def calibrate(
     verify_reps: int = 2,
     sample_range: tuple[float, float] | None = None,
     progress: bool = True,
+    conditioning: tuple[dict, dict | None] | None = None,
 ) -> CalibrationReport:
     """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
 
@@ -109,6 +110,8 @@ def calibrate(
             scored clamped to it (default: their 0.1-99.9 percentile range).
         verify_reps: the chosen plan's speedup is measured on whole calibration generations,
             interleaved with full compute, this many rounds after a warm-up (0: not measured).
+        conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
+            default: the model family's own.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -116,7 +119,9 @@ def calibrate(
     previous_weights = _own_weights_file(out)
     adapter = adapter_for(model)
     fingerprint = adapter.fingerprint(model)
-    data = collect(model, num_samples, steps, seed=seed, progress=progress, sample_range=sample_range)
+    data = collect(
+        model, num_samples, steps, seed=seed, progress=progress, sample_range=sample_range, conditioning=conditioning
+    )
     sens = block_sensitivity(model, data, progress=progress)
     order = [int(b) for b in sens.argsort()]
     losses: list[float] = []

@@ -17,7 +17,7 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData
 from tcpass.calibrate.timing import StepTimes
 from tcpass.plan import CachePlan, TPRRSchedule
-from tcpass.sampling import ddim_sample, ddim_timesteps
+from tcpass.sampling import ddim_timesteps
 from tcpass.schedule import StepKind, simulate
 
 
@@ -44,7 +44,7 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
     tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
     steps = plan.sampler_steps or data.steps
-    out = ddim_sample(tm, data.noise, data.labels, data.null_label, steps, data.guidance_scale)
+    out = data.sample(tm, steps)
     if data.sample_range is not None:
         lo, hi = data.sample_range
     else:
@@ -66,7 +66,7 @@ def verify_speedup(
     for round_ in range(reps + 1):
         for name, (m, n) in arms.items():
             start = time.perf_counter()
-            ddim_sample(m, data.noise, data.labels, data.null_label, n, data.guidance_scale)
+            data.sample(m, n)
             if round_ > 0:  # round 0 warms up
                 seconds[name].append(time.perf_counter() - start)
     ratio = statistics.median(f / p for f, p in zip(seconds["full"], seconds["plan"], strict=True))

@@ -45,13 +45,14 @@ from tcpass.calibrate.timing import best_seconds
 from tcpass.plan import CachePlan, StepSkip, save_plan
 from tcpass.sampling import ddim_timesteps
 from tcpass.schedule import StepKind, simulate
+from tcpass.trace import flatten_inputs
 
 
 @torch.no_grad()
 def magnitude_ratios(model: nn.Module, data: CalibrationData) -> list[float]:
     """Per calibration step, ``mean(|r_j| / |r_{j-1}|)`` over tokens of the block stack residual (1.0 at j = 0)."""
     adapter = adapter_for(model)
-    blocks = [b for prefix in adapter.block_prefixes for b in getattr(model, prefix)]
+    blocks = adapter.blocks(model)
     seen: dict[str, torch.Tensor] = {}
     head = blocks[0].register_forward_pre_hook(
         lambda _m, args, kwargs: seen.update(stack_in=args[0] if args else kwargs["hidden_states"]), with_kwargs=True
@@ -60,11 +61,7 @@ def magnitude_ratios(model: nn.Module, data: CalibrationData) -> list[float]:
     ratios, previous = [], None
     try:
         for j in range(data.num_steps):
-            model(
-                data.inputs[j],
-                timestep=data.timesteps[j].expand(len(data.class_labels)),
-                class_labels=data.class_labels,
-            )
+            model(data.inputs[j], timestep=data.timesteps[j].expand(data.inputs.shape[1]), **data.row_kwargs)
             norm = torch.linalg.norm((seen["stack_out"] - seen["stack_in"]).float(), dim=-1)
             ratios.append(1.0 if previous is None else float((norm / (previous + 1e-8)).mean()))
             previous = norm
@@ -169,7 +166,7 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
     from tcpass.runtime import transform
 
     inputs = adapter_for(model).example_inputs(model, batch)
-    values = list(inputs.values())
+    values = list(flatten_inputs(inputs).values())  # the graphs take the flattened tensors
     out = {"eager": best_seconds(lambda: model(**inputs), reps)}
     for level in ("stack", "output"):
         graphs = transform(model, CachePlan(blocks=(), skip=StepSkip(level=level)), example_inputs=inputs).step_graphs()
@@ -231,6 +228,7 @@ def calibrate_steps(
     max_verified: int = 4,
     sample_range: tuple[float, float] | None = None,
     progress: bool = True,
+    conditioning: tuple[dict, dict | None] | None = None,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -245,6 +243,8 @@ def calibrate_steps(
             to it (`tcpass.calibrate.fidelity`).
         max_verified: at most this many candidates are timed on whole generations (``verify_reps`` 0: none;
             the best predicted-at-target PSNR is then chosen unmeasured).
+        conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
+            default: the model family's own.
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
@@ -257,6 +257,7 @@ def calibrate_steps(
         guidance_scale=guidance_scale,
         progress=progress,
         sample_range=sample_range,
+        conditioning=conditioning,
     )
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tcpass.adapters import adapter_for
 from tcpass.plan import CachePlan
 from tcpass.schedule import StepKind, simulate
+from tcpass.trace import flatten_inputs
 
 logger = logging.getLogger("tcpass")
 
@@ -70,7 +71,7 @@ def measure_step_times(
 
     adapter = adapter_for(model)
     inputs = adapter.example_inputs(model, batch)
-    values = list(inputs.values())
+    values = list(flatten_inputs(inputs).values())  # the graphs take the flattened tensors
     eager = best_seconds(lambda: model(**inputs), reps)
     cached, full = {}, math.inf
     for r in tqdm(ratios, desc="timing step graphs", disable=not progress, leave=False):
@@ -86,7 +87,7 @@ def measure_step_times(
         g = graphs.cached[0]
         indices = [s.example(values[0].device) for s in g.index_specs]
         cached[r] = best_seconds(lambda g=g, caches=caches, indices=indices: g(*values, *caches, *indices), reps)
-    return StepTimes(eager, full, cached, len(model.transformer_blocks))
+    return StepTimes(eager, full, cached, adapter.fingerprint(model).num_blocks)
 
 
 def implausible(times: StepTimes, noise: float = 0.15) -> list[str]:
