@@ -16,10 +16,8 @@ def pin_allocator(threshold_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves large blocks with mmap, raises that threshold as blocks are freed, and
     hands freed heap back to the OS; how many pages the next call faults in then depends on what
-    ran before it. Measured on this machine (DiT-S/2, eager, 5 interleaved rounds): the uncached
-    baseline's first generation took 6.2 s and, after tcpass generations had run beside it, 7.2 to
-    8.3 s, which inflated the speedup to 2.07x; with the thresholds fixed it took 5.9 to 6.1 s
-    throughout and the speedup was 1.77x. Both arms run under the same setting. Same effect as
+    ran before it, so one arm of an A/B timing taxes the other (README "Speed" has the measurement).
+    Both arms run under the same setting. Same effect as
     ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment. Returns False (and
     changes nothing) where the C library is not glibc.
     """

@@ -150,10 +150,19 @@ def test_interrupted_re_calibration_leaves_the_previous_plan_loadable(tmp_path):
     tcpass.save_plan(previous, out)
     before = _predictor_files(tmp_path)
     script = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (&)
         import torch
         torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
+        import time
         from tcpass import calibrate as cal
+        from tcpass.calibrate import recipe
         from tests.conftest import make_dit
+        search = recipe.search_schedule
+        def slow_search(*args, **kwargs):  # widen the window the test interrupts: weights written, plan not yet
+            time.sleep(60)
+            return search(*args, **kwargs)
+        recipe.search_schedule = slow_search
         cal.calibrate(make_dit(), {str(out)!r}, min_psnr=-100.0, predictor="dynamic", attention="full_kv",
                       num_samples=2, steps=10, iterations=4, ratios=(0.5,), progress=False)
     """)

@@ -58,10 +58,10 @@ def test_cached_graph_moves_whole_rows_and_updates_caches_in_place(exported):
     runtime = OrtTokenCacheRuntime(out)
     inputs = {"hidden_states": np.ones((2, 4, 16, 16), np.float32), "class_labels": np.array([3, 1000])}
     runtime(**inputs, timestep=np.full(2, 900))  # FULL: fills the caches
-    before = {name: value.data_ptr() for name, value in runtime._caches.items()}
+    before = {name: value.data_ptr() for name, value in runtime.caches.items()}
     runtime(**inputs, timestep=np.full(2, 880))
     assert runtime.step_counts[StepKind.CACHED] == 1
-    assert {name: value.data_ptr() for name, value in runtime._caches.items()} == before
+    assert {name: value.data_ptr() for name, value in runtime.caches.items()} == before
 
 
 def test_idle_step_graphs_stop_spinning(exported):
@@ -444,11 +444,20 @@ def _snapshot(directory: Path) -> dict[str, str]:
 def test_interrupted_re_export_leaves_the_previous_export_untouched(copy_of):
     before = _snapshot(copy_of)
     script = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (&)
         import torch
         torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
         import tcpass
+        import time
+        from tcpass.export import onnx_export
         from tcpass.export.onnx_export import export_onnx
         from tests.conftest import make_dit
+        write_graph = onnx_export._export_graph
+        def slow_write_graph(*args, **kwargs):  # widen the window the test interrupts: the export half written
+            time.sleep(60)
+            return write_graph(*args, **kwargs)
+        onnx_export._export_graph = slow_write_graph
         plan = tcpass.CachePlan(keep_ratio=0.5, attention="cached_kv")
         export_onnx(tcpass.transform(make_dit(), plan), {str(copy_of)!r}, null_label=1000)
     """)

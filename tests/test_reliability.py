@@ -51,19 +51,21 @@ def test_a_bad_timestep_is_refused_and_changes_nothing(bad):
         assert (a - b).abs().max() <= 1e-6
 
 
-def test_two_threads_at_once_on_one_model_are_refused():
+def test_two_threads_at_once_on_one_model_are_refused(monkeypatch):
+    import tcpass.runtime
+
     tm = tcpass.transform(make_dit(), PLAN)
     inputs = dit_inputs()
     inside, release = threading.Event(), threading.Event()
-    bind = tm._bind
+    flatten = tcpass.runtime.flatten_inputs
 
-    def blocking_bind(args, kwargs):  # holds the first caller inside forward
+    def blocking_flatten(values):  # holds the first caller inside forward
         if threading.current_thread() is not threading.main_thread():
             inside.set()
             assert release.wait(30)
-        return bind(args, kwargs)
+        return flatten(values)
 
-    tm._bind = blocking_bind
+    monkeypatch.setattr(tcpass.runtime, "flatten_inputs", blocking_flatten)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("out", tm(**inputs).sample))
     worker.start()

@@ -52,9 +52,8 @@ class OrtTokenCacheRuntime:
         providers: ONNX Runtime execution providers; default CPU.
         expected_plan: if given (a plan dict or `CachePlan`), refuse a directory exported for another plan.
         verify_checksums: check every file (graphs, ``weights.bin``, score tables) against its sha256 in
-            the manifest before any session is built. Hashing cost 0.69 ms per MB here (the digits
-            export, 12.5 MB, 8.7 ms; about 2 s for DiT-XL/2's 2.7 GB of weights; see the README for the
-            command). ``False`` skips it for very large exports; file sizes and the manifest copy inside
+            the manifest before any session is built (its cost per MB, measured: README "Deployment").
+            ``False`` skips it for very large exports; file sizes and the manifest copy inside
             each graph are still checked, so a truncated file or an edited manifest is still refused.
         session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level);
             when given, ``threads`` is not used.
@@ -64,8 +63,7 @@ class OrtTokenCacheRuntime:
     pool threads keep spinning after a run, by default, for the next one; with several graphs taking
     turns, an idle graph's spinning threads take cores from the graph that runs. The runtime sets
     ``session.force_spinning_stop=1`` on its sessions when there is more than one graph (unless
-    ``session_options`` already sets it): on this project's 2-core CPU a DiT-S/2 generation with the
-    default plan took 3.16 s without it and 2.58 s with it (the uncached export, one graph: 5.0 s).
+    ``session_options`` already sets it); README "Deployment" gives what it saves.
     """
 
     def __init__(
@@ -122,6 +120,12 @@ class OrtTokenCacheRuntime:
     @property
     def null_label(self) -> int | None:
         return self.manifest["model"]["null_label"]
+
+    @property
+    def caches(self) -> dict[str, ort.OrtValue]:
+        """The cache tensors by name, as ONNX Runtime holds them between steps (empty before the first
+        call of a generation). Read-only: the graphs update them in place."""
+        return dict(self._caches or {})
 
     def input_dtype(self, name: str) -> np.dtype:
         """The numpy dtype the graphs were exported for, for conditioning input ``name`` (float16 for a
