@@ -139,7 +139,7 @@ class TorchSampler:
             )
         self.num_classes = int(cfg.num_embeds_ada_norm)
         self.null_label = self.num_classes  # DiT's label table reserves row num_classes for CFG
-        self.image_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        self.image_shape = _pixel_shape(config, (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)))
         self.max_batch = config.max_batch or 4
         self.plan = None
         if not config.uncached:
@@ -186,7 +186,7 @@ class OrtSampler:
                 "(2 x images): export again with an even --batch."
             )
         self.num_classes = int(self.runtime.null_label)  # DiT's label table reserves row num_classes for CFG
-        self.image_shape = tuple(int(d) for d in inputs["hidden_states"][1:])
+        self.image_shape = _pixel_shape(config, tuple(int(d) for d in inputs["hidden_states"][1:]))
         self.max_batch = self.model_batch // 2
         if config.max_batch not in (None, self.max_batch):
             raise ValueError(
@@ -203,6 +203,16 @@ class OrtSampler:
         from tcpass.export.runtime import generate
 
         return generate(self.runtime, noise, labels, num_steps=steps, guidance_scale=guidance)
+
+
+def _pixel_shape(config: ServeConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` (C, H, W) if the model generates pixels (1 channel: grey, 3: RGB); latents need a VAE, not served."""
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(
+            f"--model {config.model}: samples of shape {list(shape)}; tcpass serve returns the samples as PNGs and "
+            "serves pixel-space models (1 or 3 channels). A latent model's samples need its VAE, which is not served."
+        )
+    return shape
 
 
 def _digits_dir() -> Path:
