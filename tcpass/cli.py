@@ -413,12 +413,12 @@ def serve_command(
     request_timeout_s,
 ) -> None:
     """Serve a class-conditional DiT over HTTP with Ray Serve: batching, replicas (needs the serve extra)."""
+    if runtime == "ort" and model_path is None:
+        raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
     try:
         from tcpass.serve import ServeConfig, start
     except ImportError as e:
         raise click.ClickException(str(e)) from e
-    if runtime == "ort" and model_path is None:
-        raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="--model")
     config = ServeConfig(
         model=None if model_path is None else str(model_path.resolve()),
         plan=None if plan_path is None else str(plan_path.resolve()),
