@@ -4,6 +4,7 @@ One service (the shipped digits model and plan, torch, 2 replicas, batches of 4 
 the replica-kill test runs last. Requests use 4 DDIM steps and every HTTP call has a timeout, so a hang fails.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -26,7 +27,7 @@ from tcpass.export.onnx_export import export_onnx
 from tcpass.export.runtime import OrtTokenCacheRuntime, generate
 from tcpass.noise import seeded_noise
 from tcpass.sampling import ddim_sample
-from tcpass.serve import APP_NAME, DEPLOYMENT_NAME, ServeConfig, build_app, start
+from tcpass.serve import APP_NAME, DEPLOYMENT_NAME, BatchGate, Job, ServeConfig, build_app, start
 from tcpass.zoo import reference
 
 STEPS = 4
@@ -88,6 +89,47 @@ def _together(url: str, bodies: list[dict]) -> list[dict]:
         answers = list(pool.map(lambda body: _post(url, body), bodies))
     assert [a.status_code for a in answers] == [200] * len(bodies), [a.text[:200] for a in answers]
     return [a.json() for a in answers]
+
+
+def test_seeded_noise_rows_depend_on_their_own_seed_only():
+    batch = seeded_noise([7, 8, 9], (1, 4, 4))
+    assert np.array_equal(batch[1], seeded_noise([8], (1, 4, 4))[0])
+    assert np.array_equal(batch[2], seeded_noise([1, 2, 9], (1, 4, 4))[2])
+    assert not np.array_equal(batch[0], batch[1])
+    with pytest.raises(ValueError, match=r"seeds\[1\] = -1"):
+        seeded_noise([0, -1], (1, 4, 4))
+
+
+def test_batch_gate_admits_one_batch_while_idle_and_frees_cancelled_places():
+    async def scenario() -> list[str]:
+        gate, log = BatchGate(capacity=4), []
+
+        async def request(name: str, images: int) -> Job:
+            await gate.enter(images)
+            log.append(name)
+            return Job(class_label=0, seed=0, steps=1, guidance=1.0, num_images=images)
+
+        first = [await request("a", 3), await request("b", 1)]  # idle: a full batch is admitted at once
+        waiting = asyncio.create_task(request("c", 2))
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b"]  # c waits: the batch is full
+        gate.started(first)
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b"]  # c waits: a batch runs
+        gate.finished()
+        c = await asyncio.wait_for(waiting, 1)
+        d = await asyncio.wait_for(request("d", 2), 1)
+        late = asyncio.create_task(request("e", 1))
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b", "c", "d"]  # e waits: c and d fill the batch
+        gate.withdraw(c)  # c's request was cancelled before its batch started
+        await asyncio.wait_for(late, 1)
+        gate.started([d])
+        gate.withdraw(d)  # d reached its batch: withdrawing frees nothing
+        assert gate._admitted == 1 and gate._busy
+        return log
+
+    assert asyncio.run(scenario()) == ["a", "b", "c", "d", "e"]
 
 
 def test_image_is_the_same_alone_batched_and_generated_directly(service, direct):
