@@ -366,6 +366,13 @@ def calibrate(
     help="Images per model batch (requests are padded to it). torch: default 4; ort: fixed by the export.",
 )
 @click.option(
+    "--batch-sizes",
+    default="",
+    help="torch: smaller batch sizes to trace too, comma-separated (e.g. 1,2): a batch runs at the smallest "
+    "that holds it instead of padding to --max-batch. Faster at low load; a seed's image is then bit-identical "
+    "only between requests served at the same size.",
+)
+@click.option(
     "--batch-wait-ms",
     type=click.FloatRange(min=0),
     default=50.0,
@@ -403,6 +410,7 @@ def serve_command(
     uncached,
     replicas,
     max_batch,
+    batch_sizes,
     batch_wait_ms,
     threads,
     replica_cpus,
@@ -416,6 +424,17 @@ def serve_command(
     if runtime == "ort" and model_path is None:
         raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
     try:
+        sizes = tuple(int(size) for size in batch_sizes.split(",") if size.strip())
+    except ValueError as e:
+        raise click.BadParameter(
+            f"{batch_sizes!r}: expected integers separated by commas.", param_hint="'--batch-sizes'"
+        ) from e
+    largest = max_batch or 4
+    if any(not 1 <= size <= largest for size in sizes):
+        raise click.BadParameter(
+            f"{batch_sizes!r}: sizes must be in 1..{largest} (--max-batch).", param_hint="'--batch-sizes'"
+        )
+    try:
         from tcpass.serve import ServeConfig, start
     except ImportError as e:
         raise click.ClickException(str(e)) from e
@@ -425,6 +444,7 @@ def serve_command(
         runtime=runtime,
         uncached=uncached,
         max_batch=max_batch,
+        batch_sizes=sizes,
         batch_wait_s=batch_wait_ms / 1000,
         threads=threads,
         max_steps=max_steps,

@@ -1,17 +1,17 @@
 """`tcpass serve`: a class-conditional DiT behind Ray Serve, with Ray Serve's own request batching.
 
     tcpass serve                                 # the shipped digits model and plan, torch, a local Ray
-    curl -s localhost:8000/generate -d '{"class_label": 7, "seed": 1, "steps": 50}' -o seven.png
+    curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"class_label": 7, "seed": 1}' -o 7.png
 
 Each replica holds one sampler: the TokenCache-transformed model (``--runtime torch``, or the untransformed
 model with ``--uncached``) or one `OrtTokenCacheRuntime` over a `tcpass export` directory (``--runtime ort``).
 Requests are collected by ``@serve.batch`` and run as model batches of exactly the size the graphs were traced
-(torch) or exported (ort) for: ``max_batch`` images, CFG doubling the model batch. The last batch is padded and
-padding rows are dropped. Every image's noise comes from its own seed (`tcpass.noise.seeded_noise`) and every
-row of a batch is computed independently, so a seed gives the same image whether it was served alone, batched
-with others at any position, or generated directly at the same batch size. Requests with different ``steps``
-or ``guidance`` cannot share a model batch (other timesteps, other CFG); one Ray batch runs them one model
-batch per (steps, guidance) group, one after another.
+(torch) or exported (ort) for: ``max_batch`` images, CFG doubling the model batch (torch can trace smaller
+sizes too, ``batch_sizes``). A batch that is not full is padded and padding rows are dropped. Every image's
+noise comes from its own seed (`tcpass.noise.seeded_noise`) and every row of a batch is computed independently,
+so a seed gives the same image whether it was served alone, batched with others at any position, or generated
+directly at the same batch size. Requests with different ``steps`` or ``guidance`` cannot share a model batch
+(other timesteps, other CFG); one Ray batch runs them one model batch per (steps, guidance) group, in turn.
 
 Endpoints (POST bodies are `GenerateRequest` JSON):
 
@@ -63,6 +63,10 @@ class ServeConfig:
         uncached: torch only: serve the untransformed model (full compute), the baseline.
         max_batch: images per model batch (torch: the batch it is traced for; ort: fixed by the export, the
             exported model batch / 2 with CFG). ``None``: 4 for torch, the export's for ort.
+        batch_sizes: torch only: smaller batch sizes (images) to trace as well; a group of requests then runs
+            at the smallest size that holds it instead of being padded to ``max_batch``. Faster at low load;
+            a seed's image is then bit-identical only between requests that ran at the same size (across sizes
+            it differs by float rounding). ``()``: only ``max_batch``.
         batch_wait_s: how long ``@serve.batch`` waits for a batch to fill after its first request.
         threads: torch / ONNX Runtime intra-op threads per replica.
         max_steps: the largest ``steps`` a request may ask for.
@@ -73,6 +77,7 @@ class ServeConfig:
     runtime: str = "torch"
     uncached: bool = False
     max_batch: int | None = None
+    batch_sizes: tuple[int, ...] = ()
     batch_wait_s: float = 0.05
     threads: int = 1
     max_steps: int = 250
@@ -142,6 +147,9 @@ class TorchSampler:
         self.null_label = self.num_classes  # DiT's label table reserves row num_classes for CFG
         self.image_shape = _pixel_shape(config, (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)))
         self.max_batch = config.max_batch or 4
+        self.batch_sizes = sorted(set(config.batch_sizes) | {self.max_batch})
+        if self.batch_sizes[-1] != self.max_batch or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({self.max_batch}).")
         self.plan = None
         if not config.uncached:
             plan_path = Path(config.plan) if config.plan else digits.default_plan
@@ -149,8 +157,9 @@ class TorchSampler:
             model = tcpass.transform(model, self.plan, plan_dir=plan_path.parent)
         self.model = model
 
-    def images_per_batch(self, guided: bool) -> int:
-        return self.max_batch
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        """The model batch (in images) ``images`` images run at: the smallest traced size that holds them."""
+        return next((size for size in self.batch_sizes if size >= images), self.max_batch)
 
     def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
         import torch
@@ -174,6 +183,8 @@ class OrtSampler:
             raise ValueError("--runtime ort needs --model: a directory written by `tcpass export`.")
         if config.uncached:
             raise ValueError("--uncached is for --runtime torch; for ort, export a plan that caches nothing.")
+        if config.batch_sizes:
+            raise ValueError("--batch-sizes is for --runtime torch; an export runs at the one batch it was made for.")
         expected = load_plan(config.plan) if config.plan else None
         self.runtime = OrtTokenCacheRuntime(config.model, expected_plan=expected, threads=config.threads)
         manifest = self.runtime.manifest
@@ -195,9 +206,11 @@ class OrtSampler:
                 f"{self.max_batch} images with CFG; leave --max-batch unset or export again with "
                 f"--batch {2 * config.max_batch}."
             )
+        self.batch_sizes = [self.max_batch]
         self.plan = manifest["plan"]
 
-    def images_per_batch(self, guided: bool) -> int:
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        """The exported batch, in images: half the model batch with CFG, all of it without."""
         return self.max_batch if guided else self.model_batch
 
     def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
@@ -233,7 +246,7 @@ def make_sampler(config: ServeConfig) -> TorchSampler | OrtSampler:
 def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done | Failed]:
     """Run ``jobs`` as padded model batches, one per (steps, guidance) group; one result per job, in order.
 
-    A group's images fill one model batch of ``sampler.images_per_batch(guided)`` rows; the rest are padding
+    A group's images fill one model batch of ``sampler.images_per_batch(guided, images)`` rows; the rest are padding
     rows (noise from seed 0, class 0) whose outputs are dropped. A group that fails fails only its own jobs.
     """
     results: list[Done | Failed | None] = [None] * len(jobs)
@@ -241,8 +254,8 @@ def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done 
     for i, job in enumerate(jobs):
         groups.setdefault((job.steps, job.guidance), []).append(i)
     for (steps, guidance), members in groups.items():
-        capacity = sampler.images_per_batch(guidance != 1.0)
         seeds = [jobs[i].seed + k for i in members for k in range(jobs[i].num_images)]
+        capacity = sampler.images_per_batch(guidance != 1.0, len(seeds))
         labels = [jobs[i].class_label for i in members for _ in range(jobs[i].num_images)]
         if len(seeds) > capacity:
             for i in members:
@@ -376,8 +389,8 @@ class TokenCacheServer:
         self.generate_batch.set_max_batch_size(self.sampler.max_batch)
         self._gate = BatchGate(self.sampler.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
-        warm = Job(class_label=0, seed=0, steps=2, guidance=4.0, num_images=1)
-        failed = [r for r in run_batch(self.sampler, [warm]) if isinstance(r, Failed)]  # traces the graphs
+        warm = [Job(class_label=0, seed=0, steps=2, guidance=4.0, num_images=n) for n in self.sampler.batch_sizes]
+        failed = [r for job in warm for r in run_batch(self.sampler, [job]) if isinstance(r, Failed)]  # traces
         if failed:
             raise RuntimeError(f"warm-up generation failed: {failed[0].error}")
         self.pid = os.getpid()
@@ -454,6 +467,7 @@ class TokenCacheServer:
             "num_classes": self.sampler.num_classes,
             "image_shape": list(self.sampler.image_shape),
             "max_batch": self.sampler.max_batch,
+            "batch_sizes": self.sampler.batch_sizes,
             "max_steps": self.config.max_steps,
             "config": asdict(self.config),
             "replica_pid": self.pid,

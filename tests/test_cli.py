@@ -42,6 +42,8 @@ def invoke(*args: str):
         (["serve", "--port", "0"], "--port", "1<=x<=65535"),
         (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms", "x>=0"),
         (["serve", "--runtime", "ort"], "--model", "needs the directory `tcpass export` wrote"),
+        (["serve", "--batch-sizes", "1,8"], "--batch-sizes", "sizes must be in 1..4"),
+        (["serve", "--batch-sizes", "1,x"], "--batch-sizes", "expected integers"),
     ],
 )
 def test_out_of_range_values_are_refused_before_any_work(plan_file, args, option, rule):
