@@ -2,7 +2,7 @@
 
 The shipped digits reference model behind the same Ray Serve application (a local Ray instance this script
 starts and stops, HTTP on loopback), six variants one after another: the TokenCache-transformed model and the
-untransformed model (``--uncached``), each with three batching modes: ``pad`` (every model batch padded to
+untransformed model (``--uncached``), alternating, each with three batching modes: ``pad`` (every model batch padded to
 ``--max-batch`` images, default 4: bit-identical images under any load), ``sizes`` (batch sizes 1, 2, 4 traced:
 a batch runs at the smallest that holds it) and ``off`` (``--max-batch 1``: one image per model batch). At each
 concurrency C, C client threads send ``--requests-per-client`` requests each, back to back; a request's latency
@@ -33,8 +33,9 @@ from bench.common import machine, write_json  # noqa: E402
 from tcpass.serve import APP_NAME, ServeConfig, build_app, local_replica_env, start  # noqa: E402
 
 BATCHING = ("pad", "sizes", "off")  # pad every batch to --max-batch | trace 1, 2, 4, .. too | one image per batch
+# tcpass and uncached alternate, so each pair compared is measured close together on a machine whose load drifts
 VARIANTS = [
-    (name, uncached, batching) for name, uncached in (("tcpass", False), ("uncached", True)) for batching in BATCHING
+    (name, uncached, batching) for batching in BATCHING for name, uncached in (("tcpass", False), ("uncached", True))
 ]
 
 
