@@ -506,7 +506,9 @@ def start(
     replica_cpus = config.threads if replica_cpus is None else replica_cpus
     env = None
     if address is None:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # "local": a new instance; address None would join the cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster
+        # names, and hung here on the stale record a stopped `ray start --head` had left
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
         available = ray.cluster_resources().get("CPU", 0)
         if replicas * replica_cpus > available:
             ray.shutdown()
