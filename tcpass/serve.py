@@ -266,7 +266,7 @@ def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done 
         try:
             noise = seeded_noise(seeds + [0] * padding, sampler.image_shape)
             samples = sampler.sample(noise, np.array(labels + [0] * padding, dtype=np.int64), steps, guidance)
-        except Exception as e:  # noqa: BLE001 -- any failure is this group's, reported to its requests
+        except Exception as e:  # any failure is this group's, reported to its own requests
             for i in members:
                 results[i] = Failed(f"generation failed: {type(e).__name__}: {e}")
             continue
