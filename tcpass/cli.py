@@ -455,7 +455,10 @@ def serve_command(
         raise click.ClickException(str(e)) from e
     click.echo(f"serving at {url}: POST /generate (PNG), POST /generate/json, GET /health")
     if address is not None:
-        click.echo("the application keeps running on the cluster; stop it with `serve shutdown`.")
+        click.echo(
+            "the application keeps running on the cluster; stop it with "
+            f"`python -c \"import ray; from ray import serve; ray.init('{address}'); serve.shutdown()\"`."
+        )
         return
     import signal
     import sys
