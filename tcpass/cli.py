@@ -339,5 +339,145 @@ def calibrate(
     )
 
 
+@main.command("serve")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="torch: a class-conditional DiT directory (default: the shipped digits model); "
+    "ort: a directory written by `tcpass export` (required).",
+)
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    callback=_plan_file,
+    default=None,
+    help="torch: the plan (default: the shipped digits plan); ort: checked against the export's plan.",
+)
+@click.option("--runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
+@click.option("--uncached", is_flag=True, help="torch: serve the untransformed model (full compute), the baseline.")
+@click.option("--replicas", type=POSITIVE, default=1, show_default=True, help="Replicas, each holding one model.")
+@click.option(
+    "--max-batch",
+    type=POSITIVE,
+    default=None,
+    help="Images per model batch (requests are padded to it). torch: default 4; ort: fixed by the export.",
+)
+@click.option(
+    "--batch-sizes",
+    default="",
+    help="torch: smaller batch sizes to trace too, comma-separated (e.g. 1,2): a batch runs at the smallest "
+    "that holds it instead of padding to --max-batch. Faster at low load; a seed's image is then bit-identical "
+    "only between requests served at the same size.",
+)
+@click.option(
+    "--batch-wait-ms",
+    type=click.FloatRange(min=0),
+    default=50.0,
+    show_default=True,
+    help="How long a batch waits to fill after its first request.",
+)
+@click.option(
+    "--threads", type=POSITIVE, default=1, show_default=True, help="torch / ONNX Runtime threads per replica."
+)
+@click.option(
+    "--replica-cpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Ray CPUs reserved per replica (default: --threads).",
+)
+@click.option("--max-steps", type=POSITIVE, default=250, show_default=True, help="Largest `steps` a request may ask.")
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster to deploy on (ray://head:10001 or auto); default: a new local Ray instance on this machine.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--request-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="A request not answered by then gets an error instead of waiting.",
+)
+def serve_command(
+    model_path,
+    plan_path,
+    runtime,
+    uncached,
+    replicas,
+    max_batch,
+    batch_sizes,
+    batch_wait_ms,
+    threads,
+    replica_cpus,
+    max_steps,
+    address,
+    host,
+    port,
+    request_timeout_s,
+) -> None:
+    """Serve a class-conditional DiT over HTTP with Ray Serve: batching, replicas (needs the serve extra)."""
+    if runtime == "ort" and model_path is None:
+        raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
+    try:
+        sizes = tuple(int(size) for size in batch_sizes.split(",") if size.strip())
+    except ValueError as e:
+        raise click.BadParameter(
+            f"{batch_sizes!r}: expected integers separated by commas.", param_hint="'--batch-sizes'"
+        ) from e
+    largest = max_batch or 4
+    if any(not 1 <= size <= largest for size in sizes):
+        raise click.BadParameter(
+            f"{batch_sizes!r}: sizes must be in 1..{largest} (--max-batch).", param_hint="'--batch-sizes'"
+        )
+    try:
+        from tcpass.serve import ServeConfig, start
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    config = ServeConfig(
+        model=None if model_path is None else str(model_path.resolve()),
+        plan=None if plan_path is None else str(plan_path.resolve()),
+        runtime=runtime,
+        uncached=uncached,
+        max_batch=max_batch,
+        batch_sizes=sizes,
+        batch_wait_s=batch_wait_ms / 1000,
+        threads=threads,
+        max_steps=max_steps,
+    )
+    try:
+        url = start(config, replicas, replica_cpus, address, host, port, request_timeout_s)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"serving at {url}: POST /generate (PNG), POST /generate/json, GET /health")
+    if address is not None:
+        click.echo(
+            "the application keeps running on the cluster; stop it with "
+            f"`python -c \"import ray; from ray import serve; ray.init('{address}'); serve.shutdown()\"`."
+        )
+        return
+    import signal
+    import sys
+    import time
+
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the local instance like Ctrl-C
+    click.echo("Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 if __name__ == "__main__":
     main()

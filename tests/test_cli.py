@@ -37,6 +37,13 @@ def invoke(*args: str):
         (["export", "--model", "m", "--plan", "{plan}", "-o", "{tmp}/out", "--batch", "0"], "--batch", "x>=1"),
         (["export", "--model", "m", "--plan", "{plan}", "-o", "{tmp}/out", "--opset", "17"], "--opset", "18<=x<=25"),
         (["export", "--model", "m", "--plan", "{plan}", "-o", "{tmp}/out", "--opset", "30"], "--opset", "18<=x<=25"),
+        (["serve", "--replicas", "0"], "--replicas", "x>=1"),
+        (["serve", "--max-batch", "0"], "--max-batch", "x>=1"),
+        (["serve", "--port", "0"], "--port", "1<=x<=65535"),
+        (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms", "x>=0"),
+        (["serve", "--runtime", "ort"], "--model", "needs the directory `tcpass export` wrote"),
+        (["serve", "--batch-sizes", "1,8"], "--batch-sizes", "sizes must be in 1..4"),
+        (["serve", "--batch-sizes", "1,x"], "--batch-sizes", "expected integers"),
     ],
 )
 def test_out_of_range_values_are_refused_before_any_work(plan_file, args, option, rule):
@@ -54,7 +61,9 @@ def test_out_of_range_values_are_refused_before_any_work(plan_file, args, option
         (lambda d: d.update(attention="flash"), "attention = 'flash' is unknown"),
     ],
 )
-@pytest.mark.parametrize("command", [["demo"], ["generate", "--model", "m"], ["export", "--model", "m", "-o", "o"]])
+@pytest.mark.parametrize(
+    "command", [["demo"], ["generate", "--model", "m"], ["export", "--model", "m", "-o", "o"], ["serve"]]
+)
 def test_a_bad_plan_file_is_one_line_naming_file_and_field(tmp_path, command, edit, field):
     plan = tcpass.CachePlan().to_dict()
     edit(plan)

@@ -1,0 +1,532 @@
+"""`tcpass serve`: a class-conditional DiT behind Ray Serve, with Ray Serve's own request batching.
+
+    tcpass serve                                 # the shipped digits model and plan, torch, a local Ray
+    curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"class_label": 7, "seed": 1}' -o 7.png
+
+Each replica holds one sampler: the TokenCache-transformed model (``--runtime torch``, or the untransformed
+model with ``--uncached``) or one `OrtTokenCacheRuntime` over a `tcpass export` directory (``--runtime ort``).
+Requests are collected by ``@serve.batch`` and run as model batches of exactly the size the graphs were traced
+(torch) or exported (ort) for: ``max_batch`` images, CFG doubling the model batch (torch can trace smaller
+sizes too, ``batch_sizes``). A batch that is not full is padded and padding rows are dropped. Every image's
+noise comes from its own seed (`tcpass.noise.seeded_noise`) and every row of a batch is computed independently,
+so a seed gives the same image whether it was served alone, batched with others at any position, or generated
+directly at the same batch size. Requests with different ``steps`` or ``guidance`` cannot share a model batch
+(other timesteps, other CFG); one Ray batch runs them one model batch per (steps, guidance) group, in turn.
+
+Endpoints (POST bodies are `GenerateRequest` JSON):
+
+- ``POST /generate``: ``image/png`` (``num_images`` > 1: the images side by side, seeds ``seed``, ``seed+1``, ...)
+- ``POST /generate/json``: ``{"images": [base64 PNG, ...], "seeds", "request_id", "timings", "batch"}``
+- ``GET /health``: the served model (runtime, plan, classes, image shape, batch size)
+
+A bad request gets 400 (malformed JSON) or 422 with ``{"error": ..., "fields": [...]}`` naming the fields,
+before it reaches a batch. A batch that fails answers its requests with 500 and the error; a replica that dies
+mid-request answers with Ray Serve's 500, and Ray Serve starts a new replica.
+"""
+
+import asyncio
+import base64
+import io
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tcpass.noise import MAX_SEED, seeded_noise
+
+SERVE_EXTRA = 'pip install "tcpass[serve]" (from a checkout: pip install -e ".[serve]")'
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+    from ray import serve
+except ImportError as e:
+    raise ImportError(f"tcpass serve needs the serve extra ({e.name} is missing): {SERVE_EXTRA}") from e
+
+APP_NAME = "tcpass"
+DEPLOYMENT_NAME = "TokenCacheServer"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What one replica serves and how it batches.
+
+    Attributes:
+        model: a diffusers DiT directory (torch; default: the shipped digits model) or a `tcpass export`
+            directory (ort).
+        plan: the plan JSON (torch: default the shipped digits plan; ort: optional, the export must match it).
+        runtime: ``"torch"`` or ``"ort"``.
+        uncached: torch only: serve the untransformed model (full compute), the baseline.
+        max_batch: images per model batch (torch: the batch it is traced for; ort: fixed by the export, the
+            exported model batch / 2 with CFG). ``None``: 4 for torch, the export's for ort.
+        batch_sizes: torch only: smaller batch sizes (images) to trace as well; a group of requests then runs
+            at the smallest size that holds it instead of being padded to ``max_batch``. Faster at low load;
+            a seed's image is then bit-identical only between requests that ran at the same size (across sizes
+            it differs by float rounding). ``()``: only ``max_batch``.
+        batch_wait_s: how long ``@serve.batch`` waits for a batch to fill after its first request.
+        threads: torch / ONNX Runtime intra-op threads per replica.
+        max_steps: the largest ``steps`` a request may ask for.
+    """
+
+    model: str | None = None
+    plan: str | None = None
+    runtime: str = "torch"
+    uncached: bool = False
+    max_batch: int | None = None
+    batch_sizes: tuple[int, ...] = ()
+    batch_wait_s: float = 0.05
+    threads: int = 1
+    max_steps: int = 250
+
+
+class GenerateRequest(BaseModel):
+    """One request: ``num_images`` images of class ``class_label``, image i from seed ``seed + i``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_label: int = Field(ge=0, description="class id, 0..num_classes-1 (GET /health)")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED - 1024, description="noise seed of the first image")
+    steps: int = Field(default=50, ge=1, description="DDIM steps (at most the server's max_steps)")
+    guidance: float = Field(default=4.0, ge=1.0, le=50.0, allow_inf_nan=False, description="CFG scale; 1: none")
+    num_images: int = Field(default=1, ge=1, le=1024, description="images, seeds seed..seed+num_images-1")
+    request_id: str | None = Field(default=None, max_length=128, description="echoed back in /generate/json")
+
+
+@dataclass
+class Job:
+    """A validated request waiting for a batch; ``received`` is ``time.perf_counter()`` at arrival."""
+
+    class_label: int
+    seed: int
+    steps: int
+    guidance: float
+    num_images: int
+    received: float = field(default_factory=time.perf_counter)
+    started: bool = False  # set when its batch starts (see `BatchGate`)
+
+
+@dataclass
+class Done:
+    """A job's result: one PNG per image, in seed order."""
+
+    pngs: list[bytes]
+    samples: np.ndarray  # [num_images, C, H, W] float32, unclamped model samples
+    timings: dict  # seconds: queued (arrival to its model batch), generate (its model batch)
+    batch: dict  # its model batch: requests, images, padding rows
+
+
+@dataclass
+class Failed:
+    error: str
+
+
+class TorchSampler:
+    """DDIM + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless ``uncached``."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        import tcpass
+        from tcpass.adapters import load_transformer
+        from tcpass.zoo import reference
+
+        torch.set_num_threads(config.threads)
+        digits = reference("digits")
+        model = load_transformer(str(config.model or _digits_dir()))
+        cfg = model.config
+        if getattr(cfg, "num_embeds_ada_norm", None) is None or type(model).__name__ != "DiTTransformer2DModel":
+            raise ValueError(
+                f"--model {config.model}: tcpass serve serves class-conditional DiTs (DiTTransformer2DModel with "
+                f"num_embeds_ada_norm); got {type(model).__name__}."
+            )
+        self.num_classes = int(cfg.num_embeds_ada_norm)
+        self.null_label = self.num_classes  # DiT's label table reserves row num_classes for CFG
+        self.image_shape = _pixel_shape(config, (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)))
+        self.max_batch = config.max_batch or 4
+        self.batch_sizes = sorted(set(config.batch_sizes) | {self.max_batch})
+        if self.batch_sizes[-1] != self.max_batch or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({self.max_batch}).")
+        self.plan = None
+        if not config.uncached:
+            plan_path = Path(config.plan) if config.plan else digits.default_plan
+            self.plan = tcpass.load_plan(plan_path)
+            model = tcpass.transform(model, self.plan, plan_dir=plan_path.parent)
+        self.model = model
+
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        """The model batch (in images) ``images`` images run at: the smallest traced size that holds them."""
+        return next((size for size in self.batch_sizes if size >= images), self.max_batch)
+
+    def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
+        import torch
+
+        from tcpass.sampling import ddim_sample
+
+        out = ddim_sample(
+            self.model, torch.from_numpy(noise), torch.from_numpy(labels), self.null_label, steps, guidance
+        )
+        return out.numpy()
+
+
+class OrtSampler:
+    """numpy DDIM + CFG (`tcpass.export.runtime.generate`) on an exported model; no torch."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        from tcpass.export.runtime import OrtTokenCacheRuntime
+        from tcpass.plan import load_plan
+
+        if config.model is None:
+            raise ValueError("--runtime ort needs --model: a directory written by `tcpass export`.")
+        if config.uncached:
+            raise ValueError("--uncached is for --runtime torch; for ort, export a plan that caches nothing.")
+        if config.batch_sizes:
+            raise ValueError("--batch-sizes is for --runtime torch; an export runs at the one batch it was made for.")
+        expected = load_plan(config.plan) if config.plan else None
+        self.runtime = OrtTokenCacheRuntime(config.model, expected_plan=expected, threads=config.threads)
+        manifest = self.runtime.manifest
+        inputs = {i["name"]: i["shape"] for i in manifest["conditioning_inputs"]}
+        if self.runtime.null_label is None or "class_labels" not in inputs:
+            raise ValueError(f"--model {config.model}: not a class-conditional export (no class_labels input).")
+        self.model_batch = int(inputs["hidden_states"][0])
+        if self.model_batch % 2:
+            raise ValueError(
+                f"--model {config.model} was exported for model batch {self.model_batch}; CFG needs an even batch "
+                "(2 x images): export again with an even --batch."
+            )
+        self.num_classes = int(self.runtime.null_label)  # DiT's label table reserves row num_classes for CFG
+        self.image_shape = _pixel_shape(config, tuple(int(d) for d in inputs["hidden_states"][1:]))
+        self.max_batch = self.model_batch // 2
+        if config.max_batch not in (None, self.max_batch):
+            raise ValueError(
+                f"--max-batch {config.max_batch}: {config.model} was exported for model batch {self.model_batch}, "
+                f"{self.max_batch} images with CFG; leave --max-batch unset or export again with "
+                f"--batch {2 * config.max_batch}."
+            )
+        self.batch_sizes = [self.max_batch]
+        self.plan = manifest["plan"]
+
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        """The exported batch, in images: half the model batch with CFG, all of it without."""
+        return self.max_batch if guided else self.model_batch
+
+    def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
+        from tcpass.export.runtime import generate
+
+        return generate(self.runtime, noise, labels, num_steps=steps, guidance_scale=guidance)
+
+
+def _pixel_shape(config: ServeConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` (C, H, W) if the model generates pixels (1 channel: grey, 3: RGB); latents need a VAE, not served."""
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(
+            f"--model {config.model}: samples of shape {list(shape)}; tcpass serve returns the samples as PNGs and "
+            "serves pixel-space models (1 or 3 channels). A latent model's samples need its VAE, which is not served."
+        )
+    return shape
+
+
+def _digits_dir() -> Path:
+    from tcpass.zoo.digits import reference_model_dir
+
+    return reference_model_dir()
+
+
+def make_sampler(config: ServeConfig) -> TorchSampler | OrtSampler:
+    if config.runtime == "torch":
+        return TorchSampler(config)
+    if config.runtime == "ort":
+        return OrtSampler(config)
+    raise ValueError(f"runtime {config.runtime!r}: expected 'torch' or 'ort'.")
+
+
+def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done | Failed]:
+    """Run ``jobs`` as padded model batches, one per (steps, guidance) group; one result per job, in order.
+
+    A group's images fill one model batch of ``sampler.images_per_batch(guided, images)`` rows; the rest are padding
+    rows (noise from seed 0, class 0) whose outputs are dropped. A group that fails fails only its own jobs.
+    """
+    results: list[Done | Failed | None] = [None] * len(jobs)
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((job.steps, job.guidance), []).append(i)
+    for (steps, guidance), members in groups.items():
+        seeds = [jobs[i].seed + k for i in members for k in range(jobs[i].num_images)]
+        capacity = sampler.images_per_batch(guidance != 1.0, len(seeds))
+        labels = [jobs[i].class_label for i in members for _ in range(jobs[i].num_images)]
+        if len(seeds) > capacity:
+            for i in members:
+                results[i] = Failed(f"{len(seeds)} images in one group; the model batch holds {capacity}.")
+            continue
+        padding = capacity - len(seeds)
+        start = time.perf_counter()
+        try:
+            noise = seeded_noise(seeds + [0] * padding, sampler.image_shape)
+            samples = sampler.sample(noise, np.array(labels + [0] * padding, dtype=np.int64), steps, guidance)
+        except Exception as e:  # any failure is this group's, reported to its own requests
+            for i in members:
+                results[i] = Failed(f"generation failed: {type(e).__name__}: {e}")
+            continue
+        seconds = time.perf_counter() - start
+        batch = {"requests": len(members), "images": len(seeds), "padding": padding}
+        row = 0
+        for i in members:
+            rows = samples[row : row + jobs[i].num_images]
+            row += jobs[i].num_images
+            timings = {"queued": round(start - jobs[i].received, 4), "generate": round(seconds, 4)}
+            results[i] = Done([to_png(image) for image in rows], rows, timings, batch)
+    return results
+
+
+def to_uint8(samples: np.ndarray) -> np.ndarray:
+    """Samples [..., C, H, W] in [-1, 1] (clamped) to uint8 pixels [..., H, W, C]."""
+    pixels = np.rint((np.clip(samples, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.moveaxis(pixels, -3, -1)
+
+
+def to_png(samples: np.ndarray) -> bytes:
+    """One sample [C, H, W] or several [n, C, H, W] (side by side) as PNG bytes (1 channel: grey, 3: RGB)."""
+    from PIL import Image
+
+    pixels = to_uint8(samples if samples.ndim == 4 else samples[None])
+    strip = np.concatenate(list(pixels), axis=1)
+    image = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class BatchGate:
+    """Hands requests to ``@serve.batch`` only while no batch runs, at most one model batch of images at a time.
+
+    Ray Serve's batcher forms the next batch while the previous one runs: it closes a batch
+    ``batch_wait_timeout_s`` after the first request that arrives during the run, although that batch cannot
+    start before the run ends. With runs of seconds, the requests arriving during one were split over several
+    small batches (measured on digits, 8 clients, 2 replicas, batches of 4 images: 2.3 images per batch).
+    Behind the gate they wait for the run to end, then enter Ray's batcher together and fill the next batch.
+    Single-threaded (the replica's event loop); nothing here awaits except the waiters.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._admitted = 0  # images handed to the batcher and not yet in a running batch
+        self._busy = False
+        self._changed = asyncio.Event()
+
+    async def enter(self, images: int) -> None:
+        while self._busy or self._admitted + images > self.capacity:
+            await self._changed.wait()
+        self._admitted += images
+
+    def started(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.started = True
+        self._admitted -= sum(job.num_images for job in jobs)
+        self._busy = True
+
+    def finished(self) -> None:
+        self._busy = False
+        self._notify()
+
+    def withdraw(self, job: Job) -> None:
+        """``job`` was admitted but never reached a batch (its request was cancelled): free its place."""
+        if not job.started:
+            self._admitted -= job.num_images
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()  # wakes every waiter, in order; each checks again
+        self._changed = asyncio.Event()
+
+
+def _error(status: int, message: str, fields: list[str]) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "fields": fields})
+
+
+api = FastAPI(title="tcpass", description="TokenCache diffusion transformer behind Ray Serve")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
+        return _error(400, f"malformed JSON body: {detail}", ["body"])
+    if any(isinstance(e.get("input"), bytes) for e in errors):  # a body FastAPI did not read as JSON
+        content_type = request.headers.get("content-type")
+        message = f"content-type {content_type!r}: send the body as JSON with content-type: application/json"
+        return _error(415, message, ["body"])
+    fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+    accepted = ", ".join(GenerateRequest.model_fields)
+    messages = [
+        f"{name}: unknown field; accepted: {accepted}"
+        if e["type"] == "extra_forbidden"
+        else f"{name}: {e['msg']} (got {e.get('input')!r})"
+        for name, e in zip(fields, errors, strict=True)
+    ]
+    return _error(422, "; ".join(messages), fields)
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    max_ongoing_requests=64,
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+    max_constructor_retry_count=2,  # a model that fails to load fails `serve.run` with its error, quickly
+)
+@serve.ingress(api)
+class TokenCacheServer:
+    """One replica: one sampler, requests batched by ``@serve.batch`` into its model batches."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.sampler = make_sampler(config)
+        # every generation on one thread: a transformed model refuses to continue a generation from another
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tcpass-generate")
+        self.generate_batch.set_max_batch_size(self.sampler.max_batch)
+        self._gate = BatchGate(self.sampler.max_batch)
+        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
+        warm = [Job(class_label=0, seed=0, steps=2, guidance=4.0, num_images=n) for n in self.sampler.batch_sizes]
+        failed = [r for job in warm for r in run_batch(self.sampler, [job]) if isinstance(r, Failed)]  # traces
+        if failed:
+            raise RuntimeError(f"warm-up generation failed: {failed[0].error}")
+        self.pid = os.getpid()
+
+    @serve.batch(max_batch_size=4, batch_size_fn=lambda jobs: sum(job.num_images for job in jobs))
+    async def generate_batch(self, jobs: list[Job]) -> list[Done | Failed]:
+        self._gate.started(jobs)
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, run_batch, self.sampler, jobs)
+        finally:
+            self._gate.finished()
+
+    async def _generate(self, request: GenerateRequest) -> Done | JSONResponse:
+        problem = self._check(request)
+        if problem is not None:
+            return problem
+        job = Job(request.class_label, request.seed, request.steps, request.guidance, request.num_images)
+        await self._gate.enter(job.num_images)
+        try:
+            result = await self.generate_batch(job)
+        finally:
+            self._gate.withdraw(job)
+        if isinstance(result, Failed):
+            return _error(500, result.error, [])
+        return result
+
+    def _check(self, request: GenerateRequest) -> JSONResponse | None:
+        """The limits that depend on the served model and configuration (the rest are `GenerateRequest`'s)."""
+        if request.class_label >= self.sampler.num_classes:
+            n = self.sampler.num_classes
+            return _error(
+                422, f"class_label: {request.class_label} is not a class of this model (0..{n - 1})", ["class_label"]
+            )
+        if request.steps > self.config.max_steps:
+            return _error(
+                422, f"steps: {request.steps} is above this server's max_steps {self.config.max_steps}", ["steps"]
+            )
+        if request.num_images > self.sampler.max_batch:
+            message = (
+                f"num_images: {request.num_images} is above this server's batch of {self.sampler.max_batch} images"
+            )
+            return _error(422, message, ["num_images"])
+        return None
+
+    @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def generate_png(self, request: GenerateRequest) -> Response:
+        result = await self._generate(request)
+        if isinstance(result, JSONResponse):
+            return result
+        return Response(content=to_png(result.samples), media_type="image/png")
+
+    @api.post("/generate/json")
+    async def generate_json(self, request: GenerateRequest):
+        result = await self._generate(request)
+        if isinstance(result, JSONResponse):
+            return result
+        return {
+            "request_id": request.request_id,
+            "seeds": [request.seed + i for i in range(request.num_images)],
+            "images": [base64.b64encode(png).decode("ascii") for png in result.pngs],
+            "timings": result.timings,
+            "batch": result.batch,
+            "replica_pid": self.pid,
+        }
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        plan = self.sampler.plan
+        return {
+            "runtime": self.config.runtime,
+            "cached": plan is not None,
+            "plan": plan if plan is None or isinstance(plan, dict) else plan.to_dict(),
+            "num_classes": self.sampler.num_classes,
+            "image_shape": list(self.sampler.image_shape),
+            "max_batch": self.sampler.max_batch,
+            "batch_sizes": self.sampler.batch_sizes,
+            "max_steps": self.config.max_steps,
+            "config": asdict(self.config),
+            "replica_pid": self.pid,
+        }
+
+
+def build_app(config: ServeConfig, replicas: int = 1, replica_cpus: float = 1.0, env: dict | None = None):
+    """The Ray Serve application: ``replicas`` replicas of `TokenCacheServer`, each with ``replica_cpus`` CPUs.
+
+    ``env``: environment variables for the replica processes (``runtime_env``); thread counts are always set
+    from ``config.threads``.
+    """
+    env_vars = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads), **(env or {})}
+    options = {"num_cpus": replica_cpus, "runtime_env": {"env_vars": env_vars}}
+    return TokenCacheServer.options(num_replicas=replicas, ray_actor_options=options).bind(config)
+
+
+def start(
+    config: ServeConfig,
+    replicas: int = 1,
+    replica_cpus: float | None = None,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    request_timeout_s: float = 300.0,
+) -> str:
+    """Deploy the app and return its URL; without ``address``, on a new local Ray instance on this machine.
+
+    ``address`` (``ray://head:10001`` or ``auto``) connects to a running cluster instead; every node must have
+    tcpass with the serve extra installed (and the model directory at the same path). A local instance gets
+    this process's ``tcpass`` on the replicas' ``PYTHONPATH``. Refuses, instead of waiting forever, when the
+    local instance has fewer CPUs than ``replicas * replica_cpus``.
+    """
+    import ray
+
+    replica_cpus = config.threads if replica_cpus is None else replica_cpus
+    env = None
+    if address is None:
+        # "local": a new instance; address None would join the cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster
+        # names, and hung here on the stale record a stopped `ray start --head` had left
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
+        available = ray.cluster_resources().get("CPU", 0)
+        if replicas * replica_cpus > available:
+            ray.shutdown()
+            raise ValueError(
+                f"--replicas {replicas} x {replica_cpus} CPUs each > the {available:g} CPUs of this machine's Ray "
+                "instance: lower --replicas or --replica-cpus (a fraction is allowed), or use a cluster (--address)."
+            )
+        env = local_replica_env()
+    else:
+        ray.init(address=address)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    serve.run(build_app(config, replicas, replica_cpus, env), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def local_replica_env() -> dict[str, str]:
+    """Environment for replicas on this machine: this process's ``tcpass`` first on ``PYTHONPATH``."""
+    import tcpass
+
+    package_root = str(Path(tcpass.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}

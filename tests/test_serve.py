@@ -1,0 +1,345 @@
+"""`tcpass serve` on a local Ray instance this module starts and stops: batching, identity, bad requests, faults.
+
+One service (the shipped digits model and plan, torch, 2 replicas, batches of 4 images) serves every test;
+the replica-kill test runs last. Requests use 4 DDIM steps and every HTTP call has a timeout, so a hang fails.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import ray
+import requests
+import torch
+from diffusers import DiTTransformer2DModel
+from PIL import Image
+from ray import serve
+
+import tcpass
+from tcpass.export.onnx_export import export_onnx
+from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+from tcpass.noise import seeded_noise
+from tcpass.sampling import ddim_sample
+from tcpass.serve import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    BatchGate,
+    Job,
+    ServeConfig,
+    TorchSampler,
+    build_app,
+    run_batch,
+    start,
+)
+from tcpass.zoo import reference
+
+STEPS = 4
+BATCH = 4  # images per model batch
+TIMEOUT = 90  # seconds: any HTTP call; far above a 4-step batch, far below CI's patience
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = ServeConfig(max_batch=BATCH, batch_wait_s=0.3, threads=1, max_steps=50)
+    url = start(config, replicas=2, replica_cpus=0.5, port=_free_port(), request_timeout_s=TIMEOUT)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """``(seeds, labels, steps, guidance) -> uint8 pixels [n, H, W]``: tcpass without the service, at batch 4.
+
+    The requested rows go last in a batch of 4 (other rows: seeds 900.., class 9), so a served image equal to
+    these was computed at another position in its batch than here.
+    """
+    digits = reference("digits")
+    model = tcpass.transform(digits.load_model(None), tcpass.load_plan(digits.default_plan))
+
+    def run(seeds, labels, steps=STEPS, guidance=4.0):
+        others = BATCH - len(seeds)
+        noise = torch.from_numpy(seeded_noise([900 + i for i in range(others)] + list(seeds), (1, 32, 32)))
+        label_rows = torch.tensor([9] * others + list(labels))
+        samples = ddim_sample(model, noise, label_rows, digits.null_label, steps, guidance)[others:]
+        return np.rint((samples.clamp(-1, 1).numpy() + 1) * 127.5).astype(np.uint8)[:, 0]
+
+    return run
+
+
+def _post(url: str, body, path: str = "/generate/json", **kwargs) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    headers = kwargs.pop("headers", {"content-type": "application/json"})
+    return requests.post(url + path, data=data, headers=headers, timeout=TIMEOUT, **kwargs)
+
+
+def _pixels(png_base64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))))
+
+
+def _together(url: str, bodies: list[dict]) -> list[dict]:
+    """POST ``bodies`` at once (one thread each); their JSON answers, in order."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: _post(url, body), bodies))
+    assert [a.status_code for a in answers] == [200] * len(bodies), [a.text[:200] for a in answers]
+    return [a.json() for a in answers]
+
+
+def test_seeded_noise_rows_depend_on_their_own_seed_only():
+    batch = seeded_noise([7, 8, 9], (1, 4, 4))
+    assert np.array_equal(batch[1], seeded_noise([8], (1, 4, 4))[0])
+    assert np.array_equal(batch[2], seeded_noise([1, 2, 9], (1, 4, 4))[2])
+    assert not np.array_equal(batch[0], batch[1])
+    with pytest.raises(ValueError, match=r"seeds\[1\] = -1"):
+        seeded_noise([0, -1], (1, 4, 4))
+
+
+def test_batch_gate_admits_one_batch_while_idle_and_frees_cancelled_places():
+    async def scenario() -> list[str]:
+        gate, log = BatchGate(capacity=4), []
+
+        async def request(name: str, images: int) -> Job:
+            await gate.enter(images)
+            log.append(name)
+            return Job(class_label=0, seed=0, steps=1, guidance=1.0, num_images=images)
+
+        first = [await request("a", 3), await request("b", 1)]  # idle: a full batch is admitted at once
+        waiting = asyncio.create_task(request("c", 2))
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b"]  # c waits: the batch is full
+        gate.started(first)
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b"]  # c waits: a batch runs
+        gate.finished()
+        c = await asyncio.wait_for(waiting, 1)
+        d = await asyncio.wait_for(request("d", 2), 1)
+        late = asyncio.create_task(request("e", 1))
+        await asyncio.sleep(0.01)
+        assert log == ["a", "b", "c", "d"]  # e waits: c and d fill the batch
+        gate.withdraw(c)  # c's request was cancelled before its batch started
+        await asyncio.wait_for(late, 1)
+        gate.started([d])
+        gate.withdraw(d)  # d reached its batch: withdrawing frees nothing
+        assert gate._admitted == 1 and gate._busy
+        return log
+
+    assert asyncio.run(scenario()) == ["a", "b", "c", "d", "e"]
+
+
+def test_smaller_traced_batch_sizes_run_small_groups_without_padding_them_to_max_batch():
+    threads = torch.get_num_threads()
+    sampler = TorchSampler(ServeConfig(max_batch=2, batch_sizes=(1,), threads=1))
+    torch.set_num_threads(threads)
+
+    def job(seed: int) -> Job:
+        return Job(class_label=3, seed=seed, steps=STEPS, guidance=4.0, num_images=1)
+
+    [alone] = run_batch(sampler, [job(11)])
+    first, second = run_batch(sampler, [job(11), job(20)]), run_batch(sampler, [job(21), job(11)])
+    assert alone.batch == {"requests": 1, "images": 1, "padding": 0}  # not padded to 2
+    assert second[1].batch == {"requests": 2, "images": 2, "padding": 0}
+    assert np.array_equal(first[0].samples, second[1].samples)  # the same size: bit-identical
+    assert np.abs(alone.samples - first[0].samples).max() <= 1e-3  # another size: float rounding
+
+
+def test_image_is_the_same_alone_batched_and_generated_directly(service, direct):
+    alone = _post(service, {"class_label": 3, "seed": 11, "steps": STEPS}).json()
+    assert alone["batch"] == {"requests": 1, "images": 1, "padding": BATCH - 1}
+
+    bodies = [{"class_label": c, "seed": s, "steps": STEPS} for c, s in ((5, 20), (3, 11), (7, 21), (1, 22))]
+    batched = _together(service, bodies)
+    assert max(answer["batch"]["requests"] for answer in batched) > 1, "concurrent requests were never batched"
+    assert batched[1]["images"] == alone["images"]  # the same PNG bytes
+
+    two = _post(service, {"class_label": 3, "seed": 10, "num_images": 2, "steps": STEPS}).json()
+    assert two["seeds"] == [10, 11] and two["images"][1] == alone["images"][0]
+
+    expected = direct([11, 20], [3, 5])
+    assert np.array_equal(_pixels(alone["images"][0]), expected[0])
+    assert np.array_equal(_pixels(batched[0]["images"][0]), expected[1])
+    assert not np.array_equal(expected[0], expected[1])
+
+
+def test_requests_with_other_steps_or_guidance_are_not_mixed_into_a_batch(service, direct):
+    bodies = [
+        {"class_label": 3, "seed": 11, "steps": STEPS},
+        {"class_label": 3, "seed": 11, "steps": STEPS, "guidance": 1.0},
+        {"class_label": 3, "seed": 11, "steps": STEPS + 2},
+        {"class_label": 3, "seed": 11, "steps": STEPS},
+    ]
+    same, unguided, more_steps, again = _together(service, bodies)
+    assert same["images"] == again["images"]
+    assert np.array_equal(_pixels(same["images"][0]), direct([11], [3])[0])
+    assert np.array_equal(_pixels(unguided["images"][0]), direct([11], [3], guidance=1.0)[0])
+    assert np.array_equal(_pixels(more_steps["images"][0]), direct([11], [3], steps=STEPS + 2)[0])
+    for answer in (unguided, more_steps):
+        assert answer["batch"]["images"] == 1  # its own model batch, padded
+
+
+BAD_REQUESTS = [
+    ({"class_label": 10}, 422, "class_label"),  # the digits model has classes 0..9
+    ({"class_label": -1}, 422, "class_label"),
+    ({"class_label": 1, "steps": 0}, 422, "steps"),
+    ({"class_label": 1, "steps": 51}, 422, "steps"),  # above the server's max_steps
+    ({"class_label": 1, "num_images": 5}, 422, "num_images"),  # above the batch of 4
+    ({"class_label": 1, "num_images": 10**6}, 422, "num_images"),
+    ({"class_label": 1, "guidance": 0.5}, 422, "guidance"),
+    ({"class_label": 1, "seed": -3}, 422, "seed"),
+    ({"class_label": "seven"}, 422, "class_label"),
+    ({"seed": 1}, 422, "class_label"),  # missing
+    ({"class_label": 1, "prompt": "a seven"}, 422, "prompt"),  # class-conditional model: no prompts
+    ('{"class_label": 1, "steps": ', 400, "body"),  # malformed JSON
+    ("[1, 2]", 422, "body"),
+]
+
+
+def test_bad_requests_get_a_4xx_naming_the_field_and_do_not_disturb_others(service, direct):
+    good: dict = {}
+    body = {"class_label": 4, "seed": 3, "steps": 2 * STEPS}
+    worker = threading.Thread(target=lambda: good.update(_post(service, body).json()))
+    worker.start()
+    for body, status, field in BAD_REQUESTS:
+        for path in ("/generate", "/generate/json"):
+            answer = _post(service, body, path)
+            assert answer.status_code == status, (body, answer.text)
+            assert field in answer.json()["fields"] and field in answer.json()["error"], (body, answer.text)
+    form = _post(service, {"class_label": 1}, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    worker.join(TIMEOUT)
+    assert good["seeds"] == [3]
+    assert np.array_equal(_pixels(good["images"][0]), direct([3], [4], steps=2 * STEPS)[0])
+
+
+def test_png_endpoint_returns_the_image_of_the_json_one(service):
+    body = {"class_label": 2, "seed": 5, "steps": STEPS, "num_images": 2}
+    png = _post(service, body, "/generate")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    strip = np.asarray(Image.open(io.BytesIO(png.content)))
+    images = [_pixels(b) for b in _post(service, body).json()["images"]]
+    assert strip.shape == (32, 64) and np.array_equal(strip, np.concatenate(images, axis=1))
+
+
+def test_ort_runtime_serves_the_images_its_runtime_generates(service, tmp_path):
+    """The ONNX Runtime path on a tiny pixel-space DiT exported for 2 images (model batch 4)."""
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=1,
+        out_channels=1,
+        num_layers=2,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=32,
+    ).eval()
+    plan = tcpass.load_plan(reference("digits").default_plan)
+    example = {
+        "hidden_states": torch.zeros(4, 1, 16, 16),
+        "timestep": torch.zeros(4, dtype=torch.long),
+        "class_labels": torch.zeros(4, dtype=torch.long),
+    }
+    export_onnx(tcpass.transform(model, plan, example_inputs=example), tmp_path, example)
+    config = ServeConfig(model=str(tmp_path), runtime="ort", batch_wait_s=0.3, threads=1)
+    serve.run(build_app(config, replica_cpus=0.5), name="tcpass-ort", route_prefix="/ort")
+    url = service + "/ort"
+
+    health = requests.get(url + "/health", timeout=TIMEOUT).json()
+    assert health["runtime"] == "ort" and health["max_batch"] == 2 and health["image_shape"] == [1, 16, 16]
+    alone = _post(url, {"class_label": 6, "seed": 8, "steps": STEPS}).json()
+    pair = _together(
+        url, [{"class_label": 2, "seed": 1, "steps": STEPS}, {"class_label": 6, "seed": 8, "steps": STEPS}]
+    )
+    assert pair[1]["images"] == alone["images"]
+    runtime = OrtTokenCacheRuntime(tmp_path, threads=1)
+    samples = generate(runtime, seeded_noise([3, 8], (1, 16, 16)), np.array([0, 6]), num_steps=STEPS)
+    assert np.array_equal(_pixels(alone["images"][0]), np.rint((np.clip(samples[1, 0], -1, 1) + 1) * 127.5))
+    too_many = _post(url, {"class_label": 1, "num_images": 3})
+    assert too_many.status_code == 422 and too_many.json()["fields"] == ["num_images"]
+    serve.delete("tcpass-ort")
+
+
+def _replica_names() -> set[str]:
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#")}
+
+
+def _running_replicas() -> int:
+    deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def test_load_with_a_replica_killed_answers_every_request_once_and_recovers(service, direct):
+    clients, per_client = 6, 6
+    expected = {seed: direct([seed], [seed + 1])[0] for seed in range(4)}
+    outcomes: dict[str, list] = {}
+    lock = threading.Lock()
+    answered = threading.Semaphore(0)
+
+    def client(c: int) -> None:
+        for r in range(per_client):
+            request_id, seed = f"c{c}r{r}", (c + r) % 4
+            try:
+                answer = _post(
+                    service, {"class_label": seed + 1, "seed": seed, "steps": STEPS, "request_id": request_id}
+                )
+                outcome = (answer.status_code, answer.json() if answer.status_code == 200 else answer.text, seed)
+            except requests.Timeout:
+                outcome = ("timeout", None, seed)
+            except requests.RequestException as e:
+                outcome = ("connection", repr(e), seed)
+            with lock:
+                outcomes.setdefault(request_id, []).append(outcome)
+            answered.release()
+
+    before = _replica_names()
+    assert len(before) == 2
+    start_time = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, c) for c in range(clients)]
+        for _ in range(8):  # mid-load: after 8 answers, while the others are queued or running
+            assert answered.acquire(timeout=TIMEOUT)
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        for future in futures:
+            future.result(timeout=clients * per_client * TIMEOUT)
+    seconds = time.perf_counter() - start_time
+
+    assert sorted(outcomes) == sorted(f"c{c}r{r}" for c in range(clients) for r in range(per_client))
+    assert all(len(o) == 1 for o in outcomes.values()), "a request was answered twice"
+    failed = {rid: o[0] for rid, o in outcomes.items() if o[0][0] != 200}
+    for request_id, (status, body, _) in failed.items():
+        assert isinstance(status, int) and status >= 500 and body, f"{request_id}: {status} {body}"  # an error, no hang
+    for request_id, [(status, body, seed)] in outcomes.items():
+        if status == 200:
+            assert body["request_id"] == request_id and body["seeds"] == [seed]
+            assert np.array_equal(_pixels(body["images"][0]), expected[seed]), f"{request_id}: another image"
+    total = clients * per_client
+    print(f"\n{total} requests from {clients} clients in {seconds:.1f} s, replica {victim} killed after 8 answers: ")
+    errors = sorted({f"{status}: {str(body)[:160]}" for status, body, _ in failed.values()})
+    print(f"{total - len(failed)} answered 200, {len(failed)} failed with {errors}")
+    assert len(failed) < total
+
+    deadline = time.monotonic() + 120  # Ray Serve replaces the dead replica
+    while not (_running_replicas() == 2 and len(_replica_names() - before) == 1):
+        assert time.monotonic() < deadline, f"no replacement replica: {serve.status()}"
+        time.sleep(1)
+    recovered = _together(service, [{"class_label": s + 1, "seed": s, "steps": STEPS} for s in range(4)])
+    for seed, answer in enumerate(recovered):
+        assert np.array_equal(_pixels(answer["images"][0]), expected[seed])
