@@ -1,8 +1,12 @@
+import os
+
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-torch.set_num_threads(2)
+# CI runs the suite on 2 cores as 2 pytest-xdist workers: one torch thread each (more would oversubscribe
+# the cores, which slows torch far more than it gains); a plain `pytest` run uses both cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def make_dit(num_layers: int = 3, sample_size: int = 16, seed: int = 0) -> DiTTransformer2DModel:

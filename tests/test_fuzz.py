@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of plans: random valid plans run and leave the model untouched;
 random edits of a plan's JSON either load (and then run) or raise the documented ``ValueError``.
 
-CI runs 30 valid plans and 60 edits; ``TCPASS_FUZZ=thorough`` runs 500 and 1,500:
+CI runs 15 valid plans and 30 edits; ``TCPASS_FUZZ=thorough`` runs 500 and 1,500:
 
     TCPASS_FUZZ=thorough python -m pytest -q tests/test_fuzz.py
 """
@@ -19,7 +19,7 @@ from tcpass import CachePlan, SelectorSpec, StepSkip, TPRRSchedule
 from tcpass.plan import ATTENTION_MODES, SKIP_LEVELS
 from tests.conftest import dit_inputs, make_dit
 
-VALID_EXAMPLES = {"thorough": 500}.get(os.environ.get("TCPASS_FUZZ", ""), 30)
+VALID_EXAMPLES = {"thorough": 500}.get(os.environ.get("TCPASS_FUZZ", ""), 15)
 
 NUM_BLOCKS = 2
 MODEL = make_dit(num_layers=NUM_BLOCKS, sample_size=8)  # 16 tokens: cheap to trace many times
