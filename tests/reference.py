@@ -199,3 +199,37 @@ class StreamReference:
 
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def dynamic_predictor_reference(model, predictor, blocks, attention, k):
+    """The dynamic Cache Predictor's semantics on an eager model, for ``run(step_inputs, full)`` per step.
+
+    The predictor is applied eagerly to block 0's input (captured by a hook) once per step, before any
+    block; block ``b`` keeps the top-``k`` of ``scores[..., b]``; the first cached block's kept tokens
+    refresh the reference input ``x0_ref``, which the FULL step sets to block 0's input.
+    """
+    seen = {}
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(x0=args[0] if args else kwargs["hidden_states"], t=kwargs["timestep"]),
+        with_kwargs=True,
+    )
+
+    def select(b, x, _state):
+        with torch.no_grad():
+            if b == blocks[0]:  # one predictor call per step, before any block refreshes x0_ref
+                seen["scores"] = predictor(seen["x0"], seen["t"], seen["x0_ref"])
+            idx = seen["scores"][..., b].topk(k, dim=1).indices
+            if b == blocks[0]:  # the first cached block's kept tokens refresh the reference
+                for row in range(idx.shape[0]):
+                    seen["x0_ref"][row, idx[row]] = seen["x0"][row, idx[row]]
+            return idx
+
+    ref = ReferenceTokenCache(model, blocks, attention, select)
+
+    def run(step_inputs: dict, full: bool) -> torch.Tensor:
+        out = ref(step_inputs, full=full)
+        if full:
+            seen["x0_ref"] = seen["x0"].clone()  # block 0's input at the FULL step
+        return out
+
+    return run

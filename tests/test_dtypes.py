@@ -19,7 +19,7 @@ import tcpass
 from tcpass import CachePlan, SelectorSpec, StepKind, StepSkip, TPRRSchedule
 from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import dit_inputs, make_dit
-from tests.reference import ReferenceTokenCache, topk_input_change
+from tests.reference import ReferenceTokenCache, dynamic_predictor_reference, topk_input_change
 
 HALF = [torch.bfloat16, torch.float16]
 TIMESTEPS = (900, 800, 700)
@@ -126,28 +126,10 @@ def test_dynamic_predictor_runs_in_the_model_dtype_and_matches_reference(dtype, 
         got = [tm(**step).sample for step in steps]
 
     # Independent: the float32 predictor cast to the model's dtype, applied eagerly to block 0's input.
-    reference_model, half_predictor = copy.deepcopy(model), copy.deepcopy(predictor).to(dtype)
-    seen = {}
-    reference_model.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(x0=args[0] if args else kwargs["hidden_states"], t=kwargs["timestep"]),
-        with_kwargs=True,
-    )
-
-    def select(b, x, _state):
-        with torch.no_grad():
-            if b == blocks[0]:
-                seen["scores"] = half_predictor(seen["x0"], seen["t"], seen["x0_ref"])
-            idx = seen["scores"][..., b].topk(16, dim=1).indices
-            if b == blocks[0]:
-                for row in range(idx.shape[0]):
-                    seen["x0_ref"][row, idx[row]] = seen["x0"][row, idx[row]]
-            return idx
-
-    ref = ReferenceTokenCache(reference_model, blocks, "cached_kv", select)
+    half = copy.deepcopy(predictor).to(dtype)
+    reference = dynamic_predictor_reference(copy.deepcopy(model), half, blocks, "cached_kv", 16)
     for i, step in enumerate(steps):
-        want = ref(step, full=(i == 0))
-        if i == 0:
-            seen["x0_ref"] = seen["x0"].clone()
+        want = reference(step, full=(i == 0))
         assert_within_eps(got[i], want, dtype, what=f"step {i}")
 
 

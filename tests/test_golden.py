@@ -10,7 +10,7 @@ import tcpass
 from tcpass import CachePlan, SelectorSpec, StepKind, TPRRSchedule
 from tcpass.policies import StaticScoreSelector
 from tests.conftest import dit_inputs, make_dit
-from tests.reference import ReferenceTokenCache, topk_input_change
+from tests.reference import ReferenceTokenCache, dynamic_predictor_reference, topk_input_change
 
 MODES = ("full_kv", "cached_kv", "kept_only")
 TIMESTEPS = (900, 800, 700)  # one generation: FULL, CACHED, CACHED under ALL_PHASE0
@@ -145,29 +145,8 @@ def test_cached_steps_match_reference_dynamic_predictor(dit, attention, tmp_path
         got = [tm(**step).sample for step in steps]
 
     # Independent: the predictor applied eagerly to block 0's input, captured by a hook.
-    model = copy.deepcopy(dit)
-    seen = {}
-    model.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(x0=args[0] if args else kwargs["hidden_states"], t=kwargs["timestep"]),
-        with_kwargs=True,
-    )
-
-    def select(b, x, _state):
-        with torch.no_grad():
-            if b == blocks[0]:  # one predictor call per step, before any block refreshes x0_ref
-                seen["scores"] = predictor(seen["x0"], seen["t"], seen["x0_ref"])
-            idx = seen["scores"][..., b].topk(16, dim=1).indices
-            if b == blocks[0]:  # the first cached block's kept tokens refresh the reference
-                for row in range(idx.shape[0]):
-                    seen["x0_ref"][row, idx[row]] = seen["x0"][row, idx[row]]
-            return idx
-
-    ref = ReferenceTokenCache(model, blocks, attention, select)
-    want = []
-    for i, step in enumerate(steps):
-        want.append(ref(step, full=(i == 0)))
-        if i == 0:
-            seen["x0_ref"] = seen["x0"].clone()  # block 0's input at the FULL step
+    reference = dynamic_predictor_reference(copy.deepcopy(dit), predictor, blocks, attention, 16)
+    want = [reference(step, full=(i == 0)) for i, step in enumerate(steps)]
     for i in range(3):
         assert (got[i] - want[i]).abs().max() <= 1e-5, f"step {i}"
     with torch.no_grad():
