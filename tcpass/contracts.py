@@ -6,9 +6,11 @@
 - `MANIFEST_VERSION`: the format of what `tcpass export` writes and `tcpass.export.runtime` reads.
 
 The cache layout (the order of the caches, `tcpass.passes.layout`): first ``stack.residual`` when the
-plan skips steps, then per cached block ``block{b}.delta`` and, with ``attention="cached_kv"``,
-``block{b}.attn{j}.key``/``.value``, then the caches the token policy adds per block (its
-``block_caches``), then the policy's graph-wide caches (its ``graph_caches``).
+plan skips steps (a forecasting SKIP graph also reads ``stack.residual.1``.., the residuals of
+earlier computed steps, which executors keep by `history_moves`), then per cached block
+``block{b}.delta`` and, with ``attention="cached_kv"``, ``block{b}.attn{j}.key``/``.value``, then
+the caches the token policy adds per block (its ``block_caches``), then the policy's graph-wide
+caches (its ``graph_caches``).
 """
 
 from __future__ import annotations
@@ -56,3 +58,19 @@ class TensorSpec:
 def block_cache(block: int, kind: str) -> str:
     """The name of block ``block``'s cache of ``kind`` (``block_cache(3, "input") == "block3.input"``)."""
     return f"block{block}.{kind}"
+
+
+STACK_RESIDUAL = "stack.residual"
+
+
+def residual_history(depth: int) -> list[str]:
+    """Names of the stack residuals a SKIP graph reads, newest first: ``stack.residual`` (written by
+    every FULL and CACHED graph), then ``stack.residual.1`` .. ``stack.residual.{depth - 1}``, the
+    residuals of the computed steps before it."""
+    return [STACK_RESIDUAL] + [f"{STACK_RESIDUAL}.{k}" for k in range(1, depth)]
+
+
+def history_moves(names: list[str]) -> list[tuple[str, str]]:
+    """``(destination, source)`` assignments every executor applies, in order, *before* a FULL or
+    CACHED graph writes a new ``names[0]``: each remembered residual moves one place older."""
+    return [(names[k], names[k - 1]) for k in range(len(names) - 1, 0, -1)]

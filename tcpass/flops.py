@@ -67,8 +67,8 @@ def generation_flops(
         cached[phase] = count_flops(g.gm, *values, *caches, *indices)
     skip = 0
     if graphs.skip is not None:
-        scale = [s.example(device) for s in graphs.skip.index_specs]
-        skip = count_flops(graphs.skip.gm, *values, caches[0], *scale)
+        skip_inputs = [s.example(device) for s in graphs.skip.cache_specs + graphs.skip.index_specs]
+        skip = count_flops(graphs.skip.gm, *values, *skip_inputs)
     kinds = []
     for step in simulate(model.plan.schedule, timesteps, model.plan.skip):
         if step.kind is StepKind.CACHED and not graphs.blocks:  # no cached blocks: computed calls are FULL

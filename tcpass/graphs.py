@@ -15,6 +15,7 @@ from functools import cached_property
 import torch
 
 from tcpass.adapters import ModelAdapter
+from tcpass.contracts import TensorSpec, history_moves
 from tcpass.passes import pipeline
 from tcpass.passes.pipeline import StepGraph
 from tcpass.plan import CachePlan
@@ -53,12 +54,37 @@ class StepGraphs:
     device: torch.device
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
-    skip: StepGraph | None = None  # (*model_inputs, stack.residual, scale) -> sample; no cache written
+    skip: StepGraph | None = None  # (*model_inputs, *stack residuals, weights) -> sample; no cache written
+
+    @property
+    def cache_specs(self) -> list[TensorSpec]:
+        """Every buffer kept between steps: the FULL graph's caches, then the older stack residuals a
+        forecasting SKIP graph reads (``stack.residual.1``..)."""
+        history = self.skip.cache_specs[1:] if self.skip is not None else []
+        return [*self.full.cache_specs, *history]
 
     @property
     def cache_bytes(self) -> int:
         """Bytes held by the caches between steps."""
-        return sum(s.nbytes for s in self.full.cache_specs)
+        return sum(s.nbytes for s in self.cache_specs)
+
+    def step_caches(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The buffers a FULL or CACHED graph takes (of ``buffers``, laid out as `cache_specs`)."""
+        return buffers[: len(self.full.cache_specs)]
+
+    def skip_caches(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The stack residuals the SKIP graph takes, newest first."""
+        return [buffers[0], *buffers[len(self.full.cache_specs) :]]
+
+    def remember_residual(self, buffers: list[torch.Tensor]) -> None:
+        """Before a FULL or CACHED call: move each remembered stack residual one place older
+        (`tcpass.contracts.history_moves`); the call then writes the newest."""
+        if self.skip is None or len(self.skip.cache_specs) == 1:
+            return
+        names = [s.name for s in self.skip.cache_specs]
+        where = {s.name: i for i, s in enumerate(self.cache_specs)}
+        for dst, src in history_moves(names):
+            buffers[where[dst]].copy_(buffers[where[src]])
 
     @cached_property
     def caches(self) -> list[torch.Tensor]:
@@ -71,7 +97,7 @@ class StepGraphs:
 
     def allocate_caches(self) -> list[torch.Tensor]:
         """A new set of cache buffers (zeros), marked as static inputs for torch.compile."""
-        buffers = [s.example(self.device) for s in self.full.cache_specs]
+        buffers = [s.example(self.device) for s in self.cache_specs]
         for buffer in buffers:
             torch._dynamo.mark_static_address(buffer)
         return buffers

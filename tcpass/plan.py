@@ -21,7 +21,8 @@ from tcpass.files import check_sha256, resolve_path, write_atomic
 from tcpass.policies import POLICIES, policy_class
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
-SKIP_LEVELS = ("stack", "output")  # selectors that read trained weights from selector.path
+SKIP_LEVELS = ("stack", "output")
+MAX_SKIP_HISTORY = 4  # a SKIP step forecasts from at most this many computed steps' residuals
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PLAN_FORMAT_VERSION = 1
@@ -167,11 +168,13 @@ class StepSkip:
     """Whole steps whose block stack is not run: a calibrated, irregular table keyed by timestep.
 
     A call whose timestep is within ``tolerance`` of ``timesteps[i]`` is a SKIP step (unless it starts
-    a generation): no transformer block runs, and the block stack's residual is reused from the last
-    step that computed it, scaled by ``scales[i]``. Every other call runs as the TPRR schedule says
-    (FULL or CACHED); SKIP calls do not advance its cycle. The table is keyed by timestep value, so
-    it fits the sampler grid it was calibrated on (`tcpass calibrate` writes it); calls at other
-    timesteps are simply computed.
+    a generation, or fewer calls than ``history`` have been computed in it): no transformer block
+    runs, and the block stack's residual is predicted from the residuals of the last computed steps:
+    reused (scaled by ``scales[i]``), or forecast as ``sum_k weights[i][k] * residual_k`` over the last
+    ``history`` computed steps, newest first. Every other call runs as the TPRR schedule says (FULL
+    or CACHED); SKIP calls do not advance its cycle. The table is keyed by timestep value, so it fits
+    the sampler grid it was calibrated on (`tcpass calibrate` writes it); calls at other timesteps
+    are simply computed.
 
     Attributes:
         timesteps: model-scale timesteps (0..1000, the value the model receives) of the skipped calls.
@@ -179,15 +182,21 @@ class StepSkip:
             nothing), further from full compute.
         scales: per entry, the factor applied to the reused residual (MagCache's product of
             calibrated magnitude ratios since the last computed step); ``None``: all 1 (plain reuse).
+        weights: per entry, the forecast's weights on the residuals of the last ``len(weights[i])``
+            computed steps, newest first (all entries the same length, 1..4; ``None``: no forecast).
+            ``[1]`` is plain reuse, ``[s]`` a scaled reuse, ``[1 + c, -c]`` a first-order
+            extrapolation; `tcpass calibrate` fits them by least squares on the model's own
+            generations. Exclusive with ``scales``.
         level: ``"stack"``: the current input is embedded and the output layers run on
-            ``embedded + scale * cached stack residual`` (``last block out - first block in``), as
-            MagCache does; ``"output"``: the model output itself is ``scale *`` the last computed
-            output (nothing runs; with DDIM and scale 1 this equals a coarser DDIM step).
+            ``embedded + predicted stack residual`` (``last block out - first block in``), as
+            MagCache does; ``"output"``: the model output itself is predicted from the last computed
+            outputs (nothing runs; with DDIM and scale 1 this equals a coarser DDIM step).
         tolerance: how far (timestep units) a call's timestep may be from a table entry.
     """
 
     timesteps: tuple[float, ...] = ()
     scales: tuple[float, ...] | None = None
+    weights: tuple[tuple[float, ...], ...] | None = None
     level: str = "stack"
     tolerance: float = 0.5
 
@@ -216,6 +225,8 @@ class StepSkip:
                 if not math.isfinite(f) or not 0 < f <= 10:
                     raise ValueError(f"skip.scales[{i}] = {f!r}: expected a finite factor in (0, 10].")
             object.__setattr__(self, "scales", tuple(float(f) for f in scales))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", self._checked_weights(len(timesteps)))
         if not isinstance(self.level, str):
             raise _type_error("skip.level", self.level, f"one of {SKIP_LEVELS}")
         if self.level not in SKIP_LEVELS:
@@ -226,12 +237,51 @@ class StepSkip:
         if not math.isfinite(tol) or tol < 0:
             raise ValueError(f"skip.tolerance = {tol!r}: expected a finite number >= 0 (timestep units).")
 
-    def scale_at(self, timestep: float) -> float | None:
-        """The residual factor if a call at ``timestep`` is skipped, else ``None``."""
+    def _checked_weights(self, n: int) -> tuple[tuple[float, ...], ...]:
+        if self.scales is not None:
+            raise ValueError("skip.scales and skip.weights are both set: give one (scales = weights [s]).")
+        if not _is_list(self.weights):
+            raise _type_error("skip.weights", self.weights, "a list of weight lists or null")
+        rows = tuple(self.weights)
+        if len(rows) != n:
+            raise ValueError(
+                f"skip.weights has {len(rows)} entries: expected one weight list per skip.timesteps entry ({n})."
+            )
+        out = []
+        for i, row in enumerate(rows):
+            if not _is_list(row):
+                raise _type_error(f"skip.weights[{i}]", row, f"a list of 1..{MAX_SKIP_HISTORY} weights")
+            if not 1 <= len(row) <= MAX_SKIP_HISTORY or len(row) != len(rows[0]):
+                raise ValueError(
+                    f"skip.weights[{i}] has {len(row)} weights: every entry needs the same number, "
+                    f"1..{MAX_SKIP_HISTORY} (one per remembered computed step)."
+                )
+            for k, w in enumerate(row):
+                if not _is_number(w):
+                    raise _type_error(f"skip.weights[{i}][{k}]", w, "a number in [-10, 10]")
+                if not math.isfinite(w) or abs(w) > 10:
+                    raise ValueError(f"skip.weights[{i}][{k}] = {w!r}: expected a finite weight in [-10, 10].")
+            out.append(tuple(float(w) for w in row))
+        return tuple(out)
+
+    @property
+    def history(self) -> int:
+        """How many computed steps' residuals a SKIP step reads (1: the last one)."""
+        return 1 if not self.weights else len(self.weights[0])
+
+    def weights_at(self, timestep: float) -> tuple[float, ...] | None:
+        """The residual weights (newest first) if a call at ``timestep`` is skipped, else ``None``."""
         for i, t in enumerate(self.timesteps):
             if abs(timestep - t) <= self.tolerance:
-                return 1.0 if self.scales is None else self.scales[i]
+                if self.weights is not None:
+                    return self.weights[i]
+                return (1.0 if self.scales is None else self.scales[i],)
         return None
+
+    def scale_at(self, timestep: float) -> float | None:
+        """The residual factor if a call at ``timestep`` is skipped (forecasts: the newest residual's weight)."""
+        w = self.weights_at(timestep)
+        return None if w is None else w[0]
 
 
 @dataclass(frozen=True)
@@ -372,6 +422,7 @@ class CachePlan:
         if self.skip is not None:
             d["skip"]["timesteps"] = list(self.skip.timesteps)
             d["skip"]["scales"] = None if self.skip.scales is None else list(self.skip.scales)
+            d["skip"]["weights"] = None if self.skip.weights is None else [list(w) for w in self.skip.weights]
         return {"format_version": PLAN_FORMAT_VERSION, **d}
 
     def to_json(self) -> str:

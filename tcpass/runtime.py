@@ -404,13 +404,15 @@ class TokenCacheTransformer(ModelMixin):
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad(), _TRACE_LOCK.running():
+            buffers = self._cache_buffers(key, graphs)
             if step.kind is StepKind.SKIP and self._caches_valid:
-                residual = self._cache_buffers(key, graphs)[0]  # stack.residual leads the layout
-                scale = torch.full((1,), step.scale, dtype=residual.dtype, device=residual.device)
-                sample = graphs.skip(*values, residual, scale)
+                residuals = graphs.skip_caches(buffers)
+                weights = torch.tensor(step.weights, dtype=residuals[0].dtype, device=residuals[0].device)
+                sample = graphs.skip(*values, *residuals, weights)
             elif step.kind is not StepKind.CACHED or not self._caches_valid or not graphs.blocks:
                 step = Step(StepKind.FULL, step.phase, step.new_generation)
-                sample = graphs.full(*values, *self._cache_buffers(key, graphs))
+                graphs.remember_residual(buffers)
+                sample = graphs.full(*values, *graphs.step_caches(buffers))
             else:
                 graph = graphs.cached[step.phase]
                 device = values[0].device
@@ -418,7 +420,8 @@ class TokenCacheTransformer(ModelMixin):
                     torch.from_numpy(self.policy.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(device)
                     for s in graph.index_specs
                 ]
-                sample = graph(*values, *self._cache_buffers(key, graphs), *indices)
+                graphs.remember_residual(buffers)
+                sample = graph(*values, *graphs.step_caches(buffers), *indices)
         self._caches_valid = True
         self.step_counts[step.kind] += 1
         self.last_step = step

@@ -1,10 +1,11 @@
 """Step scheduling: timestep -> which step-specialized graph runs (SKIP, FULL or CACHED[phase]).
 
 The calibrated skip table (`StepSkip`) is consulted first: a call at a listed timestep skips the
-block stack. Every other call follows the two-phase round-robin (TPRR). The state lives in the
-runtime, one per transformed model and cache context. It needs no step count: a generation starts
-at the first call, and a call whose timestep is not below the previous one starts a new one
-(a stray warm-up call at the first timestep, or a sampler restarting). Timesteps are on the
+block stack (once the generation has computed as many calls as the table's forecast reads). Every
+other call follows the two-phase round-robin (TPRR). The state lives in the runtime, one per
+transformed model and cache context. It needs no step count: a generation starts at the first
+call, and a call whose timestep is not below the previous one starts a new one (a stray warm-up
+call at the first timestep, or a sampler restarting). Timesteps are on the
 0..1000 scale; a non-finite or out-of-range timestep is refused before any state changes.
 """
 
@@ -47,7 +48,7 @@ class Step:
     kind: StepKind
     phase: int  # 0: timestep >= boundary (early, noisy), 1: after the boundary
     new_generation: bool  # this call started a generation: caches must be refilled
-    scale: float = 1.0  # SKIP: factor on the reused residual
+    weights: tuple[float, ...] = (1.0,)  # SKIP: weights on the last computed steps' residuals, newest first
 
 
 class TPRRState:
@@ -65,6 +66,7 @@ class TPRRState:
         self._prev_timestep: float | None = None
         self._phase: int | None = None
         self._calls = 0
+        self._computed = 0  # FULL and CACHED calls in this generation (a SKIP step needs skip.history of them)
         self._cached_since_full = 0
 
     def phase_of(self, timestep: float) -> int:
@@ -87,11 +89,13 @@ class TPRRState:
             self._note_generation_length()
             self.reset()
         phase = self.phase_of(timestep)
-        scale = None if self.skip is None or new_generation else self.skip.scale_at(timestep)
-        if scale is not None:  # invisible to the TPRR cycle: the next computed call continues it
+        weights = None
+        if self.skip is not None and not new_generation and self._computed >= self.skip.history:
+            weights = self.skip.weights_at(timestep)
+        if weights is not None:  # invisible to the TPRR cycle: the next computed call continues it
             self._prev_timestep = timestep
             self._calls += 1
-            return Step(StepKind.SKIP, phase, False, scale)
+            return Step(StepKind.SKIP, phase, False, weights)
         forced_full = (
             new_generation
             or self._calls < s.warmup_full_steps
@@ -107,6 +111,7 @@ class TPRRState:
         self._prev_timestep = timestep
         self._phase = phase
         self._calls += 1
+        self._computed += 1
         return Step(kind, phase, new_generation)
 
     def _note_generation_length(self) -> None:

@@ -180,3 +180,168 @@ def test_exported_skip_plan_matches_eager_every_step(tmp_path, level):
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
     assert {k: runtime.step_counts[k] for k in StepKind} == {k: eager.step_counts[k] for k in StepKind}
     assert runtime.step_counts[StepKind.SKIP] == len(ts[2::3])
+
+
+# Forecasting SKIP steps: the residual is sum_k w[k] * (residual of the k-th last computed call) --------
+class ForecastReference(torch.nn.Module):
+    """Forecasting skips on the eager diffusers model (hooks, no passes): remembers every computed
+    call's stack residual (or output) and predicts a skipped one as ``sum_k w[k] * history[-1 - k]``,
+    skipping only once the generation has computed ``len(w)`` calls."""
+
+    def __init__(self, model, skip: StepSkip):
+        super().__init__()
+        self.model, self.skip, self.config = model, skip, model.config
+        self.history, self.outputs, self.weights = [], [], None
+        self.computed, self.prev_t = 0, None
+        blocks = model.transformer_blocks
+        blocks[0].register_forward_pre_hook(self._pre, with_kwargs=True)
+        blocks[-1].register_forward_hook(self._post, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self.stack_in = args[0] if args else kwargs["hidden_states"]
+
+    def _predict(self, values):
+        return sum(w * values[-1 - k] for k, w in enumerate(self.weights))
+
+    def _post(self, module, args, kwargs, output):
+        if self.weights is None:
+            self.history.append(output - self.stack_in)
+            return output
+        return self.stack_in + self._predict(self.history)
+
+    def forward(self, hidden_states, timestep, class_labels):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        t = float(timestep[0])
+        if self.prev_t is None or t >= self.prev_t:  # a new generation
+            self.history, self.outputs, self.computed = [], [], 0
+        self.prev_t = t
+        w = self.skip.weights_at(t)
+        self.weights = w if w is not None and self.computed >= len(w) else None
+        if self.weights is not None and self.skip.level == "output":
+            return Transformer2DModelOutput(sample=self._predict(self.outputs))
+        out = self.model(hidden_states, timestep=timestep, class_labels=class_labels)
+        if self.weights is None:
+            self.outputs.append(out.sample)
+            self.computed += 1
+        return out
+
+
+def forecast_table(level="stack", history=2):
+    ts = timesteps()
+    # ts[1] comes after a single computed call: with history 2 it must be computed, not skipped
+    skipped = [ts[1], ts[3], ts[5], ts[6], ts[9]]
+    rows = [[1.4, -0.4], [1.5, -0.5], [0.9, 0.2], [1.8, -0.7], [1.2, -0.25]]
+    if history == 3:
+        rows = [[*r, 0.05 * (i - 2)] for i, r in enumerate(rows)]
+    return StepSkip(timesteps=skipped, weights=rows, level=level)
+
+
+@pytest.mark.parametrize("level,history", [("stack", 2), ("stack", 3), ("output", 2)])
+def test_forecast_generation_matches_reference(level, history):
+    skip = forecast_table(level, history)
+    tm = tcpass.transform(make_dit(), CachePlan(blocks=(), skip=skip))
+    out = generate(tm, seed=5)
+    expected = generate(ForecastReference(make_dit(), skip), seed=5)
+    # ts[1] follows one computed call, so it is computed; ts[3] follows three (ts[0..2])
+    assert tm.step_counts == {StepKind.FULL: STEPS - 4, StepKind.SKIP: 4}
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the forecast matters: the same table with plain reuse gives another result
+    reuse = tcpass.transform(make_dit(), CachePlan(blocks=(), skip=StepSkip(timesteps=skip.timesteps, level=level)))
+    assert (generate(reuse, seed=5) - out).abs().max() > 1e-3
+    # a new generation forgets the old residuals: same noise, bit-identical result
+    torch.testing.assert_close(generate(tm, seed=5), out, rtol=0, atol=0)
+
+
+def test_forecast_reads_residuals_written_by_cached_steps_and_rows_are_independent():
+    ts = timesteps()
+    skip = StepSkip(timesteps=[ts[3], ts[4], ts[8]], weights=[[1.5, -0.5], [2.0, -1.0], [0.7, 0.3]])
+    plan = CachePlan(keep_ratio=0.5, schedule=TPRRSchedule(intervals=(3, 3)), skip=skip)
+    tm = tcpass.transform(make_dit(), plan)
+    reference = ForecastReference(make_dit(), skip)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 1000])
+    history, kinds = [], []
+    for t in ts:
+        timestep = torch.full((2,), int(t))
+        out = tm(x, timestep=timestep, class_labels=labels).sample
+        kinds.append(tm.last_step.kind)
+        if tm.last_step.kind is StepKind.SKIP:
+            reference.history, reference.computed, reference.prev_t = list(history), len(history), float(t) + 1
+            expected = reference(x, timestep=timestep, class_labels=labels).sample
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        else:
+            history.append(tm.step_graphs().caches[0].clone())  # what this FULL or CACHED call wrote
+        x = x - 0.05 * out[:, :4]
+    assert kinds == [s.kind for s in simulate(plan.schedule, ts, skip)]
+    assert kinds[2] is StepKind.CACHED and kinds[3] is StepKind.SKIP and kinds[4] is StepKind.SKIP
+    # batch-row independence: rows 0-1 of a batch of 4 equal the same rows generated alone
+    noise = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(9))
+    both = ddim_sample(tcpass.transform(make_dit(), plan), noise, torch.arange(4), 1000, STEPS, 4.0)
+    alone = ddim_sample(tcpass.transform(make_dit(), plan), noise[:2], torch.arange(2), 1000, STEPS, 4.0)
+    torch.testing.assert_close(both[:2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_forecast_tables_are_checked_and_round_trip(tmp_path):
+    skip = forecast_table(history=3)
+    plan = CachePlan(skip=skip)
+    tcpass.save_plan(plan, tmp_path / "p.json")
+    assert tcpass.load_plan(tmp_path / "p.json") == plan and skip.history == 3
+    with pytest.raises(ValueError, match="scales and skip.weights are both set"):
+        StepSkip(timesteps=[10], scales=[1.0], weights=[[1.0]])
+    with pytest.raises(ValueError, match="one weight list per skip.timesteps entry"):
+        StepSkip(timesteps=[10, 20], weights=[[1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"skip.weights\[1\] has 1 weights"):
+        StepSkip(timesteps=[10, 20], weights=[[1.0, 0.0], [1.0]])
+    with pytest.raises(ValueError, match=r"skip.weights\[0\] has 5 weights"):
+        StepSkip(timesteps=[10], weights=[[1.0] * 5])
+    with pytest.raises(ValueError, match=r"skip.weights\[0\]\[1\] = nan"):
+        StepSkip(timesteps=[10], weights=[[1.0, float("nan")]])
+    with pytest.raises(ValueError, match=r"skip.weights\[0\]\[0\]"):
+        StepSkip(timesteps=[10], weights=[["1"]])
+
+
+def test_compiled_forecast_plan_has_no_graph_breaks_or_recompiles_and_matches_eager():
+    torch._dynamo.reset()
+    counters.clear()
+    plan = CachePlan(keep_ratio=0.5, skip=forecast_table(history=3))
+    model = make_dit()
+    compiled = tcpass.transform(model, plan, backend="inductor")
+    first = generate(compiled, seed=0)
+    unique = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = generate(compiled, seed=1)
+    assert dict(counters["graph_break"]) == {}
+    assert unique == 3 and counters["stats"]["unique_graphs"] == unique
+    assert compiled.step_counts[StepKind.SKIP] == 8  # 4 per generation
+    eager = tcpass.transform(model, plan)
+    for seed, got in enumerate((first, second)):
+        want = generate(eager, seed)
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert rel <= 1e-4, f"generation {seed}: max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("level", ["stack", "output"])
+def test_exported_forecast_plan_matches_eager_every_step(tmp_path, level):
+    import numpy as np
+
+    from tcpass.export.onnx_export import export_onnx
+    from tcpass.export.runtime import OrtTokenCacheRuntime
+
+    ts = timesteps()
+    plan = CachePlan(keep_ratio=0.5, skip=forecast_table(level, history=3))
+    model = make_dit()
+    export_onnx(tcpass.transform(model, plan), tmp_path, null_label=1000)
+    runtime = OrtTokenCacheRuntime(tmp_path)
+    eager = tcpass.transform(model, plan)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 1000])
+    for _ in range(2):  # two generations: the second must not read the first's residuals
+        for t in ts:
+            x = torch.randn(2, 4, 16, 16, generator=g)
+            inputs = {"hidden_states": x, "timestep": torch.full((2,), int(t)), "class_labels": labels}
+            want = eager(**inputs).sample.numpy()
+            got = runtime(**{k: v.numpy() for k, v in inputs.items()})
+            assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
+    assert {k: runtime.step_counts[k] for k in StepKind} == {k: eager.step_counts[k] for k in StepKind}
+    assert runtime.step_counts[StepKind.SKIP] == 8  # 4 per generation

@@ -174,7 +174,7 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
         scale = torch.ones(1, dtype=caches[0].dtype)
         out[f"skip_{level}"] = best_seconds(lambda g=graphs, c=caches, s=scale: g.skip(*values, c[0], s), reps)
         if level == "stack":
-            out["full"] = best_seconds(lambda g=graphs, c=caches: g.full(*values, *c), reps)
+            out["full"] = best_seconds(lambda g=graphs, c=caches: g.full(*values, *g.step_caches(c)), reps)
     return out
 
 

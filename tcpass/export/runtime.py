@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcpass.contracts import MANIFEST_VERSION
+from tcpass.contracts import MANIFEST_VERSION, history_moves
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
 from tcpass.plan import CachePlan, StepSkip, TPRRSchedule
@@ -109,6 +109,8 @@ class OrtTokenCacheRuntime:
         self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
         self._timestep_input = m["model"]["timestep_input"]
         self._caches: dict[str, ort.OrtValue] | None = None
+        skip_inputs = m["graphs"]["skip"]["inputs"] if "skip" in m["graphs"] else []
+        self._residual_history = [s["name"] for s in skip_inputs if s.get("kind") == "residual"]  # newest first
         spec = CachePlan.from_dict(m["plan"]).selector
         policy = policy_class(spec.kind)
         # out-of-graph policies choose kept tokens here, with the same numpy definition as the torch runtime
@@ -176,8 +178,9 @@ class OrtTokenCacheRuntime:
                 binding.bind_cpu_input(spec["name"], np.ascontiguousarray(inputs[spec["name"]]))
             elif spec["kind"] == "kept_indices":
                 binding.bind_cpu_input(spec["name"], self._kept_indices(spec, timestep))
-            elif spec["kind"] == "scale":  # SKIP: factor on the reused stack residual
-                binding.bind_cpu_input(spec["name"], np.full(spec["shape"], step.scale, _DTYPES[spec["dtype"]]))
+            elif spec["kind"] == "scale":  # SKIP: weights on the remembered stack residuals, newest first
+                weights = np.asarray(step.weights, _DTYPES[spec["dtype"]]).reshape(spec["shape"])
+                binding.bind_cpu_input(spec["name"], weights)
             else:
                 binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
         in_place = self._in_place_outputs(entry)
@@ -189,7 +192,11 @@ class OrtTokenCacheRuntime:
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         if kind is not StepKind.SKIP:
-            self._caches = {s["cache"]: value for s, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
+            caches = {s["cache"]: value for s, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
+            for dst, src in history_moves(self._residual_history):  # the residuals a forecast reads
+                if self._caches is not None and src in self._caches:
+                    caches[dst] = self._caches[src]
+            self._caches = caches
         self.step_counts[kind] += 1
         return outputs[0].numpy()
 

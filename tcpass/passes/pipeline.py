@@ -42,7 +42,7 @@ class StepGraph:
 
     ``gm`` is functional, what ONNX export and FLOP counting see: ``gm(*model_inputs, *caches,
     *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``;
-    a SKIP graph, ``gm(*model_inputs, stack_residual, scale)``, returns ``(sample,)``.
+    a SKIP graph, ``gm(*model_inputs, *stack_residuals, weights)``, returns ``(sample,)``.
     ``exec_gm`` is what eager and compiled execution run, the same computation writing the caches
     into static buffers: ``exec_gm(*model_inputs, *cache_buffers, *kept_indices)`` returns
     ``(sample,)``; CACHED updates are in place (`tcpass.passes.reinplace`), the rest copied in
@@ -107,13 +107,13 @@ def locate_blocks(build: Build) -> None:
 def skip_step(build: Build) -> None:
     if build.plan.skip is None:
         return
-    level = build.plan.skip.level
+    level, history = build.plan.skip.level, build.plan.skip.history
     with_residual, residual = add_stack_residual(build.traced, build.block_prefixes, level)
-    skip_gm, scale = emit_skip_step(build.traced, build.block_prefixes, level, residual)
-    skip_gm = finalize(skip_gm, build.example + [residual.example(build.device), scale.example(build.device)])
+    skip_gm, residuals, scale = emit_skip_step(build.traced, build.block_prefixes, level, residual, history)
+    skip_gm = finalize(skip_gm, build.example + [s.example(build.device) for s in [*residuals, scale]])
     build.traced = with_residual  # FULL and CACHED graphs also write the stack residual
     build.stack_specs = [residual]
-    build.skip = StepGraph(skip_gm, skip_gm, [residual], [scale], role="skip")
+    build.skip = StepGraph(skip_gm, skip_gm, residuals, [scale], role="skip")
 
 
 def full_step(build: Build) -> None:

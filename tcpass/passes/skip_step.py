@@ -18,29 +18,36 @@ After (``level="stack"``)::
 
 With ``level="output"`` the residual is the model output itself (``return (sample, sample)``).
 
-``emit_skip_step`` builds the SKIP graph from the same traced graph, with two inputs after the
-model inputs, the cached residual and a scale [1]::
+``emit_skip_step`` builds the SKIP graph from the same traced graph, with inputs after the model
+inputs: the cached residual and a scale [1]::
 
     x0 = pos_embed(hidden_states)
     y = x0 + scale * stack_residual                 # no block runs (dead code removed)
     sample = unpatchify(proj_out(norm_out(y), emb))
     return (sample,)
 
-or, ``level="output"``, ``return (scale * stack_residual,)``: nothing of the model runs.
+or, ``level="output"``, ``return (scale * stack_residual,)``: nothing of the model runs. A forecast
+over ``history`` H > 1 computed steps reads H residuals, newest first, and H weights::
+
+    y = x0 + w[0] * stack_residual + w[1] * stack_residual_1 + ... + w[H-1] * stack_residual_{H-1}
+
+(the older residuals are kept by the executors, `tcpass.contracts.history_moves`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import fx
 
-from tcpass.contracts import TensorSpec
+from tcpass.contracts import STACK_RESIDUAL, TensorSpec, residual_history
 from tcpass.passes.layout import add_placeholders, append_outputs, copy_graph_module, mutates
 from tcpass.trace import find_blocks
 
 aten = torch.ops.aten
 
-RESIDUAL = "stack.residual"
+RESIDUAL = STACK_RESIDUAL
 SCALE = "skip.scale"
 
 
@@ -74,25 +81,35 @@ def add_stack_residual(
 
 
 def emit_skip_step(
-    gm: fx.GraphModule, block_prefixes: tuple[str, ...], level: str, residual: TensorSpec
-) -> tuple[fx.GraphModule, TensorSpec]:
-    """The SKIP graph of ``gm`` (the traced model): ``(*model_inputs, residual, scale) -> (sample,)``."""
+    gm: fx.GraphModule, block_prefixes: tuple[str, ...], level: str, residual: TensorSpec, history: int = 1
+) -> tuple[fx.GraphModule, list[TensorSpec], TensorSpec]:
+    """The SKIP graph of ``gm`` (the traced model): ``(*model_inputs, *residuals, weights) -> (sample,)``.
+
+    Returns it with the residual inputs it reads (``history`` of them, newest first) and the weights spec.
+    """
     gm = copy_graph_module(gm)
     graph = gm.graph
-    scale_spec = TensorSpec(SCALE, -1, "scale", (1,), residual.dtype)
-    inputs = add_placeholders(graph, [residual, scale_spec])
+    residuals = [dataclasses.replace(residual, name=n) for n in residual_history(history)]
+    scale_spec = TensorSpec(SCALE, -1, "scale", (history,), residual.dtype)
+    inputs = add_placeholders(graph, [*residuals, scale_spec])
     output = graph.output_node()
+    anchor = output
     if level == "stack":
         stack_in, stack_out, block_nodes = _stack_ends(gm, block_prefixes)
-        with graph.inserting_after(block_nodes[-1]):
-            scaled = graph.call_function(aten.mul.Tensor, (inputs[RESIDUAL], inputs[SCALE]))
-        with graph.inserting_after(scaled):
-            predicted = graph.call_function(aten.add.Tensor, (stack_in, scaled))
+        anchor = block_nodes[-1].next
+    with graph.inserting_before(anchor):
+        weights = inputs[SCALE]
+        predicted = None
+        for k, spec in enumerate(residuals):
+            w = weights if history == 1 else graph.call_function(aten.select.int, (weights, 0, k))
+            term = graph.call_function(aten.mul.Tensor, (inputs[spec.name], w))
+            predicted = term if predicted is None else graph.call_function(aten.add.Tensor, (predicted, term))
+        if level == "stack":
+            predicted = graph.call_function(aten.add.Tensor, (stack_in, predicted))
+    if level == "stack":
         inside = set(block_nodes)
         stack_out.replace_all_uses_with(predicted, delete_user_cb=lambda user: user not in inside)
     else:
-        with graph.inserting_before(output):
-            predicted = graph.call_function(aten.mul.Tensor, (inputs[RESIDUAL], inputs[SCALE]))
         outputs = list(output.args[0])
         outputs[0] = predicted
         output.args = (tuple(outputs),)
@@ -106,4 +123,4 @@ def emit_skip_step(
             )
     graph.lint()
     gm.recompile()
-    return gm, scale_spec
+    return gm, residuals, scale_spec
