@@ -282,6 +282,22 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     help="Range a viewer sees, LO HI: calibration samples are scored clamped to it (pixel-space models: -1 1; "
     "default: -1 1 for the shipped reference model, else the samples' 0.1-99.9 percentile range).",
 )
+@click.option(
+    "--forecast",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="--policy steps: also fit forecast weights for this many of the best MagCache-rule tables "
+    "(0: plain reuse only); each fit costs about one full-compute generation.",
+)
+@click.option(
+    "--forecast-history",
+    type=click.IntRange(1, 4),
+    multiple=True,
+    default=(3,),
+    show_default=True,
+    help="--policy steps: computed steps a forecast reads (repeatable: one fit per value).",
+)
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
@@ -296,6 +312,8 @@ def calibrate(
     steps,
     iterations,
     sample_range,
+    forecast,
+    forecast_history,
     threads,
     out,
 ):
@@ -328,7 +346,9 @@ def calibrate(
     if policy == "steps":
         from tcpass.calibrate.steps import calibrate_steps
 
-        report = calibrate_steps(model, out, **common)
+        report = calibrate_steps(
+            model, out, max_forecast=forecast, forecast_histories=tuple(forecast_history), **common
+        )
         click.echo(report.format())
         click.echo(f"wrote {Path(out).resolve()}")
         return

@@ -129,3 +129,58 @@ def test_the_choice_is_verified_on_whole_generations(monkeypatch):
     monkeypatch.setattr(cs, "verify_speedup", measure({"a": 1.95, "b": 1.97}, timed))
     chosen = cs.verified_choice(None, candidates, None, 2.0, 1, 4)
     assert chosen.name == "b" and chosen.measured_speedup == 1.97  # target missed: the fastest verified
+
+
+def test_forecast_weights_are_the_least_squares_fit_and_the_plan_generates_the_fitting_samples():
+    from tcpass.calibrate.forecast import fit_forecast
+    from tcpass.calibrate.search import fidelity, sample_psnr
+
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=STEPS, seed=3, progress=False)
+    timesteps = [float(t) for t in data.timesteps]
+    skip = tcpass.StepSkip(timesteps=[timesteps[i] for i in (1, 4, 5, 8, 9, 10)])
+    fit = fit_forecast(model, skip, data, history=2)
+    # timesteps[1] follows one computed call: with two to forecast from, it is computed, as the runtime does
+    assert fit.skip.timesteps == tuple(timesteps[i] for i in (4, 5, 8, 9, 10)) and fit.skip.history == 2
+    # up to the first forecast call the trajectory is full compute's: the first weights solve its least squares
+    residuals = []
+    blocks = model.transformer_blocks
+    seen = {}
+    h0 = blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    h1 = blocks[-1].register_forward_hook(lambda m, a, out: residuals.append((out - seen["x"]).double().flatten()))
+    try:
+        data.sample(model)
+    finally:
+        h0.remove()
+        h1.remove()
+    basis = torch.stack([residuals[3], residuals[2]], dim=1)  # newest first
+    expected = torch.linalg.lstsq(basis, residuals[4][:, None]).solution[:, 0]
+    assert fit.skip.weights[0] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+    assert 0 <= fit.residual_error[0] < 1
+    # the runtime with the fitted table generates exactly the fitting run's samples
+    tm = tcpass.transform(model, CachePlan(blocks=(), skip=fit.skip))
+    assert fidelity(model, CachePlan(blocks=(), skip=fit.skip), data) == pytest.approx(sample_psnr(fit.samples, data))
+    torch.testing.assert_close(data.sample(tm), fit.samples, rtol=1e-4, atol=1e-5)
+    assert tm.step_counts[StepKind.SKIP] == 5
+    with pytest.raises(ValueError, match="skip.level = 'output'"):
+        fit_forecast(model, tcpass.StepSkip(timesteps=[timesteps[4]], level="output"), data, history=2)
+
+
+def test_forecast_candidates_extend_the_best_magcache_tables():
+    from tcpass.calibrate import steps as cs
+
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=STEPS, seed=3, progress=False)
+    timesteps = [float(t) for t in data.timesteps]
+    ratios = magnitude_ratios(model, data)
+    pool = []
+    for thr, psnr in ((0.5, 30.0), (1.0, 25.0), (3.0, 20.0)):
+        plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, 3, 0.2))
+        pool.append(cs.StepCandidate(f"magcache thr {thr}", plan, 1.5 + thr, psnr))
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.1}
+    out = cs.forecast_candidates(model, pool, data, STEPS, seconds, 1.9, None, 3.0, 2, (2, 3))
+    # the two best tables predicted at or above the target, each with both histories
+    assert [c.name for c in out] == [f"magcache thr {t} forecast {h}" for t in (0.5, 1.0) for h in (2, 3)]
+    assert all(c.plan.skip.history == int(c.name[-1]) and c.psnr_db is not None for c in out)

@@ -38,18 +38,23 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     unclamped values let errors nobody sees rank the candidates (the chosen 2x table scored 28.4 dB
     unclamped but 29.8 clamped, below two tables that score 30.6 and 31.0 clamped).
     """
-    from tcpass.metrics import psnr
     from tcpass.runtime import transform
 
     example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
     tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
     steps = plan.sampler_steps or data.steps
-    out = data.sample(tm, steps)
+    return sample_psnr(data.sample(tm, steps), data)
+
+
+def sample_psnr(samples: torch.Tensor, data: CalibrationData) -> float:
+    """Mean PSNR (dB) of ``samples`` vs ``data``'s full-compute samples, scored as `fidelity` says."""
+    from tcpass.metrics import psnr
+
     if data.sample_range is not None:
         lo, hi = data.sample_range
     else:
         lo, hi = torch.quantile(data.final.flatten().float(), torch.tensor([0.001, 0.999])).tolist()
-    return float(psnr(out.clamp(lo, hi), data.final.clamp(lo, hi), data_range=hi - lo).mean())
+    return float(psnr(samples.clamp(lo, hi), data.final.clamp(lo, hi), data_range=hi - lo).mean())
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect
-from tcpass.calibrate.search import fidelity, verify_speedup
+from tcpass.calibrate.forecast import fit_forecast
+from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.timing import best_seconds
 from tcpass.plan import CachePlan, StepSkip, save_plan
 from tcpass.sampling import ddim_timesteps
@@ -229,6 +230,8 @@ def calibrate_steps(
     sample_range: tuple[float, float] | None = None,
     progress: bool = True,
     conditioning: tuple[dict, dict | None] | None = None,
+    max_forecast: int = 8,
+    forecast_histories: tuple[int, ...] = (3,),
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -245,6 +248,10 @@ def calibrate_steps(
             the best predicted-at-target PSNR is then chosen unmeasured).
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
+        max_forecast / forecast_histories: the best evaluated MagCache-rule tables (at most
+            ``max_forecast``; 0: none) are also tried with forecast weights over each of
+            ``forecast_histories`` computed steps, fitted on the calibration data
+            (`tcpass.calibrate.forecast`); each fit costs about one full-compute generation.
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
@@ -280,6 +287,9 @@ def calibrate_steps(
         pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
+    pool += forecast_candidates(
+        model, pool, data, steps, seconds, target_speedup, min_psnr, window, max_forecast, forecast_histories, progress
+    )
     if target_speedup is not None and verify_reps > 0:
         chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress)
     elif target_speedup is not None:
@@ -308,6 +318,47 @@ def calibrate_steps(
     )
     _write_atomically(out, plan, report)
     return report
+
+
+def forecast_candidates(
+    model: nn.Module,
+    pool: list[StepCandidate],
+    data: CalibrationData,
+    steps: int,
+    seconds: dict[str, float],
+    target_speedup: float | None,
+    min_psnr: float | None,
+    window: float,
+    max_forecast: int,
+    histories: tuple[int, ...],
+    progress: bool = False,
+) -> list[StepCandidate]:
+    """Forecasting variants of the best evaluated MagCache-rule tables, scored by their fitting run.
+
+    Tables are taken best PSNR first among those predicted at or above the target (``target_speedup``),
+    or fastest first among those within 3 dB of the floor (``min_psnr``): a forecast only adds quality.
+    """
+    tables = [c for c in pool if c.name.startswith("magcache") and c.plan.skip.scales is None]
+    if target_speedup is not None:
+        tables = [c for c in tables if target_speedup <= c.predicted_speedup <= window * target_speedup]
+        tables.sort(key=lambda c: -c.psnr_db)
+    else:
+        tables = [c for c in tables if c.psnr_db >= min_psnr - 3.0]
+        tables.sort(key=lambda c: -c.predicted_speedup)
+    out = []
+    jobs = [(c, h) for c in tables[:max_forecast] for h in histories]
+    for c, history in tqdm(jobs, desc="fitting forecasts", disable=not progress):
+        fit = fit_forecast(model, c.plan.skip, data, history)
+        plan = dataclasses.replace(c.plan, skip=fit.skip)
+        out.append(
+            StepCandidate(
+                f"{c.name} forecast {history}",
+                plan,
+                predicted_speedup(plan, steps, seconds),
+                psnr_db=sample_psnr(fit.samples, data),
+            )
+        )
+    return out
 
 
 def _evenly(items: list, n: int) -> list:
