@@ -285,9 +285,9 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
 @click.option(
     "--forecast",
     type=click.IntRange(min=0),
-    default=8,
+    default=12,
     show_default=True,
-    help="--policy steps: also fit forecast weights for this many of the best MagCache-rule tables "
+    help="--policy steps: also fit forecast weights for up to this many MagCache-rule tables near the target "
     "(0: plain reuse only); each fit costs about one full-compute generation.",
 )
 @click.option(

@@ -76,11 +76,12 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     out = tmp_path / "plan.json"
     report = calibrate_steps(
         make_dit(), out, target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4, verify_reps=1,
-        progress=False,
+        progress=False, max_forecast=1,
     )  # fmt: skip
     plan = tcpass.load_plan(out)
     assert plan == report.plan and plan.skip is not None or plan.sampler_steps is not None
-    assert all(c.psnr_db is not None for c in report.candidates) and len(report.candidates) <= 4
+    assert all(c.psnr_db is not None for c in report.candidates) and len(report.candidates) <= 5
+    assert [c.name.endswith("forecast 3") for c in report.candidates].count(True) == 1
     better = [c for c in report.candidates if c.psnr_db > report.chosen.psnr_db and c.measured_speedup is not None]
     assert report.chosen.measured_speedup == report.measured_speedup
     if report.measured_speedup >= 1.5:  # every better candidate timed fell short of the target
@@ -168,7 +169,7 @@ def test_forecast_weights_are_the_least_squares_fit_and_the_plan_generates_the_f
         fit_forecast(model, tcpass.StepSkip(timesteps=[timesteps[4]], level="output"), data, history=2)
 
 
-def test_forecast_candidates_extend_the_best_magcache_tables():
+def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
     from tcpass.calibrate import steps as cs
 
     model = make_dit()
@@ -176,11 +177,15 @@ def test_forecast_candidates_extend_the_best_magcache_tables():
     timesteps = [float(t) for t in data.timesteps]
     ratios = magnitude_ratios(model, data)
     pool = []
-    for thr, psnr in ((0.5, 30.0), (1.0, 25.0), (3.0, 20.0)):
-        plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, 3, 0.2))
-        pool.append(cs.StepCandidate(f"magcache thr {thr}", plan, 1.5 + thr, psnr))
+    for thr, ret, k, speed in ((0.5, 0.2, 3, 2.1), (1.0, 0.2, 3, 2.4), (0.3, 0.2, 3, 1.8), (2.0, 0.1, 2, 2.2)):
+        plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, k, ret))
+        pool.append(cs.StepCandidate(f"magcache thr {thr} ret {ret} K {k}", plan, speed, None))
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.1}
-    out = cs.forecast_candidates(model, pool, data, STEPS, seconds, 1.9, None, 3.0, 2, (2, 3))
-    # the two best tables predicted at or above the target, each with both histories
-    assert [c.name for c in out] == [f"magcache thr {t} forecast {h}" for t in (0.5, 1.0) for h in (2, 3)]
+    out = cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 4, (2, 3))
+    # per (retention, K): the table predicted nearest at or above 2.0x; longest skip runs first
+    expected = ["magcache thr 0.5 ret 0.2 K 3", "magcache thr 2.0 ret 0.1 K 2"]
+    assert [c.name for c in out] == [f"{n} forecast {h}" for n in expected for h in (2, 3)]
     assert all(c.plan.skip.history == int(c.name[-1]) and c.psnr_db is not None for c in out)
+    assert cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 1, (2,))[0].name == (
+        "magcache thr 0.5 ret 0.2 K 3 forecast 2"
+    )

@@ -230,7 +230,7 @@ def calibrate_steps(
     sample_range: tuple[float, float] | None = None,
     progress: bool = True,
     conditioning: tuple[dict, dict | None] | None = None,
-    max_forecast: int = 8,
+    max_forecast: int = 12,
     forecast_histories: tuple[int, ...] = (3,),
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
@@ -248,8 +248,8 @@ def calibrate_steps(
             the best predicted-at-target PSNR is then chosen unmeasured).
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
-        max_forecast / forecast_histories: the best evaluated MagCache-rule tables (at most
-            ``max_forecast``; 0: none) are also tried with forecast weights over each of
+        max_forecast / forecast_histories: up to ``max_forecast`` MagCache-rule tables (0: none; see
+            `forecast_candidates`) are also tried with forecast weights over each of
             ``forecast_histories`` computed steps, fitted on the calibration data
             (`tcpass.calibrate.forecast`); each fit costs about one full-compute generation.
     """
@@ -281,14 +281,16 @@ def calibrate_steps(
                 f"{window * target_speedup:.2f}]x."
             )
     pool.sort(key=lambda c: c.predicted_speedup)
+    in_window = list(pool)
     if len(pool) > max_evaluated:  # thin evenly over speed: up to a quarter fewer-steps baselines, then tables
         baselines = _evenly([c for c in pool if c.plan.skip is None], max(1, max_evaluated // 4))
         others = _evenly([c for c in pool if c.plan.skip is not None], max_evaluated - len(baselines))
         pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
+    histories = forecast_histories
     pool += forecast_candidates(
-        model, pool, data, steps, seconds, target_speedup, min_psnr, window, max_forecast, forecast_histories, progress
+        model, pool, in_window, data, steps, seconds, target_speedup, min_psnr, max_forecast, histories, progress
     )
     if target_speedup is not None and verify_reps > 0:
         chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress)
@@ -322,31 +324,36 @@ def calibrate_steps(
 
 def forecast_candidates(
     model: nn.Module,
-    pool: list[StepCandidate],
+    evaluated: list[StepCandidate],
+    in_window: list[StepCandidate],
     data: CalibrationData,
     steps: int,
     seconds: dict[str, float],
     target_speedup: float | None,
     min_psnr: float | None,
-    window: float,
     max_forecast: int,
     histories: tuple[int, ...],
     progress: bool = False,
 ) -> list[StepCandidate]:
-    """Forecasting variants of the best evaluated MagCache-rule tables, scored by their fitting run.
+    """Forecasting variants of MagCache-rule tables (plain reuse), scored by their fitting run.
 
-    Tables are taken best PSNR first among those predicted at or above the target (``target_speedup``),
-    or fastest first among those within 3 dB of the floor (``min_psnr``): a forecast only adds quality.
+    ``target_speedup``: per (retention, max_skip_steps) pair, the table of ``in_window`` predicted
+    nearest at or above the target (the least skipping that reaches it), most consecutive skips
+    first (a forecast gains most on long runs of skipped calls): at most ``max_forecast`` tables.
+    ``min_psnr``: the fastest ``evaluated`` tables within 3 dB of the floor (a forecast only adds quality).
     """
-    tables = [c for c in pool if c.name.startswith("magcache") and c.plan.skip.scales is None]
+    tables = [c for c in in_window if c.name.startswith("magcache") and c.plan.skip.scales is None]
     if target_speedup is not None:
-        tables = [c for c in tables if target_speedup <= c.predicted_speedup <= window * target_speedup]
-        tables.sort(key=lambda c: -c.psnr_db)
+        nearest: dict[tuple, StepCandidate] = {}
+        for c in sorted(tables, key=lambda c: -c.predicted_speedup):
+            if c.predicted_speedup >= target_speedup:
+                nearest[_rule_of(c.name)] = c  # the slowest reaching the target wins
+        chosen = sorted(nearest.values(), key=lambda c: (-_rule_of(c.name)[1], _rule_of(c.name)[0]))
     else:
-        tables = [c for c in tables if c.psnr_db >= min_psnr - 3.0]
-        tables.sort(key=lambda c: -c.predicted_speedup)
+        ok = [c for c in evaluated if c in tables and c.psnr_db >= min_psnr - 3.0]
+        chosen = sorted(ok, key=lambda c: -c.predicted_speedup)
     out = []
-    jobs = [(c, h) for c in tables[:max_forecast] for h in histories]
+    jobs = [(c, h) for c in chosen[:max_forecast] for h in histories]
     for c, history in tqdm(jobs, desc="fitting forecasts", disable=not progress):
         fit = fit_forecast(model, c.plan.skip, data, history)
         plan = dataclasses.replace(c.plan, skip=fit.skip)
@@ -359,6 +366,12 @@ def forecast_candidates(
             )
         )
     return out
+
+
+def _rule_of(name: str) -> tuple[float, int]:
+    """(retention, max_skip_steps) of a MagCache-rule candidate's name (see `step_candidates`)."""
+    words = name.split()
+    return float(words[words.index("ret") + 1]), int(words[words.index("K") + 1])
 
 
 def _evenly(items: list, n: int) -> list:
