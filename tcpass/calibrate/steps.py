@@ -205,7 +205,7 @@ def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan
             )
     for threshold in np.geomspace(0.005, 3.0, 48):
         for retention in (0.1, 0.2, 0.3, 0.4):
-            for max_skip in (1, 2, 3, 4):
+            for max_skip in (1, 2, 3, 4, 6):
                 for scaled in (False, True):
                     table = magcache_table(timesteps, ratios, float(threshold), max_skip, retention, scaled)
                     if table.timesteps:
@@ -288,9 +288,16 @@ def calibrate_steps(
         pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
-    histories = forecast_histories
+    histories, reach = forecast_histories, target_speedup
+    if target_speedup is not None and verify_reps > 0 and max_forecast > 0:
+        # tables are chosen by predicted speed: correct the prediction by one measured baseline first
+        baseline = min(
+            (c for c in pool if c.plan.skip is None), key=lambda c: abs(c.predicted_speedup - target_speedup)
+        )
+        baseline.measured_speedup, _ = verify_speedup(model, baseline.plan, data, verify_reps)
+        reach = target_speedup * baseline.predicted_speedup / baseline.measured_speedup
     pool += forecast_candidates(
-        model, pool, in_window, data, steps, seconds, target_speedup, min_psnr, max_forecast, histories, progress
+        model, pool, in_window, data, steps, seconds, reach, min_psnr, max_forecast, histories, progress
     )
     if target_speedup is not None and verify_reps > 0:
         chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress)
