@@ -78,13 +78,23 @@ class StepGraphs:
 
     def remember_residual(self, buffers: list[torch.Tensor]) -> None:
         """Before a FULL or CACHED call: move each remembered stack residual one place older
-        (`tcpass.contracts.history_moves`); the call then writes the newest."""
+        (`tcpass.contracts.history_moves`); the call then writes the newest.
+
+        The older residuals are only read by the SKIP graph, so they move by reference: the oldest
+        buffer takes a copy of the newest and becomes ``stack.residual.1`` (one copy per call).
+        """
         if self.skip is None or len(self.skip.cache_specs) == 1:
             return
-        names = [s.name for s in self.skip.cache_specs]
-        where = {s.name: i for i, s in enumerate(self.cache_specs)}
+        names = [s.name for s in self.skip.cache_specs]  # newest first
+        n = len(self.full.cache_specs)
+        slots = {name: (0 if k == 0 else n + k - 1) for k, name in enumerate(names)}
+        before = {name: buffers[i] for name, i in slots.items()}
+        free = before[names[-1]]  # the oldest is forgotten: its buffer is reused
         for dst, src in history_moves(names):
-            buffers[where[dst]].copy_(buffers[where[src]])
+            if src == names[0]:  # the call overwrites the newest in place: keep a copy
+                buffers[slots[dst]] = free.copy_(before[src])
+            else:
+                buffers[slots[dst]] = before[src]
 
     @cached_property
     def caches(self) -> list[torch.Tensor]:
@@ -96,9 +106,10 @@ class StepGraphs:
         return self.allocate_caches()
 
     def allocate_caches(self) -> list[torch.Tensor]:
-        """A new set of cache buffers (zeros), marked as static inputs for torch.compile."""
+        """A new set of cache buffers (zeros); those the graphs write are marked as static inputs for
+        torch.compile (the older stack residuals move between calls, see `remember_residual`)."""
         buffers = [s.example(self.device) for s in self.cache_specs]
-        for buffer in buffers:
+        for buffer in buffers[: len(self.full.cache_specs)]:  # written in place by the graphs
             torch._dynamo.mark_static_address(buffer)
         return buffers
 

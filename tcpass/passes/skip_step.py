@@ -99,13 +99,18 @@ def emit_skip_step(
         anchor = block_nodes[-1].next
     with graph.inserting_before(anchor):
         weights = inputs[SCALE]
-        predicted = None
-        for k, spec in enumerate(residuals):
-            w = weights if history == 1 else graph.call_function(aten.select.int, (weights, 0, k))
-            term = graph.call_function(aten.mul.Tensor, (inputs[spec.name], w))
-            predicted = term if predicted is None else graph.call_function(aten.add.Tensor, (predicted, term))
-        if level == "stack":
-            predicted = graph.call_function(aten.add.Tensor, (stack_in, predicted))
+        if history == 1:
+            predicted = graph.call_function(aten.mul.Tensor, (inputs[RESIDUAL], weights))
+            if level == "stack":
+                predicted = graph.call_function(aten.add.Tensor, (stack_in, predicted))
+        else:  # one pass per residual: acc + r_k * w[k] (addcmul), starting from the embedded input
+            predicted = stack_in if level == "stack" else None
+            for k, spec in enumerate(residuals):
+                w = graph.call_function(aten.select.int, (weights, 0, k))
+                if predicted is None:
+                    predicted = graph.call_function(aten.mul.Tensor, (inputs[spec.name], w))
+                else:
+                    predicted = graph.call_function(aten.addcmul.default, (predicted, inputs[spec.name], w))
     if level == "stack":
         inside = set(block_nodes)
         stack_out.replace_all_uses_with(predicted, delete_user_cb=lambda user: user not in inside)
