@@ -326,6 +326,9 @@ def calibrate(
 
     if (target_speedup is None) == (min_psnr is None):
         raise click.UsageError("give exactly one of --target-speedup (e.g. 2.0) or --min-psnr (e.g. 30).")
+    from tcpass.timing import pin_allocator
+
+    pin_allocator()  # speeds are measured here: the same allocator setting as `tcpass demo` and the benches
     torch.set_num_threads(threads)
     try:
         model = load_reference_model() if model_path is None else load_transformer(model_path)

@@ -189,3 +189,24 @@ def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
     assert cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 1, (2,))[0].name == (
         "magcache thr 0.5 ret 0.2 K 3 forecast 2"
     )
+
+
+def test_the_verified_choice_starts_from_a_measured_bias(monkeypatch):
+    """A baseline measured before the choice sets the first measured/predicted bias: a candidate
+    predicted short of the target but expected to reach it is timed first, and one expected to miss is not."""
+    from tcpass.calibrate import steps as cs
+
+    candidates = [
+        cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in (("a", 1.5, 31.0), ("b", 2.1, 29.0))
+    ]
+    timed = []
+
+    def verify(model, plan, data, reps):
+        name = next(c.name for c in candidates if c.plan is plan)
+        timed.append(name)
+        return {"a": 2.1, "b": 2.9}[name], {}
+
+    monkeypatch.setattr(cs, "verify_speedup", verify)
+    assert cs.verified_choice(None, candidates, None, 2.0, 1, 4, bias=1.4).name == "a" and timed == ["a"]
+    timed.clear()
+    assert cs.verified_choice(None, candidates, None, 2.0, 1, 4, bias=1.0).name == "b" and timed == ["b"]

@@ -288,19 +288,20 @@ def calibrate_steps(
         pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
-    histories, reach = forecast_histories, target_speedup
+    histories, reach, bias = forecast_histories, target_speedup, 1.0
     if target_speedup is not None and verify_reps > 0 and max_forecast > 0:
         # tables are chosen by predicted speed: correct the prediction by one measured baseline first
         baseline = min(
             (c for c in pool if c.plan.skip is None), key=lambda c: abs(c.predicted_speedup - target_speedup)
         )
         baseline.measured_speedup, _ = verify_speedup(model, baseline.plan, data, verify_reps)
-        reach = target_speedup * baseline.predicted_speedup / baseline.measured_speedup
+        bias = baseline.measured_speedup / baseline.predicted_speedup
+        reach = target_speedup / bias
     pool += forecast_candidates(
         model, pool, in_window, data, steps, seconds, reach, min_psnr, max_forecast, histories, progress
     )
     if target_speedup is not None and verify_reps > 0:
-        chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress)
+        chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress, bias)
     elif target_speedup is not None:
         chosen = max((c for c in pool if c.predicted_speedup >= target_speedup), key=lambda c: c.psnr_db)
     else:
@@ -396,10 +397,14 @@ def verified_choice(
     reps: int,
     max_verified: int,
     progress: bool = False,
+    bias: float = 1.0,
 ) -> StepCandidate:
-    """Best PSNR first, the first candidate whose measured speedup reaches ``target`` (see module doc)."""
+    """Best PSNR first, the first candidate whose measured speedup reaches ``target`` (see module doc).
+
+    ``bias``: measured / predicted speedup before any candidate is timed (a baseline measured
+    earlier); then the median over the candidates verified so far.
+    """
     verified: list[StepCandidate] = []
-    bias = 1.0  # measured / predicted, median over the candidates verified so far
     for c in sorted(pool, key=lambda c: -c.psnr_db):
         if len(verified) >= max_verified:
             break
