@@ -90,7 +90,7 @@ def variants_for(model, name: str, plan: tcpass.CachePlan, batch: int, static: t
     )
     sel = tcpass.SelectorSpec
     return target, {
-        f"{name} dynamic predictor": (plan, steps),
+        f"{name} as shipped ({plan.selector.kind})": (plan, steps),
         f"{name} static predictor": (dataclasses.replace(plan, selector=static), steps),
         f"{name} input_change": (dataclasses.replace(plan, selector=sel(kind="input_change")), steps),
         f"{name} random tokens": (dataclasses.replace(plan, selector=sel(kind="random")), steps),
