@@ -193,12 +193,14 @@ def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
 
 def test_the_verified_choice_starts_from_a_measured_bias(monkeypatch):
     """A baseline measured before the choice sets the first measured/predicted bias: a candidate
-    predicted short of the target but expected to reach it is timed first, and one expected to miss is not."""
+    predicted short of the target but expected to reach it is timed first, and one expected to miss
+    is not. A candidate measured before (the baseline) counts as verified without a new timing."""
     from tcpass.calibrate import steps as cs
 
-    candidates = [
-        cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in (("a", 1.5, 31.0), ("b", 2.1, 29.0))
-    ]
+    def pool():
+        rows = (("a", 1.5, 31.0), ("b", 2.1, 29.0))
+        return [cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in rows]
+
     timed = []
 
     def verify(model, plan, data, reps):
@@ -207,6 +209,12 @@ def test_the_verified_choice_starts_from_a_measured_bias(monkeypatch):
         return {"a": 2.1, "b": 2.9}[name], {}
 
     monkeypatch.setattr(cs, "verify_speedup", verify)
+    candidates = pool()
     assert cs.verified_choice(None, candidates, None, 2.0, 1, 4, bias=1.4).name == "a" and timed == ["a"]
     timed.clear()
+    candidates = pool()
     assert cs.verified_choice(None, candidates, None, 2.0, 1, 4, bias=1.0).name == "b" and timed == ["b"]
+    timed.clear()
+    candidates = pool()
+    candidates[0].measured_speedup = 2.05  # timed earlier (the bias baseline), best PSNR, reaches 2.0x
+    assert cs.verified_choice(None, candidates, None, 2.0, 1, 0).name == "a" and timed == []
