@@ -158,28 +158,35 @@ def test_compiled_skip_plan_has_no_graph_breaks_or_recompiles_and_matches_eager(
 
 @pytest.mark.parametrize("level", ["stack", "output"])
 def test_exported_skip_plan_matches_eager_every_step(tmp_path, level):
+    ts = timesteps()
+    plan = CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=ts[2::3], scales=[0.9] * len(ts[2::3]), level=level))
+    runtime = export_and_compare_every_step(tmp_path, plan, generations=1)
+    assert runtime.step_counts[StepKind.SKIP] == len(ts[2::3])
+
+
+def export_and_compare_every_step(tmp_path, plan, generations):
+    """Export ``plan`` on a tiny DiT and run ``generations`` of calls on ONNX Runtime and eagerly:
+    every step within 1e-4, the same step kinds. Returns the ONNX runtime."""
     import numpy as np
 
     from tcpass.export.onnx_export import export_onnx
     from tcpass.export.runtime import OrtTokenCacheRuntime
 
-    ts = timesteps()
-    plan = CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=ts[2::3], scales=[0.9] * len(ts[2::3]), level=level))
     model = make_dit()
-    exporter = tcpass.transform(model, plan)
-    export_onnx(exporter, tmp_path, null_label=1000)
+    export_onnx(tcpass.transform(model, plan), tmp_path, null_label=1000)
     runtime = OrtTokenCacheRuntime(tmp_path)
     eager = tcpass.transform(model, plan)
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([3, 1000])
-    for t in ts:
-        x = torch.randn(2, 4, 16, 16, generator=g)
-        inputs = {"hidden_states": x, "timestep": torch.full((2,), int(t)), "class_labels": labels}
-        want = eager(**inputs).sample.numpy()
-        got = runtime(**{k: v.numpy() for k, v in inputs.items()})
-        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
+    for _ in range(generations):  # a later generation must not read an earlier one's caches
+        for t in timesteps():
+            x = torch.randn(2, 4, 16, 16, generator=g)
+            inputs = {"hidden_states": x, "timestep": torch.full((2,), int(t)), "class_labels": labels}
+            want = eager(**inputs).sample.numpy()
+            got = runtime(**{k: v.numpy() for k, v in inputs.items()})
+            assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
     assert {k: runtime.step_counts[k] for k in StepKind} == {k: eager.step_counts[k] for k in StepKind}
-    assert runtime.step_counts[StepKind.SKIP] == len(ts[2::3])
+    return runtime
 
 
 # Forecasting SKIP steps: the residual is sum_k w[k] * (residual of the k-th last computed call) --------
@@ -323,25 +330,6 @@ def test_compiled_forecast_plan_has_no_graph_breaks_or_recompiles_and_matches_ea
 
 @pytest.mark.parametrize("level", ["stack", "output"])
 def test_exported_forecast_plan_matches_eager_every_step(tmp_path, level):
-    import numpy as np
-
-    from tcpass.export.onnx_export import export_onnx
-    from tcpass.export.runtime import OrtTokenCacheRuntime
-
-    ts = timesteps()
     plan = CachePlan(keep_ratio=0.5, skip=forecast_table(level, history=3))
-    model = make_dit()
-    export_onnx(tcpass.transform(model, plan), tmp_path, null_label=1000)
-    runtime = OrtTokenCacheRuntime(tmp_path)
-    eager = tcpass.transform(model, plan)
-    g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([3, 1000])
-    for _ in range(2):  # two generations: the second must not read the first's residuals
-        for t in ts:
-            x = torch.randn(2, 4, 16, 16, generator=g)
-            inputs = {"hidden_states": x, "timestep": torch.full((2,), int(t)), "class_labels": labels}
-            want = eager(**inputs).sample.numpy()
-            got = runtime(**{k: v.numpy() for k, v in inputs.items()})
-            assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), f"timestep {t}"
-    assert {k: runtime.step_counts[k] for k in StepKind} == {k: eager.step_counts[k] for k in StepKind}
+    runtime = export_and_compare_every_step(tmp_path, plan, generations=2)
     assert runtime.step_counts[StepKind.SKIP] == 8  # 4 per generation
