@@ -298,6 +298,23 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     show_default=True,
     help="--policy steps: computed steps a forecast reads (repeatable: one fit per value).",
 )
+@click.option(
+    "--compose",
+    "compose",
+    type=(click.FloatRange(0, 1), click.IntRange(min=2)),
+    multiple=True,
+    default=((0.25, 2),),
+    show_default=True,
+    help="--policy steps: token caching composed with skip tables, KEEP INTERVAL: of every INTERVAL computed "
+    "calls one is FULL, the others recompute KEEP of the tokens in every block (repeatable).",
+)
+@click.option(
+    "--max-composed",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="--policy steps: at most this many skip + token compositions near the target are generated (0: none).",
+)
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
@@ -314,6 +331,8 @@ def calibrate(
     sample_range,
     forecast,
     forecast_history,
+    compose,
+    max_composed,
     threads,
     out,
 ):
@@ -350,10 +369,22 @@ def calibrate(
         from tcpass.calibrate.steps import calibrate_steps
 
         report = calibrate_steps(
-            model, out, max_forecast=forecast, forecast_histories=tuple(forecast_history), **common
+            model,
+            out,
+            max_forecast=forecast,
+            forecast_histories=tuple(forecast_history),
+            compose=tuple(compose),
+            max_composed=max_composed,
+            **common,
         )
         click.echo(report.format())
         click.echo(f"wrote {Path(out).resolve()}")
+        try:
+            from tcpass.calibrate.steps import plot_frontier
+
+            click.echo(f"wrote {plot_frontier(report, Path(out).with_suffix('.frontier.png')).resolve()}")
+        except ImportError:
+            click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
         return
     report = run(model, out, predictor=predictor, attention=attention, iterations=iterations, **common)
     click.echo(report.format())

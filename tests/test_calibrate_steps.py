@@ -76,12 +76,14 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     out = tmp_path / "plan.json"
     report = calibrate_steps(
         make_dit(), out, target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4, verify_reps=1,
-        progress=False, max_forecast=1,
+        progress=False, max_forecast=1, compose=((0.25, 2),), max_composed=1,
     )  # fmt: skip
     plan = tcpass.load_plan(out)
     assert plan == report.plan and plan.skip is not None or plan.sampler_steps is not None
-    assert all(c.psnr_db is not None for c in report.candidates) and len(report.candidates) <= 5
+    assert all(c.psnr_db is not None for c in report.candidates) and len(report.candidates) <= 6
     assert [c.name.endswith("forecast 3") for c in report.candidates].count(True) == 1
+    assert [c.family for c in report.candidates].count("skip + token caching") == 1
+    assert report.frontier() and "best per kind" in report.format()
     better = [c for c in report.candidates if c.psnr_db > report.chosen.psnr_db and c.measured_speedup is not None]
     assert report.chosen.measured_speedup == report.measured_speedup
     if report.measured_speedup >= 1.5:  # every better candidate timed fell short of the target
@@ -89,6 +91,7 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     assert report.measured_speedup > 0 and plan.notes["measured_speedup"] == round(report.measured_speedup, 3)
     log = json.loads((tmp_path / "plan.calibration.json").read_text())
     assert log["chosen"] == report.chosen.name and len(log["magnitude_ratios"]) == 8
+    assert log["frontier"] == [c.name for c in report.frontier()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.calibration.json", "plan.json"]  # no temp left
 
 
@@ -218,3 +221,67 @@ def test_the_verified_choice_starts_from_a_measured_bias(monkeypatch):
     candidates = pool()
     candidates[0].measured_speedup = 2.05  # timed earlier (the bias baseline), best PSNR, reaches 2.0x
     assert cs.verified_choice(None, candidates, None, 2.0, 1, 0).name == "a" and timed == []
+
+
+def test_a_composed_plan_is_predicted_from_the_calls_the_runtime_makes():
+    """Skip table + token caching: the prediction counts SKIP, FULL and CACHED calls as the runtime does."""
+    from tcpass.calibrate import steps as cs
+
+    model = make_dit()
+    timesteps = ddim_timesteps(STEPS)
+    table = tcpass.StepSkip(timesteps=[timesteps[3], timesteps[4], timesteps[8]])
+    plan = cs.token_overlay(CachePlan(blocks=(), skip=table), 0.25, 2)
+    seconds = {"eager": 1.0, "full": 0.9, "skip_stack": 0.1, "full tokens": 1.1, "cached 0.25": 0.4}
+    tm = tcpass.transform(model, plan)
+    generate(tm)
+    counts = tm.step_counts
+    assert counts[StepKind.SKIP] == 3 and counts[StepKind.CACHED] > 0 and counts[StepKind.FULL] > 0
+    expected = STEPS / (1.1 * counts[StepKind.FULL] + 0.4 * counts[StepKind.CACHED] + 0.1 * counts[StepKind.SKIP])
+    assert cs.predicted_speedup(plan, STEPS, seconds) == pytest.approx(expected)
+    alone = CachePlan(blocks=(), skip=table)  # nothing token-cached: every computed call costs "full"
+    assert cs.predicted_speedup(alone, STEPS, seconds) == pytest.approx(STEPS / (0.9 * (STEPS - 3) + 0.3))
+
+
+def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_reaches_the_target():
+    from tcpass.calibrate import steps as cs
+
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=STEPS, seed=3, progress=False)
+    timesteps = [float(t) for t in data.timesteps]
+    ratios = magnitude_ratios(model, data)
+    tables = []
+    for thr in (0.05, 0.3, 1.0, 3.0):
+        for ret, k in ((0.2, 3), (0.1, 2)):
+            plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, k, ret))
+            tables.append(cs.StepCandidate(f"magcache thr {thr} ret {ret} K {k}", plan, 0.0))
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "full tokens": 1.0, "cached 0.25": 0.5, "cached 0.5": 0.7}
+    target = 1.6
+    out = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, ((0.25, 2), (0.5, 3)), 8)
+    assert out and all(c.family == "skip + token caching" and c.predicted_speedup >= target for c in out)
+    assert all(c.psnr_db == pytest.approx(cs.fidelity(model, c.plan, data)) for c in out[:1])
+    for c in out:  # the least skipping of its rule that reaches the target
+        keep, interval = float(c.name.split()[-3]), int(c.name.split()[-1])
+        assert c.plan.blocks == "all" and c.plan.keep_ratio == (keep, keep) and c.plan.schedule.intervals[0] == interval
+        rule = c.name.split(" + ")[0].split(" ret ")[1]
+        same = [
+            cs.predicted_speedup(cs.token_overlay(t.plan, keep, interval), STEPS, seconds)
+            for t in tables
+            if t.name.endswith(rule)
+        ]
+        assert c.predicted_speedup == min(s for s in same if s >= target)
+    overlays = [c.name.split(" + ")[1] for c in out]
+    assert overlays[:2] == ["tokens 0.25 every 2", "tokens 0.5 every 3"]  # taken in turn from each overlay
+    capped = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, ((0.25, 2), (0.5, 3)), 1)
+    assert [c.name for c in capped] == [out[0].name]
+
+
+def test_the_frontier_keeps_what_nothing_beats_on_speed_and_psnr(tmp_path):
+    from tcpass.calibrate import steps as cs
+
+    rows = (("a", 1.5, 33.0), ("b", 2.0, 31.0), ("c", 2.0, 30.0), ("d", 2.5, 31.5), ("e", 3.0, 25.0), ("f", 1.2, 32.0))
+    candidates = [cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in rows]
+    candidates.append(cs.StepCandidate("unscored", CachePlan(), 4.0))
+    assert [c.name for c in cs.frontier(candidates)] == ["e", "d", "a"]
+    report = cs.StepCalibrationReport(CachePlan(), candidates[3], candidates, [1.0], {}, target_speedup=2.0)
+    png = cs.plot_frontier(report, tmp_path / "plan.frontier.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == [png.name]

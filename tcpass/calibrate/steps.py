@@ -12,8 +12,13 @@ Works on the model's own full-compute generations (`tcpass.calibrate.collect`, c
      in a row, never in the first ``retention_ratio`` of the steps; the reused residual is used as
      is (as diffusers does) or scaled by the ratio product (MagCache's paper);
    - evenly spread skips, stack or output level;
-   - fewer sampler steps (``sampler_steps``), no skipping: the baseline every table must beat.
-3. **Speed** is predicted from measured per-call times of the FULL and SKIP graphs at ``batch``;
+   - fewer sampler steps (``sampler_steps``), no skipping: the baseline every table must beat;
+   - forecasts (`forecast_candidates`): MagCache-rule tables near the target with weights fitted by
+     least squares over the last computed residuals (`tcpass.calibrate.forecast`);
+   - compositions (`composed_candidates`): token caching on the computed calls of a MagCache-rule
+     table (`token_overlay`: of every ``interval`` computed calls one FULL, the rest CACHED with
+     ``keep`` of the tokens), so skipping fewer calls can pay for the same speed.
+3. **Speed** is predicted from measured per-call times of the FULL, CACHED and SKIP graphs at ``batch``;
    candidates predicted within [1/``window``, ``window``] x the target are generated on the
    calibration noise and ranked by PSNR against full compute.
 4. **Verified choice**: a prediction from per-call times misses per-step overheads, so the best
@@ -22,11 +27,14 @@ Works on the model's own full-compute generations (`tcpass.calibrate.collect`, c
    measured/predicted bias of those verified so far skips candidates that cannot reach it). If
    none does, the fastest verified one is written and the report says the target was missed.
    (``min_psnr``: the fastest predicted candidate that holds the floor, then measured.)
+5. **Frontier**: the report lists the candidates no other beats on both predicted speed and PSNR
+   (`StepCalibrationReport.frontier`, `plot_frontier`), so a user sees what each speed costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -42,8 +50,8 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
-from tcpass.calibrate.timing import best_seconds
-from tcpass.plan import CachePlan, StepSkip, save_plan
+from tcpass.calibrate.timing import best_seconds, measure_step_times
+from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
 from tcpass.sampling import ddim_timesteps
 from tcpass.schedule import StepKind, simulate
 from tcpass.trace import flatten_inputs
@@ -113,6 +121,29 @@ class StepCandidate:
     psnr_db: float | None = None
     measured_speedup: float | None = None  # whole generations, interleaved with full compute
 
+    @property
+    def family(self) -> str:
+        """The kind of candidate, for reports and plots (from its name, see `step_candidates`)."""
+        name = self.name
+        if " + tokens" in name:
+            return "skip + token caching"
+        if " forecast " in name:
+            return "skip, forecast"
+        if name.startswith("magcache"):
+            return "skip, scaled reuse" if name.endswith("scaled") else "skip, reuse"
+        return name.split(" (")[0]  # "fewer steps", "spread stack", "spread output"
+
+
+def frontier(candidates: list[StepCandidate]) -> list[StepCandidate]:
+    """The scored candidates no other beats on both predicted speed and PSNR, fastest first."""
+    scored = sorted((c for c in candidates if c.psnr_db is not None), key=lambda c: (-c.predicted_speedup, -c.psnr_db))
+    out, best = [], -math.inf
+    for c in scored:
+        if c.psnr_db > best:
+            out.append(c)
+            best = c.psnr_db
+    return out
+
 
 @dataclass
 class StepCalibrationReport:
@@ -125,13 +156,28 @@ class StepCalibrationReport:
     measured_seconds: dict[str, list[float]] = field(default_factory=dict)
     target_speedup: float | None = None
 
+    def frontier(self) -> list[StepCandidate]:
+        """The candidates no other beats on both predicted speed and calibration PSNR, fastest first."""
+        return frontier(self.candidates)
+
     def format(self) -> str:
-        rows = [f"{'candidate':44} {'predicted':>9} {'measured':>9} {'PSNR dB':>8}"]
+        front = {id(c) for c in self.frontier()}
+        rows = [f"{'candidate (* on the frontier)':62} {'predicted':>9} {'measured':>9} {'PSNR dB':>8}"]
         for c in sorted(self.candidates, key=lambda c: c.predicted_speedup):
             mark = "  <- chosen" if c is self.chosen else ""
             psnr = "-" if c.psnr_db is None else f"{c.psnr_db:8.2f}"
             measured = "-" if c.measured_speedup is None else f"{c.measured_speedup:8.2f}x"
-            rows.append(f"{c.name:44} {c.predicted_speedup:8.2f}x {measured:>9} {psnr:>8}{mark}")
+            name = ("* " if id(c) in front else "  ") + c.name
+            rows.append(f"{name:62} {c.predicted_speedup:8.2f}x {measured:>9} {psnr:>8}{mark}")
+        families = {}
+        for c in self.candidates:
+            if c.psnr_db is not None:
+                families.setdefault(c.family, []).append(c)
+        rows.append(
+            "best per kind: "
+            + "; ".join(f"{f} {max(cs, key=lambda c: c.psnr_db).psnr_db:.2f} dB" for f, cs in sorted(families.items()))
+            + " (in the window evaluated)"
+        )
         if self.measured_speedup is not None:
             rows.append(f"chosen plan, measured on whole generations: {self.measured_speedup:.2f}x")
             if self.target_speedup is not None and self.measured_speedup < self.target_speedup:
@@ -148,9 +194,11 @@ class StepCalibrationReport:
             "measured_seconds": self.measured_seconds,
             "call_seconds": self.call_seconds,
             "magnitude_ratios": self.ratios,
+            "frontier": [c.name for c in self.frontier()],
             "candidates": [
                 {
                     "name": c.name,
+                    "family": c.family,
                     "predicted_speedup": c.predicted_speedup,
                     "psnr_db": c.psnr_db,
                     "measured_speedup": c.measured_speedup,
@@ -180,12 +228,44 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
 
 
 def predicted_speedup(plan: CachePlan, steps: int, seconds: dict[str, float]) -> float:
-    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds."""
+    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds.
+
+    ``seconds``: ``eager``, ``full`` and ``skip_<level>`` (`measure_call_seconds`); a plan that token-caches
+    also needs ``full tokens`` and ``cached <keep>`` per keep ratio it uses (`measure_token_seconds`).
+    """
     timesteps = ddim_timesteps(plan.sampler_steps or steps)
     total = 0.0
     for step in simulate(plan.schedule, timesteps, plan.skip):
-        total += seconds[f"skip_{plan.skip.level}"] if step.kind is StepKind.SKIP else seconds["full"]
+        if step.kind is StepKind.SKIP:
+            total += seconds[f"skip_{plan.skip.level}"]
+        elif plan.blocks == ():  # nothing token-cached: a CACHED call computes everything
+            total += seconds["full"]
+        elif step.kind is StepKind.FULL:
+            total += seconds["full tokens"]
+        else:
+            total += seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
     return seconds["eager"] * steps / total
+
+
+def token_overlay(base: CachePlan, keep: float, interval: int) -> CachePlan:
+    """``base`` with token caching on the calls it computes: of every ``interval`` computed calls one is
+    FULL and the others CACHED, where every block recomputes ``keep`` of the tokens (training-free
+    ``input_change`` selector, cached keys/values). SKIP calls do not count in the cycle (`TPRRState`)."""
+    return dataclasses.replace(
+        base,
+        blocks="all",
+        keep_ratio=(keep, keep),
+        attention="cached_kv",
+        selector=SelectorSpec(kind="input_change"),
+        schedule=TPRRSchedule(intervals=(interval, interval)),
+    )
+
+
+def measure_token_seconds(model: nn.Module, batch: int, keeps: tuple[float, ...], reps: int = 5) -> dict[str, float]:
+    """Seconds per call of `token_overlay`'s FULL graph (``full tokens``) and CACHED graphs (``cached <keep>``)."""
+    base = token_overlay(CachePlan(blocks=()), keeps[0], 2)
+    times = measure_step_times(model, tuple(keeps), base, batch, reps=reps, progress=False)
+    return {"full tokens": times.full, **{f"cached {k:g}": times.cached[k] for k in keeps}}
 
 
 def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan) -> list[tuple[str, CachePlan]]:
@@ -232,6 +312,8 @@ def calibrate_steps(
     conditioning: tuple[dict, dict | None] | None = None,
     max_forecast: int = 12,
     forecast_histories: tuple[int, ...] = (3,),
+    compose: tuple[tuple[float, int], ...] = ((0.25, 2),),
+    max_composed: int = 6,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -252,6 +334,9 @@ def calibrate_steps(
             `forecast_candidates`) are also tried with forecast weights over each of
             ``forecast_histories`` computed steps, fitted on the calibration data
             (`tcpass.calibrate.forecast`); each fit costs about one full-compute generation.
+        compose / max_composed: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed
+            with MagCache-rule tables; up to ``max_composed`` compositions near the target are generated
+            (`composed_candidates`; ``()`` or 0: none). Their CACHED graphs are timed first.
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
@@ -268,11 +353,14 @@ def calibrate_steps(
     )
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
+    if compose and max_composed > 0:
+        seconds.update(measure_token_seconds(model, batch, tuple(sorted({keep for keep, _ in compose}))))
     timesteps = [float(t) for t in data.timesteps]
     base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
     pool = [
         StepCandidate(n, p, predicted_speedup(p, steps, seconds)) for n, p in step_candidates(timesteps, ratios, base)
     ]
+    every = list(pool)
     if target_speedup is not None:
         pool = [c for c in pool if target_speedup / window <= c.predicted_speedup <= window * target_speedup]
         if not pool:
@@ -300,6 +388,10 @@ def calibrate_steps(
     pool += forecast_candidates(
         model, pool, in_window, data, steps, seconds, reach, min_psnr, max_forecast, histories, progress
     )
+    if max_composed > 0 and compose:
+        pool += composed_candidates(
+            model, every, data, steps, seconds, reach, min_psnr, tuple(compose), max_composed, progress
+        )
     if target_speedup is not None and verify_reps > 0:
         chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress, bias)
     elif target_speedup is not None:
@@ -376,6 +468,53 @@ def forecast_candidates(
     return out
 
 
+def composed_candidates(
+    model: nn.Module,
+    tables: list[StepCandidate],
+    data: CalibrationData,
+    steps: int,
+    seconds: dict[str, float],
+    target_speedup: float | None,
+    min_psnr: float | None,
+    overlays: tuple[tuple[float, int], ...],
+    max_composed: int,
+    progress: bool = False,
+) -> list[StepCandidate]:
+    """Skip tables composed with token caching on their computed calls (`token_overlay`), scored on ``data``.
+
+    ``tables``: skip-only MagCache-rule candidates (reuse or scaled), whatever their own speed: a
+    composition skips fewer calls than a table alone for the same speed. ``overlays``: ``(keep, interval)``.
+    ``target_speedup``: per overlay and per rule (retention, max_skip_steps, scaled), the composed plan
+    predicted nearest at or above the target (the least skipping that reaches it), most consecutive
+    skips first. ``min_psnr``: per overlay, the fastest compositions of tables that hold the floor
+    alone by 0.5 dB (token caching only adds error). At most ``max_composed`` are generated, taken in
+    turn from each overlay; the table's plan keeps its weights (forecasts are fitted on skip-only plans).
+    """
+    per_overlay = []
+    for keep, interval in overlays:
+        composed = []
+        for c in tables:
+            if not c.name.startswith("magcache"):
+                continue
+            plan = token_overlay(c.plan, keep, interval)
+            name = f"{c.name} + tokens {keep:g} every {interval}"
+            composed.append((c, StepCandidate(name, plan, predicted_speedup(plan, steps, seconds))))
+        if target_speedup is not None:
+            nearest: dict[tuple, StepCandidate] = {}
+            for c, k in sorted(composed, key=lambda ck: -ck[1].predicted_speedup):
+                if k.predicted_speedup >= target_speedup:
+                    nearest[(*_rule_of(c.name), c.name.endswith("scaled"))] = k  # the slowest reaching it wins
+            picks = [nearest[r] for r in sorted(nearest, key=lambda r: (-r[1], r[0], r[2]))]
+        else:
+            holding = [k for c, k in composed if c.psnr_db is not None and c.psnr_db >= min_psnr + 0.5]
+            picks = sorted(holding, key=lambda k: -k.predicted_speedup)
+        per_overlay.append(picks)
+    chosen = [k for group in itertools.zip_longest(*per_overlay) for k in group if k is not None][:max_composed]
+    for k in tqdm(chosen, desc="evaluating skip + token compositions", disable=not progress):
+        k.psnr_db = fidelity(model, k.plan, data)
+    return chosen
+
+
 def _rule_of(name: str) -> tuple[float, int]:
     """(retention, max_skip_steps) of a MagCache-rule candidate's name (see `step_candidates`)."""
     words = name.split()
@@ -423,6 +562,46 @@ def verified_choice(
         c.measured_speedup, _ = verify_speedup(model, c.plan, data, reps)
         verified.append(c)
     return max(verified, key=lambda c: c.measured_speedup)
+
+
+def plot_frontier(report: StepCalibrationReport, path: str | Path) -> Path:
+    """Draw every scored candidate (predicted speedup vs calibration PSNR, one colour per kind), the
+    frontier, the chosen plan and the measured speeds to ``path`` (PNG; needs matplotlib). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[StepCandidate]] = {}
+    for c in report.candidates:
+        if c.psnr_db is not None and math.isfinite(c.psnr_db):
+            families.setdefault(c.family, []).append(c)
+    for family, cs in sorted(families.items()):
+        ax.scatter([c.predicted_speedup for c in cs], [c.psnr_db for c in cs], s=14, label=family, alpha=0.8)
+    front = [c for c in report.frontier() if math.isfinite(c.psnr_db)]
+    ax.plot([c.predicted_speedup for c in front], [c.psnr_db for c in front], "k-", lw=1, label="frontier")
+    measured = [c for c in report.candidates if c.measured_speedup is not None and c.psnr_db is not None]
+    ax.scatter(
+        [c.measured_speedup for c in measured], [c.psnr_db for c in measured], marker="x", c="k", label="measured"
+    )
+    if report.chosen.psnr_db is not None and math.isfinite(report.chosen.psnr_db):
+        ax.scatter([report.chosen.predicted_speedup], [report.chosen.psnr_db], marker="*", s=160, c="red",
+                   label=f"chosen: {report.chosen.name}")  # fmt: skip
+    if report.target_speedup is not None:
+        ax.axvline(report.target_speedup, color="grey", ls=":", lw=1)
+    ax.set_xlabel("speedup vs full compute (predicted from per-call times; x: measured)")
+    ax.set_ylabel("PSNR vs full compute, calibration samples (dB)")
+    ax.set_title("tcpass calibrate --policy steps: candidates and frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _write_atomically(out: str | Path, plan: CachePlan, report: StepCalibrationReport) -> None:
