@@ -54,7 +54,15 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every 
 
 import tcpass  # noqa: E402
 from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
-from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
+from tcpass.metrics import (  # noqa: E402
+    bootstrap_draws,
+    class_accuracy,
+    classifier_features,
+    frechet_bootstrap,
+    frechet_distance,
+    psnr,
+    ssim,
+)
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.schedule import StepKind  # noqa: E402
 from tcpass.zoo import reference  # noqa: E402
@@ -556,6 +564,7 @@ def frontier(rows: list[dict]) -> dict:
         peers = [(psnr_at_speed(pts, speed), m) for m, pts in methods.items() if m not in tcpass_methods]
         peers = [(v, m) for v, m in peers if v is not None]
         top = max(peers) if peers else None
+        sample_quality = {} if top is None else peer_sample_quality(rows, top[1], r)
         at_plans.append(
             {
                 "plan": r["name"],
@@ -565,9 +574,32 @@ def frontier(rows: list[dict]) -> dict:
                 "best_peer": None if top is None else {"method": top[1], "psnr_db": top[0]},
                 "margin_db": None if top is None else r["psnr_db_mean"] - top[0],
                 "peers_at_speed": {m: v for v, m in peers},
+                "frechet": r["frechet_vs_heldout"],
+                "frechet_bootstrap_std": r.get("frechet_bootstrap_std"),
+                "class_acc": r["class_acc_mean"],
+                **sample_quality,
             }
         )
     return {"psnr_db_at_speedup": table, "best_peer": best, "tcpass_plans": at_plans}
+
+
+def peer_sample_quality(rows: list[dict], method: str, plan_row: dict) -> dict:
+    """``method``'s Fréchet distance and class accuracy interpolated at ``plan_row``'s measured speed (as its PSNR
+    is), and the paired bootstrap std of the plan's Fréchet minus that interpolation (same resamplings)."""
+    mine = [r for r in rows if r["method"] == method]
+    speed = plan_row["speedup_median"]
+    out = {
+        "best_peer_frechet": psnr_at_speed([(r["speedup_median"], r["frechet_vs_heldout"]) for r in mine], speed),
+        "best_peer_class_acc": psnr_at_speed([(r["speedup_median"], r["class_acc_mean"]) for r in mine], speed),
+    }
+    if "frechet_bootstrap" in plan_row and all("frechet_bootstrap" in r for r in mine):
+        diffs = [
+            plan_row["frechet_bootstrap"][b]
+            - psnr_at_speed([(r["speedup_median"], r["frechet_bootstrap"][b]) for r in mine], speed)
+            for b in range(len(plan_row["frechet_bootstrap"]))
+        ]
+        out["frechet_minus_peer_paired_std"] = float(np.std(diffs))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -678,8 +710,10 @@ def main() -> None:
         for arm in arms:
             seconds[arm.name].append(run(arm, noise)[1])
 
+    draws = bootstrap_draws(len(labels) * args.seeds)  # the same resamplings for every arm: paired
     rows = [
-        summarize(arm, full, seconds, per_seed[arm.name], samples[arm.name], classifier, real_features) for arm in arms
+        summarize(arm, full, seconds, per_seed[arm.name], samples[arm.name], classifier, real_features, draws)
+        for arm in arms
     ]
     front = frontier(rows)
     print_table(rows, front, len(labels), args, batch, real_vs_real, unavailable)
@@ -706,7 +740,7 @@ def main() -> None:
     print(f"wrote {plot(rows, RESULTS / (out + '.png'), args.model)}")
 
 
-def summarize(arm, full, seconds, quality, samples, classifier, real_features) -> dict:
+def summarize(arm, full, seconds, quality, samples, classifier, real_features, draws) -> dict:
     speedups = [f / s for f, s in zip(seconds[full.name], seconds[arm.name], strict=True)]
     counts = arm.record.get("counts", {})
     full_counts = full.record["counts"]
@@ -719,6 +753,7 @@ def summarize(arm, full, seconds, quality, samples, classifier, real_features) -
         computed = counts["attention_rows"] + counts["mlp_rows"]
         work = computed / (full_counts["attention_rows"] + full_counts["mlp_rows"])
     feats = classifier_features(torch.cat(samples), classifier)
+    boot = frechet_bootstrap(feats, real_features, draws)
     return {
         "method": arm.method,
         "setting": arm.setting,
@@ -727,6 +762,8 @@ def summarize(arm, full, seconds, quality, samples, classifier, real_features) -
         "steps": arm.steps,
         "knobs": arm.knobs,
         **fidelity_row(speedups, quality, frechet_distance(feats, real_features)),
+        "frechet_bootstrap_std": float(np.std(boot)),
+        "frechet_bootstrap": [round(float(v), 3) for v in boot],  # paired across arms (same resamplings)
         "seconds_per_generation": seconds[arm.name],
         "block_calls": counts.get("block_calls"),
         "block_call_fraction": fraction("block_calls"),
@@ -768,17 +805,18 @@ def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) ->
         f"{args.steps} DDIM steps, CFG {args.guidance}, {args.threads} thread(s); "
         f"Fréchet real-vs-real {real_vs_real:.2f}"
     )
-    print(f"{'arm':52} {'speedup':>15} {'PSNR dB':>14} {'SSIM':>7} {'acc':>6} {'Fréchet':>8} {'blocks':>6} {'work':>5}")
+    header = f"{'arm':52} {'speedup':>15} {'PSNR dB':>14} {'SSIM':>7} {'acc':>6} {'Fréchet ± boot':>14}"
+    print(f"{header} {'blocks':>6} {'work':>5}")
     for r in rows:
         psnr_text = "inf" if np.isinf(r["psnr_db_mean"]) else f"{r['psnr_db_mean']:6.2f} ± {r['psnr_db_std']:4.2f}"
         lo, hi = r["speedup_min_max"]
         blocks = "-" if r["block_call_fraction"] is None else f"{r['block_call_fraction']:.2f}"
         work = "-" if r["work_fraction"] is None else f"{r['work_fraction']:.2f}"
         flags = (" NOOP" if r.get("noop") else "") + ("" if r["reset_verified"] is not False else " STATE-LEAK")
+        frechet = f"{r['frechet_vs_heldout']:6.1f} ± {r.get('frechet_bootstrap_std', float('nan')):4.1f}"
         print(
             f"{r['name'][:52]:52} {r['speedup_median']:5.2f}x {lo:4.2f}-{hi:4.2f} {psnr_text:>14} "
-            f"{r['ssim_mean']:7.4f} {r['class_acc_mean']:6.1%} {r['frechet_vs_heldout']:8.2f} "
-            f"{blocks:>6} {work:>5}{flags}"
+            f"{r['ssim_mean']:7.4f} {r['class_acc_mean']:6.1%} {frechet:>14} {blocks:>6} {work:>5}{flags}"
         )
     for u in unavailable:
         print(f"{u['method']:52} not run: {u['reason']}")
@@ -799,7 +837,12 @@ def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) ->
         versus = (
             "no peer measured at that speed"
             if best is None
-            else (f"best peer there {best['method']} {best['psnr_db']:.2f} dB, margin {p['margin_db']:+.2f} dB")
+            else (
+                f"best peer there {best['method']} {best['psnr_db']:.2f} dB, margin {p['margin_db']:+.2f} dB; "
+                f"Fréchet {p['frechet']:.1f} vs {p['best_peer_frechet']:.1f} "
+                f"(paired bootstrap std of the difference {p.get('frechet_minus_peer_paired_std', float('nan')):.1f}), "
+                f"class accuracy {p['class_acc']:.1%} vs {p['best_peer_class_acc']:.1%}"
+            )
         )
         print(f"{p['plan']} at {p['speedup']:.2f}x: {p['psnr_db']:.2f} ± {p['psnr_db_std']:.2f} dB; {versus}")
 

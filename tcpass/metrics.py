@@ -52,3 +52,20 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def bootstrap_draws(num_samples: int, draws: int = 100, seed: int = 0) -> np.ndarray:
+    """``draws`` resamplings (with replacement) of ``num_samples`` sample indices, [draws, num_samples].
+
+    Give every variant the same draws: their samples share noise and conditioning, so a difference
+    of two variants' replicates is a paired bootstrap of their difference.
+    """
+    return np.random.default_rng(seed).integers(0, num_samples, size=(draws, num_samples))
+
+
+def frechet_bootstrap(features: np.ndarray, reference: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The Fréchet distance of ``features[d]`` to ``reference`` for every resampling ``d`` of ``draws``
+    (`bootstrap_draws`): its spread is the sampling noise of `frechet_distance` at this sample count."""
+    if draws.max(initial=0) >= len(features):
+        raise ValueError(f"draws index up to {draws.max()} but there are {len(features)} samples.")
+    return np.array([frechet_distance(features[d], reference) for d in draws])

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.peers import frontier, psnr_at_speed, skipped_nothing
+from bench.peers import frontier, peer_sample_quality, psnr_at_speed, skipped_nothing
 
 POINTS = [(1.5, 30.0), (2.5, 26.0), (3.5, 20.0)]
 
@@ -50,6 +50,9 @@ def test_frontier_names_the_best_peer_and_leaves_tcpass_out():
             "is_tcpass": True,
         },
     ]
+    for r in rows:
+        r.setdefault("frechet_vs_heldout", 100.0 * r["speedup_median"])
+        r.setdefault("class_acc_mean", 1.0 / r["speedup_median"])
     front = frontier(rows)
     assert front["psnr_db_at_speedup"]["MagCache"] == {"2.0": pytest.approx(30.0), "3.0": None}
     assert front["best_peer"]["2.0"] == {"method": "MagCache", "psnr_db": pytest.approx(30.0)}
@@ -60,6 +63,25 @@ def test_frontier_names_the_best_peer_and_leaves_tcpass_out():
     assert plan_a["best_peer"] == {"method": "MagCache", "psnr_db": pytest.approx(30.5)}
     assert plan_a["margin_db"] == pytest.approx(9.5)
     assert plan_b["best_peer"] == {"method": "fewer steps", "psnr_db": pytest.approx(22.4)}
+    # the best peer's sample quality at the plan's speed, interpolated as its PSNR is
+    assert plan_a["frechet"] == pytest.approx(190.0) and plan_a["best_peer_frechet"] == pytest.approx(190.0)
+    assert plan_a["best_peer_class_acc"] == pytest.approx(1 / 1.8 + (1 / 2.2 - 1 / 1.8) * 0.25)
+
+
+def test_the_frechet_difference_to_a_peer_is_a_paired_bootstrap_at_the_plans_speed():
+    rows = [
+        {"method": "MagCache", "speedup_median": 1.8, "frechet_vs_heldout": 6.0, "class_acc_mean": 1.0,
+         "frechet_bootstrap": [5.0, 9.0]},
+        {"method": "MagCache", "speedup_median": 2.2, "frechet_vs_heldout": 7.0, "class_acc_mean": 0.5,
+         "frechet_bootstrap": [7.0, 7.0]},
+    ]  # fmt: skip
+    plan = {"speedup_median": 1.9, "frechet_bootstrap": [10.0, 12.0]}
+    out = peer_sample_quality(rows, "MagCache", plan)
+    assert out["best_peer_frechet"] == pytest.approx(6.25) and out["best_peer_class_acc"] == pytest.approx(0.875)
+    # peer at 1.9x per resampling: 5.5 and 8.5; differences 4.5 and 3.5
+    assert out["frechet_minus_peer_paired_std"] == pytest.approx(0.5)
+    del plan["frechet_bootstrap"]
+    assert "frechet_minus_peer_paired_std" not in peer_sample_quality(rows, "MagCache", plan)
 
 
 def test_a_setting_that_computes_everything_is_a_noop():
