@@ -357,52 +357,26 @@ def calibrate_steps(
         seconds.update(measure_token_seconds(model, batch, tuple(sorted({keep for keep, _ in compose}))))
     timesteps = [float(t) for t in data.timesteps]
     base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
-    pool = [
+    every = [
         StepCandidate(n, p, predicted_speedup(p, steps, seconds)) for n, p in step_candidates(timesteps, ratios, base)
     ]
-    every = list(pool)
-    if target_speedup is not None:
-        pool = [c for c in pool if target_speedup / window <= c.predicted_speedup <= window * target_speedup]
-        if not pool:
-            raise ValueError(
-                f"no step candidate is predicted within [{target_speedup / window:.2f}, "
-                f"{window * target_speedup:.2f}]x."
-            )
-    pool.sort(key=lambda c: c.predicted_speedup)
-    in_window = list(pool)
-    if len(pool) > max_evaluated:  # thin evenly over speed: up to a quarter fewer-steps baselines, then tables
-        baselines = _evenly([c for c in pool if c.plan.skip is None], max(1, max_evaluated // 4))
-        others = _evenly([c for c in pool if c.plan.skip is not None], max_evaluated - len(baselines))
-        pool = sorted(baselines + others, key=lambda c: c.predicted_speedup)
+    in_window = _in_window(every, target_speedup, window)
+    pool = _thinned(in_window, max_evaluated)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
-    histories, reach, bias = forecast_histories, target_speedup, 1.0
-    if target_speedup is not None and verify_reps > 0 and max_forecast > 0:
-        # tables are chosen by predicted speed: correct the prediction by one measured baseline first
-        baseline = min(
-            (c for c in pool if c.plan.skip is None), key=lambda c: abs(c.predicted_speedup - target_speedup)
-        )
-        baseline.measured_speedup, _ = verify_speedup(model, baseline.plan, data, verify_reps)
-        bias = baseline.measured_speedup / baseline.predicted_speedup
-        reach = target_speedup / bias
+    composing = max_composed > 0 and len(compose) > 0
+    bias = 1.0
+    if target_speedup is not None and verify_reps > 0 and (max_forecast > 0 or composing):
+        bias = _measured_bias(model, pool, data, target_speedup, verify_reps)
+    reach = None if target_speedup is None else target_speedup / bias  # what the tables must be predicted at
     pool += forecast_candidates(
-        model, pool, in_window, data, steps, seconds, reach, min_psnr, max_forecast, histories, progress
+        model, pool, in_window, data, steps, seconds, reach, min_psnr, max_forecast, forecast_histories, progress
     )
-    if max_composed > 0 and compose:
+    if composing:
         pool += composed_candidates(
             model, every, data, steps, seconds, reach, min_psnr, tuple(compose), max_composed, progress
         )
-    if target_speedup is not None and verify_reps > 0:
-        chosen = verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress, bias)
-    elif target_speedup is not None:
-        chosen = max((c for c in pool if c.predicted_speedup >= target_speedup), key=lambda c: c.psnr_db)
-    else:
-        holding = [c for c in pool if c.psnr_db >= min_psnr]
-        if not holding:
-            raise ValueError(f"no step candidate holds {min_psnr} dB (best {max(c.psnr_db for c in pool):.2f} dB).")
-        chosen = max(holding, key=lambda c: c.predicted_speedup)
-        if verify_reps > 0:
-            chosen.measured_speedup, _ = verify_speedup(model, chosen.plan, data, verify_reps)
+    chosen = _choose(model, pool, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias)
     notes = {
         "calibrated_by": "tcpass calibrate --policy steps",
         "candidate": chosen.name,
@@ -420,6 +394,60 @@ def calibrate_steps(
     )
     _write_atomically(out, plan, report)
     return report
+
+
+def _in_window(candidates: list[StepCandidate], target: float | None, window: float) -> list[StepCandidate]:
+    """The candidates predicted within [target / window, window * target] (all without a target), by speed."""
+    if target is not None:
+        candidates = [c for c in candidates if target / window <= c.predicted_speedup <= window * target]
+        if not candidates:
+            raise ValueError(f"no step candidate is predicted within [{target / window:.2f}, {window * target:.2f}]x.")
+    return sorted(candidates, key=lambda c: c.predicted_speedup)
+
+
+def _thinned(pool: list[StepCandidate], max_evaluated: int) -> list[StepCandidate]:
+    """At most ``max_evaluated`` of ``pool``, evenly over speed: up to a quarter fewer-steps baselines, then tables."""
+    if len(pool) <= max_evaluated:
+        return list(pool)
+    baselines = _evenly([c for c in pool if c.plan.skip is None], max(1, max_evaluated // 4))
+    others = _evenly([c for c in pool if c.plan.skip is not None], max_evaluated - len(baselines))
+    return sorted(baselines + others, key=lambda c: c.predicted_speedup)
+
+
+def _measured_bias(
+    model: nn.Module, pool: list[StepCandidate], data: CalibrationData, target: float, reps: int
+) -> float:
+    """Measured / predicted speedup of the fewer-steps baseline predicted nearest ``target`` (timed here, and
+    kept on it): forecasts and compositions are picked by predicted speed, so the prediction is corrected first."""
+    baseline = min((c for c in pool if c.plan.skip is None), key=lambda c: abs(c.predicted_speedup - target))
+    baseline.measured_speedup, _ = verify_speedup(model, baseline.plan, data, reps)
+    return baseline.measured_speedup / baseline.predicted_speedup
+
+
+def _choose(
+    model: nn.Module,
+    pool: list[StepCandidate],
+    data: CalibrationData,
+    target_speedup: float | None,
+    min_psnr: float | None,
+    verify_reps: int,
+    max_verified: int,
+    progress: bool,
+    bias: float,
+) -> StepCandidate:
+    """The chosen candidate: `verified_choice` for a speed target (or the best predicted to reach it when
+    ``verify_reps`` is 0); for a quality floor, the fastest predicted that holds it (then measured)."""
+    if target_speedup is not None and verify_reps > 0:
+        return verified_choice(model, pool, data, target_speedup, verify_reps, max_verified, progress, bias)
+    if target_speedup is not None:
+        return max((c for c in pool if c.predicted_speedup >= target_speedup), key=lambda c: c.psnr_db)
+    holding = [c for c in pool if c.psnr_db >= min_psnr]
+    if not holding:
+        raise ValueError(f"no step candidate holds {min_psnr} dB (best {max(c.psnr_db for c in pool):.2f} dB).")
+    chosen = max(holding, key=lambda c: c.predicted_speedup)
+    if verify_reps > 0:
+        chosen.measured_speedup, _ = verify_speedup(model, chosen.plan, data, verify_reps)
+    return chosen
 
 
 def forecast_candidates(
