@@ -315,6 +315,14 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     show_default=True,
     help="--policy steps: at most this many skip + token compositions near the target are generated (0: none).",
 )
+@click.option(
+    "--speed-tolerance",
+    type=click.FloatRange(0, 0.5, max_open=True),
+    default=0.03,
+    show_default=True,
+    help="--policy steps: a plan measured at (1 - this) x --target-speedup or faster reaches it "
+    "(whole-generation timings vary by a few %).",
+)
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
@@ -333,6 +341,7 @@ def calibrate(
     forecast_history,
     compose,
     max_composed,
+    speed_tolerance,
     threads,
     out,
 ):
@@ -375,6 +384,7 @@ def calibrate(
             forecast_histories=tuple(forecast_history),
             compose=tuple(compose),
             max_composed=max_composed,
+            speed_tolerance=speed_tolerance,
             **common,
         )
         click.echo(report.format())

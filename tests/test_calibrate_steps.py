@@ -134,6 +134,14 @@ def test_the_choice_is_verified_on_whole_generations(monkeypatch):
     chosen = cs.verified_choice(None, candidates, None, 2.0, 1, 4)
     assert chosen.name == "b" and chosen.measured_speedup == 1.97  # target missed: the fastest verified
 
+    candidates = pool(("a", 2.0, 30.0), ("b", 2.1, 29.0))
+    timed = []
+    monkeypatch.setattr(cs, "verify_speedup", measure({"a": 1.95, "b": 1.97}, timed))
+    chosen = cs.verified_choice(None, candidates, None, 2.0, 1, 4, tolerance=0.03)  # 1.94x reaches 2.0x
+    assert chosen.name == "a" and timed == ["a"]
+    with pytest.raises(ValueError, match="speed_tolerance = 0.6"):
+        calibrate_steps(make_dit(), "unused.json", target_speedup=2.0, speed_tolerance=0.6)
+
 
 def test_forecast_weights_are_the_least_squares_fit_and_the_plan_generates_the_fitting_samples():
     from tcpass.calibrate.forecast import fit_forecast

@@ -99,6 +99,101 @@ def emit_cached_step(
     return gm, cache_specs, index_specs
 
 
+class _KeptTokens:
+    """One block's values on its K kept tokens, emitted on demand (`_rewrite_block`'s working state).
+
+    ``idx`` [B, K] are the kept image tokens; a token axis with ``pad`` text positions around the
+    image tokens keeps every text position too (`index`). ``kept`` maps an original node to its value
+    on the kept tokens: gathered for values that carry the token axis, recomputed for derived ones.
+    """
+
+    def __init__(self, em: Emitter, span: BlockSpan, ta: TokenAxes, x_in: fx.Node, idx: fx.Node, k: int) -> None:
+        self.em, self.span, self.ta, self.x_in, self.idx, self.k = em, span, ta, x_in, idx, k
+        self.batch = list(span.hidden_in.meta["val"].shape)[0]
+        self.indices: dict[tuple[int, int], fx.Node] = {(0, 0): idx}
+        self.kept: dict[fx.Node, fx.Node] = {}
+
+    def index(self, pad: tuple[int, int]) -> fx.Node:
+        """Kept positions of a token axis with ``pad`` text positions around the image tokens:
+        every text position, and the K kept image tokens ([B, before + K + after])."""
+        if pad not in self.indices:
+            em, n_tokens, before, after = self.em, self.ta.num_tokens, *pad
+            device = self.idx.meta["val"].device if "val" in self.idx.meta else None
+            parts = []
+            for lo, hi in ((0, before), (before + n_tokens, before + n_tokens + after)):
+                if hi > lo:
+                    r = em(aten.arange.start, (lo, hi), {"dtype": torch.long, "device": device})
+                    parts.append(em(aten.expand.default, (em(aten.unsqueeze.default, (r, 0)), [self.batch, hi - lo])))
+            image = em(aten.add.Tensor, (self.idx, before)) if before else self.idx
+            parts.insert(1 if before else 0, image)
+            self.indices[pad] = em(aten.cat.default, (parts, 1))
+        return self.indices[pad]
+
+    def length(self, pad: tuple[int, int]) -> int:
+        return pad[0] + self.k + pad[1]
+
+    def on_kept(self, arg: fx.Node) -> fx.Node:
+        """``arg`` (a value with a token axis) at the kept positions."""
+        if arg not in self.kept:
+            src = self.x_in if arg is self.span.hidden_in else arg
+            pad = self.ta.pad_of(arg)
+            shape = list(arg.meta["val"].shape)
+            self.kept[arg] = self.em.gather(src, self.ta.axis[arg], self.index(pad), shape, self.length(pad))
+        return self.kept[arg]
+
+    def gather_constant(self, arg: fx.Node, source: fx.Node, axis: int, user: fx.Node) -> fx.Node:
+        """A tensor that spans ``user``'s token axis without depending on the block input, at the kept positions."""
+        em = self.em
+        shape = list(arg.meta["val"].shape)
+        out_rank = user.meta["val"].dim()
+        if len(shape) < out_rank:  # bring it to the user's rank: leading broadcast dims
+            axis += out_rank - len(shape)
+            shape = [1] * (out_rank - len(shape)) + shape
+            source = em(aten.view.default, (source, shape))
+        if shape[0] != self.batch:  # one row for the whole batch: each batch row keeps its own tokens
+            shape[0] = self.batch
+            source = em(aten.expand.default, (source, shape))
+        pad = self.ta.pad_of(user)
+        return em.gather(source, axis, self.index(pad), shape, self.length(pad))
+
+    def attention(self, node: fx.Node, mode: str, caches: list[str], placeholders: dict, updated: dict) -> None:
+        """A self-attention on the kept queries; keys/values per ``mode`` (``caches``: the K/V cache names)."""
+        q, key, value = node.args[:3]
+        if mode == "full_kv":
+            key_value = [key, value]
+        elif mode == "cached_kv":  # refresh the kept rows of the K/V caches, attend over all of them
+            key_value = []
+            for name, arg in zip(caches, (key, value), strict=True):
+                pad = self.ta.pad_of(arg)
+                shape = list(arg.meta["val"].shape)
+                kept = self.on_kept(arg)
+                updated[name] = self.em.scatter(
+                    placeholders[name], self.ta.axis[arg], self.index(pad), kept, shape, self.length(pad)
+                )
+                key_value.append(updated[name])
+        else:
+            key_value = [self.on_kept(key), self.on_kept(value)]
+        args = (self.on_kept(q), *key_value, *node.args[3:])
+        self.kept[node] = self.em(node.target, args, node.kwargs, meta_from=node)
+
+    def recompute(self, node: fx.Node, original: dict[fx.Node, fx.Node]) -> None:
+        """Any other node that depends on the block input, on the kept tokens (sizes moved from N to K)."""
+
+        def remap(arg):
+            if not isinstance(arg, fx.Node):
+                return arg
+            if arg is self.x_in:
+                arg = self.span.hidden_in
+            if arg in self.ta.axis:
+                return self.on_kept(arg)
+            source = self.kept.get(arg, arg)  # derived values are recomputed from the kept ones
+            axis = self.ta.gathered_constants.get((node, original.get(arg, arg)))
+            return source if axis is None else self.gather_constant(arg, source, axis, node)
+
+        args = _resize_token_args(node, map_arg(node.args, remap), self.ta, self.k)
+        self.kept[node] = self.em(node.target, args, map_arg(node.kwargs, remap), meta_from=node)
+
+
 def _rewrite_block(
     graph: fx.Graph,
     span: BlockSpan,
@@ -111,63 +206,16 @@ def _rewrite_block(
     renamed: dict[fx.Node, fx.Node],
     ctx: dict,
 ) -> None:
+    """Block ``span`` on its K kept tokens; the other tokens take the cached residual (module docstring)."""
     b = span.index
-    n_tokens = ta.num_tokens
     x_in = renamed.get(span.hidden_in, span.hidden_in)  # the previous block may have been rewritten
-    full_shape = list(span.hidden_in.meta["val"].shape)
     em = Emitter(graph, span.nodes[-1], span.hidden_out)
-
     score = policy.kept_score(em, span, x_in, placeholders, ctx)
     if score is None:
         idx = placeholders[block_cache(b, "kept_indices")]
     else:
         idx = em(operator.getitem, (em(aten.topk.default, (score, k, 1)), 1))
-
-    batch = full_shape[0]
-    mixed: dict[tuple[int, int], fx.Node] = {(0, 0): idx}
-
-    def index_for(pad: tuple[int, int]) -> fx.Node:
-        """Kept positions of a token axis with ``pad`` text positions around the image tokens:
-        every text position, and the K kept image tokens ([B, before + K + after])."""
-        if pad not in mixed:
-            before, after = pad
-            device = idx.meta["val"].device if "val" in idx.meta else None
-            parts = []
-            for lo, hi in ((0, before), (before + n_tokens, before + n_tokens + after)):
-                if hi > lo:
-                    r = em(aten.arange.start, (lo, hi), {"dtype": torch.long, "device": device})
-                    parts.append(em(aten.expand.default, (em(aten.unsqueeze.default, (r, 0)), [batch, hi - lo])))
-            image = em(aten.add.Tensor, (idx, before)) if before else idx
-            parts.insert(1 if before else 0, image)
-            mixed[pad] = em(aten.cat.default, (parts, 1))
-        return mixed[pad]
-
-    def kept_length(pad: tuple[int, int]) -> int:
-        return pad[0] + k + pad[1]
-
-    kept: dict[fx.Node, fx.Node] = {}  # original node -> its value on the kept tokens (or recomputed, derived)
-
-    def on_kept(arg: fx.Node) -> fx.Node:
-        if arg not in kept:
-            src = x_in if arg is span.hidden_in else arg
-            pad = ta.pad_of(arg)
-            kept[arg] = em.gather(src, ta.axis[arg], index_for(pad), list(arg.meta["val"].shape), kept_length(pad))
-        return kept[arg]
-
-    def gather_constant(arg: fx.Node, source: fx.Node, axis: int, user: fx.Node) -> fx.Node:
-        """A tensor that spans ``user``'s token axis without depending on the block input, at the kept positions."""
-        shape = list(arg.meta["val"].shape)
-        out_rank = user.meta["val"].dim()
-        if len(shape) < out_rank:  # bring it to the user's rank: leading broadcast dims
-            axis += out_rank - len(shape)
-            shape = [1] * (out_rank - len(shape)) + shape
-            source = em(aten.view.default, (source, shape))
-        if shape[0] != batch:  # one row for the whole batch: each batch row keeps its own tokens
-            shape[0] = batch
-            source = em(aten.expand.default, (source, shape))
-        pad = ta.pad_of(user)
-        return em.gather(source, axis, index_for(pad), shape, kept_length(pad))
-
+    tokens = _KeptTokens(em, span, ta, x_in, idx, k)
     original = {new: old for old, new in renamed.items()}
     stays_full = attention_kv_sources(ta, span.nodes) if attention == "full_kv" else set()
     attn_index = 0
@@ -175,56 +223,39 @@ def _rewrite_block(
         if node in stays_full or not ta.depends(node):
             continue
         if is_self_attention(node, ta):
-            q, key, value = node.args[:3]
-            if attention == "full_kv":
-                key_value = [key, value]
-            elif attention == "cached_kv":
-                key_value = []
-                for kind, arg in (("key", key), ("value", value)):
-                    name = f"block{b}.attn{attn_index}.{kind}"
-                    pad = ta.pad_of(arg)
-                    updated[name] = em.scatter(
-                        placeholders[name],
-                        ta.axis[arg],
-                        index_for(pad),
-                        on_kept(arg),
-                        list(arg.meta["val"].shape),
-                        kept_length(pad),
-                    )
-                    key_value.append(updated[name])
-            else:
-                key_value = [on_kept(key), on_kept(value)]
+            caches = [f"block{b}.attn{attn_index}.{kind}" for kind in ("key", "value")]
+            tokens.attention(node, attention, caches, placeholders, updated)
             attn_index += 1
-            args = (on_kept(q), *key_value, *node.args[3:])
-            kept[node] = em(node.target, args, node.kwargs, meta_from=node)
-            continue
+        else:
+            tokens.recompute(node, original)
+    _write_residual(em, span, tokens, policy, placeholders, updated, renamed, ctx)
 
-        def remap(arg, node=node):
-            if not isinstance(arg, fx.Node):
-                return arg
-            if arg is x_in:
-                arg = span.hidden_in
-            if arg in ta.axis:
-                return on_kept(arg)
-            source = kept.get(arg, arg)  # derived values are recomputed from the kept ones
-            axis = ta.gathered_constants.get((node, original.get(arg, arg)))
-            return source if axis is None else gather_constant(arg, source, axis, node)
 
-        args = map_arg(node.args, remap)
-        args = _resize_token_args(node, args, ta, k)
-        kept[node] = em(node.target, args, map_arg(node.kwargs, remap), meta_from=node)
-
-    x_kept = on_kept(span.hidden_in)
+def _write_residual(
+    em: Emitter,
+    span: BlockSpan,
+    tokens: _KeptTokens,
+    policy: TokenPolicy,
+    placeholders: dict[str, fx.Node],
+    updated: dict[str, fx.Node],
+    renamed: dict[fx.Node, fx.Node],
+    ctx: dict,
+) -> None:
+    """Scatter the kept rows' new residual into the block's cache, output ``x + residual`` in place of the
+    block's output, and hand a joint block's other outputs their kept-token values."""
+    b, kept = span.index, tokens.kept
+    full_shape = list(span.hidden_in.meta["val"].shape)
+    x_kept = tokens.on_kept(span.hidden_in)
     delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
-    delta = em.scatter(placeholders[block_cache(b, "delta")], 1, idx, delta_kept, full_shape, k)
-    out = em(aten.add.Tensor, (x_in, delta))
+    delta = em.scatter(placeholders[block_cache(b, "delta")], 1, tokens.idx, delta_kept, full_shape, tokens.k)
+    out = em(aten.add.Tensor, (tokens.x_in, delta))
     updated[block_cache(b, "delta")] = delta
-    policy.after_keep(em, span, idx, x_kept, placeholders, updated, ctx)
+    policy.after_keep(em, span, tokens.idx, x_kept, placeholders, updated, ctx)
     inside = set(span.nodes)
     span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
     renamed[span.hidden_out] = out
     for side in span.side_outputs:  # a joint block's text stream: recomputed in full from the kept tokens
-        if side in ta.axis:
+        if side in tokens.ta.axis:
             raise ValueError(f"block {b} ({span.path}): output {side.name} holds image tokens besides the residual.")
         if side in kept:
             side.replace_all_uses_with(kept[side], delete_user_cb=lambda user: user not in inside)

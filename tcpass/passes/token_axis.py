@@ -53,6 +53,7 @@ _ELEMENTWISE = {
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FLAT_RESHAPES = {aten.flatten.using_ints, aten.unflatten.int}  # reshapes without a shape argument to rewrite
 _PRESERVING = {aten.linear.default, aten.layer_norm.default, aten.rms_norm.default}
+_MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default}  # axis moves
 _SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -199,11 +200,28 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int | None, .
     rank_in = _val(src).dim() if isinstance(src, fx.Node) else 0
     if isinstance(src, fx.Node) and src in axes and t is not SDPA:
         _set_pad(ta, node, ta.pad.get(src))  # single-input ops keep the padding; overridden below
-    if t in RESHAPES or t in _FLAT_RESHAPES:
-        out = _reshape_axis(tuple(_val(src).shape), a, tuple(_val(node).shape))
-        if out is None:
-            raise _unsupported(node, where, "the reshape splits or merges the token axis")
-        return out
+    if t in RESHAPES or t in _FLAT_RESHAPES or t in _MOVES:
+        return _moved_axis(node, src, a, rank_in, where)
+    if t in _PRESERVING:
+        if t is not aten.linear.default and a >= rank_in - len(node.args[1]):
+            raise _unsupported(node, where, "normalization over the token axis")
+        if t is aten.linear.default and a == rank_in - 1:
+            raise _unsupported(node, where, "linear over the token axis")
+        return a
+    if t is aten.slice.Tensor:
+        return _slice_axis(node, ta, src, a, rank_in, where)
+    if t in _SPLITS:
+        return _split_axes(node, ta, src, a, rank_in, where)
+    if t is SDPA:
+        return _attention_axis(node, ta, where)
+    if isinstance(t, torch._ops.OpOverload) and (torch.Tag.pointwise in t.tags or t in _ELEMENTWISE):
+        return _broadcast_axis(node, ta, where, _val(node).dim())
+    raise _unsupported(node, where, "op not known to be token-wise")
+
+
+def _moved_axis(node: fx.Node, src: fx.Node, a: int, rank_in: int, where: str) -> int:
+    """Where a reshape, transpose, permute, unsqueeze or expand puts the token axis ``a`` of ``src``."""
+    t = node.target
     if t is aten.transpose.int:
         d0, d1 = (_norm_dim(d, rank_in) for d in node.args[1:3])
         return d1 if a == d0 else d0 if a == d1 else a
@@ -214,65 +232,72 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int | None, .
         return a + 1 if d <= a else a
     if t is aten.expand.default:
         return a + len(node.args[1]) - rank_in
-    if t in _PRESERVING:
-        if t is not aten.linear.default and a >= rank_in - len(node.args[1]):
-            raise _unsupported(node, where, "normalization over the token axis")
-        if t is aten.linear.default and a == rank_in - 1:
-            raise _unsupported(node, where, "linear over the token axis")
+    out = _reshape_axis(tuple(_val(src).shape), a, tuple(_val(node).shape))
+    if out is None:
+        raise _unsupported(node, where, "the reshape splits or merges the token axis")
+    return out
+
+
+def _slice_axis(node: fx.Node, ta: TokenAxes, src: fx.Node, a: int, rank_in: int, where: str) -> int | None:
+    """A slice: the token axis unchanged, or (slicing it) the segment of image/text positions it keeps."""
+    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank_in)
+    if dim != a:
         return a
-    if t is aten.slice.Tensor:
-        dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, rank_in)
-        if dim != a:
-            return a
-        step = node.args[4] if len(node.args) > 4 else 1
-        length = int(_val(src).shape[a])
-        start, end = (node.args[2:4] + (None, None))[:2] if len(node.args) > 2 else (None, None)
-        start, end, _ = slice(start, end).indices(length)
-        if step != 1:
-            raise _unsupported(node, where, "a strided slice of the token axis")
-        if (start, end) == (0, length):
-            return a
-        ta.pad.pop(node, None)
-        return _segments(node, ta, src, [(start, end)], where)[0]
-    if t in _SPLITS:
-        dim_arg = node.args[1] if t is aten.unbind.int else node.args[2] if len(node.args) > 2 else None
-        dim = _norm_dim(node.kwargs.get("dim", 0) if dim_arg is None else dim_arg, rank_in)
-        pieces = list(_val(node))
-        if dim != a:
-            out = a - 1 if t is aten.unbind.int and dim < a else a
-            if src in ta.pad:
-                ta.pad[node] = tuple(ta.pad[src] for _ in pieces)
-            return tuple(out for _ in pieces)
-        if t is aten.unbind.int:
-            raise _unsupported(node, where, "unbinding the token axis")
-        ta.pad.pop(node, None)
-        bounds = list(itertools.accumulate((int(p.shape[dim]) for p in pieces), initial=0))
-        return _segments(node, ta, src, list(itertools.pairwise(bounds)), where)
-    if t is SDPA:
-        q, k, v = node.args[:3]
-        rank = _val(q).dim()
-        for name, arg in (("query", q), ("key", k), ("value", v)):
-            if arg in axes and axes[arg] != rank - 2:
-                raise _unsupported(node, where, f"{name} tokens are not on axis -2")
-            if arg in ta.derived:
-                raise _unsupported(node, where, f"the {name} is derived from image tokens without holding them")
-        if q not in axes:
-            raise _unsupported(node, where, "queries do not come from the block's tokens")
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node):
-            shape = tuple(_val(mask).shape)
-            if ta.depends(mask):
-                raise _unsupported(node, where, "the attention mask depends on the image tokens")
-            if len(shape) >= 2 and shape[-2] != 1:
-                raise _unsupported(node, where, f"the attention mask {shape} varies over queries")
-            if k in axes and shape[-1] != 1:
-                raise _unsupported(node, where, f"the attention mask {shape} masks image keys")
-        _set_pad(ta, node, ta.pad.get(q))
-        ta.attention.append(node)
-        return rank - 2
-    if isinstance(t, torch._ops.OpOverload) and (torch.Tag.pointwise in t.tags or t in _ELEMENTWISE):
-        return _broadcast_axis(node, ta, where, _val(node).dim())
-    raise _unsupported(node, where, "op not known to be token-wise")
+    step = node.args[4] if len(node.args) > 4 else 1
+    length = int(_val(src).shape[a])
+    start, end = (node.args[2:4] + (None, None))[:2] if len(node.args) > 2 else (None, None)
+    start, end, _ = slice(start, end).indices(length)
+    if step != 1:
+        raise _unsupported(node, where, "a strided slice of the token axis")
+    if (start, end) == (0, length):
+        return a
+    ta.pad.pop(node, None)
+    return _segments(node, ta, src, [(start, end)], where)[0]
+
+
+def _split_axes(node: fx.Node, ta: TokenAxes, src: fx.Node, a: int, rank_in: int, where: str) -> tuple[int | None, ...]:
+    """A split/chunk/unbind: each piece's token axis (splitting the token axis: the segment each piece holds)."""
+    t = node.target
+    dim_arg = node.args[1] if t is aten.unbind.int else node.args[2] if len(node.args) > 2 else None
+    dim = _norm_dim(node.kwargs.get("dim", 0) if dim_arg is None else dim_arg, rank_in)
+    pieces = list(_val(node))
+    if dim != a:
+        out = a - 1 if t is aten.unbind.int and dim < a else a
+        if src in ta.pad:
+            ta.pad[node] = tuple(ta.pad[src] for _ in pieces)
+        return tuple(out for _ in pieces)
+    if t is aten.unbind.int:
+        raise _unsupported(node, where, "unbinding the token axis")
+    ta.pad.pop(node, None)
+    bounds = list(itertools.accumulate((int(p.shape[dim]) for p in pieces), initial=0))
+    return _segments(node, ta, src, list(itertools.pairwise(bounds)), where)
+
+
+def _attention_axis(node: fx.Node, ta: TokenAxes, where: str) -> int:
+    """Scaled dot-product attention: queries, keys and values must hold tokens on axis -2 (or be constant),
+    and a mask may not depend on image tokens, vary over queries or mask image keys."""
+    axes = ta.axis
+    q, k, v = node.args[:3]
+    rank = _val(q).dim()
+    for name, arg in (("query", q), ("key", k), ("value", v)):
+        if arg in axes and axes[arg] != rank - 2:
+            raise _unsupported(node, where, f"{name} tokens are not on axis -2")
+        if arg in ta.derived:
+            raise _unsupported(node, where, f"the {name} is derived from image tokens without holding them")
+    if q not in axes:
+        raise _unsupported(node, where, "queries do not come from the block's tokens")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        shape = tuple(_val(mask).shape)
+        if ta.depends(mask):
+            raise _unsupported(node, where, "the attention mask depends on the image tokens")
+        if len(shape) >= 2 and shape[-2] != 1:
+            raise _unsupported(node, where, f"the attention mask {shape} varies over queries")
+        if k in axes and shape[-1] != 1:
+            raise _unsupported(node, where, f"the attention mask {shape} masks image keys")
+    _set_pad(ta, node, ta.pad.get(q))
+    ta.attention.append(node)
+    return rank - 2
 
 
 def _cat_axis(node: fx.Node, ta: TokenAxes, where: str) -> int:
