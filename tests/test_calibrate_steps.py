@@ -72,7 +72,15 @@ def test_spread_table_keeps_the_first_and_last_calls():
     assert len(table.timesteps) == 6 and timesteps[0] not in table.timesteps and timesteps[-1] not in table.timesteps
 
 
-def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(tmp_path):
+def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(tmp_path, monkeypatch):
+    from tcpass.calibrate import steps as cs
+
+    # per-call seconds and the baseline's bias fixed, so which candidates are tried does not depend on the
+    # machine's load (whole generations are still timed for the choice)
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    monkeypatch.setattr(cs, "measure_token_seconds", lambda *a: {"full tokens": 1.05, "cached 0.25": 0.5})
+    monkeypatch.setattr(cs, "_measured_bias", lambda *a: 1.0)
     out = tmp_path / "plan.json"
     report = calibrate_steps(
         make_dit(), out, target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4, verify_reps=1,
@@ -86,8 +94,8 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     assert report.frontier() and "best per kind" in report.format()
     better = [c for c in report.candidates if c.psnr_db > report.chosen.psnr_db and c.measured_speedup is not None]
     assert report.chosen.measured_speedup == report.measured_speedup
-    if report.measured_speedup >= 1.5:  # every better candidate timed fell short of the target
-        assert all(c.measured_speedup < 1.5 for c in better)
+    if report.measured_speedup >= 0.97 * 1.5:  # every better candidate timed fell short (3% tolerance)
+        assert all(c.measured_speedup < 0.97 * 1.5 for c in better)
     assert report.measured_speedup > 0 and plan.notes["measured_speedup"] == round(report.measured_speedup, 3)
     log = json.loads((tmp_path / "plan.calibration.json").read_text())
     assert log["chosen"] == report.chosen.name and len(log["magnitude_ratios"]) == 8
