@@ -53,7 +53,7 @@ def main() -> None:
     "plan_path",
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     callback=_plan_file,
-    help="Plan JSON (default: the reference model's shipped plan).",
+    help="Plan JSON (default: the reference model's demo plan, its best calibrated plan).",
 )
 @click.option("--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
@@ -79,7 +79,7 @@ def main() -> None:
     help="Where to write the PNG grid (its directory must exist).",
 )
 def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
-    """Full compute vs TokenCache on a shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
+    """Full compute vs tcpass on a shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
     import torch
 
     from tcpass.timing import pin_allocator
@@ -87,7 +87,7 @@ def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, 
     if not malloc_default:
         pin_allocator()
     from tcpass.zoo import REFERENCE_MODELS
-    from tcpass.zoo.demo import format_table, run_demo, save_grid
+    from tcpass.zoo.demo import describe_plan, format_table, run_demo, save_grid
 
     if model not in REFERENCE_MODELS:
         raise click.BadParameter(
@@ -96,8 +96,7 @@ def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, 
     torch.set_num_threads(threads)
     result = run_demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds)
     click.echo(
-        f"plan: {result.plan.attention}, keep {result.plan.keep_ratio}, "
-        f"intervals {result.plan.schedule.intervals}; {steps} DDIM steps, CFG {guidance}, "
+        f"plan: {describe_plan(result.plan, steps)}; CFG {guidance}, "
         f"{model} model, {len(result.labels)} samples, median of {rounds} rounds"
     )
     click.echo(format_table(result))
@@ -306,7 +305,8 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     default=((0.25, 2),),
     show_default=True,
     help="--policy steps: token caching composed with skip tables, KEEP INTERVAL: of every INTERVAL computed "
-    "calls one is FULL, the others recompute KEEP of the tokens in every block (repeatable).",
+    "calls one is FULL, the others recompute KEEP of the tokens in every block, or in the least sensitive half "
+    "of them (both are tried; repeatable).",
 )
 @click.option(
     "--max-composed",

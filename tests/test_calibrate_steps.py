@@ -79,7 +79,8 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     # machine's load (whole generations are still timed for the choice)
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
     monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
-    monkeypatch.setattr(cs, "measure_token_seconds", lambda *a: {"full tokens": 1.05, "cached 0.25": 0.5})
+    token_seconds = {"full tokens": 1.05, "cached 0.25": 0.5, "num_blocks": 3}
+    monkeypatch.setattr(cs, "measure_token_seconds", lambda *a: dict(token_seconds))
     monkeypatch.setattr(cs, "_measured_bias", lambda *a: 1.0)
     out = tmp_path / "plan.json"
     report = calibrate_steps(
@@ -256,6 +257,10 @@ def test_a_composed_plan_is_predicted_from_the_calls_the_runtime_makes():
     assert cs.predicted_speedup(plan, STEPS, seconds) == pytest.approx(expected)
     alone = CachePlan(blocks=(), skip=table)  # nothing token-cached: every computed call costs "full"
     assert cs.predicted_speedup(alone, STEPS, seconds) == pytest.approx(STEPS / (0.9 * (STEPS - 3) + 0.3))
+    one_block = cs.token_overlay(CachePlan(blocks=(), skip=table), 0.25, 2, blocks=(1,))  # 1 of 3 cached
+    cached_one = 1.1 + (0.4 - 1.1) / 3
+    expected = STEPS / (1.1 * counts[StepKind.FULL] + cached_one * counts[StepKind.CACHED] + 0.1 * 3)
+    assert cs.predicted_speedup(one_block, STEPS, {**seconds, "num_blocks": 3}) == pytest.approx(expected)
 
 
 def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_reaches_the_target():
@@ -272,22 +277,23 @@ def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_r
             tables.append(cs.StepCandidate(f"magcache thr {thr} ret {ret} K {k}", plan, 0.0))
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "full tokens": 1.0, "cached 0.25": 0.5, "cached 0.5": 0.7}
     target = 1.6
-    out = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, ((0.25, 2), (0.5, 3)), 8)
+    overlays = ((0.25, 2, "all"), (0.5, 3, (0, 2)))
+    out = cs.composed_candidates(model, tables, data, STEPS, {**seconds, "num_blocks": 3}, target, None, overlays, 8)
     assert out and all(c.family == "skip + token caching" and c.predicted_speedup >= target for c in out)
     assert all(c.psnr_db == pytest.approx(cs.fidelity(model, c.plan, data)) for c in out[:1])
     for c in out:  # the least skipping of its rule that reaches the target
-        keep, interval = float(c.name.split()[-3]), int(c.name.split()[-1])
-        assert c.plan.blocks == "all" and c.plan.keep_ratio == (keep, keep) and c.plan.schedule.intervals[0] == interval
+        keep, interval, blocks = c.plan.keep_ratio[0], c.plan.schedule.intervals[0], c.plan.blocks
+        assert (keep, interval, blocks) in overlays and c.plan.keep_ratio == (keep, keep)
         rule = c.name.split(" + ")[0].split(" ret ")[1]
         same = [
-            cs.predicted_speedup(cs.token_overlay(t.plan, keep, interval), STEPS, seconds)
+            cs.predicted_speedup(cs.token_overlay(t.plan, keep, interval, blocks), STEPS, {**seconds, "num_blocks": 3})
             for t in tables
             if t.name.endswith(rule)
         ]
         assert c.predicted_speedup == min(s for s in same if s >= target)
-    overlays = [c.name.split(" + ")[1] for c in out]
-    assert overlays[:2] == ["tokens 0.25 every 2", "tokens 0.5 every 3"]  # taken in turn from each overlay
-    capped = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, ((0.25, 2), (0.5, 3)), 1)
+    overlay_names = [c.name.split(" + ")[1] for c in out]
+    assert overlay_names[:2] == ["tokens 0.25 every 2", "tokens 0.5 every 3 blocks 0,2"]  # in turn from each overlay
+    capped = cs.composed_candidates(model, tables, data, STEPS, {**seconds, "num_blocks": 3}, target, None, overlays, 1)
     assert [c.name for c in capped] == [out[0].name]
 
 

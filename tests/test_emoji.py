@@ -103,6 +103,6 @@ def test_demo_runs_end_to_end_on_emoji(tmp_path):
     result = run_demo("emoji", steps=3, rounds=1, progress=False)
     assert result.full_images.shape == result.cached_images.shape == (9, 3, 32, 32)
     assert result.class_names[0] == "smileys" and len(result.psnr_db) == 9
-    assert "TokenCache" in format_table(result)
+    assert "tcpass" in format_table(result)
     path = save_grid(result, tmp_path / "grid.png")
     assert path.stat().st_size > 1000

@@ -5,7 +5,8 @@ import torch
 
 import tcpass
 from tcpass.metrics import class_accuracy
-from tcpass.sampling import ddim_sample
+from tcpass.sampling import ddim_sample, ddim_timesteps
+from tcpass.schedule import StepKind, simulate
 from tcpass.zoo import (
     NULL_LABEL,
     digits_split,
@@ -58,9 +59,26 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert f"{phase}: full compute" in progress and f"{phase}: tcpass" in progress
     assert result.full_images.shape == result.cached_images.shape == (10, 1, 32, 32)
     assert len(result.psnr_db) == 10 and (result.ssim <= 1).all()
-    assert "TokenCache" in format_table(result)
+    assert "tcpass" in format_table(result)
     path = save_grid(result, tmp_path / "grid.png")
     assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["digits", "emoji"])
+def test_the_demo_plan_is_the_calibrated_forecast_plan_and_fits_the_model(name):
+    from tcpass.zoo.demo import describe_plan
+
+    ref = reference(name)
+    plan = tcpass.load_plan(ref.demo_plan)
+    assert plan.notes["calibrated_by"] == "tcpass calibrate --policy steps" and plan.skip.weights is not None
+    assert plan.model is not None  # made for this model: transform checks the fingerprint
+    skipped = [s.kind for s in simulate(plan.schedule, ddim_timesteps(50), plan.skip)].count(StepKind.SKIP)
+    assert skipped == len(plan.skip.timesteps) >= 20  # the demo's 50 steps are the calibration's
+    text = describe_plan(plan, 50)
+    assert f"{skipped} skipped (block-stack residual forecast from the last {plan.skip.history} computed)" in text
+    assert text.endswith(f"{50 - skipped} full")
+    tm = tcpass.transform(ref.load_model(None), plan)
+    assert tm.step_graphs().skip is not None
 
 
 def test_model_loads_print_no_install_accelerate_notice(tmp_path):

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect
 from tcpass.calibrate.forecast import fit_forecast
+from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.timing import best_seconds, measure_step_times
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
@@ -234,7 +235,8 @@ def predicted_speedup(plan: CachePlan, steps: int, seconds: dict[str, float]) ->
     """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds.
 
     ``seconds``: ``eager``, ``full`` and ``skip_<level>`` (`measure_call_seconds`); a plan that token-caches
-    also needs ``full tokens`` and ``cached <keep>`` per keep ratio it uses (`measure_token_seconds`).
+    also needs ``full tokens``, ``cached <keep>`` (every block cached) per keep ratio it uses and
+    ``num_blocks`` (`measure_token_seconds`); caching fewer blocks saves proportionally less.
     """
     timesteps = ddim_timesteps(plan.sampler_steps or steps)
     total = 0.0
@@ -245,18 +247,20 @@ def predicted_speedup(plan: CachePlan, steps: int, seconds: dict[str, float]) ->
             total += seconds["full"]
         elif step.kind is StepKind.FULL:
             total += seconds["full tokens"]
-        else:
-            total += seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
+        else:  # CACHED: every block cached costs "cached <keep>"; fewer blocks, linearly less saving
+            fraction = 1.0 if plan.blocks == "all" else len(plan.blocks) / seconds["num_blocks"]
+            cached = seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
+            total += seconds["full tokens"] + fraction * (cached - seconds["full tokens"])
     return seconds["eager"] * steps / total
 
 
-def token_overlay(base: CachePlan, keep: float, interval: int) -> CachePlan:
+def token_overlay(base: CachePlan, keep: float, interval: int, blocks: tuple[int, ...] | str = "all") -> CachePlan:
     """``base`` with token caching on the calls it computes: of every ``interval`` computed calls one is
-    FULL and the others CACHED, where every block recomputes ``keep`` of the tokens (training-free
+    FULL and the others CACHED, where each of ``blocks`` recomputes ``keep`` of the tokens (training-free
     ``input_change`` selector, cached keys/values). SKIP calls do not count in the cycle (`TPRRState`)."""
     return dataclasses.replace(
         base,
-        blocks="all",
+        blocks=blocks,
         keep_ratio=(keep, keep),
         attention="cached_kv",
         selector=SelectorSpec(kind="input_change"),
@@ -268,7 +272,11 @@ def measure_token_seconds(model: nn.Module, batch: int, keeps: tuple[float, ...]
     """Seconds per call of `token_overlay`'s FULL graph (``full tokens``) and CACHED graphs (``cached <keep>``)."""
     base = token_overlay(CachePlan(blocks=()), keeps[0], 2)
     times = measure_step_times(model, tuple(keeps), base, batch, reps=reps, progress=False)
-    return {"full tokens": times.full, **{f"cached {k:g}": times.cached[k] for k in keeps}}
+    return {
+        "full tokens": times.full,
+        "num_blocks": times.num_blocks,
+        **{f"cached {k:g}": times.cached[k] for k in keeps},
+    }
 
 
 def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan) -> list[tuple[str, CachePlan]]:
@@ -339,8 +347,9 @@ def calibrate_steps(
             ``forecast_histories`` computed steps, fitted on the calibration data
             (`tcpass.calibrate.forecast`); each fit costs about one full-compute generation.
         compose / max_composed: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed
-            with MagCache-rule tables; up to ``max_composed`` compositions near the target are generated
-            (`composed_candidates`; ``()`` or 0: none). Their CACHED graphs are timed first.
+            with MagCache-rule tables, each on every block and on the least sensitive half of them
+            (`tcpass.calibrate.block_sensitivity`); up to ``max_composed`` compositions near the target are
+            generated (`composed_candidates`; ``()`` or 0: none). Their CACHED graphs are timed first.
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
     """
@@ -373,6 +382,11 @@ def calibrate_steps(
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
         c.psnr_db = fidelity(model, c.plan, data)
     composing = max_composed > 0 and len(compose) > 0
+    overlays = []
+    if composing:  # each overlay on every block, and on the least sensitive half of them
+        order = block_sensitivity(model, data, progress=progress).argsort().tolist()
+        half = tuple(sorted(order[: max(1, len(order) // 2)]))
+        overlays = [(keep, interval, blocks) for keep, interval in compose for blocks in ("all", half)]
     bias = 1.0
     if target_speedup is not None and verify_reps > 0 and (max_forecast > 0 or composing):
         bias = _measured_bias(model, pool, data, target_speedup, verify_reps)
@@ -382,7 +396,7 @@ def calibrate_steps(
     )
     if composing:
         pool += composed_candidates(
-            model, every, data, steps, seconds, reach, min_psnr, tuple(compose), max_composed, progress
+            model, every, data, steps, seconds, reach, min_psnr, tuple(overlays), max_composed, progress
         )
     chosen = _choose(
         model, pool, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
@@ -524,7 +538,7 @@ def composed_candidates(
     seconds: dict[str, float],
     target_speedup: float | None,
     min_psnr: float | None,
-    overlays: tuple[tuple[float, int], ...],
+    overlays: tuple[tuple[float, int, tuple[int, ...] | str], ...],
     max_composed: int,
     progress: bool = False,
 ) -> list[StepCandidate]:
@@ -532,7 +546,8 @@ def composed_candidates(
 
     ``tables``: skip-only candidates, whatever their own speed (a composition skips fewer calls than a
     table alone for the same speed); their MagCache-rule tables with plain reuse are composed (scaled
-    reuse scored within 0.1 dB of it composed on digits). ``overlays``: ``(keep, interval)``.
+    reuse scored within 0.1 dB of it composed on digits). ``overlays``: ``(keep, interval, blocks)``
+    (`token_overlay`).
     ``target_speedup``: per overlay and per rule (retention, max_skip_steps), the composed plan
     predicted nearest at or above the target (the least skipping that reaches it), fewest consecutive
     skips first (token caching already spends the error budget; on digits the K = 6 compositions
@@ -541,13 +556,15 @@ def composed_candidates(
     ``max_composed`` are generated, taken in turn from each overlay.
     """
     per_overlay = []
-    for keep, interval in overlays:
+    for keep, interval, blocks in overlays:
         composed = []
         for c in tables:
             if not c.name.startswith("magcache") or c.plan.skip.scales is not None:
                 continue
-            plan = token_overlay(c.plan, keep, interval)
+            plan = token_overlay(c.plan, keep, interval, blocks)
             name = f"{c.name} + tokens {keep:g} every {interval}"
+            if blocks != "all":
+                name += f" blocks {','.join(map(str, blocks))}"
             composed.append((c, StepCandidate(name, plan, predicted_speedup(plan, steps, seconds))))
         if target_speedup is not None:
             nearest: dict[tuple, StepCandidate] = {}

@@ -37,7 +37,9 @@ class ReferenceModel:
         load_model: ``(directory or None) -> DiTTransformer2DModel`` (``None``: the shipped weights).
         load_classifier: ``() -> nn.Module`` with ``forward`` (logits) and ``features`` (Fréchet space).
         held_out: ``() -> (images [n, C, H, W] in [-1, 1], labels [n])``, never used for training.
-        default_plan: the plan `tcpass demo` uses for this model.
+        default_plan: the shipped TokenCache plan (token caching: `tcpass serve`'s default, the quality bench).
+        demo_plan: the plan `tcpass demo` uses: the best plan calibrated for this model (a step plan
+            with fitted forecasts, `tcpass calibrate --policy steps --target-speedup 2.0`).
     """
 
     name: str
@@ -48,6 +50,7 @@ class ReferenceModel:
     load_classifier: Callable[[], nn.Module]
     held_out: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     default_plan: Path
+    demo_plan: Path
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +72,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
         load_classifier=load_classifier,
         held_out=_digits_held_out,
         default_plan=Path(__file__).parent / "digits_plan.json",
+        demo_plan=Path(__file__).parent / "digits_demo_plan.json",
     ),
     "emoji": ReferenceModel(
         name="emoji",
@@ -79,6 +83,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
         load_classifier=emoji.load_classifier,
         held_out=emoji.held_out,
         default_plan=Path(__file__).parent / "emoji_plan.json",
+        demo_plan=Path(__file__).parent / "emoji_demo_plan.json",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""`tcpass demo`: full compute vs TokenCache on a shipped reference model, same noise, one run."""
+"""`tcpass demo`: full compute vs tcpass on a shipped reference model, same noise, one run."""
 
 from __future__ import annotations
 
@@ -47,15 +47,16 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Generate ``per_class`` samples of every class of the reference model ``model`` (a registry name)
-    with and without TokenCache from the same noise.
+    with full compute and with tcpass from the same noise.
 
-    ``model_dir`` replaces the shipped DiT weights (same classes); ``plan_path`` the model's default plan.
+    ``model_dir`` replaces the shipped DiT weights (same classes); ``plan_path`` the model's demo plan
+    (`tcpass.zoo.ReferenceModel.demo_plan`). A plan's ``sampler_steps`` replaces ``steps`` for tcpass.
     Both variants are timed in alternation over ``rounds`` whole generations after one warm-up each.
     """
     ref = reference(model)
     dit = ref.load_model(model_dir)
     classifier = ref.load_classifier()
-    plan = tcpass.load_plan(plan_path or ref.default_plan)
+    plan = tcpass.load_plan(plan_path or ref.demo_plan)
     labels = torch.arange(ref.num_classes).repeat_interleave(per_class)
     cfg = dit.config
     noise = torch.randn(
@@ -70,7 +71,8 @@ def run_demo(
     cached_model = tcpass.transform(dit, plan, example_inputs=example)
 
     def generate(m, show):
-        return ddim_sample(m, noise, labels, ref.null_label, steps, guidance_scale, progress=show)
+        n = steps if m is dit else plan.sampler_steps or steps
+        return ddim_sample(m, noise, labels, ref.null_label, n, guidance_scale, progress=show)
 
     seconds: dict[str, list[float]] = {"full": [], "cached": []}
     images = {}
@@ -101,12 +103,34 @@ def run_demo(
     )
 
 
+def describe_plan(plan: tcpass.CachePlan, steps: int) -> str:
+    """What ``plan`` does over a ``steps``-step DDIM generation, in one line."""
+    from tcpass.sampling import ddim_timesteps
+    from tcpass.schedule import StepKind, simulate
+
+    n = plan.sampler_steps or steps
+    kinds = [s.kind for s in simulate(plan.schedule, ddim_timesteps(n), plan.skip)]
+    parts = [f"{n} sampler steps" if plan.sampler_steps else f"{n} DDIM steps"]
+    if kinds.count(StepKind.SKIP):
+        how = "reused, scaled" if plan.skip.scales else "reused"
+        if plan.skip.weights:
+            how = f"forecast from the last {plan.skip.history} computed"
+        parts.append(f"{kinds.count(StepKind.SKIP)} skipped (block-stack residual {how})")
+    if kinds.count(StepKind.CACHED) and plan.blocks != ():
+        parts.append(
+            f"{kinds.count(StepKind.CACHED)} token-cached (keep {plan.keep_ratio}, {plan.attention}, "
+            f"{plan.selector.kind})"
+        )
+    parts.append(f"{kinds.count(StepKind.FULL) + (0 if plan.blocks != () else kinds.count(StepKind.CACHED))} full")
+    return ", ".join(parts)
+
+
 def format_table(r: DemoResult) -> str:
     fs, cs = statistics.median(r.full_seconds), statistics.median(r.cached_seconds)
     lines = [
         f"{'':14} {'time s':>8} {'speedup':>8} {'PSNR dB':>14} {'SSIM':>14} {'class acc':>9}",
         f"{'full compute':14} {fs:8.2f} {1.0:7.2f}x {'(reference)':>14} {'(reference)':>14} {r.full_accuracy:9.0%}",
-        f"{'TokenCache':14} {cs:8.2f} {r.speedup:7.2f}x {r.psnr_db.mean():7.2f} ± {r.psnr_db.std():4.2f} "
+        f"{'tcpass':14} {cs:8.2f} {r.speedup:7.2f}x {r.psnr_db.mean():7.2f} ± {r.psnr_db.std():4.2f} "
         f"{r.ssim.mean():7.4f} ± {r.ssim.std():.3f} {r.cached_accuracy:9.0%}",
     ]
     return "\n".join(lines)
@@ -120,7 +144,7 @@ def _show(image: torch.Tensor) -> tuple[np.ndarray, dict]:
 
 
 def save_grid(r: DemoResult, path: Path) -> Path:
-    """PNG: full compute (top), TokenCache (middle), |difference| x4 (bottom), one column per sample.
+    """PNG: full compute (top), tcpass (middle), |difference| x4 (bottom), one column per sample.
 
     Columns are titled with the class name; the difference row is black where the two agree.
     """
@@ -133,7 +157,7 @@ def save_grid(r: DemoResult, path: Path) -> Path:
     fig, axes = plt.subplots(3, n, figsize=(max(1.2 * n, 4.0), 4.2), squeeze=False)
     rows = [
         ("full compute", r.full_images),
-        ("TokenCache", r.cached_images),
+        ("tcpass", r.cached_images),
         ("|diff| x4", (r.cached_images - r.full_images).abs() * 4 - 1),
     ]
     for row, (title, imgs) in enumerate(rows):
