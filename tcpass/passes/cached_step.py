@@ -193,6 +193,37 @@ class _KeptTokens:
         args = _resize_token_args(node, map_arg(node.args, remap), self.ta, self.k)
         self.kept[node] = self.em(node.target, args, map_arg(node.kwargs, remap), meta_from=node)
 
+    def write_residual(
+        self,
+        policy: TokenPolicy,
+        placeholders: dict[str, fx.Node],
+        updated: dict[str, fx.Node],
+        renamed: dict[fx.Node, fx.Node],
+        ctx: dict,
+    ) -> None:
+        """Scatter the kept rows' new residual into the block's cache, output ``x + residual`` in place of
+        the block's output, and hand a joint block's other outputs their kept-token values."""
+        em, span, kept = self.em, self.span, self.kept
+        b = span.index
+        full_shape = list(span.hidden_in.meta["val"].shape)
+        x_kept = self.on_kept(span.hidden_in)
+        delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
+        delta = em.scatter(placeholders[block_cache(b, "delta")], 1, self.idx, delta_kept, full_shape, self.k)
+        out = em(aten.add.Tensor, (self.x_in, delta))
+        updated[block_cache(b, "delta")] = delta
+        policy.after_keep(em, span, self.idx, x_kept, placeholders, updated, ctx)
+        inside = set(span.nodes)
+        span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
+        renamed[span.hidden_out] = out
+        for side in span.side_outputs:  # a joint block's text stream: recomputed in full from the kept tokens
+            if side in self.ta.axis:
+                raise ValueError(
+                    f"block {b} ({span.path}): output {side.name} holds image tokens besides the residual."
+                )
+            if side in kept:
+                side.replace_all_uses_with(kept[side], delete_user_cb=lambda user: user not in inside)
+                renamed[side] = kept[side]
+
 
 def _rewrite_block(
     graph: fx.Graph,
@@ -228,38 +259,7 @@ def _rewrite_block(
             attn_index += 1
         else:
             tokens.recompute(node, original)
-    _write_residual(em, span, tokens, policy, placeholders, updated, renamed, ctx)
-
-
-def _write_residual(
-    em: Emitter,
-    span: BlockSpan,
-    tokens: _KeptTokens,
-    policy: TokenPolicy,
-    placeholders: dict[str, fx.Node],
-    updated: dict[str, fx.Node],
-    renamed: dict[fx.Node, fx.Node],
-    ctx: dict,
-) -> None:
-    """Scatter the kept rows' new residual into the block's cache, output ``x + residual`` in place of the
-    block's output, and hand a joint block's other outputs their kept-token values."""
-    b, kept = span.index, tokens.kept
-    full_shape = list(span.hidden_in.meta["val"].shape)
-    x_kept = tokens.on_kept(span.hidden_in)
-    delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
-    delta = em.scatter(placeholders[block_cache(b, "delta")], 1, tokens.idx, delta_kept, full_shape, tokens.k)
-    out = em(aten.add.Tensor, (tokens.x_in, delta))
-    updated[block_cache(b, "delta")] = delta
-    policy.after_keep(em, span, tokens.idx, x_kept, placeholders, updated, ctx)
-    inside = set(span.nodes)
-    span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
-    renamed[span.hidden_out] = out
-    for side in span.side_outputs:  # a joint block's text stream: recomputed in full from the kept tokens
-        if side in tokens.ta.axis:
-            raise ValueError(f"block {b} ({span.path}): output {side.name} holds image tokens besides the residual.")
-        if side in kept:
-            side.replace_all_uses_with(kept[side], delete_user_cb=lambda user: user not in inside)
-            renamed[side] = kept[side]
+    tokens.write_residual(policy, placeholders, updated, renamed, ctx)
 
 
 def _resize_token_args(node: fx.Node, args: tuple, ta: TokenAxes, k: int) -> tuple:
