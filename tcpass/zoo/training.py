@@ -31,19 +31,23 @@ def diffusion_step(
     null_label: int,
     step: int,
     g: torch.Generator,
+    autocast: torch.dtype | None = None,
 ) -> float:
     """One optimizer step on clean images ``x0`` [B, C, H, W]; returns the loss.
 
     10% of labels become ``null_label`` (classifier-free guidance), then noise and timesteps are
     drawn from ``g`` in that order; gradients are clipped to norm 1; ``ema`` follows ``model``.
+    ``autocast``: run the model's forward under CPU autocast to this dtype (``torch.bfloat16``:
+    mixed precision; weights, optimizer, EMA and loss stay float32).
     """
     batch = len(labels)
     labels = labels.clone()
     labels[torch.rand(batch, generator=g) < 0.1] = null_label
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    pred = model(schedule.add_noise(x0, noise, t), timestep=t, class_labels=labels).sample
-    loss = F.mse_loss(pred, noise)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        pred = model(schedule.add_noise(x0, noise, t), timestep=t, class_labels=labels).sample
+    loss = F.mse_loss(pred.float(), noise)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
