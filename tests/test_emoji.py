@@ -62,20 +62,30 @@ def test_shipped_model_generates_deterministically_for_a_seed():
     assert a.shape == (2, 3, 32, 32) and torch.isfinite(a).all()
 
 
-def test_training_is_deterministic_for_a_seed():
+def _tiny_training(seed, autocast=None):
     tiny = dict(emoji.DIT_CONFIG, num_attention_heads=2, attention_head_dim=16, num_layers=1, norm_num_groups=8)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
     labels = torch.arange(12) % 3
+    model, losses = train_dit(
+        images, labels, tiny, steps=2, batch=4, warmup=1, seed=seed, progress=False, autocast=autocast
+    )
+    return model.state_dict(), losses
 
-    def weights(seed):
-        model, losses = train_dit(images, labels, tiny, steps=2, batch=4, warmup=1, seed=seed, progress=False)
-        return model.state_dict(), losses
 
-    (a, loss_a), (b, loss_b), (c, _) = weights(0), weights(0), weights(1)
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_training_is_deterministic_for_a_seed(autocast):
+    (a, loss_a), (b, loss_b), (c, _) = (_tiny_training(s, autocast) for s in (0, 0, 1))
     assert loss_a == loss_b and len(loss_a) == 2
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(v.dtype == torch.float32 for v in a.values())  # mixed precision keeps float32 weights
+
+
+def test_bf16_autocast_changes_the_forward_numerics():
+    (a, loss_a), (b, loss_b) = _tiny_training(0), _tiny_training(0, torch.bfloat16)
+    assert loss_a != loss_b and abs(loss_a[0] - loss_b[0]) < 0.05 * loss_a[0]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_augment_flips_and_shifts_with_a_white_border():
