@@ -3,13 +3,16 @@
     python -m tcpass.zoo.train_emoji                   # held-out set, classifier, DiT phase 1 (650 steps)
     python -m tcpass.zoo.train_emoji --only dit --init tcpass/zoo/emoji_dit --steps 1500 --seed 1   # phase 2
     python -m tcpass.zoo.train_emoji --only dit --init tcpass/zoo/emoji_dit --steps 1500 --seed 2 --lr 3e-4  # phase 3
+    python -m tcpass.zoo.train_emoji --only dit --init tcpass/zoo/emoji_dit --steps 2400 --batch 48 \
+        --lr 3e-4 --seed 3 --bf16                                                                   # phase 4
     python -m tcpass.zoo.train_emoji --only classifier
     python -m tcpass.zoo.train_emoji --only dit --steps 15 --out /tmp/emoji_dit   # time a few steps
 
-The shipped weights are phase 1, then phase 2 and phase 3 (each a new cosine schedule from the previous
+The shipped weights are phase 1, then phases 2, 3 and 4 (each a new cosine schedule from the previous
 phase's EMA weights): phase 1 alone ran while the 2 cores were shared and gave noisy textures
 (bench/results/emoji_samples_phase1.png); after phase 2, 67.0% of samples were recognised as their class
-(emoji_samples_phase2.png), after phase 3 81.2% (emoji_samples.png).
+(emoji_samples_phase2.png), after phase 3 81.2% (emoji_samples_phase3.png); phase 4 doubles the batch
+under bfloat16 autocast (emoji_samples.png).
 
 The DiT (8 blocks, hidden 128, 256 tokens of 2x2 RGB patches) learns epsilon-prediction on the
 training split, batches drawn class-balanced (people are 60% of the images), with horizontal flips,
