@@ -323,6 +323,12 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     help="--policy steps: a plan measured at (1 - this) x --target-speedup or faster reaches it "
     "(whole-generation timings vary by a few %).",
 )
+@click.option(
+    "--keep-steps",
+    is_flag=True,
+    help="--policy steps: choose only plans that keep --steps sampler steps (skip tables, forecasts, "
+    "compositions), for pipelines whose step count is fixed; fewer-steps plans are still scored and reported.",
+)
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
@@ -342,6 +348,7 @@ def calibrate(
     compose,
     max_composed,
     speed_tolerance,
+    keep_steps,
     threads,
     out,
 ):
@@ -385,6 +392,7 @@ def calibrate(
             compose=tuple(compose),
             max_composed=max_composed,
             speed_tolerance=speed_tolerance,
+            keep_steps=keep_steps,
             **common,
         )
         click.echo(report.format())

@@ -104,6 +104,27 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.calibration.json", "plan.json"]  # no temp left
 
 
+@pytest.mark.parametrize("keep_steps", [False, True])
+def test_keep_steps_chooses_only_plans_at_the_sampler_step_count(tmp_path, monkeypatch, keep_steps):
+    from tcpass.calibrate import steps as cs
+
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    # fewer steps scores best, so only keep_steps keeps it from being chosen
+    monkeypatch.setattr(cs, "fidelity", lambda model, plan, data: 40.0 if plan.sampler_steps else 30.0)
+    report = calibrate_steps(
+        make_dit(), tmp_path / "plan.json", target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=8,
+        verify_reps=0, progress=False, max_forecast=0, max_composed=0, keep_steps=keep_steps,
+    )  # fmt: skip
+    assert any(c.plan.sampler_steps for c in report.candidates)  # still scored and reported
+    plan = tcpass.load_plan(tmp_path / "plan.json")
+    if keep_steps:
+        assert plan.sampler_steps is None and plan.skip is not None and plan.notes["keep_steps"] is True
+        assert report.chosen.psnr_db == 30.0
+    else:
+        assert plan.sampler_steps is not None and report.chosen.psnr_db == 40.0
+
+
 def test_calibrate_steps_refuses_a_target_it_cannot_mean():
     with pytest.raises(ValueError, match="target_speedup = 0.5"):
         calibrate_steps(make_dit(), "unused.json", target_speedup=0.5)

@@ -326,6 +326,7 @@ def calibrate_steps(
     compose: tuple[tuple[float, int], ...] = ((0.25, 2),),
     max_composed: int = 6,
     speed_tolerance: float = 0.03,
+    keep_steps: bool = False,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -352,6 +353,9 @@ def calibrate_steps(
             generated (`composed_candidates`; ``()`` or 0: none). Their CACHED graphs are timed first.
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
+        keep_steps: choose only plans that keep the sampler's ``steps`` (skip tables, forecasts, compositions),
+            for pipelines whose step count is fixed. Fewer-steps baselines are still evaluated and reported,
+            so the report shows what keeping the step count costs.
     """
     if not 0 <= speed_tolerance < 0.5:
         raise ValueError(f"speed_tolerance = {speed_tolerance!r}: expected a fraction in [0, 0.5), e.g. 0.03.")
@@ -398,8 +402,11 @@ def calibrate_steps(
         pool += composed_candidates(
             model, every, data, steps, seconds, reach, min_psnr, tuple(overlays), max_composed, progress
         )
+    choosable = [c for c in pool if c.plan.sampler_steps is None] if keep_steps else pool
+    if not choosable:
+        raise ValueError("keep_steps: every candidate evaluated changes the step count; widen the window.")
     chosen = _choose(
-        model, pool, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
+        model, choosable, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
     )
     notes = {
         "calibrated_by": "tcpass calibrate --policy steps",
@@ -410,6 +417,8 @@ def calibrate_steps(
         "samples": num_samples,
         "steps": steps,
     }
+    if keep_steps:
+        notes["keep_steps"] = True
     if chosen.measured_speedup is not None:
         notes["measured_speedup"] = round(chosen.measured_speedup, 3)
     plan = dataclasses.replace(chosen.plan, notes=notes)
