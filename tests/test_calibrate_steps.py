@@ -125,6 +125,25 @@ def test_keep_steps_chooses_only_plans_at_the_sampler_step_count(tmp_path, monke
         assert plan.sampler_steps is not None and report.chosen.psnr_db == 40.0
 
 
+def test_the_window_is_drawn_around_the_target_corrected_by_the_measured_bias(tmp_path, monkeypatch):
+    from tcpass.calibrate import steps as cs
+
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    monkeypatch.setattr(cs, "fidelity", lambda model, plan, data: 30.0)
+    # predictions 25% optimistic: a table must be predicted at 1.5 / 0.8 = 1.875x to measure 1.5x
+    monkeypatch.setattr(cs, "_measured_bias", lambda *a: 0.8)
+    monkeypatch.setattr(cs, "verify_speedup", lambda model, plan, data, reps: (0.8 * cs.predicted_speedup(
+        plan, 8, seconds), None))  # fmt: skip
+    report = calibrate_steps(
+        make_dit(), tmp_path / "plan.json", target_speedup=1.5, num_samples=2, steps=8, window=1.2,
+        max_evaluated=64, verify_reps=1, progress=False, max_forecast=0, max_composed=0,
+    )  # fmt: skip
+    speeds = [c.predicted_speedup for c in report.candidates]
+    assert speeds and all(1.875 / 1.2 <= v <= 1.875 * 1.2 for v in speeds)  # not [1.25, 1.8] around 1.5
+    assert report.measured_speedup >= 1.5 * 0.97
+
+
 def test_calibrate_steps_refuses_a_target_it_cannot_mean():
     with pytest.raises(ValueError, match="target_speedup = 0.5"):
         calibrate_steps(make_dit(), "unused.json", target_speedup=0.5)
