@@ -39,7 +39,8 @@ class ReferenceModel:
         held_out: ``() -> (images [n, C, H, W] in [-1, 1], labels [n])``, never used for training.
         default_plan: the shipped TokenCache plan (token caching: `tcpass serve`'s default, the quality bench).
         demo_plan: the plan `tcpass demo` uses: the best plan calibrated for this model (a step plan
-            with fitted forecasts, `tcpass calibrate --policy steps --target-speedup 2.0`).
+            with fitted forecasts, `tcpass calibrate --policy steps --target-speedup 2.0`; on emoji with
+            ``--keep-steps``, since without it the search picks 25 plain DDIM steps there).
     """
 
     name: str
