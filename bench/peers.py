@@ -54,6 +54,7 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every 
 
 import tcpass  # noqa: E402
 from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
+from tcpass.adapters import stratified_labels  # noqa: E402
 from tcpass.metrics import (  # noqa: E402
     bootstrap_draws,
     class_accuracy,
@@ -653,7 +654,7 @@ def main() -> None:
         steps=args.steps,
         generate=generate,
         calibration_noise=torch.randn(len(labels), *ref.image_shape, generator=calibration),
-        calibration_labels=torch.randint(0, ref.num_classes, (len(labels),), generator=calibration),
+        calibration_labels=stratified_labels(len(labels), ref.num_classes, calibration),  # as tcpass calibrates
         example_inputs={
             "hidden_states": torch.zeros(batch, *ref.image_shape),
             "timestep": torch.zeros(batch, dtype=torch.long),

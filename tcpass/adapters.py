@@ -93,10 +93,27 @@ def _dit_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
+def stratified_labels(n: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` class labels in random order, every class ``n // num_classes`` or one more times.
+
+    Calibration scores candidates on a handful of samples; drawn independently, 18 labels over 9
+    classes left the emoji calibration with 6 objects, no activities and one flag, and its 3x plan
+    scored 2.7 dB lower on the class-balanced bench than on that data. Stratified, the calibration
+    set covers the classes as a user generating all of them would. Which classes get the extra
+    samples (``n`` not a multiple of ``num_classes``) is drawn from ``generator`` too.
+    """
+    if n < 1 or num_classes < 1:
+        raise ValueError(f"stratified_labels(n={n}, num_classes={num_classes}): both must be positive.")
+    extra = torch.randperm(num_classes, generator=generator)[: n % num_classes]
+    labels = torch.cat([torch.arange(num_classes).repeat(n // num_classes), extra])
+    return labels[torch.randperm(n, generator=generator)]
+
+
 def _dit_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
-    """Random class labels; the unconditional rows get the null class (``num_embeds_ada_norm``)."""
+    """Class labels stratified over the classes (`stratified_labels`); the unconditional rows get the
+    null class (``num_embeds_ada_norm``)."""
     null = int(model.config.num_embeds_ada_norm)
-    labels = torch.randint(0, null, (n,), generator=generator)
+    labels = stratified_labels(n, null, generator)
     return {"class_labels": labels}, {"class_labels": torch.full_like(labels, null)}
 
 

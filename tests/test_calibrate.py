@@ -283,3 +283,38 @@ def test_a_family_without_calibration_conditioning_names_the_fix():
 
     with pytest.raises(NotImplementedError, match=r"pass `conditioning=\(cond, uncond\)`"):
         cal.collect(make_sd3(), num_samples=1, steps=2, progress=False)
+
+
+def _nine_class_dit():
+    """The tiny DiT whose config says 9 classes (its label table is larger; labels 0..9 all embed)."""
+    model = make_dit()
+    model.register_to_config(num_embeds_ada_norm=9)
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 16, 18, 20])
+def test_dit_calibration_labels_cover_every_class_evenly(n):
+    """Independent draws left 18 emoji calibration samples with no 'activities' and 6 'objects'; stratified,
+    every class appears n // C or n // C + 1 times, in a seeded random order."""
+    from tcpass.adapters import stratified_labels
+
+    model = _nine_class_dit()
+    classes = 9
+    conditioning = tcpass.adapters.adapter_for(model).calibration_conditioning
+    cond, uncond = conditioning(model, n, torch.Generator().manual_seed(7))
+    labels = cond["class_labels"]
+    counts = torch.bincount(labels, minlength=classes)
+    assert labels.shape == (n,) and len(counts) == classes
+    assert counts.min() >= n // classes and counts.max() <= n // classes + 1 and counts.sum() == n
+    assert (uncond["class_labels"] == classes).all()
+    again, _ = conditioning(model, n, torch.Generator().manual_seed(7))
+    assert torch.equal(again["class_labels"], labels)
+    shuffled = [stratified_labels(18, 9, torch.Generator().manual_seed(s)) for s in range(3)]
+    assert not all(torch.equal(shuffled[0], x) for x in shuffled[1:])  # an order drawn, not arange
+    with pytest.raises(ValueError, match="num_classes=0"):
+        stratified_labels(4, 0, torch.Generator())
+
+
+def test_collect_uses_stratified_labels():
+    data = cal.collect(_nine_class_dit(), num_samples=18, steps=2, progress=False)
+    assert torch.bincount(data.cond["class_labels"], minlength=9).tolist() == [2] * 9

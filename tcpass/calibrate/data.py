@@ -93,9 +93,10 @@ def collect(
     ``conditioning``: ``(cond, uncond)``, the model's keyword arguments besides ``hidden_states`` and
     ``timestep`` for the samples and for their classifier-free-guidance rows (``num_samples`` rows
     each; ``uncond`` None for no guidance); default: the model family's own
-    (`tcpass.adapters.ModelAdapter.calibration_conditioning`: random classes for DiT, stand-in caption
-    embeddings for PixArt). ``sample_range``: the range a viewer sees (pixel-space models: ``(-1, 1)``);
-    samples are scored clamped to it. ``None``: the full-compute samples' 0.1-99.9 percentile range.
+    (`tcpass.adapters.ModelAdapter.calibration_conditioning`: class labels stratified over the classes for
+    DiT, stand-in caption embeddings for PixArt). ``sample_range``: the range a viewer sees (pixel-space
+    models: ``(-1, 1)``); samples are scored clamped to it. ``None``: the full-compute samples' 0.1-99.9
+    percentile range.
     """
     adapter = adapter_for(model)
     g = torch.Generator().manual_seed(seed)
