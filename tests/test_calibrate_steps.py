@@ -144,6 +144,32 @@ def test_the_window_is_drawn_around_the_target_corrected_by_the_measured_bias(tm
     assert report.measured_speedup >= 1.5 * 0.97
 
 
+def test_forecasts_go_to_tables_within_the_speed_tolerance_of_the_target(tmp_path, monkeypatch):
+    """A table predicted 2.95x for a 3x target measures within the 3% tolerance: it must get a forecast
+    (a strict cut left the emoji model's best rule without one in one calibration run and not the next)."""
+    from tcpass.calibrate import steps as cs
+
+    def table(name, speed):
+        return cs.StepCandidate(name, CachePlan(), speed)
+
+    rule = [table("magcache thr 0.1 ret 0.1 K 3", 2.80), table("magcache thr 0.2 ret 0.1 K 3", 2.95)]
+    rule += [table("magcache thr 0.3 ret 0.1 K 3", 3.10), table("magcache thr 0.2 ret 0.2 K 6", 3.05)]
+    assert [c.predicted_speedup for c in cs.forecast_tables(rule, 3.0 * 0.97)] == [3.05, 2.95]  # K 6 first
+    assert [c.predicted_speedup for c in cs.forecast_tables(rule, 3.0)] == [3.05, 3.10]
+
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    monkeypatch.setattr(cs, "fidelity", lambda model, plan, data: 30.0)
+    asked = []
+    monkeypatch.setattr(cs, "forecast_candidates", lambda model, pool, window, data, steps, sec, target, *a: (
+        asked.append(target) or []))  # fmt: skip
+    calibrate_steps(
+        make_dit(), tmp_path / "plan.json", target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4,
+        verify_reps=0, progress=False, max_composed=0, speed_tolerance=0.1,
+    )  # fmt: skip
+    assert asked == [pytest.approx(1.5 * 0.9)]
+
+
 def test_calibrate_steps_refuses_a_target_it_cannot_mean():
     with pytest.raises(ValueError, match="target_speedup = 0.5"):
         calibrate_steps(make_dit(), "unused.json", target_speedup=0.5)
