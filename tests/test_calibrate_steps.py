@@ -142,6 +142,8 @@ def test_the_window_is_drawn_around_the_target_corrected_by_the_measured_bias(tm
     speeds = [c.predicted_speedup for c in report.candidates]
     assert speeds and all(1.875 / 1.2 <= v <= 1.875 * 1.2 for v in speeds)  # not [1.25, 1.8] around 1.5
     assert report.measured_speedup >= 1.5 * 0.97
+    assert json.loads((tmp_path / "plan.calibration.json").read_text())["speed_bias"] == 0.8  # recorded
+    assert "speed bias (measured / predicted, one whole generation): 0.800" in report.format()
 
 
 def test_forecasts_go_to_tables_within_the_speed_tolerance_of_the_target(tmp_path, monkeypatch):

@@ -158,6 +158,7 @@ class StepCalibrationReport:
     measured_seconds: dict[str, list[float]] = field(default_factory=dict)
     target_speedup: float | None = None
     tolerance: float = 0.0  # a measured speedup of (1 - tolerance) x the target reaches it
+    speed_bias: float = 1.0  # measured / predicted speedup of one whole generation, before the window was drawn
 
     def frontier(self) -> list[StepCandidate]:
         """The candidates no other beats on both predicted speed and calibration PSNR, fastest first."""
@@ -181,6 +182,11 @@ class StepCalibrationReport:
             + "; ".join(f"{f} {max(cs, key=lambda c: c.psnr_db).psnr_db:.2f} dB" for f, cs in sorted(families.items()))
             + " (in the window evaluated)"
         )
+        if self.target_speedup is not None and self.speed_bias != 1.0:
+            rows.append(
+                f"speed bias (measured / predicted, one whole generation): {self.speed_bias:.3f}; candidates "
+                f"evaluated around {self.target_speedup / self.speed_bias:.2f}x predicted"
+            )
         if self.measured_speedup is not None:
             rows.append(f"chosen plan, measured on whole generations: {self.measured_speedup:.2f}x")
             if self.target_speedup is not None and self.measured_speedup < (1 - self.tolerance) * self.target_speedup:
@@ -195,6 +201,7 @@ class StepCalibrationReport:
             "chosen": self.chosen.name,
             "target_speedup": self.target_speedup,
             "speed_tolerance": self.tolerance,
+            "speed_bias": self.speed_bias,
             "measured_speedup": self.measured_speedup,
             "measured_seconds": self.measured_seconds,
             "call_seconds": self.call_seconds,
@@ -433,6 +440,7 @@ def calibrate_steps(
         measured_speedup=chosen.measured_speedup,
         target_speedup=target_speedup,
         tolerance=speed_tolerance,
+        speed_bias=bias,
     )
     _write_atomically(out, plan, report)
     return report
