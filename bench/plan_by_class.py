@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, write_json  # noqa: E402
-from tcpass.adapters import adapter_for, stratified_labels  # noqa: E402
+from tcpass.adapters import adapter_for  # noqa: E402
 from tcpass.metrics import psnr  # noqa: E402
 from tcpass.plan import CachePlan, load_plan  # noqa: E402
 from tcpass.runtime import transform  # noqa: E402
@@ -56,8 +56,8 @@ def main() -> None:
     def calibration_set() -> tuple[torch.Tensor, torch.Tensor]:
         """`tcpass.calibrate.collect`'s samples: from seed 1234 the labels first, then the noise."""
         g = torch.Generator().manual_seed(1234)
-        if args.labels == "stratified":
-            labels = stratified_labels(args.samples, ref.num_classes, g)
+        if args.labels == "stratified":  # the model family's own calibration conditioning, as collect draws it
+            labels = adapter_for(model).calibration_conditioning(model, args.samples, g)[0]["class_labels"]
         else:  # how `collect` drew DiT labels before they were stratified
             labels = torch.randint(0, ref.num_classes, (args.samples,), generator=g)
         return torch.randn(args.samples, *ref.image_shape, generator=g), labels
@@ -73,13 +73,22 @@ def main() -> None:
     def generate(denoiser, noise, labels, steps):
         return ddim_sample(denoiser, noise, labels, ref.null_label, steps, args.guidance).clamp(-1, 1)
 
+    transformed = {}  # (arm, model batch) -> transformed model: traced once, reset between generations
+
+    def arm_model(arm: str, batch: int):
+        if (arm, batch) not in transformed:
+            plan, plan_dir = arms[arm]
+            example = adapter_for(model).example_inputs(model, batch)
+            transformed[arm, batch] = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+        return transformed[arm, batch]
+
     result = {"machine": machine(), "config": vars(args) | {"plan": [str(p) for p in args.plan]}, "sets": {}}
     for set_name, (noise, labels) in sets.items():
         full = generate(model, noise, labels, args.steps)
-        example = adapter_for(model).example_inputs(model, 2 * len(labels))
         rows = {}
-        for arm, (plan, plan_dir) in arms.items():
-            tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+        for arm, (plan, _) in arms.items():
+            tm = arm_model(arm, 2 * len(labels))
+            tm.reset()
             db = psnr(generate(tm, noise, labels, plan.sampler_steps or args.steps), full, data_range=2.0)
             per_class = {
                 name: (float(db[labels == c].mean()), int((labels == c).sum()))
