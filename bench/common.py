@@ -34,6 +34,26 @@ def apply_allocator_option(args) -> None:
         pin_allocator()
 
 
+def add_guidance_options(parser) -> None:
+    """``--guidance`` and ``--guidance-interval`` on a bench's parser; `guidance_interval_of` resolves the latter."""
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="model timesteps guided (0 1000: every step; default: the reference model's own, emoji 100 700)",
+    )
+
+
+def guidance_interval_of(args, ref) -> tuple[float, float] | None:
+    """``--guidance-interval`` as given, else the reference model's (`tcpass.zoo.ReferenceModel.guidance_interval`)."""
+    from tcpass.schedule import check_guidance_interval
+
+    return check_guidance_interval(args.guidance_interval) or ref.guidance_interval
+
+
 def machine() -> dict:
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")

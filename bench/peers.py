@@ -53,7 +53,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every context refresh at info
 
 import tcpass  # noqa: E402
-from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    add_allocator_option,
+    add_guidance_options,
+    apply_allocator_option,
+    fidelity_row,
+    guidance_interval_of,
+    machine,
+    write_json,
+)
 from tcpass.adapters import stratified_labels  # noqa: E402
 from tcpass.metrics import (  # noqa: E402
     bootstrap_draws,
@@ -64,7 +73,7 @@ from tcpass.metrics import (  # noqa: E402
     psnr,
     ssim,
 )
-from tcpass.sampling import ddim_sample  # noqa: E402
+from tcpass.sampling import ddim_sample, describe_guidance  # noqa: E402
 from tcpass.schedule import StepKind  # noqa: E402
 from tcpass.zoo import reference  # noqa: E402
 
@@ -614,7 +623,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=2, help="samples per class per seed")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of full compute and of the peers")
-    parser.add_argument("--guidance", type=float, default=4.0)
+    add_guidance_options(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plan", type=Path, action="append", default=[], help="tcpass plan JSON (repeatable)")
     parser.add_argument("--methods", help=f"comma list of methods to run (default: all of {', '.join(PEER_METHODS)})")
@@ -631,6 +640,7 @@ def main() -> None:
     out = args.out or f"peers_{args.model}"
 
     ref = reference(args.model)
+    interval = args.interval = guidance_interval_of(args, ref)  # recorded with the results and printed
     model = ref.load_model(None).eval()
     classifier = ref.load_classifier()
     held_out, _ = ref.held_out()
@@ -646,7 +656,9 @@ def main() -> None:
 
     def generate(denoiser, noise, steps, class_labels=None):
         class_labels = labels if class_labels is None else class_labels
-        return ddim_sample(denoiser, noise, class_labels, ref.null_label, steps, args.guidance).clamp(-1, 1)
+        return ddim_sample(
+            denoiser, noise, class_labels, ref.null_label, steps, args.guidance, guidance_interval=interval
+        ).clamp(-1, 1)
 
     calibration = torch.Generator().manual_seed(CALIBRATION_SEED)
     ctx = Context(
@@ -727,6 +739,7 @@ def main() -> None:
             "batch": batch,
             "steps": args.steps,
             "guidance": args.guidance,
+            "guidance_interval": interval,
             "speed_reps": args.speed_reps,
             "calibration_seed": CALIBRATION_SEED,
             "methods": methods,
@@ -803,7 +816,7 @@ def check_fires(arms: list[Arm], counts: dict[str, dict], allow_noop: bool) -> N
 def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) -> None:
     print(
         f"\n{args.model}: {samples} samples x {args.seeds} seeds per arm (model batch {batch}), "
-        f"{args.steps} DDIM steps, CFG {args.guidance}, {args.threads} thread(s); "
+        f"{args.steps} DDIM steps, {describe_guidance(args.guidance, args.interval)}, {args.threads} thread(s); "
         f"Fréchet real-vs-real {real_vs_real:.2f}"
     )
     header = f"{'arm':52} {'speedup':>15} {'PSNR dB':>14} {'SSIM':>7} {'acc':>6} {'Fréchet ± boot':>14}"

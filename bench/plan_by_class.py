@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, write_json  # noqa: E402
+from bench.common import add_guidance_options, guidance_interval_of, machine, write_json  # noqa: E402
 from tcpass.adapters import adapter_for  # noqa: E402
 from tcpass.metrics import psnr  # noqa: E402
 from tcpass.plan import CachePlan, load_plan  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=18, help="calibration samples")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="bench noise seeds")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    add_guidance_options(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="result file stem (default: <model>_plan_by_class)")
     args = parser.parse_args()
@@ -48,6 +48,7 @@ def main() -> None:
         parser.error("give at least one --plan or --baseline-steps")
     torch.set_num_threads(args.threads)
     ref = reference(args.model)
+    interval = guidance_interval_of(args, ref)
     model = ref.load_model(None).eval()
     base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
     arms = {p.stem: (load_plan(p), p.parent) for p in args.plan}
@@ -71,7 +72,9 @@ def main() -> None:
         )
 
     def generate(denoiser, noise, labels, steps):
-        return ddim_sample(denoiser, noise, labels, ref.null_label, steps, args.guidance).clamp(-1, 1)
+        return ddim_sample(
+            denoiser, noise, labels, ref.null_label, steps, args.guidance, guidance_interval=interval
+        ).clamp(-1, 1)
 
     transformed = {}  # (arm, model batch) -> transformed model: traced once, reset between generations
 

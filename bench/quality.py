@@ -39,7 +39,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass  # noqa: E402
-from bench.common import RESULTS, add_allocator_option, apply_allocator_option, fidelity_row, machine, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS,
+    add_allocator_option,
+    add_guidance_options,
+    apply_allocator_option,
+    fidelity_row,
+    guidance_interval_of,
+    machine,
+    write_json,
+)
 from tcpass import calibrate as cal  # noqa: E402
 from tcpass.files import sha256_of  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
@@ -107,7 +116,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=2, help="samples per class per seed")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    add_guidance_options(parser)
     parser.add_argument("--threads", type=int, default=2)
     add_allocator_option(parser)
     parser.add_argument("--out", default=None, help="result file stem (default: quality or quality_<model>)")
@@ -117,6 +126,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     ref = reference(args.model)
+    interval = guidance_interval_of(args, ref)
     model = ref.load_model(None)
     classifier = ref.load_classifier()
     held_out, _ = ref.held_out()
@@ -145,7 +155,7 @@ def main() -> None:
     print("predicted speedups: " + ", ".join(f"{k} {v:.2f}x" for k, v in targets.items()), flush=True)
 
     def generate(m, noise, steps):
-        return ddim_sample(m, noise, labels, ref.null_label, steps, args.guidance)
+        return ddim_sample(m, noise, labels, ref.null_label, steps, args.guidance, guidance_interval=interval)
 
     warm = torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(10_000))
     for m, steps in variants.values():
@@ -200,6 +210,7 @@ def main() -> None:
             "batch": batch,
             "steps": args.steps,
             "guidance": args.guidance,
+            "guidance_interval": interval,
             "predicted_speedups": targets,
             "plans": {n: (p.to_dict() if p is not None else None) for n, p in plans.items()},
         },

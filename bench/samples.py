@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, machine, write_json  # noqa: E402
+from bench.common import RESULTS, add_guidance_options, guidance_interval_of, machine, write_json  # noqa: E402
 from tcpass.metrics import classifier_features, frechet_distance  # noqa: E402
-from tcpass.sampling import ddim_sample  # noqa: E402
+from tcpass.sampling import ddim_sample, describe_guidance  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, ReferenceModel, reference  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="emoji")
     parser.add_argument("--model-dir", type=Path, default=None, help="DiT directory (default: the shipped weights)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    add_guidance_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=64, help="samples per sampler call")
     parser.add_argument("--max-samples", type=int, default=None, help="use every k-th image of half B (time)")
@@ -98,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ref = reference(args.model)
+    interval = guidance_interval_of(args, ref)
     model = ref.load_model(args.model_dir)
     classifier = ref.load_classifier()
     real, real_labels = ref.held_out()
@@ -113,7 +114,13 @@ def main() -> None:
     for i in range(0, len(labels), args.batch):
         chunks.append(
             ddim_sample(
-                model, noise[i : i + args.batch], labels[i : i + args.batch], ref.null_label, args.steps, args.guidance
+                model,
+                noise[i : i + args.batch],
+                labels[i : i + args.batch],
+                ref.null_label,
+                args.steps,
+                args.guidance,
+                guidance_interval=interval,
             ).clamp(-1, 1)
         )
         print(f"{i + len(chunks[-1])}/{len(labels)} samples, {time.perf_counter() - start:.0f} s", flush=True)
@@ -135,6 +142,7 @@ def main() -> None:
             "model_dir": str(args.model_dir) if args.model_dir else None,
             "steps": args.steps,
             "guidance": args.guidance,
+            "guidance_interval": interval,
             "seed": args.seed,
             "samples": len(labels),
             "real_a": len(a),
@@ -149,7 +157,10 @@ def main() -> None:
         "frechet_real_b_vs_real_a": frechet_distance(classifier_features(real[b], classifier), features_a),
         "sampling_seconds": seconds,
     }
-    print(f"\n{args.model}: {len(labels)} samples ({args.steps}-step DDIM, CFG {args.guidance}) in {seconds:.0f} s")
+    print(
+        f"\n{args.model}: {len(labels)} samples ({args.steps}-step DDIM, "
+        f"{describe_guidance(args.guidance, interval)}) in {seconds:.0f} s"
+    )
     print(f"{'':28} {'generated':>10} {'real (B)':>10}")
     print(f"{'class accuracy':28} {result['class_accuracy']:10.1%} {result['real_b_class_accuracy']:10.1%}")
     print(
@@ -164,7 +175,7 @@ def main() -> None:
     )
     stem = args.out or f"{args.model}_samples"
     print(f"wrote {write_json(stem + '.json', result)}")
-    title = f"{args.model} DiT, generated ({args.steps}-step DDIM, CFG {args.guidance:g})"
+    title = f"{args.model} DiT, generated ({args.steps}-step DDIM, {describe_guidance(args.guidance, interval)})"
     grid = save_sample_grid(ref, samples, labels, real[a], real_labels[a], RESULTS / f"{stem}.png", title)
     print(f"wrote {grid}")
 

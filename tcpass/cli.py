@@ -23,6 +23,26 @@ def _plan_file(ctx: click.Context, param: click.Parameter, path: Path | None) ->
     return path
 
 
+def _guidance_interval(ctx: click.Context, param: click.Parameter, value):
+    from tcpass.schedule import check_guidance_interval
+
+    try:
+        return check_guidance_interval(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def guidance_interval_option(default_help: str):
+    return click.option(
+        "--guidance-interval",
+        type=(float, float),
+        default=None,
+        callback=_guidance_interval,
+        help="Model timesteps LO HI (of 0..1000) classifier-free guidance applies at; the conditional prediction "
+        f"alone elsewhere. 0 1000 guides every step. Default: {default_help}",
+    )
+
+
 def _output_file(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
     """Fail before the run, not after it, when the output's directory does not exist."""
     if not path.parent.is_dir():
@@ -57,6 +77,7 @@ def main() -> None:
 )
 @click.option("--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
+@guidance_interval_option("the reference model's own (emoji: 100 700; digits: every step).")
 @click.option("--per-class", type=POSITIVE, default=1, show_default=True, help="Samples per class.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -78,7 +99,20 @@ def main() -> None:
     callback=_output_file,
     help="Where to write the PNG grid (its directory must exist).",
 )
-def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, threads, malloc_default, out) -> None:
+def demo(
+    model,
+    model_dir,
+    plan_path,
+    steps,
+    guidance,
+    guidance_interval,
+    per_class,
+    seed,
+    rounds,
+    threads,
+    malloc_default,
+    out,
+) -> None:
     """Full compute vs tcpass on a shipped reference DiT: speed, fidelity, class accuracy, a PNG."""
     import torch
 
@@ -86,6 +120,7 @@ def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, 
 
     if not malloc_default:
         pin_allocator()
+    from tcpass.sampling import describe_guidance
     from tcpass.zoo import REFERENCE_MODELS
     from tcpass.zoo.demo import describe_plan, format_table, run_demo, save_grid
 
@@ -94,9 +129,11 @@ def demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, 
             f"{model!r} is not a reference model; known: {sorted(REFERENCE_MODELS)}.", param_hint="--model"
         )
     torch.set_num_threads(threads)
-    result = run_demo(model, model_dir, plan_path, steps, guidance, per_class, seed, rounds)
+    result = run_demo(
+        model, model_dir, plan_path, steps, guidance, per_class, seed, rounds, guidance_interval=guidance_interval
+    )
     click.echo(
-        f"plan: {describe_plan(result.plan, steps)}; CFG {guidance}, "
+        f"plan: {describe_plan(result.plan, steps)}; {describe_guidance(guidance, result.guidance_interval)}, "
         f"{model} model, {len(result.labels)} samples, median of {rounds} rounds"
     )
     click.echo(format_table(result))
@@ -329,6 +366,14 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     help="--policy steps: choose only plans that keep --steps sampler steps (skip tables, forecasts, "
     "compositions), for pipelines whose step count is fixed; fewer-steps plans are still scored and reported.",
 )
+@click.option(
+    "--guidance",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Classifier-free guidance scale of the calibration generations (the sampler the plan will run under).",
+)
+@guidance_interval_option("a shipped reference model's own (emoji: 100 700), else every step.")
 @click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
 def calibrate(
@@ -349,6 +394,8 @@ def calibrate(
     max_composed,
     speed_tolerance,
     keep_steps,
+    guidance,
+    guidance_interval,
     threads,
     out,
 ):
@@ -357,6 +404,7 @@ def calibrate(
 
     from tcpass.adapters import load_transformer
     from tcpass.calibrate import calibrate as run
+    from tcpass.sampling import describe_guidance
     from tcpass.zoo.digits import load_reference_model
 
     if (target_speedup is None) == (min_psnr is None):
@@ -373,6 +421,12 @@ def calibrate(
         sample_range = (-1.0, 1.0)  # the reference model generates pixels in [-1, 1]
     if sample_range is not None and not sample_range[0] < sample_range[1]:
         raise click.BadParameter(f"{sample_range}: LO must be below HI.", param_hint="--sample-range")
+    if guidance_interval is None:
+        from tcpass.zoo import sampler_for
+
+        ref = sampler_for(model_path)
+        guidance_interval = None if ref is None else ref.guidance_interval
+    click.echo(f"calibration sampler: {steps}-step DDIM, {describe_guidance(guidance, guidance_interval)}")
     common = {
         "target_speedup": target_speedup,
         "min_psnr": min_psnr,
@@ -380,6 +434,8 @@ def calibrate(
         "num_samples": samples,
         "steps": steps,
         "sample_range": sample_range,
+        "guidance_scale": guidance,
+        "guidance_interval": guidance_interval,
     }
     if policy == "steps":
         from tcpass.calibrate.steps import calibrate_steps

@@ -12,6 +12,8 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from tcpass.schedule import check_guidance_interval, guidance_at
+
 
 def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
     """DDIM over DiT's training schedule (linear betas 1e-4..0.02, epsilon prediction)."""
@@ -24,6 +26,14 @@ def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
         set_alpha_to_one=False,
         prediction_type="epsilon",
     )
+
+
+def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, float] | None) -> str:
+    """``"CFG 4"``, or ``"CFG 4 at t in [100, 700)"`` with an interval (model timesteps)."""
+    text = f"CFG {guidance_scale:g}"
+    if guidance_interval is not None and guidance_scale != 1.0:
+        text += f" at t in [{guidance_interval[0]:g}, {guidance_interval[1]:g})"
+    return text
 
 
 def ddim_timesteps(num_steps: int) -> list[float]:
@@ -64,20 +74,25 @@ def guided_ddim(
     num_steps: int = 50,
     guidance_scale: float = 4.0,
     progress: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` [B, C, H, W] with the model's keyword arguments ``cond`` (B rows each); returns
     [B, C, H, W].
 
     With ``uncond`` (B rows: the null class, an empty prompt's embedding...) and ``guidance_scale`` not
-    1.0 the model sees batch 2B, ``[cond; uncond]``. Models whose output has twice the input channels
-    (learned sigma) have the variance half dropped. The sampler's arithmetic stays in ``noise``'s
-    dtype; the model's input is cast to ``model.dtype`` (a bfloat16 or float16 model) and its output back.
+    1.0 the model sees batch 2B, ``[cond; uncond]``, at every step; ``guidance_interval`` ``(lo, hi)``
+    (model timesteps) applies the guidance only at steps with ``lo <= t < hi`` and the conditional
+    prediction alone elsewhere (`guidance_at`; the batch stays 2B, so every step has one shape). Models
+    whose output has twice the input channels (learned sigma) have the variance half dropped. The
+    sampler's arithmetic stays in ``noise``'s dtype; the model's input is cast to ``model.dtype`` (a
+    bfloat16 or float16 model) and its output back.
     """
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
     latents = noise
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
+    interval = check_guidance_interval(guidance_interval)
     kwargs = cat_rows(cond, uncond) if guided else cond
     model_dtype = getattr(model, "dtype", noise.dtype)
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
@@ -87,7 +102,8 @@ def guided_ddim(
         out = out.to(latents.dtype)
         if guided:
             cond_out, uncond_out = out.chunk(2)
-            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            scale = guidance_at(float(t), guidance_scale, interval)
+            out = uncond_out + scale * (cond_out - uncond_out)
         latents = scheduler.step(out, t, latents).prev_sample
     return latents
 
@@ -100,8 +116,9 @@ def ddim_sample(
     num_steps: int = 50,
     guidance_scale: float = 4.0,
     progress: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Class-conditional `guided_ddim`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
     cond = {"class_labels": class_labels}
     uncond = {"class_labels": torch.full_like(class_labels, null_label)}
-    return guided_ddim(model, noise, cond, uncond, num_steps, guidance_scale, progress)
+    return guided_ddim(model, noise, cond, uncond, num_steps, guidance_scale, progress, guidance_interval)

@@ -38,6 +38,12 @@ def invoke(*args: str):
         (["export", "--model", "m", "--plan", "{plan}", "-o", "{tmp}/out", "--opset", "17"], "--opset", "18<=x<=25"),
         (["export", "--model", "m", "--plan", "{plan}", "-o", "{tmp}/out", "--opset", "30"], "--opset", "18<=x<=25"),
         (["serve", "--replicas", "0"], "--replicas", "x>=1"),
+        (["demo", "--guidance-interval", "700", "100"], "--guidance-interval", "need 0 <= LO < HI"),
+        (
+            ["calibrate", "--min-psnr", "30", "-o", "{tmp}/p.json", "--guidance-interval", "-1", "5"],
+            "--guidance-interval",
+            "LO < HI",
+        ),
         (["serve", "--max-batch", "0"], "--max-batch", "x>=1"),
         (["serve", "--port", "0"], "--port", "1<=x<=65535"),
         (["serve", "--batch-wait-ms", "-1"], "--batch-wait-ms", "x>=0"),

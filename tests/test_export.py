@@ -217,6 +217,20 @@ def test_full_generation_matches_torch(exported):
     assert psnr >= 50
 
 
+def test_guidance_interval_matches_torch(exported):
+    model, out = exported
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    kwargs = {"guidance_interval": (200, 600)}
+    want = ddim_sample(tcpass.transform(model, PLAN), noise, torch.tensor([4]), 1000, 20, 4.0, **kwargs).numpy()
+    got = generate(OrtTokenCacheRuntime(out), noise.numpy(), np.array([4]), 20, 4.0, **kwargs)
+    everywhere = generate(OrtTokenCacheRuntime(out), noise.numpy(), np.array([4]), 20, 4.0)
+    psnr = 10 * np.log10((want.max() - want.min()) ** 2 / np.mean((got - want) ** 2))
+    assert psnr >= 50
+    assert np.abs(everywhere - want).max() > 1e-2  # the interval changes the samples
+    with pytest.raises(ValueError, match="guidance_interval"):
+        generate(OrtTokenCacheRuntime(out), noise.numpy(), np.array([4]), 20, 4.0, guidance_interval=(600, 200))
+
+
 def test_runtime_generates_where_torch_cannot_be_imported(exported):
     _, out = exported
     script = textwrap.dedent(f"""

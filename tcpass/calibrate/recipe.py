@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate.data import collect
+from tcpass.calibrate.data import collect, sampler_notes
 from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
 from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup
 from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
@@ -88,6 +88,8 @@ def calibrate(
     sample_range: tuple[float, float] | None = None,
     progress: bool = True,
     conditioning: tuple[dict, dict | None] | None = None,
+    guidance_scale: float = 4.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> CalibrationReport:
     """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
 
@@ -112,6 +114,8 @@ def calibrate(
             interleaved with full compute, this many rounds after a warm-up (0: not measured).
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
+        guidance_scale / guidance_interval: classifier-free guidance of the calibration generations
+            (`tcpass.sampling.guided_ddim`; interval None: every step): the sampler the plan will run under.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -120,7 +124,15 @@ def calibrate(
     adapter = adapter_for(model)
     fingerprint = adapter.fingerprint(model)
     data = collect(
-        model, num_samples, steps, seed=seed, progress=progress, sample_range=sample_range, conditioning=conditioning
+        model,
+        num_samples,
+        steps,
+        guidance_scale,
+        seed=seed,
+        progress=progress,
+        sample_range=sample_range,
+        conditioning=conditioning,
+        guidance_interval=guidance_interval,
     )
     sens = block_sensitivity(model, data, progress=progress)
     order = [int(b) for b in sens.argsort()]
@@ -197,6 +209,7 @@ def calibrate(
         "block_sensitivity": [round(v, 5) for v in sens.tolist()],
         "topk_error": {k: round(v, 4) if isinstance(v, float) else v for k, v in selection.items()},
         "seconds": round(seconds, 1),
+        **sampler_notes(data),
     }
     if problems:
         notes["timing_problems"] = problems  # still implausible after re-measuring: other jobs running?

@@ -48,7 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate.data import CalibrationData, collect
+from tcpass.calibrate.data import CalibrationData, collect, sampler_notes
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
@@ -322,6 +322,7 @@ def calibrate_steps(
     num_samples: int = 16,
     steps: int = 50,
     guidance_scale: float = 4.0,
+    guidance_interval: tuple[float, float] | None = None,
     window: float = 1.12,
     max_evaluated: int = 32,
     verify_reps: int = 2,
@@ -342,6 +343,8 @@ def calibrate_steps(
         target_speedup: wall-clock speedup to reach (x, > 1); or ``min_psnr`` (dB vs full compute).
         batch: the model batch speeds are timed at (2 = one image with classifier-free guidance).
         num_samples / steps / guidance_scale: the calibration generations (DDIM, full compute).
+        guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step;
+            `tcpass.sampling.guided_ddim`): the sampler the plan will run under.
         window: candidates predicted within [target / window, window * target] are evaluated.
         max_evaluated: at most this many candidates are generated (evenly over predicted speed).
         verify_reps: interleaved whole-generation timings of a candidate vs full compute (after a warm-up round).
@@ -379,6 +382,7 @@ def calibrate_steps(
         progress=progress,
         sample_range=sample_range,
         conditioning=conditioning,
+        guidance_interval=guidance_interval,
     )
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
@@ -425,6 +429,7 @@ def calibrate_steps(
         "batch": batch,
         "samples": num_samples,
         "steps": steps,
+        **sampler_notes(data),
     }
     if keep_steps:
         notes["keep_steps"] = True

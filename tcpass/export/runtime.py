@@ -22,7 +22,7 @@ from tcpass.export import missing_extra
 from tcpass.files import sha256_of
 from tcpass.plan import CachePlan, StepSkip, TPRRSchedule
 from tcpass.policies import policy_class
-from tcpass.schedule import StepKind, ThreadGuard, TPRRState, check_timestep
+from tcpass.schedule import StepKind, ThreadGuard, TPRRState, check_guidance_interval, check_timestep, guidance_at
 
 try:
     import onnxruntime as ort
@@ -343,8 +343,12 @@ def generate(
     class_labels: np.ndarray,
     num_steps: int = 50,
     guidance_scale: float = 4.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
+
+    ``guidance_interval`` ``(lo, hi)`` (model timesteps): guidance only at steps with ``lo <= t < hi``,
+    the conditional prediction alone elsewhere, as `tcpass.sampling.guided_ddim`.
 
     The sampler's arithmetic is float32 whatever the export's dtype; the model's input is cast to the
     dtype the graphs take (float16 for a float16 export) and its output back to float32.
@@ -352,6 +356,7 @@ def generate(
     timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
     step = 1000 // num_steps
     guided = guidance_scale != 1.0
+    interval = check_guidance_interval(guidance_interval)
     labels = np.asarray(class_labels, dtype=np.int64)
     if guided:
         labels = np.concatenate([labels, np.full_like(labels, runtime.null_label)])
@@ -367,7 +372,7 @@ def generate(
         )[:, :channels].astype(np.float32)
         if guided:
             cond, uncond = np.split(eps, 2)
-            eps = uncond + guidance_scale * (cond - uncond)
+            eps = uncond + guidance_at(float(t), guidance_scale, interval) * (cond - uncond)
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[t - step] if t - step >= 0 else final_alpha
         x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)

@@ -41,6 +41,10 @@ class ReferenceModel:
         demo_plan: the plan `tcpass demo` uses: the best plan calibrated for this model (a step plan
             with fitted forecasts, `tcpass calibrate --policy steps --target-speedup 2.0`; on emoji with
             ``--keep-steps``, since without it the search picks 25 plain DDIM steps there).
+        model_dir: ``() -> Path`` of the shipped weights (`sampler_for` recognises it).
+        guidance_interval: model timesteps ``(lo, hi)`` its sampler applies classifier-free guidance at
+            (`tcpass.sampling.guided_ddim`); ``None``: every step. Every bench, the demo and calibration
+            of the shipped weights sample this model with it.
     """
 
     name: str
@@ -52,6 +56,8 @@ class ReferenceModel:
     held_out: Callable[[], tuple[torch.Tensor, torch.Tensor]]
     default_plan: Path
     demo_plan: Path
+    model_dir: Callable[[], Path]
+    guidance_interval: tuple[float, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +80,7 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
         held_out=_digits_held_out,
         default_plan=Path(__file__).parent / "digits_plan.json",
         demo_plan=Path(__file__).parent / "digits_demo_plan.json",
+        model_dir=reference_model_dir,
     ),
     "emoji": ReferenceModel(
         name="emoji",
@@ -85,6 +92,10 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
         held_out=emoji.held_out,
         default_plan=Path(__file__).parent / "emoji_plan.json",
         demo_plan=Path(__file__).parent / "emoji_demo_plan.json",
+        model_dir=emoji.reference_model_dir,
+        # guidance at t in [100, 700) only: more classes recognised and less mode collapse than at every
+        # step (bench/results/emoji_guidance_interval.json)
+        guidance_interval=emoji.GUIDANCE_INTERVAL,
     ),
 }
 
@@ -94,6 +105,15 @@ def reference(name: str) -> ReferenceModel:
     if name not in REFERENCE_MODELS:
         raise ValueError(f"unknown reference model {name!r}; known: {sorted(REFERENCE_MODELS)}.")
     return REFERENCE_MODELS[name]
+
+
+def sampler_for(model_path: str | Path | None) -> ReferenceModel | None:
+    """The reference model whose shipped weights are at ``model_path`` (``None``: the default, digits), or
+    ``None`` for any other directory; its ``guidance_interval`` is the sampler to calibrate under."""
+    if model_path is None:
+        return REFERENCE_MODELS["digits"]
+    path = Path(model_path).resolve()
+    return next((r for r in REFERENCE_MODELS.values() if r.model_dir().resolve() == path), None)
 
 
 __all__ = [
@@ -106,4 +126,5 @@ __all__ = [
     "load_reference_model",
     "reference",
     "reference_model_dir",
+    "sampler_for",
 ]

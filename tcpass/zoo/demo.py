@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 
 import tcpass
 from tcpass.metrics import class_accuracy, psnr, ssim
-from tcpass.sampling import ddim_sample
+from tcpass.sampling import ddim_sample, describe_guidance
+from tcpass.schedule import check_guidance_interval
 from tcpass.zoo import reference
 
 
@@ -29,6 +31,7 @@ class DemoResult:
     cached_accuracy: float
     plan: tcpass.CachePlan
     class_names: tuple[str, ...]
+    guidance_interval: tuple[float, float] | None = None
 
     @property
     def speedup(self) -> float:
@@ -45,6 +48,7 @@ def run_demo(
     seed: int = 0,
     rounds: int = 3,
     progress: bool = True,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> DemoResult:
     """Generate ``per_class`` samples of every class of the reference model ``model`` (a registry name)
     with full compute and with tcpass from the same noise.
@@ -52,8 +56,12 @@ def run_demo(
     ``model_dir`` replaces the shipped DiT weights (same classes); ``plan_path`` the model's demo plan
     (`tcpass.zoo.ReferenceModel.demo_plan`). A plan's ``sampler_steps`` replaces ``steps`` for tcpass.
     Both variants are timed in alternation over ``rounds`` whole generations after one warm-up each.
+    ``guidance_interval``: model timesteps ``(lo, hi)`` guided (`tcpass.sampling.guided_ddim`); ``None``: the
+    reference model's own (`tcpass.zoo.ReferenceModel.guidance_interval`); ``(0, 1000)``: every step.
+    A plan calibrated under another sampler (its ``notes``) gets a warning: its quality was measured there.
     """
     ref = reference(model)
+    interval = check_guidance_interval(guidance_interval) or ref.guidance_interval
     dit = ref.load_model(model_dir)
     classifier = ref.load_classifier()
     plan = tcpass.load_plan(plan_path or ref.demo_plan)
@@ -68,11 +76,12 @@ def run_demo(
         "timestep": torch.zeros(batch, dtype=torch.long),
         "class_labels": torch.zeros(batch, dtype=torch.long),
     }
+    warn_sampler_mismatch(plan, guidance_scale, interval)
     cached_model = tcpass.transform(dit, plan, example_inputs=example)
 
     def generate(m, show):
         n = steps if m is dit else plan.sampler_steps or steps
-        return ddim_sample(m, noise, labels, ref.null_label, n, guidance_scale, progress=show)
+        return ddim_sample(m, noise, labels, ref.null_label, n, guidance_scale, show, interval)
 
     seconds: dict[str, list[float]] = {"full": [], "cached": []}
     images = {}
@@ -100,7 +109,30 @@ def run_demo(
         cached_accuracy=class_accuracy(cached, labels, classifier),
         plan=plan,
         class_names=ref.class_names,
+        guidance_interval=interval,
     )
+
+
+def warn_sampler_mismatch(
+    plan: tcpass.CachePlan, guidance_scale: float, guidance_interval: tuple[float, float] | None
+) -> None:
+    """Warn when ``plan``'s notes say it was calibrated under another guidance scale or interval."""
+    notes = plan.notes or {}
+    if "guidance_scale" not in notes:
+        return  # calibrated before plans recorded their sampler
+
+    def key(scale, interval):  # without guidance the interval means nothing
+        return (float(scale), None if interval is None or float(scale) == 1.0 else tuple(float(v) for v in interval))
+
+    calibrated = key(notes["guidance_scale"], notes.get("guidance_interval"))
+    used = key(guidance_scale, guidance_interval)
+    if calibrated != used:
+        warnings.warn(
+            f"the plan was calibrated with {describe_guidance(*calibrated)} but runs with {describe_guidance(*used)}: "
+            "its fidelity was measured on the other sampler; recalibrate with `tcpass calibrate --guidance "
+            "--guidance-interval` to match.",
+            stacklevel=3,
+        )
 
 
 def describe_plan(plan: tcpass.CachePlan, steps: int) -> str:

@@ -1,0 +1,101 @@
+"""Classifier-free guidance over an interval of timesteps: one definition (`tcpass.schedule.guidance_at`) that
+the torch sampler, the numpy runtime, calibration and the demo all run, checked against a loop written here."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import tcpass
+from tcpass.calibrate.data import collect, sampler_notes
+from tcpass.sampling import ddim_sample, describe_guidance
+from tcpass.zoo import REFERENCE_MODELS, sampler_for
+from tcpass.zoo.demo import warn_sampler_mismatch
+from tests.conftest import make_dit
+
+NULL = 1000
+INTERVAL = (300.0, 700.0)
+
+
+@torch.no_grad()
+def eager_interval_ddim(model, noise, labels, steps, scale, lo, hi):
+    """DDIM + CFG written out: guidance ``scale`` at timesteps lo <= t < hi, the conditional output alone elsewhere."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    scheduler.set_timesteps(steps)
+    x = noise
+    null = torch.full_like(labels, NULL)
+    for t in scheduler.timesteps:
+        tt = t.expand(len(x))
+        cond = model(x, timestep=tt, class_labels=labels).sample[:, : x.shape[1]]
+        uncond = model(x, timestep=tt, class_labels=null).sample[:, : x.shape[1]]
+        eps = uncond + scale * (cond - uncond) if lo <= float(t) < hi else cond
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def test_guided_ddim_with_an_interval_matches_a_loop_written_here():
+    model = make_dit()
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([3, 7])
+    want = eager_interval_ddim(model, noise, labels, 10, 4.0, *INTERVAL)
+    got = ddim_sample(model, noise, labels, NULL, 10, 4.0, guidance_interval=INTERVAL)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # and the interval matters: guiding every step, or none, gives other samples
+    everywhere = ddim_sample(model, noise, labels, NULL, 10, 4.0)
+    nowhere = ddim_sample(model, noise, labels, NULL, 10, 1.0)
+    assert (got - everywhere).abs().max() > 1e-2
+    assert (got - nowhere).abs().max() > 1e-2
+    # (0, 1000) covers every timestep: the same as no interval
+    whole = ddim_sample(model, noise, labels, NULL, 10, 4.0, guidance_interval=(0, 1000))
+    torch.testing.assert_close(whole, everywhere)
+
+
+@pytest.mark.parametrize("bad", [(700, 100), (-5, 10), (300, 300), ("a", "b"), (1,)])
+def test_a_bad_interval_is_refused_with_the_fix(bad):
+    model = make_dit()
+    with pytest.raises(ValueError, match=r"guidance_interval=.*\(100, 700\)"):
+        ddim_sample(model, torch.zeros(1, 4, 16, 16), torch.tensor([1]), NULL, 2, 4.0, guidance_interval=bad)
+
+
+def test_calibration_samples_under_the_interval_and_the_plan_records_it():
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=6, progress=False, guidance_interval=INTERVAL)
+    plain = collect(model, num_samples=2, steps=6, progress=False)
+    assert (data.final - plain.final).abs().max() > 1e-2  # the recorded trajectories are the interval's
+    torch.testing.assert_close(data.sample(model), data.final)  # replays (scoring plans) use the same sampler
+    assert sampler_notes(data) == {"guidance_scale": 4.0, "guidance_interval": [300.0, 700.0]}
+    assert sampler_notes(plain) == {"guidance_scale": 4.0}
+
+
+def test_the_demo_warns_when_the_plan_was_calibrated_under_another_sampler():
+    recorded = tcpass.CachePlan(notes={"guidance_scale": 4.0, "guidance_interval": [100.0, 700.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_sampler_mismatch(recorded, 4.0, (100, 700))  # same sampler: silent
+        warn_sampler_mismatch(tcpass.CachePlan(), 4.0, (100, 700))  # a plan from before notes recorded it
+        warn_sampler_mismatch(tcpass.CachePlan(notes={"guidance_scale": 1.0}), 1.0, (100, 700))  # no guidance
+    with pytest.warns(UserWarning, match=r"calibrated with CFG 4 at t in \[100, 700\) but runs with CFG 4"):
+        warn_sampler_mismatch(recorded, 4.0, None)
+    with pytest.warns(UserWarning, match="recalibrate"):
+        warn_sampler_mismatch(recorded, 2.0, (100, 700))
+
+
+def test_each_shipped_model_and_plan_agree_on_the_sampler(tmp_path):
+    emoji = REFERENCE_MODELS["emoji"]
+    assert sampler_for(emoji.model_dir()) is emoji and emoji.guidance_interval == (100.0, 700.0)
+    assert sampler_for(None) is REFERENCE_MODELS["digits"] and REFERENCE_MODELS["digits"].guidance_interval is None
+    assert sampler_for(tmp_path) is None
+    for ref in REFERENCE_MODELS.values():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_sampler_mismatch(tcpass.load_plan(ref.demo_plan), 4.0, ref.guidance_interval)
+    assert describe_guidance(4.0, (100.0, 700.0)) == "CFG 4 at t in [100, 700)"
+    assert describe_guidance(1.0, (100.0, 700.0)) == "CFG 1"
