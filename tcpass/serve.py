@@ -125,17 +125,20 @@ class Failed:
 
 
 class TorchSampler:
-    """DDIM + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless ``uncached``."""
+    """DDIM + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless ``uncached``; a shipped
+    reference model's weights sample with its guidance interval (`tcpass.zoo.ReferenceModel.guidance_interval`)."""
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
         import tcpass
         from tcpass.adapters import load_transformer
-        from tcpass.zoo import reference
+        from tcpass.zoo import reference, sampler_for
 
         torch.set_num_threads(config.threads)
         digits = reference("digits")
+        shipped = sampler_for(config.model)  # a shipped reference model samples with its own guidance interval
+        self.guidance_interval = None if shipped is None else shipped.guidance_interval
         model = load_transformer(str(config.model or _digits_dir()))
         cfg = model.config
         if getattr(cfg, "num_embeds_ada_norm", None) is None or type(model).__name__ != "DiTTransformer2DModel":
@@ -167,7 +170,13 @@ class TorchSampler:
         from tcpass.sampling import ddim_sample
 
         out = ddim_sample(
-            self.model, torch.from_numpy(noise), torch.from_numpy(labels), self.null_label, steps, guidance
+            self.model,
+            torch.from_numpy(noise),
+            torch.from_numpy(labels),
+            self.null_label,
+            steps,
+            guidance,
+            guidance_interval=self.guidance_interval,
         )
         return out.numpy()
 

@@ -158,6 +158,22 @@ def test_smaller_traced_batch_sizes_run_small_groups_without_padding_them_to_max
     assert np.abs(alone.samples - first[0].samples).max() <= 1e-3  # another size: float rounding
 
 
+def test_the_shipped_emoji_weights_are_served_with_their_guidance_interval():
+    emoji = reference("emoji")
+    threads = torch.get_num_threads()
+    sampler = TorchSampler(ServeConfig(model=str(emoji.model_dir()), uncached=True, max_batch=1, threads=1))
+    torch.set_num_threads(threads)
+    assert sampler.guidance_interval == emoji.guidance_interval == (100.0, 700.0)
+    [result] = run_batch(sampler, [Job(class_label=0, seed=5, steps=10, guidance=4.0, num_images=1)])
+    noise = torch.from_numpy(seeded_noise([5], (3, 32, 32)))
+    model = emoji.load_model(None)
+    labels = torch.tensor([0])
+    want = ddim_sample(model, noise, labels, emoji.null_label, 10, 4.0, guidance_interval=(100, 700)).numpy()
+    every_step = ddim_sample(model, noise, labels, emoji.null_label, 10, 4.0).numpy()
+    assert np.abs(result.samples - want).max() <= 1e-4
+    assert np.abs(result.samples - every_step).max() > 1e-2
+
+
 def test_image_is_the_same_alone_batched_and_generated_directly(service, direct):
     alone = _post(service, {"class_label": 3, "seed": 11, "steps": STEPS}).json()
     assert alone["batch"] == {"requests": 1, "images": 1, "padding": BATCH - 1}
