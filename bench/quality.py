@@ -17,8 +17,8 @@ the plan's predicted speed:
   to the plan's predicted speedup;
 - ``fewer steps``: the uncached model with round(50 / predicted speedup) DDIM steps.
 
-All variants run from the same noise per seed (50-step DDIM, CFG 4); speedups are measured on these
-very generations (median over seeds of full time / variant time, one process, variants in turn).
+All variants run from the same noise per seed (50-step DDIM, CFG 4; emoji: at t in [100, 700)); speedups
+are measured on these very generations (median over seeds of full time / variant time, one process, variants in turn).
 Fidelity (PSNR/SSIM vs full) and class accuracy are per seed (mean ± std over seeds); the Fréchet
 distance pools all seeds' samples against one half of the model's held-out real images, next to the
 distance between the two disjoint halves. Writes bench/results/<out>.json and <out>.png

@@ -1,6 +1,6 @@
 """Sample quality of a reference model at full compute: class accuracy and Fréchet distance.
 
-    python bench/samples.py --model emoji          # 50-step DDIM, CFG 4
+    python bench/samples.py --model emoji          # 50-step DDIM, CFG 4 (emoji: at t in [100, 700), the model's own)
 
 The held-out real images are split per class into two halves A and B (alternating within each
 class). The model generates one sample for every image of B, with B's label (so both sides have
