@@ -17,11 +17,20 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def plain_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file: 0o666 less the process umask (the
+    temporary files atomic writes go through are created 0o600, readable by their owner only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
 
     A reader sees the old file or the new one, never a partial write: an interrupted write leaves
-    at most a ``.tmp`` file that nothing loads.
+    at most a ``.tmp`` file that nothing loads. The file gets the permissions of a plain write
+    (`plain_file_mode`), so a plan shared in a team directory stays readable.
     """
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
@@ -31,6 +40,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), plain_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

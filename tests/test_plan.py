@@ -152,3 +152,20 @@ def test_a_plan_file_that_is_not_an_object_is_a_type_error(tmp_path):
     (tmp_path / "plan.json").write_text("[0.25, 0.25]")
     with pytest.raises(ValueError, match=r"plan = \[0.25, 0.25\]: type error: expected a JSON object, got list"):
         load_plan(tmp_path / "plan.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_plan_gets_the_permissions_of_a_plain_write(tmp_path, umask):
+    """Atomic writes go through a 0o600 temporary file; the plan must not stay unreadable to the team."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        save_plan(CachePlan(), tmp_path / "plan.json")
+        with open(tmp_path / "plain.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "plan.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask

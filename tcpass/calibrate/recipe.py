@@ -19,7 +19,7 @@ from tcpass.calibrate.data import collect, sampler_notes
 from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
 from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup
 from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
-from tcpass.files import write_atomic
+from tcpass.files import plain_file_mode, write_atomic
 from tcpass.plan import CachePlan, SelectorSpec, save_plan
 from tcpass.predictor import StaticPredictor, save_predictor
 
@@ -260,6 +260,7 @@ def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
     os.close(fd)
     try:
         digest = save(tmp)
+        os.chmod(tmp, plain_file_mode())
         path = out.parent / _weights_name(out, role, digest)
         os.replace(tmp, path)
     except BaseException:
