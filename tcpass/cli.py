@@ -361,6 +361,15 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
     "(whole-generation timings vary by a few %).",
 )
 @click.option(
+    "--verify-rounds",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Interleaved whole-generation timings (after a warm-up) that verify a plan's speed against full compute; "
+    "more rounds tell a 1.8x plan from a 2x one more surely on a busy machine (each costs about two "
+    "generations; 0: trust the per-call predictions).",
+)
+@click.option(
     "--keep-steps",
     is_flag=True,
     help="--policy steps: choose only plans that keep --steps sampler steps (skip tables, forecasts, "
@@ -394,6 +403,7 @@ def calibrate(
     max_composed,
     speed_tolerance,
     keep_steps,
+    verify_rounds,
     guidance,
     guidance_interval,
     threads,
@@ -436,6 +446,7 @@ def calibrate(
         "sample_range": sample_range,
         "guidance_scale": guidance,
         "guidance_interval": guidance_interval,
+        "verify_reps": verify_rounds,
     }
     if policy == "steps":
         from tcpass.calibrate.steps import calibrate_steps

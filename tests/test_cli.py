@@ -121,3 +121,33 @@ def test_export_errors_are_one_line(tmp_path, plan_file):
     assert result.output.startswith("Error: ") and "holds files an export does not write" in result.output
     result = invoke("export", "--model", tmp_path / "dit", "--plan", plan_file, "-o", tmp_path / "o", "--null-label", 5)
     assert result.exit_code == 1 and "null_label = 5: the model's class embedding reserves label 1000" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"verify_reps": 2, "guidance_scale": 4.0, "guidance_interval": (100.0, 700.0)}),
+        (
+            ["--verify-rounds", "5", "--guidance", "3", "--guidance-interval", "0", "1000"],
+            {"verify_reps": 5, "guidance_scale": 3.0, "guidance_interval": (0.0, 1000.0)},
+        ),
+    ],
+)
+def test_calibrate_passes_the_sampler_and_verification_rounds_on(tmp_path, monkeypatch, args, expected):
+    """The shipped emoji weights calibrate under their own guidance interval unless told otherwise."""
+    import tcpass.calibrate.steps as steps
+    from tcpass.zoo import reference
+
+    seen = {}
+
+    def fake(model, out, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(steps, "calibrate_steps", fake)
+    emoji_dir = reference("emoji").model_dir()
+    out = tmp_path / "p.json"
+    result = invoke("calibrate", "--policy", "steps", "--model", emoji_dir, "--target-speedup", "2", "-o", out, *args)
+    assert isinstance(result.exception, RuntimeError), result.output
+    assert {k: seen[k] for k in expected} == expected
+    assert f"CFG {expected['guidance_scale']:g}" in result.output
