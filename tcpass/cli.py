@@ -43,6 +43,14 @@ def guidance_interval_option(default_help: str):
     )
 
 
+def _shipped_interval(model_path) -> tuple[float, float] | None:
+    """The guidance interval of the shipped reference model whose weights are at ``model_path``, if any."""
+    from tcpass.zoo import sampler_for
+
+    ref = sampler_for(model_path)
+    return None if ref is None else ref.guidance_interval
+
+
 def _output_file(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
     """Fail before the run, not after it, when the output's directory does not exist."""
     if not path.parent.is_dir():
@@ -219,6 +227,10 @@ def generate(model, prompt, class_label, plan_path, steps, seed, guidance, heigh
     default=None,
     help="Class label of CFG's unconditional rows (default and only accepted value: the model config's).",
 )
+@guidance_interval_option(
+    "a shipped reference model's own (emoji: 100 700), else every step. Recorded in the manifest; the numpy "
+    "runtime's generate() and `tcpass serve --runtime ort` guide there."
+)
 @click.option(
     "--opset",
     type=click.IntRange(OPSETS.start, OPSETS.stop - 1),
@@ -234,7 +246,7 @@ def generate(model, prompt, class_label, plan_path, steps, seed, guidance, heigh
     required=True,
     help="Directory to write; new, empty, or an earlier export (replaced whole, atomically).",
 )
-def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> None:
+def export_command(model_path, plan_path, batch, null_label, guidance_interval, opset, out_dir) -> None:
     """Export step-specialized ONNX graphs + manifest.json for ONNX Runtime (needs the onnx extra)."""
     try:
         from tcpass.export.onnx_export import export_onnx
@@ -254,6 +266,7 @@ def export_command(model_path, plan_path, batch, null_label, opset, out_dir) -> 
             inputs,
             opset=opset,
             null_label=null_label,
+            guidance_interval=guidance_interval or _shipped_interval(model_path),
         )
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
@@ -432,10 +445,7 @@ def calibrate(
     if sample_range is not None and not sample_range[0] < sample_range[1]:
         raise click.BadParameter(f"{sample_range}: LO must be below HI.", param_hint="--sample-range")
     if guidance_interval is None:
-        from tcpass.zoo import sampler_for
-
-        ref = sampler_for(model_path)
-        guidance_interval = None if ref is None else ref.guidance_interval
+        guidance_interval = _shipped_interval(model_path)
     click.echo(f"calibration sampler: {steps}-step DDIM, {describe_guidance(guidance, guidance_interval)}")
     common = {
         "target_speedup": target_speedup,

@@ -231,6 +231,25 @@ def test_guidance_interval_matches_torch(exported):
         generate(OrtTokenCacheRuntime(out), noise.numpy(), np.array([4]), 20, 4.0, guidance_interval=(600, 200))
 
 
+def test_an_export_records_its_guidance_interval_and_generate_uses_it(tmp_path):
+    model = make_dit()
+    transformed = tcpass.transform(model, PLAN)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        export_onnx(transformed, tmp_path / "bad", null_label=1000, guidance_interval=(600, 200))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    export_onnx(transformed, tmp_path / "out", null_label=1000, guidance_interval=(200, 600))
+    runtime = OrtTokenCacheRuntime(tmp_path / "out")
+    assert runtime.guidance_interval == (200.0, 600.0)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    want = ddim_sample(
+        tcpass.transform(model, PLAN), noise, torch.tensor([4]), 1000, 20, 4.0, guidance_interval=(200, 600)
+    ).numpy()
+    got = generate(runtime, noise.numpy(), np.array([4]), 20, 4.0)  # the recorded interval
+    every_step = generate(runtime, noise.numpy(), np.array([4]), 20, 4.0, guidance_interval=(0, 1000))
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.abs(every_step - want).max() > 1e-2
+
+
 def test_runtime_generates_where_torch_cannot_be_imported(exported):
     _, out = exported
     script = textwrap.dedent(f"""

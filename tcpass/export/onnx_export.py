@@ -45,6 +45,7 @@ from tcpass.contracts import MANIFEST_VERSION, TensorSpec
 from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
 from tcpass.runtime import TokenCacheTransformer
+from tcpass.schedule import check_guidance_interval
 
 WEIGHTS_FILE = "weights.bin"
 MANIFEST_METADATA = "tcpass.manifest"  # ONNX metadata key of the manifest copy inside each graph
@@ -241,6 +242,7 @@ def export_onnx(
     opset: int = 20,
     null_label: int | None = None,
     row_slices: bool = True,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Path:
     """Write ONNX graphs + manifest for ``model`` at the input signature of ``inputs``; returns the manifest path.
 
@@ -248,7 +250,8 @@ def export_onnx(
     ``opset``: ONNX opset of the graphs, one of `tcpass.export.OPSETS` (what the exporter writes natively).
     ``null_label`` (class-conditional models) is recorded for classifier-free guidance at runtime;
     default: the label the model's config reserves for it (DiT: ``num_embeds_ada_norm``), and any
-    other value is refused.
+    other value is refused. ``guidance_interval`` (model timesteps ``(lo, hi)``) is recorded as the
+    sampler's: `tcpass.export.runtime.generate` guides only there unless told otherwise (None: every step).
     ``row_slices``: rewrite per-row token gathers/scatters into row copies (GatherND/ScatterND, caches
     updated in place by the runtime); same results, faster CACHED steps. False keeps the exporter's
     element-wise GatherElements/ScatterElements (for comparison).
@@ -263,11 +266,12 @@ def export_onnx(
     graphs: StepGraphs = model.step_graphs(inputs)
     _check_exportable_dtypes(graphs)
     null_label = _check_null_label(model, graphs.input_names, null_label)
+    interval = check_guidance_interval(guidance_interval)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "tmp")
     staging.mkdir()  # not mkdtemp: the export directory gets the usual permissions (umask), not 0700
     try:
-        _write_export(model, graphs, staging, inputs, opset, null_label, row_slices)
+        _write_export(model, graphs, staging, inputs, opset, null_label, row_slices, interval)
         _swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -283,6 +287,7 @@ def _write_export(
     opset: int,
     null_label: int | None,
     row_slices: bool,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> None:
     if inputs is None:
         inputs = {
@@ -320,6 +325,7 @@ def _write_export(
             "fingerprint": model.model_adapter.fingerprint(model.transformer).__dict__,
             "num_tokens": graphs.num_tokens,
             "null_label": null_label,
+            "guidance_interval": None if guidance_interval is None else list(guidance_interval),
             "timestep_input": model.model_adapter.timestep_input,
         },
         "plan": plan.to_dict(),

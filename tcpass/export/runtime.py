@@ -124,6 +124,12 @@ class OrtTokenCacheRuntime:
         return self.manifest["model"]["null_label"]
 
     @property
+    def guidance_interval(self) -> tuple[float, float] | None:
+        """The model timesteps ``(lo, hi)`` the export recorded for guidance (None: every step)."""
+        interval = self.manifest["model"].get("guidance_interval")  # exports before it was recorded: None
+        return None if interval is None else (float(interval[0]), float(interval[1]))
+
+    @property
     def caches(self) -> dict[str, ort.OrtValue]:
         """The cache tensors by name, as ONNX Runtime holds them between steps (empty before the first
         call of a generation). Read-only: the graphs update them in place."""
@@ -348,7 +354,9 @@ def generate(
     """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
 
     ``guidance_interval`` ``(lo, hi)`` (model timesteps): guidance only at steps with ``lo <= t < hi``,
-    the conditional prediction alone elsewhere, as `tcpass.sampling.guided_ddim`.
+    the conditional prediction alone elsewhere, as `tcpass.sampling.guided_ddim`; ``None``: the interval
+    the export recorded (`OrtTokenCacheRuntime.guidance_interval`; none recorded: every step), ``(0, 1000)``:
+    every step.
 
     The sampler's arithmetic is float32 whatever the export's dtype; the model's input is cast to the
     dtype the graphs take (float16 for a float16 export) and its output back to float32.
@@ -356,7 +364,7 @@ def generate(
     timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
     step = 1000 // num_steps
     guided = guidance_scale != 1.0
-    interval = check_guidance_interval(guidance_interval)
+    interval = check_guidance_interval(guidance_interval) or runtime.guidance_interval
     labels = np.asarray(class_labels, dtype=np.int64)
     if guided:
         labels = np.concatenate([labels, np.full_like(labels, runtime.null_label)])
