@@ -7,6 +7,9 @@
 Methods (``--methods`` takes a comma list of these keys), each with a knob sweep spanning about 1.5x-4x:
 
 - ``steps``: the uncached model with fewer DDIM steps, the baseline every method must beat;
+- ``steps_split``: the same with split guidance (``guidance_reuse``: the unconditional rows run only at
+  guided steps, exact on the uncached model), from all 50 steps down; what a sampler that skips the
+  unconditional half outside a guidance interval gets for free, so a split-guidance plan is compared with it;
 - ``magcache``: diffusers MagCache; ``mag_ratios`` from its calibration mode on other noise and labels
   than the test seeds, at the bench's step count; threshold (and max skipped steps) swept;
 - ``fbc``: diffusers FirstBlockCache, threshold swept;
@@ -15,13 +18,14 @@ Methods (``--methods`` takes a comma list of these keys), each with a knob sweep
 - ``pab``: diffusers Pyramid Attention Broadcast on the spatial self-attention, block skip range swept;
 - ``fastercache``: diffusers FasterCache (attention reuse + unconditional-branch skipping), skip ranges swept;
 - ``dbcache`` / ``dbcache_taylorseer``: cache-dit DBCache (F1B0) without / with its TaylorSeer calibrator;
-- ``tcpass``: the plans given with ``--plan`` (a plan's ``sampler_steps`` is its sampler step count).
+- ``tcpass``: the plans given with ``--plan`` (a plan's ``sampler_steps`` is its sampler step count, its
+  ``guidance_reuse`` whether the sampler splits the guidance halves).
 
 DiT has neither ``enable_cache`` nor ``cache_context``: `HookedDenoiser` gives the diffusers hooks what a
 pipeline would (a cache context around every call, the current timestep for PAB and FasterCache, a reset
 between generations, FasterCache's [uncond; cond] batch order). See the README section "Peers".
 
-Every arm runs from the same noise per seed (DDIM, CFG batched [cond; uncond]), generations clamped to
+Every arm runs from the same noise per seed (DDIM, CFG batched [cond; uncond] unless split), generations clamped to
 [-1, 1]. Proof that each peer fires: the bench counts, per generation, the rows entering each transformer
 block's body (``norm1``), its self-attention (``attn1.to_q``) and its MLP (first Linear of ``ff``); a
 setting that computes as much as full compute is a configuration bug and raises (``--allow-noop`` records
@@ -81,6 +85,7 @@ CALIBRATION_SEED = 1234  # MagCache's ratios come from this noise and these labe
 FRONTIER_SPEEDUPS = (2.0, 3.0)
 PEER_METHODS = (
     "steps",
+    "steps_split",
     "magcache",
     "fbc",
     "taylorseer",
@@ -208,6 +213,7 @@ class Arm:
     reset: Callable[[], None] = lambda: None
     peer_stats: Callable[[], dict] = dict  # the peer's own account of what it skipped, read after a generation
     record: dict = field(default_factory=dict)
+    guidance_reuse: bool | None = None  # split guidance (`tcpass.sampling.guided_ddim`); None: the plan's own
 
     @property
     def name(self) -> str:
@@ -225,6 +231,7 @@ class Context:
     calibration_labels: torch.Tensor
     example_inputs: dict[str, torch.Tensor]
     probe_samples: int  # samples of the calibration noise a threshold probe generates (one per class)
+    guidance_interval: tuple[float, float] | None = None  # model timesteps guided; None: every step
 
     @property
     def num_blocks(self) -> int:
@@ -269,12 +276,22 @@ def _probed(ctx: Context, make: Callable[[dict], Arm], candidates: list[dict]) -
     return [arms[i] for i in picks]
 
 
-def _steps_arms(ctx: Context) -> list[Arm]:
+class NotApplicable(Exception):
+    """A method that means nothing on this model or sampler (recorded as unavailable, with the reason)."""
+
+
+def _steps_arms(ctx: Context, split: bool = False) -> list[Arm]:
+    if split and ctx.guidance_interval is None:
+        raise NotApplicable("guidance at every step: split guidance computes what batched guidance does")
     arms = []
-    for fraction in (0.7, 0.5, 0.4, 0.34, 0.26):
+    for fraction in (1.0, 0.5, 0.4, 0.34, 0.26) if split else (0.7, 0.5, 0.4, 0.34, 0.26):
         steps = max(2, round(ctx.steps * fraction))
+        method = "fewer steps, split guidance" if split else "fewer steps"
+        if steps == ctx.steps:  # exact (about 130 dB): its own method, never interpolated with the lossy settings
+            method = "full, split guidance"
         model, counter = _counted_copy(ctx.model)
-        arms.append(Arm("fewer steps", f"{steps} steps", model, steps, {"num_inference_steps": steps}, counter))
+        knobs = {"num_inference_steps": steps, **({"guidance_reuse": True} if split else {})}
+        arms.append(Arm(method, f"{steps} steps", model, steps, knobs, counter, guidance_reuse=split or None))
     return arms
 
 
@@ -496,6 +513,7 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
     """Every requested arm, and for each peer that could not be built, why."""
     builders: dict[str, Callable[[], list[Arm]]] = {
         "steps": lambda: _steps_arms(ctx),
+        "steps_split": lambda: _steps_arms(ctx, split=True),
         "magcache": lambda: _magcache_arms(ctx),
         "fbc": lambda: _fbc_arms(ctx),
         "taylorseer": lambda: _taylorseer_arms(ctx, 1),
@@ -515,6 +533,9 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
         except ImportError as e:  # a peer that is not installed is recorded, never silently dropped
             unavailable.append({"method": method, "reason": f"{type(e).__name__}: {e}"})
             print(f"!! {method} unavailable: {e} (pip install -e .[peers])", flush=True)
+        except NotApplicable as e:
+            unavailable.append({"method": method, "reason": str(e)})
+            print(f"!! {method} not applicable: {e}", flush=True)
     return arms, unavailable
 
 
@@ -654,10 +675,17 @@ def main() -> None:
     def noise_for(seed: int) -> torch.Tensor:
         return torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(seed))
 
-    def generate(denoiser, noise, steps, class_labels=None):
+    def generate(denoiser, noise, steps, class_labels=None, guidance_reuse=None):
         class_labels = labels if class_labels is None else class_labels
         return ddim_sample(
-            denoiser, noise, class_labels, ref.null_label, steps, args.guidance, guidance_interval=interval
+            denoiser,
+            noise,
+            class_labels,
+            ref.null_label,
+            steps,
+            args.guidance,
+            guidance_interval=interval,
+            guidance_reuse=guidance_reuse,
         ).clamp(-1, 1)
 
     calibration = torch.Generator().manual_seed(CALIBRATION_SEED)
@@ -673,6 +701,7 @@ def main() -> None:
             "class_labels": torch.zeros(batch, dtype=torch.long),
         },
         probe_samples=ref.num_classes,
+        guidance_interval=interval,
     )
     methods = args.methods.split(",") if args.methods else [*PEER_METHODS, *(["tcpass"] if args.plan else [])]
     if args.plan and "tcpass" not in methods:
@@ -687,7 +716,7 @@ def main() -> None:
         """One whole timed generation (reset included: a pipeline resets before each call)."""
         start = time.perf_counter()
         arm.reset()
-        images = generate(arm.denoiser, noise, arm.steps)
+        images = generate(arm.denoiser, noise, arm.steps, guidance_reuse=arm.guidance_reuse)
         seconds = time.perf_counter() - start
         counts = arm.counter.take() if arm.counter else {}
         return images, seconds, {**counts, **arm.peer_stats()}

@@ -328,6 +328,16 @@ class CachePlan:
         sampler_steps: the "fewer sampler steps" baseline: samplers driven by tcpass (`tcpass demo`,
             `tcpass generate`, the benchmarks) run this many steps instead of the requested count.
             The transformed model itself ignores it (it never controls the caller's sampler).
+        guidance_reuse: split classifier-free guidance, for samplers driven by tcpass
+            (`tcpass.sampling.guided_ddim` with the transformed model: `tcpass demo`, the
+            benchmarks, `tcpass serve`'s torch runtime). ``False``: the model sees ``[cond; uncond]``
+            (2B rows) at every step. ``True``: the conditional rows (B) run at every step under
+            this plan; the unconditional rows run as a second stream (its own cache context) only
+            at guided steps where the conditional stream computes (FULL or CACHED, not SKIP) and
+            at the first guided step; at the other guided steps the guidance reuses the last
+            computed ``cond - uncond`` difference, and outside a guidance interval the
+            unconditional rows never run (`tcpass.schedule.runs_uncond`). The transformed model
+            itself ignores it; the ONNX export does not support it yet (it refuses such plans).
         notes: free-form provenance (what `tcpass calibrate` measured); never read by tcpass.
     """
 
@@ -340,9 +350,12 @@ class CachePlan:
     model: ModelFingerprint | None = None
     skip: StepSkip | None = None
     sampler_steps: int | None = None
+    guidance_reuse: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.guidance_reuse, bool):
+            raise _type_error("guidance_reuse", self.guidance_reuse, "true or false")
         if self.sampler_steps is not None:
             if not _is_integer(self.sampler_steps):
                 raise _type_error("sampler_steps", self.sampler_steps, "a positive integer or null")

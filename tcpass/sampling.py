@@ -1,18 +1,22 @@
 """The DDIM sampler with classifier-free guidance shared by calibration, demo, benchmarks and tests.
 
 The model is called once per step on the batch ``[conditional rows; unconditional rows]``, as
-diffusers' pipelines do, so CFG halves are rows like any other for the transformed model.
+diffusers' pipelines do, so CFG halves are rows like any other for the transformed model. A plan with
+``guidance_reuse`` splits them instead: the conditional rows every step, the unconditional rows only
+where `tcpass.schedule.runs_uncond` says.
 `guided_ddim` takes any conditioning (a dict of the model's keyword arguments per sample: class
 labels, text embeddings and their masks...); `ddim_sample` is the class-conditional case.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from tcpass.schedule import check_guidance_interval, guidance_at
+from tcpass.schedule import StepKind, check_guidance_interval, guidance_at, runs_uncond
 
 
 def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
@@ -75,6 +79,7 @@ def guided_ddim(
     guidance_scale: float = 4.0,
     progress: bool = False,
     guidance_interval: tuple[float, float] | None = None,
+    guidance_reuse: bool | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` [B, C, H, W] with the model's keyword arguments ``cond`` (B rows each); returns
     [B, C, H, W].
@@ -86,6 +91,13 @@ def guided_ddim(
     whose output has twice the input channels (learned sigma) have the variance half dropped. The
     sampler's arithmetic stays in ``noise``'s dtype; the model's input is cast to ``model.dtype`` (a
     bfloat16 or float16 model) and its output back.
+
+    ``guidance_reuse`` (``None``: the transformed model's ``plan.guidance_reuse``, ``False`` for any
+    other model): split guidance. The conditional rows run every step (cache context ``"cond"``), the
+    unconditional rows (context ``"uncond"``) only at steps `tcpass.schedule.runs_uncond` picks: guided
+    steps where the conditional stream computed, or the first guided step; other guided steps use the
+    last ``cond - uncond`` difference. On an uncached model it is exact and skips the unconditional rows
+    outside ``guidance_interval``.
     """
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
@@ -93,8 +105,14 @@ def guided_ddim(
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
     interval = check_guidance_interval(guidance_interval)
-    kwargs = cat_rows(cond, uncond) if guided else cond
     model_dtype = getattr(model, "dtype", noise.dtype)
+    if guidance_reuse is None:
+        guidance_reuse = bool(getattr(getattr(model, "plan", None), "guidance_reuse", False))
+    if guided and guidance_reuse:
+        return _split_guided_ddim(
+            model, scheduler, noise, cond, uncond, guidance_scale, interval, model_dtype, progress
+        )
+    kwargs = cat_rows(cond, uncond) if guided else cond
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
         model_input = torch.cat([latents, latents]) if guided else latents
         timesteps = t.expand(model_input.shape[0]).to(noise.device)
@@ -108,6 +126,31 @@ def guided_ddim(
     return latents
 
 
+def _split_guided_ddim(model, scheduler, noise, cond, uncond, guidance_scale, interval, model_dtype, progress):
+    """`guided_ddim` with split guidance (``guidance_reuse``): two streams, the unconditional one sparse."""
+    channels = noise.shape[1]
+    context = getattr(model, "cache_context", None)
+
+    def call(latents, t, kwargs, stream):
+        with context(stream) if callable(context) else contextlib.nullcontext():
+            timesteps = t.expand(latents.shape[0]).to(noise.device)
+            out = model(latents.to(model_dtype), timestep=timesteps, **kwargs).sample[:, :channels]
+        return out.to(latents.dtype)
+
+    latents = noise
+    difference = None
+    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        scale = guidance_at(float(t), guidance_scale, interval)
+        cond_out = call(latents, t, cond, "cond")
+        last = getattr(model, "last_step", None)
+        cond_kind = last.kind if last is not None else StepKind.FULL
+        if runs_uncond(scale, cond_kind, difference is not None):
+            difference = cond_out - call(latents, t, uncond, "uncond")
+        out = cond_out if scale == 1.0 else cond_out + (scale - 1.0) * difference
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
+
+
 def ddim_sample(
     model: torch.nn.Module,
     noise: torch.Tensor,
@@ -117,8 +160,11 @@ def ddim_sample(
     guidance_scale: float = 4.0,
     progress: bool = False,
     guidance_interval: tuple[float, float] | None = None,
+    guidance_reuse: bool | None = None,
 ) -> torch.Tensor:
     """Class-conditional `guided_ddim`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
     cond = {"class_labels": class_labels}
     uncond = {"class_labels": torch.full_like(class_labels, null_label)}
-    return guided_ddim(model, noise, cond, uncond, num_steps, guidance_scale, progress, guidance_interval)
+    return guided_ddim(
+        model, noise, cond, uncond, num_steps, guidance_scale, progress, guidance_interval, guidance_reuse
+    )

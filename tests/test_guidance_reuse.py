@@ -1,0 +1,146 @@
+"""Split guidance (``CachePlan.guidance_reuse``): the conditional rows every step, the unconditional rows
+only where `tcpass.schedule.runs_uncond` says, checked against loops written here."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import tcpass
+from tcpass import CachePlan, StepSkip
+from tcpass.export.onnx_export import export_onnx
+from tcpass.sampling import ddim_sample, ddim_timesteps
+from tests.conftest import make_dit
+from tests.test_skip import SkipReference
+
+NULL = 1000
+STEPS = 10
+INTERVAL = (250.0, 750.0)  # 10 DDIM steps: 900 800 ... 0, guided at 700, 600, 500, 400, 300
+
+
+def scheduler():
+    s = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    s.set_timesteps(STEPS)
+    return s
+
+
+class RowCounter:
+    """Counts the conditional and unconditional rows a model is called on (labels == NULL: unconditional)."""
+
+    def __init__(self, model):
+        self.cond = self.uncond = 0
+        self.uncond_timesteps = []
+        model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        labels = kwargs["class_labels"]
+        self.cond += int((labels != NULL).sum())
+        self.uncond += int((labels == NULL).sum())
+        if (labels == NULL).any():
+            self.uncond_timesteps.append(float(kwargs["timestep"][0]))
+
+
+def inputs(seed=3):
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return noise, torch.tensor([3, 7])
+
+
+def test_split_guidance_on_an_uncached_model_is_exact_and_skips_the_unconditional_rows_outside_the_interval():
+    model = make_dit()
+    counter = RowCounter(model)
+    noise, labels = inputs()
+    batched = ddim_sample(model, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
+    assert (counter.cond, counter.uncond) == (2 * STEPS, 2 * STEPS)  # batched: both halves every step
+    counter.cond = counter.uncond = 0
+    counter.uncond_timesteps.clear()
+    split = ddim_sample(model, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL, guidance_reuse=True)
+    torch.testing.assert_close(split, batched, atol=2e-4, rtol=1e-4)  # batch 2 vs 4: float reordering
+    assert counter.cond == 2 * STEPS
+    assert counter.uncond_timesteps == [700.0, 600.0, 500.0, 400.0, 300.0]  # the guided steps only
+    # guidance every step: split is still exact, and runs the unconditional rows every step
+    every_step = ddim_sample(model, noise, labels, NULL, STEPS, 4.0)
+    counter.uncond_timesteps.clear()
+    split_every_step = ddim_sample(model, noise, labels, NULL, STEPS, 4.0, guidance_reuse=True)
+    torch.testing.assert_close(split_every_step, every_step, atol=2e-4, rtol=1e-4)
+    assert len(counter.uncond_timesteps) == STEPS
+
+
+@torch.no_grad()
+def reuse_reference(skip, noise, labels, scale, interval):
+    """Written out: the conditional stream under the skip table (hooks, `SkipReference`), the unconditional
+    rows on a plain model at guided steps the conditional stream computes (and the first guided step), and
+    ``cond + (scale - 1) * last difference`` at guided steps it skips."""
+    cond_model, uncond_model = SkipReference(make_dit(), skip), make_dit()
+    x, difference, uncond_at = noise, None, []
+    null = torch.full_like(labels, NULL)
+    sched = scheduler()
+    for t in sched.timesteps:
+        tt = t.expand(len(x))
+        c = cond_model(x, timestep=tt, class_labels=labels).sample[:, :4]
+        skipped = cond_model.scale is not None
+        if interval[0] <= float(t) < interval[1]:
+            if not skipped or difference is None:
+                difference = c - uncond_model(x, timestep=tt, class_labels=null).sample[:, :4]
+                uncond_at.append(float(t))
+            eps = c + (scale - 1) * difference
+        else:
+            eps = c
+        x = sched.step(eps, t, x).prev_sample
+    return x, uncond_at
+
+
+def test_split_guidance_with_a_skip_plan_matches_a_loop_written_here():
+    ts = ddim_timesteps(STEPS)  # 900 ... 0
+    # skipped: 800, 700 (the first guided step: no difference yet, so both halves run), 500, 300, 100
+    skip = StepSkip(timesteps=[ts[1], ts[2], ts[4], ts[6], ts[8]], scales=[1.0, 0.9, 1.1, 1.0, 0.8])
+    plan = CachePlan(blocks=(), skip=skip, guidance_reuse=True)
+    tm = tcpass.transform(make_dit(), plan)
+    counter = RowCounter(tm)
+    noise, labels = inputs()
+    got = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)  # the plan's choice
+    want, uncond_at = reuse_reference(skip, noise, labels, 4.0, INTERVAL)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counter.uncond_timesteps == uncond_at == [700.0, 600.0, 400.0]
+    # a second generation starts both streams afresh (nothing leaks between generations)
+    again = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    # reuse is an approximation: the batched plan (both halves forecast at skipped steps) differs
+    batched = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL, guidance_reuse=False)
+    assert (batched - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_guidance_reuse_round_trips_and_bad_values_are_refused(tmp_path, bad):
+    plan = CachePlan(blocks=(), guidance_reuse=True)
+    path = tmp_path / "plan.json"
+    tcpass.save_plan(plan, path)
+    assert tcpass.load_plan(path).guidance_reuse is True
+    assert CachePlan.from_dict({"blocks": []}).guidance_reuse is False  # plans written before the field
+    with pytest.raises(ValueError, match="guidance_reuse = .*expected true or false"):
+        CachePlan(guidance_reuse=bad)
+    data = json.loads(path.read_text())
+    data["guidance_reuse"] = bad
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"plan\.json: guidance_reuse"):
+        tcpass.load_plan(path)
+
+
+def test_export_refuses_a_split_guidance_plan_and_writes_nothing(tmp_path):
+    plan = CachePlan(blocks=(), guidance_reuse=True)
+    tm = tcpass.transform(make_dit(), plan)
+    tm(*inputs()[:1], timestep=torch.full((2,), 900), class_labels=torch.tensor([3, NULL]))
+    out = tmp_path / "export"
+    with pytest.raises(ValueError, match=r"guidance_reuse.*dataclasses\.replace\(plan, guidance_reuse=False\)"):
+        export_onnx(tm, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    export_onnx(tcpass.transform(make_dit(), dataclasses.replace(plan, guidance_reuse=False)), out)
+    assert (out / "manifest.json").is_file()
