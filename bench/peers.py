@@ -890,19 +890,35 @@ def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) ->
         print(f"{p['plan']} at {p['speedup']:.2f}x: {p['psnr_db']:.2f} ± {p['psnr_db_std']:.2f} dB; {versus}")
 
 
+EXACT_DB = 60.0  # PSNR above this is full compute up to float rounding (a split-guidance full generation: ~131 dB)
+
+
+def split_exact(rows: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
+    """``({method: its lossy settings by speed}, [settings exact up to float rounding])``; full compute in neither."""
+    lossy: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["speedup_median"]):
+        if r["method"] != "full" and np.isfinite(r["psnr_db_mean"]) and r["psnr_db_mean"] <= EXACT_DB:
+            lossy.setdefault(r["method"], []).append(r)
+    exact = [r for r in rows if r["method"] != "full" and r["psnr_db_mean"] > EXACT_DB]
+    return lossy, exact
+
+
 def plot(rows: list[dict], path: Path, model_name: str) -> Path:
-    """The Pareto view: measured speedup (x) vs PSNR vs full compute (y), one line per method."""
+    """The Pareto view: measured speedup (x) vs PSNR vs full compute (y), one line per method.
+
+    Settings that are exact up to float rounding (PSNR above `EXACT_DB`) would squash every lossy line into the
+    bottom of the plot; they are drawn as triangles on the top edge, labelled with their PSNR, instead.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
-    for i, method in enumerate(methods):
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup_median"])
-        points = [r for r in points if np.isfinite(r["psnr_db_mean"])]
-        is_tcpass = points and points[0]["is_tcpass"]
+    lossy, exact = split_exact(rows)
+    for i, method in enumerate(lossy):
+        points = lossy[method]
+        is_tcpass = points[0]["is_tcpass"]
         style = {"color": "black", "ls": "--"} if method == "fewer steps" else {"color": plt.cm.tab10(i % 10)}
         ax.errorbar(
             [r["speedup_median"] for r in points],
@@ -917,6 +933,18 @@ def plot(rows: list[dict], path: Path, model_name: str) -> Path:
         )
     for s in FRONTIER_SPEEDUPS:
         ax.axvline(s, color="gray", ls=":", lw=1)
+    if exact:
+        top = ax.get_ylim()[1] + 1.5
+        ax.set_ylim(top=top + 0.5)
+        for r in exact:
+            ax.plot([r["speedup_median"]], [top], marker="^", color="gray", ls="none")
+            ax.annotate(
+                f"{r['name']}: exact ({r['psnr_db_mean']:.0f} dB)",
+                (r["speedup_median"], top),
+                textcoords="offset points",
+                xytext=(6, -4),
+                fontsize=8,
+            )
     ax.set(
         xlabel="measured speedup vs full compute (x, median over seeds)",
         ylabel="PSNR vs full compute (dB, mean ± std over seeds)",

@@ -91,3 +91,19 @@ def test_a_setting_that_computes_everything_is_a_noop():
     assert skipped_nothing({"step_counts": {"full": 50, "cached": 0}}, full)
     assert not skipped_nothing({"step_counts": {"full": 20, "cached": 30}}, full)
     assert not skipped_nothing({"step_counts": {"full": 25, "cached": 0, "skip": 25}}, full)  # a skip table fires
+
+
+def test_the_plot_draws_exact_settings_apart_from_the_lossy_lines():
+    from bench.peers import split_exact
+
+    rows = [
+        {"method": "full", "speedup_median": 1.0, "psnr_db_mean": math.inf},
+        {"method": "full, split guidance", "speedup_median": 1.2, "psnr_db_mean": 131.3},
+        {"method": "fewer steps", "speedup_median": 3.0, "psnr_db_mean": 28.0},
+        {"method": "fewer steps", "speedup_median": 2.0, "psnr_db_mean": 35.0},
+        {"method": "fewer steps", "speedup_median": 1.4, "psnr_db_mean": math.inf},  # identical: exact too
+    ]
+    lossy, exact = split_exact(rows)
+    assert [r["speedup_median"] for r in lossy["fewer steps"]] == [2.0, 3.0]  # by speed, the line's order
+    assert set(lossy) == {"fewer steps"}
+    assert [(r["method"], r["speedup_median"]) for r in exact] == [("full, split guidance", 1.2), ("fewer steps", 1.4)]

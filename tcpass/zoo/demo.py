@@ -154,6 +154,8 @@ def describe_plan(plan: tcpass.CachePlan, steps: int) -> str:
             f"{plan.selector.kind})"
         )
     parts.append(f"{kinds.count(StepKind.FULL) + (0 if plan.blocks != () else kinds.count(StepKind.CACHED))} full")
+    if plan.guidance_reuse:
+        parts.append("split guidance (unconditional rows at computed guided steps only)")
     return ", ".join(parts)
 
 
