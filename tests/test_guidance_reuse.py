@@ -144,3 +144,13 @@ def test_export_refuses_a_split_guidance_plan_and_writes_nothing(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     export_onnx(tcpass.transform(make_dit(), dataclasses.replace(plan, guidance_reuse=False)), out)
     assert (out / "manifest.json").is_file()
+
+
+def test_an_export_made_before_the_field_still_matches_its_plan():
+    from tcpass.export.runtime import plan_differences
+
+    plan = CachePlan(blocks=(1,)).to_dict()
+    older = {k: v for k, v in plan.items() if k != "guidance_reuse"}  # a manifest written before the field
+    assert plan_differences(plan, older) == []
+    assert plan_differences(CachePlan(blocks=(1,), guidance_reuse=True).to_dict(), older) == ["guidance_reuse"]
+    assert plan_differences(CachePlan(blocks=(2,)).to_dict(), older) == ["blocks"]

@@ -80,8 +80,8 @@ class OrtTokenCacheRuntime:
         m = self.manifest
         if expected_plan is not None:
             expected = expected_plan if isinstance(expected_plan, dict) else expected_plan.to_dict()
-            if expected != m["plan"]:
-                fields = sorted(k for k in set(expected) | set(m["plan"]) if expected.get(k) != m["plan"].get(k))
+            fields = plan_differences(expected, m["plan"])
+            if fields:
                 raise ManifestError(
                     f"{self.directory / 'manifest.json'} was exported for another plan (fields {fields} differ); "
                     "export again with this plan."
@@ -328,6 +328,14 @@ def _check_signature(path: Path, name: str, entry: dict, session: ort.InferenceS
                     f"manifest.json graphs.{name}.{field}[{i}] ({spec['name']}) is {spec['shape']} {spec['dtype']} "
                     f"but {path.name} declares {list(d.shape)} {d.type}."
                 )
+
+
+def plan_differences(a: dict, b: dict) -> list[str]:
+    """The top-level plan fields in which two plan dicts differ; a field one of them lacks (written before
+    the field existed, e.g. ``guidance_reuse``) counts as its default."""
+    defaults = CachePlan().to_dict()
+    a, b = {**defaults, **a}, {**defaults, **b}
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def ddim_schedule(num_steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray, float]:
