@@ -18,9 +18,8 @@ NULL = 1000
 INTERVAL = (300.0, 700.0)
 
 
-@torch.no_grad()
-def eager_interval_ddim(model, noise, labels, steps, scale, lo, hi):
-    """DDIM + CFG written out: guidance ``scale`` at timesteps lo <= t < hi, the conditional output alone elsewhere."""
+def reference_scheduler(steps):
+    """diffusers' DDIM with DiT's training betas, built here rather than by `tcpass.sampling.make_scheduler`."""
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
@@ -30,6 +29,13 @@ def eager_interval_ddim(model, noise, labels, steps, scale, lo, hi):
         set_alpha_to_one=False,
     )
     scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def eager_interval_ddim(model, noise, labels, steps, scale, lo, hi):
+    """DDIM + CFG written out: guidance ``scale`` at timesteps lo <= t < hi, the conditional output alone elsewhere."""
+    scheduler = reference_scheduler(steps)
     x = noise
     null = torch.full_like(labels, NULL)
     for t in scheduler.timesteps:

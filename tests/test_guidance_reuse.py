@@ -6,31 +6,18 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 import tcpass
 from tcpass import CachePlan, StepSkip
 from tcpass.export.onnx_export import export_onnx
 from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
+from tests.test_guidance import reference_scheduler
 from tests.test_skip import SkipReference
 
 NULL = 1000
 STEPS = 10
 INTERVAL = (250.0, 750.0)  # 10 DDIM steps: 900 800 ... 0, guided at 700, 600, 500, 400, 300
-
-
-def scheduler():
-    s = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="linear",
-        beta_start=0.0001,
-        beta_end=0.02,
-        clip_sample=False,
-        set_alpha_to_one=False,
-    )
-    s.set_timesteps(STEPS)
-    return s
 
 
 class RowCounter:
@@ -82,7 +69,7 @@ def reuse_reference(skip, noise, labels, scale, interval):
     cond_model, uncond_model = SkipReference(make_dit(), skip), make_dit()
     x, difference, uncond_at = noise, None, []
     null = torch.full_like(labels, NULL)
-    sched = scheduler()
+    sched = reference_scheduler(STEPS)
     for t in sched.timesteps:
         tt = t.expand(len(x))
         c = cond_model(x, timestep=tt, class_labels=labels).sample[:, :4]
