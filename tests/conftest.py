@@ -6,7 +6,8 @@ from diffusers import DiTTransformer2DModel
 
 # CI runs the suite on 2 cores as 2 pytest-xdist workers: one torch thread each (more would oversubscribe
 # the cores, which slows torch far more than it gains); a plain `pytest` run uses both cores.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# TCPASS_TEST_THREADS overrides both (tests/kernel_sets.sh: the numerics under another thread count).
+torch.set_num_threads(int(os.environ.get("TCPASS_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
 
 def make_dit(num_layers: int = 3, sample_size: int = 16, seed: int = 0) -> DiTTransformer2DModel:

@@ -16,6 +16,7 @@ from tcpass.calibrate import collect
 from tcpass.calibrate.steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
 from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
+from tests.tolerance import REGROUPED, assert_close, error_units
 
 STEPS = 12
 
@@ -45,7 +46,8 @@ def test_magnitude_ratios_equal_diffusers_magcache_calibration():
     with contextlib.redirect_stdout(printed):
         data.sample(denoiser, STEPS)
     theirs = ast.literal_eval(printed.getvalue().split("mag_ratios=...):", 1)[1].strip().splitlines()[0])
-    assert ours == pytest.approx(theirs, rel=1e-4)
+    # the same norms, read by two sets of hooks (ours from the recorded trajectory, diffusers' while sampling)
+    assert_close(torch.tensor(ours), torch.tensor(theirs, dtype=torch.float32), units=REGROUPED)
 
 
 @pytest.mark.parametrize(("threshold", "max_skip", "retention"), [(0.3, 2, 0.2), (2.0, 3, 0.1)])
@@ -62,7 +64,7 @@ def test_magcache_table_skips_the_steps_diffusers_skips_and_gives_its_images(thr
     assert skipped == sorted(set(range(STEPS)) - set(computed))
     assert 0 < len(skipped) < STEPS - 1
     tm = tcpass.transform(model, CachePlan(blocks=(), skip=table))
-    torch.testing.assert_close(generate(tm), expected, rtol=1e-5, atol=1e-5)
+    assert_close(generate(tm), expected, units=REGROUPED)
     assert tm.step_counts[StepKind.SKIP] == len(skipped)
 
 
@@ -246,15 +248,49 @@ def test_forecast_weights_are_the_least_squares_fit_and_the_plan_generates_the_f
         h1.remove()
     basis = torch.stack([residuals[3], residuals[2]], dim=1)  # newest first
     expected = torch.linalg.lstsq(basis, residuals[4][:, None]).solution[:, 0]
+    # not a rounding bound: the fit adds a ridge of 1e-6 x the Gram matrix's mean diagonal, which moves the
+    # solution of this 2x2 system by about 1e-6 x its condition number
     assert fit.skip.weights[0] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
     assert 0 <= fit.residual_error[0] < 1
-    # the runtime with the fitted table generates exactly the fitting run's samples
-    tm = tcpass.transform(model, CachePlan(blocks=(), skip=fit.skip))
-    assert fidelity(model, CachePlan(blocks=(), skip=fit.skip), data) == pytest.approx(sample_psnr(fit.samples, data))
-    torch.testing.assert_close(data.sample(tm), fit.samples, rtol=1e-4, atol=1e-5)
+    # the runtime with the fitted table generates the fitting run's samples (the fit ran the eager model
+    # with hooks, the runtime its traced graphs: equal up to rounding), and calibration scores it as such
+    plan = CachePlan(blocks=(), skip=fit.skip)
+    tm = tcpass.transform(model, plan)
+    samples = data.sample(tm)
+    assert_close(samples, fit.samples, units=REGROUPED, what="fitted plan vs fitting run")
     assert tm.step_counts[StepKind.SKIP] == 5
+    lo, hi = psnr_bounds_db(samples, fit.samples, data)
+    assert lo <= sample_psnr(fit.samples, data) <= hi
+    assert fidelity(model, plan, data) == sample_psnr(samples, data)  # the same graphs on the same inputs
+    # and the checks can fail: a plan that reuses the residual at the same skips (no forecast) does not
+    # generate the fitting samples
+    wrong = CachePlan(blocks=(), skip=tcpass.StepSkip(timesteps=fit.skip.timesteps))
+    wrong_samples = data.sample(tcpass.transform(model, wrong))
+    assert error_units(wrong_samples, fit.samples) > 10 * REGROUPED
     with pytest.raises(ValueError, match="skip.level = 'output'"):
         fit_forecast(model, tcpass.StepSkip(timesteps=[timesteps[4]], level="output"), data, history=2)
+
+
+def psnr_bounds_db(samples, other, data):
+    """The range of the mean PSNR that `sample_psnr` can give ``other`` when it gives ``samples`` what it does.
+
+    Per sample, RMS errors obey the triangle inequality, ``|rms(a - f) - rms(b - f)| <= rms(a - b)``, and
+    clamping to the scoring range only shrinks differences; PSNR is ``20 log10(peak / rms)``. So a PSNR
+    near 96 dB, whose error is itself float rounding, is checked with the bound the samples' difference
+    allows, not to 1e-6 of its value (which holds only where ATen picks the same kernels).
+    """
+    from tcpass.calibrate.search import sample_psnr, scoring_range
+
+    lo, hi = scoring_range(data)
+    f = data.final.clamp(lo, hi).double().flatten(1)
+    a, b = samples.clamp(lo, hi).double().flatten(1), other.clamp(lo, hi).double().flatten(1)
+    rms_a = (a - f).pow(2).mean(1).sqrt()
+    gap = (a - b).pow(2).mean(1).sqrt()
+    peak = hi - lo
+    assert sample_psnr(samples, data) == pytest.approx(float((20 * torch.log10(peak / rms_a)).mean()), abs=1e-6)
+    low = 20 * torch.log10(peak / (rms_a + gap))
+    high = 20 * torch.log10(peak / (rms_a - gap).clamp_min(1e-300))
+    return float(low.mean()), float(high.mean())
 
 
 def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
@@ -348,7 +384,7 @@ def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_r
     overlays = ((0.25, 2, "all"), (0.5, 3, (0, 2)))
     out = cs.composed_candidates(model, tables, data, STEPS, {**seconds, "num_blocks": 3}, target, None, overlays, 8)
     assert out and all(c.family == "skip + token caching" and c.predicted_speedup >= target for c in out)
-    assert all(c.psnr_db == pytest.approx(cs.fidelity(model, c.plan, data)) for c in out[:1])
+    assert all(c.psnr_db == cs.fidelity(model, c.plan, data) for c in out[:1])  # the same call, the same graphs
     for c in out:  # the least skipping of its rule that reaches the target
         keep, interval, blocks = c.plan.keep_ratio[0], c.plan.schedule.intervals[0], c.plan.blocks
         assert (keep, interval, blocks) in overlays and c.plan.keep_ratio == (keep, keep)

@@ -22,6 +22,7 @@ import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
 from tcpass.runtime import TokenCacheTransformer
 from tests.pipelines import CALL, build
+from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
 FAMILIES = ["dit", "pixart_alpha", "sd3", "flux"]
 STEPS = 8
@@ -64,7 +65,7 @@ def test_no_cache_plan_gives_the_pipelines_images(saved):
     pipe = load(family, path)
     want = generate(pipe, family, rows=2)
     pipe.transformer = tcpass.transform(pipe.transformer, CachePlan.no_cache())
-    assert np.abs(generate(pipe, family, rows=2) - want).max() <= 1e-5
+    assert_close(generate(pipe, family, rows=2), want, units=REGROUPED)
 
 
 def test_default_plan_passes_the_pipeline_checks(saved):
@@ -103,12 +104,12 @@ def test_default_plan_passes_the_pipeline_checks(saved):
 
     # attention slicing is a pipeline-level switch: same images with it on
     pipe.enable_attention_slicing()
-    assert np.abs(generate(pipe, family, rows=2) - images).max() <= 1e-5
+    assert_close(generate(pipe, family, rows=2), images, units=REGROUPED)
     pipe.disable_attention_slicing()
 
     # a batch of one equals the same entry of a batch of two (rows are independent under caching)
     alone = generate(pipe, family, rows=1, first_row=1)
-    assert np.abs(alone[0] - images[1]).max() <= 1e-4
+    assert_close(alone[0], images[1], units=OTHER_KERNELS)
 
 
 def test_save_load_round_trip_gives_the_same_images(saved, tmp_path):
@@ -126,7 +127,7 @@ def test_save_load_round_trip_gives_the_same_images(saved, tmp_path):
     again = load(family, tmp_path)
     assert isinstance(again.transformer, TokenCacheTransformer)
     assert again.transformer.plan.to_dict() == pipe.transformer.plan.to_dict()
-    assert np.abs(generate(again, family, rows=2) - want).max() <= 1e-6
+    assert_close(generate(again, family, rows=2), want, units=REGROUPED)
     assert again.transformer.step_counts[StepKind.CACHED] > 0
 
     # the weights are the original model's, in diffusers' own format: its class loads them
@@ -156,7 +157,7 @@ def test_dtype_conversions_end_as_for_the_untransformed_pipeline(saved, tmp_path
                 outcomes.append(type(e))
         if isinstance(outcomes[0], np.ndarray):
             assert isinstance(outcomes[1], np.ndarray), outcomes[1]
-            assert np.abs(outcomes[0] - outcomes[1]).max() <= 2e-2
+            assert_close(outcomes[0], outcomes[1], units=REGROUPED, dtype=torch.bfloat16)
         else:
             assert outcomes[1] is outcomes[0]
 
@@ -166,7 +167,7 @@ def test_dtype_conversions_end_as_for_the_untransformed_pipeline(saved, tmp_path
         p.to(torch.bfloat16)
     assert ours.transformer.dtype == torch.bfloat16 == ours.transformer.transformer.dtype
     a, b = generate(plain, family), generate(ours, family)
-    assert np.abs(a - b).max() <= 2e-2
+    assert_close(a, b, units=REGROUPED, dtype=torch.bfloat16)
 
 
 def test_changes_that_would_not_reach_the_graphs_are_refused(dit):
@@ -248,7 +249,7 @@ def test_a_plan_with_a_selector_file_round_trips(dit, tmp_path):
     again = TokenCacheTransformer.from_pretrained(tmp_path / "saved")
     assert again.plan.selector.kind == "static" and not again.step_counts
     for got, ref in zip(run(again), want, strict=True):
-        assert (got - ref).abs().max() <= 1e-6
+        assert_close(got, ref, units=REGROUPED)
     assert again.step_counts[StepKind.CACHED] == 1
 
     copied = tmp_path / "saved" / "tcpass_selector.safetensors"
@@ -265,4 +266,4 @@ def test_variants_round_trip(tmp_path):
     assert (tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     again = DiffusionPipeline.from_pretrained(tmp_path, variant="fp16")
     assert isinstance(again.transformer, TokenCacheTransformer)
-    assert np.abs(generate(again, "dit") - want).max() <= 1e-6
+    assert_close(generate(again, "dit"), want, units=REGROUPED)

@@ -11,7 +11,7 @@ from tests.conftest import dit_inputs
 def assert_untouched(model, state, before):
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
-    with torch.no_grad():
+    with torch.no_grad():  # the same eager model on the same inputs in one process: bit-identical
         assert torch.equal(model(**dit_inputs()).sample, before)
 
 

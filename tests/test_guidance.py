@@ -13,6 +13,7 @@ from tcpass.sampling import ddim_sample, describe_guidance
 from tcpass.zoo import REFERENCE_MODELS, sampler_for
 from tcpass.zoo.demo import warn_sampler_mismatch
 from tests.conftest import make_dit
+from tests.tolerance import REGROUPED, assert_close
 
 NULL = 1000
 INTERVAL = (300.0, 700.0)
@@ -53,7 +54,7 @@ def test_guided_ddim_with_an_interval_matches_a_loop_written_here():
     labels = torch.tensor([3, 7])
     want = eager_interval_ddim(model, noise, labels, 10, 4.0, *INTERVAL)
     got = ddim_sample(model, noise, labels, NULL, 10, 4.0, guidance_interval=INTERVAL)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_close(got, want, units=REGROUPED)
     # and the interval matters: guiding every step, or none, gives other samples
     everywhere = ddim_sample(model, noise, labels, NULL, 10, 4.0)
     nowhere = ddim_sample(model, noise, labels, NULL, 10, 1.0)
@@ -61,7 +62,7 @@ def test_guided_ddim_with_an_interval_matches_a_loop_written_here():
     assert (got - nowhere).abs().max() > 1e-2
     # (0, 1000) covers every timestep: the same as no interval
     whole = ddim_sample(model, noise, labels, NULL, 10, 4.0, guidance_interval=(0, 1000))
-    torch.testing.assert_close(whole, everywhere)
+    assert_close(whole, everywhere, units=REGROUPED)
 
 
 @pytest.mark.parametrize("bad", [(700, 100), (-5, 10), (300, 300), ("a", "b"), (1,)])
@@ -76,7 +77,7 @@ def test_calibration_samples_under_the_interval_and_the_plan_records_it():
     data = collect(model, num_samples=2, steps=6, progress=False, guidance_interval=INTERVAL)
     plain = collect(model, num_samples=2, steps=6, progress=False)
     assert (data.final - plain.final).abs().max() > 1e-2  # the recorded trajectories are the interval's
-    torch.testing.assert_close(data.sample(model), data.final)  # replays (scoring plans) use the same sampler
+    assert_close(data.sample(model), data.final, units=REGROUPED)  # replays (scoring plans) use the same sampler
     assert sampler_notes(data) == {"guidance_scale": 4.0, "guidance_interval": [300.0, 700.0]}
     assert sampler_notes(plain) == {"guidance_scale": 4.0}
 

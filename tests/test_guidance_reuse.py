@@ -14,6 +14,7 @@ from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
 from tests.test_guidance import reference_scheduler
 from tests.test_skip import SkipReference
+from tests.tolerance import EXACT, OTHER_KERNELS, REGROUPED, assert_close
 
 NULL = 1000
 STEPS = 10
@@ -50,14 +51,14 @@ def test_split_guidance_on_an_uncached_model_is_exact_and_skips_the_unconditiona
     counter.cond = counter.uncond = 0
     counter.uncond_timesteps.clear()
     split = ddim_sample(model, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL, guidance_reuse=True)
-    torch.testing.assert_close(split, batched, atol=2e-4, rtol=1e-4)  # batch 2 vs 4: float reordering
+    assert_close(split, batched, units=OTHER_KERNELS)  # batch 2 vs 4: float reordering
     assert counter.cond == 2 * STEPS
     assert counter.uncond_timesteps == [700.0, 600.0, 500.0, 400.0, 300.0]  # the guided steps only
     # guidance every step: split is still exact, and runs the unconditional rows every step
     every_step = ddim_sample(model, noise, labels, NULL, STEPS, 4.0)
     counter.uncond_timesteps.clear()
     split_every_step = ddim_sample(model, noise, labels, NULL, STEPS, 4.0, guidance_reuse=True)
-    torch.testing.assert_close(split_every_step, every_step, atol=2e-4, rtol=1e-4)
+    assert_close(split_every_step, every_step, units=OTHER_KERNELS)
     assert len(counter.uncond_timesteps) == STEPS
 
 
@@ -95,11 +96,11 @@ def test_split_guidance_with_a_skip_plan_matches_a_loop_written_here():
     noise, labels = inputs()
     got = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)  # the plan's choice
     want, uncond_at = reuse_reference(skip, noise, labels, 4.0, INTERVAL)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_close(got, want, units=REGROUPED)
     assert counter.uncond_timesteps == uncond_at == [700.0, 600.0, 400.0]
     # a second generation starts both streams afresh (nothing leaks between generations)
     again = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
-    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    assert_close(again, got, units=EXACT)
     # reuse is an approximation: the batched plan (both halves forecast at skipped steps) differs
     batched = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL, guidance_reuse=False)
     assert (batched - got).abs().max() > 1e-3

@@ -39,6 +39,7 @@ from tcpass.serve import (
     start,
 )
 from tcpass.zoo import reference
+from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
 STEPS = 4
 BATCH = 4  # images per model batch
@@ -91,6 +92,16 @@ def _post(url: str, body, path: str = "/generate/json", **kwargs) -> requests.Re
 
 def _pixels(png_base64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))))
+
+
+def assert_same_pixels(got: np.ndarray, want: np.ndarray, what: str = "") -> None:
+    """8-bit pixels served by a replica (another process) vs the same generation run here: values equal up
+    to float rounding can land on either side of a level boundary, so a pixel may differ by one level; a
+    wrong image differs by many levels in many pixels."""
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (
+        f"{what}: {(diff > 0).sum()} pixels differ, by up to {diff.max()}"
+    )
 
 
 def _together(url: str, bodies: list[dict]) -> list[dict]:
@@ -154,8 +165,10 @@ def test_smaller_traced_batch_sizes_run_small_groups_without_padding_them_to_max
     first, second = run_batch(sampler, [job(11), job(20)]), run_batch(sampler, [job(21), job(11)])
     assert alone.batch == {"requests": 1, "images": 1, "padding": 0}  # not padded to 2
     assert second[1].batch == {"requests": 2, "images": 2, "padding": 0}
-    assert np.array_equal(first[0].samples, second[1].samples)  # the same size: bit-identical
-    assert np.abs(alone.samples - first[0].samples).max() <= 1e-3  # another size: float rounding
+    # the same traced batch size in one process, the row at another position: rows are computed
+    # independently (no op mixes or splits the batch), so bit-identical
+    assert np.array_equal(first[0].samples, second[1].samples)
+    assert_close(alone.samples, first[0].samples, units=OTHER_KERNELS)  # another size: float rounding
 
 
 def test_the_shipped_emoji_weights_are_served_with_their_guidance_interval():
@@ -170,7 +183,7 @@ def test_the_shipped_emoji_weights_are_served_with_their_guidance_interval():
     labels = torch.tensor([0])
     want = ddim_sample(model, noise, labels, emoji.null_label, 10, 4.0, guidance_interval=(100, 700)).numpy()
     every_step = ddim_sample(model, noise, labels, emoji.null_label, 10, 4.0).numpy()
-    assert np.abs(result.samples - want).max() <= 1e-4
+    assert_close(result.samples, want, units=REGROUPED)
     assert np.abs(result.samples - every_step).max() > 1e-2
 
 
@@ -187,8 +200,8 @@ def test_image_is_the_same_alone_batched_and_generated_directly(service, direct)
     assert two["seeds"] == [10, 11] and two["images"][1] == alone["images"][0]
 
     expected = direct([11, 20], [3, 5])
-    assert np.array_equal(_pixels(alone["images"][0]), expected[0])
-    assert np.array_equal(_pixels(batched[0]["images"][0]), expected[1])
+    assert_same_pixels(_pixels(alone["images"][0]), expected[0])
+    assert_same_pixels(_pixels(batched[0]["images"][0]), expected[1])
     assert not np.array_equal(expected[0], expected[1])
 
 
@@ -201,9 +214,9 @@ def test_requests_with_other_steps_or_guidance_are_not_mixed_into_a_batch(servic
     ]
     same, unguided, more_steps, again = _together(service, bodies)
     assert same["images"] == again["images"]
-    assert np.array_equal(_pixels(same["images"][0]), direct([11], [3])[0])
-    assert np.array_equal(_pixels(unguided["images"][0]), direct([11], [3], guidance=1.0)[0])
-    assert np.array_equal(_pixels(more_steps["images"][0]), direct([11], [3], steps=STEPS + 2)[0])
+    assert_same_pixels(_pixels(same["images"][0]), direct([11], [3])[0])
+    assert_same_pixels(_pixels(unguided["images"][0]), direct([11], [3], guidance=1.0)[0])
+    assert_same_pixels(_pixels(more_steps["images"][0]), direct([11], [3], steps=STEPS + 2)[0])
     for answer in (unguided, more_steps):
         assert answer["batch"]["images"] == 1  # its own model batch, padded
 
@@ -239,7 +252,7 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_do_not_disturb_others(servi
     assert form.status_code == 415 and "application/json" in form.json()["error"]
     worker.join(TIMEOUT)
     assert good["seeds"] == [3]
-    assert np.array_equal(_pixels(good["images"][0]), direct([3], [4], steps=2 * STEPS)[0])
+    assert_same_pixels(_pixels(good["images"][0]), direct([3], [4], steps=2 * STEPS)[0])
 
 
 def test_png_endpoint_returns_the_image_of_the_json_one(service):
@@ -285,7 +298,7 @@ def test_ort_runtime_serves_the_images_its_runtime_generates(service, tmp_path):
     assert pair[1]["images"] == alone["images"]
     runtime = OrtTokenCacheRuntime(tmp_path, threads=1)
     samples = generate(runtime, seeded_noise([3, 8], (1, 16, 16)), np.array([0, 6]), num_steps=STEPS)
-    assert np.array_equal(_pixels(alone["images"][0]), np.rint((np.clip(samples[1, 0], -1, 1) + 1) * 127.5))
+    assert_same_pixels(_pixels(alone["images"][0]), np.rint((np.clip(samples[1, 0], -1, 1) + 1) * 127.5))
     too_many = _post(url, {"class_label": 1, "num_images": 3})
     assert too_many.status_code == 422 and too_many.json()["fields"] == ["num_images"]
     serve.delete("tcpass-ort")
@@ -345,7 +358,7 @@ def test_load_with_a_replica_killed_answers_every_request_once_and_recovers(serv
     for request_id, [(status, body, seed)] in outcomes.items():
         if status == 200:
             assert body["request_id"] == request_id and body["seeds"] == [seed]
-            assert np.array_equal(_pixels(body["images"][0]), expected[seed]), f"{request_id}: another image"
+            assert_same_pixels(_pixels(body["images"][0]), expected[seed], what=f"{request_id}: another image")
     total = clients * per_client
     print(f"\n{total} requests from {clients} clients in {seconds:.1f} s, replica {victim} killed after 8 answers: ")
     errors = sorted({f"{status}: {str(body)[:160]}" for status, body, _ in failed.values()})
@@ -358,4 +371,4 @@ def test_load_with_a_replica_killed_answers_every_request_once_and_recovers(serv
         time.sleep(1)
     recovered = _together(service, [{"class_label": s + 1, "seed": s, "steps": STEPS} for s in range(4)])
     for seed, answer in enumerate(recovered):
-        assert np.array_equal(_pixels(answer["images"][0]), expected[seed])
+        assert_same_pixels(_pixels(answer["images"][0]), expected[seed])

@@ -46,14 +46,20 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     return sample_psnr(data.sample(tm, steps), data)
 
 
+def scoring_range(data: CalibrationData) -> tuple[float, float]:
+    """The range samples are clamped to and scored in: ``data.sample_range``, else the full-compute
+    samples' 0.1-99.9 percentile range (see `fidelity`)."""
+    if data.sample_range is not None:
+        return data.sample_range
+    lo, hi = torch.quantile(data.final.flatten().float(), torch.tensor([0.001, 0.999])).tolist()
+    return lo, hi
+
+
 def sample_psnr(samples: torch.Tensor, data: CalibrationData) -> float:
     """Mean PSNR (dB) of ``samples`` vs ``data``'s full-compute samples, scored as `fidelity` says."""
     from tcpass.metrics import psnr
 
-    if data.sample_range is not None:
-        lo, hi = data.sample_range
-    else:
-        lo, hi = torch.quantile(data.final.flatten().float(), torch.tensor([0.001, 0.999])).tolist()
+    lo, hi = scoring_range(data)
     return float(psnr(samples.clamp(lo, hi), data.final.clamp(lo, hi), data_range=hi - lo).mean())
 
 
