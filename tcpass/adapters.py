@@ -105,9 +105,10 @@ def stratified_labels(n: int, num_classes: int, generator: torch.Generator) -> t
     """
     if n < 1 or num_classes < 1:
         raise ValueError(f"stratified_labels(n={n}, num_classes={num_classes}): both must be positive.")
-    extra = torch.randperm(num_classes, generator=generator)[: n % num_classes]
-    labels = torch.cat([torch.arange(num_classes).repeat(n // num_classes), extra])
-    return labels[torch.randperm(n, generator=generator)]
+    device = generator.device
+    extra = torch.randperm(num_classes, generator=generator, device=device)[: n % num_classes]
+    labels = torch.cat([torch.arange(num_classes, device=device).repeat(n // num_classes), extra])
+    return labels[torch.randperm(n, generator=generator, device=device)]
 
 
 def _dit_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
@@ -144,13 +145,14 @@ def _pixart_conditioning(model: nn.Module, n: int, generator: torch.Generator) -
     """Stand-in prompts: random caption embeddings (unit variance, as T5 outputs roughly are); the
     unconditional rows get zeros. Calibrating for real prompts: pass their embeddings to
     `tcpass.calibrate.collect` (``conditioning=``)."""
-    cfg = model.config
-    text = torch.randn(n, PIXART_TEXT_TOKENS, cfg.caption_channels, generator=generator)
-    mask = torch.ones(n, PIXART_TEXT_TOKENS)
+    cfg, device = model.config, generator.device  # on the generator's device; collect moves them to the model's
+    text = torch.randn(n, PIXART_TEXT_TOKENS, cfg.caption_channels, generator=generator, device=device)
+    mask = torch.ones(n, PIXART_TEXT_TOKENS, device=device)
     additional = cfg.sample_size == 128 if cfg.use_additional_conditions is None else cfg.use_additional_conditions
     extra = {"resolution": None, "aspect_ratio": None}
     if additional:
-        extra = {"resolution": torch.full((n, 2), float(cfg.sample_size * 8)), "aspect_ratio": torch.ones(n, 1)}
+        size = float(cfg.sample_size * 8)
+        extra = {"resolution": torch.full((n, 2), size, device=device), "aspect_ratio": torch.ones(n, 1, device=device)}
     cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "added_cond_kwargs": extra}
     return cond, {**cond, "encoder_hidden_states": torch.zeros_like(text)}
 

@@ -45,15 +45,16 @@ class StaticPredictor(nn.Module):
     Args:
         num_blocks: transformer blocks of the model (one row of scores each).
         num_tokens: image tokens N.
+        device: where its parameters live (the model's device when training it).
     """
 
     kind = "static"
 
-    def __init__(self, num_blocks: int, num_tokens: int) -> None:
+    def __init__(self, num_blocks: int, num_tokens: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_blocks, self.num_tokens = num_blocks, num_tokens
-        self.bias = nn.Parameter(torch.zeros(num_blocks, num_tokens))
-        self.weight = nn.Parameter(torch.zeros(num_blocks, 2 * NUM_FREQUENCIES, num_tokens))
+        self.bias = nn.Parameter(torch.zeros(num_blocks, num_tokens, device=device))
+        self.weight = nn.Parameter(torch.zeros(num_blocks, 2 * NUM_FREQUENCIES, num_tokens, device=device))
 
     def forward(self, x0: torch.Tensor | None, t: torch.Tensor, x0_ref: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, N, num_blocks] (``x0``/``x0_ref`` are ignored: the same interface as the dynamic one)."""
@@ -86,18 +87,21 @@ class DynamicPredictor(nn.Module):
         hidden_size: token width D of the model.
         num_blocks: transformer blocks of the model.
         width: hidden width of the MLP.
+        device: where its parameters live (the model's device when training it).
     """
 
     kind = "dynamic"
 
-    def __init__(self, hidden_size: int, num_blocks: int, width: int = 32) -> None:
+    def __init__(
+        self, hidden_size: int, num_blocks: int, width: int = 32, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.hidden_size, self.num_blocks, self.width = hidden_size, num_blocks, width
-        self.inp = nn.Linear(hidden_size, width)
-        self.change = nn.Linear(hidden_size, width, bias=False)
-        self.time = nn.Linear(2 * NUM_FREQUENCIES, width)
-        self.out = nn.Linear(width, num_blocks)
-        self.gain = nn.Parameter(torch.ones(num_blocks))
+        self.inp = nn.Linear(hidden_size, width, device=device)
+        self.change = nn.Linear(hidden_size, width, bias=False, device=device)
+        self.time = nn.Linear(2 * NUM_FREQUENCIES, width, device=device)
+        self.out = nn.Linear(width, num_blocks, device=device)
+        self.gain = nn.Parameter(torch.ones(num_blocks, device=device))
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -154,6 +158,6 @@ def load_predictor(
     for name, want in (("hidden_size", hidden_size), ("num_blocks", num_blocks)):
         if want is not None and config[name] != want:
             raise ValueError(f"{path}: predictor {name} = {config[name]} but the model has {name} = {want}.")
-    predictor = DynamicPredictor(**config)
+    predictor = DynamicPredictor(**config, device="cpu")  # where safetensors loaded the weights
     predictor.load_state_dict(tensors)
     return predictor.eval().requires_grad_(False)

@@ -112,13 +112,13 @@ def collect(
     """
     interval = check_guidance_interval(guidance_interval)
     adapter = adapter_for(model)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the same draws whatever the model's device
     if conditioning is None:
         check_supported(model)
         conditioning = adapter.calibration_conditioning(model, num_samples, g)
     cond, uncond = (_on_model(c, model) for c in conditioning)
     example = adapter.example_inputs(model, 1)["hidden_states"]
-    noise = torch.randn(num_samples, *example.shape[1:], generator=g).to(example.device)
+    noise = torch.randn(num_samples, *example.shape[1:], generator=g, device=g.device).to(example.device)
     recorder = _Recorder(model)
     final = guided_ddim(recorder, noise, cond, uncond, steps, guidance_scale, progress, interval)
     inputs, timesteps, outputs = (torch.stack(x) for x in zip(*recorder.calls, strict=True))

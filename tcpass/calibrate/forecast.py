@@ -70,7 +70,9 @@ class _StackHooks:
         x = torch.stack([r.flatten().double() for r in basis], dim=1)
         y = true.flatten().double()
         gram = x.T @ x
-        gram += self.ridge * torch.trace(gram) / len(basis) * torch.eye(len(basis), dtype=gram.dtype)
+        gram += (
+            self.ridge * torch.trace(gram) / len(basis) * torch.eye(len(basis), dtype=gram.dtype, device=gram.device)
+        )
         w = torch.linalg.solve(gram, x.T @ y).clamp(-_WEIGHT_LIMIT, _WEIGHT_LIMIT)
         predicted = sum(float(wk) * r for wk, r in zip(w, basis, strict=True))
         self.weights.append(tuple(float(v) for v in w))

@@ -88,9 +88,10 @@ def block_sensitivity(
     Tokens kept: the top-K by change of the block input since the refresh step (input_change).
     """
     hooks = BlockHooks(model)
-    rows = torch.arange(data.inputs.shape[1])
+    device = data.inputs.device
+    rows = torch.arange(data.inputs.shape[1], device=device)
     pairs = step_pairs(data.num_steps, max_offset, num_pairs, torch.Generator().manual_seed(seed))
-    errors = torch.zeros(len(hooks.blocks))
+    errors = torch.zeros(len(hooks.blocks), device=device)
     with hooks.attached():
         for s, t in tqdm(pairs, desc="block sensitivity", disable=not progress, leave=False):
             hooks.mode = "record"
@@ -146,7 +147,7 @@ def predictor_loss(
         hooks.cached = dict(hooks.deltas)
         x0_ref = hooks.inputs[0]
         ref = hooks.cached[blocks[0]]
-        hooks.mode, hooks.weights = "mix", {b: torch.zeros(ref.shape[:2]) for b in blocks}
+        hooks.mode, hooks.weights = "mix", {b: torch.zeros(ref.shape[:2], device=ref.device) for b in blocks}
         err_all_cached = rel_err(model_call(model, data, t, rows), target).clamp_min(1e-12)
     timestep = data.timesteps[t].expand(len(rows))
     ws: list[torch.Tensor] = []
@@ -186,7 +187,8 @@ def topk_error(
     """
     blocks = tuple(range(adapter_for(model).fingerprint(model).num_blocks)) if blocks is None else blocks
     hooks = BlockHooks(model)
-    rows = torch.arange(data.inputs.shape[1])
+    device = data.inputs.device
+    rows = torch.arange(data.inputs.shape[1], device=device)
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     pairs = step_pairs(data.num_steps, max_offset, num_pairs, g)
@@ -198,7 +200,7 @@ def topk_error(
             hooks.cached, refresh_inputs = dict(hooks.deltas), dict(hooks.inputs)
             n = hooks.cached[blocks[0]].shape[1]
             k = keep_count(keep_ratio, n)
-            hooks.mode, hooks.weights = "mix", {b: torch.zeros(len(rows), n) for b in blocks}
+            hooks.mode, hooks.weights = "mix", {b: torch.zeros(len(rows), n, device=device) for b in blocks}
             err0 = rel_err(model_call(model, data, t, rows), target)
             timestep = data.timesteps[t].expand(len(rows))
 
@@ -206,7 +208,7 @@ def topk_error(
                 out = {}
                 for b in blocks:
                     if scorer == "random":
-                        score = torch.rand(len(rows), n, generator=g)
+                        score = torch.rand(len(rows), n, generator=g, device=g.device).to(device)
                     else:
                         score = scorer(x0, refresh_inputs[0], timestep, b)
                     out[b] = topk_mask(score, k)
@@ -265,9 +267,9 @@ def train_predictor(
     blocks = tuple(range(num_blocks)) if blocks is None else tuple(blocks)
     num_tokens = adapter.image_tokens(model, adapter.example_inputs(model, 1))
     if kind == "static":
-        predictor: nn.Module = StaticPredictor(num_blocks, num_tokens)
+        predictor: nn.Module = StaticPredictor(num_blocks, num_tokens, device=data.inputs.device)
     elif kind == "dynamic":
-        predictor = DynamicPredictor(hidden, num_blocks)
+        predictor = DynamicPredictor(hidden, num_blocks, device=data.inputs.device)
     else:
         raise ValueError(f"predictor kind {kind!r}: expected 'static' or 'dynamic'.")
     lr = lr if lr is not None else (0.05 if kind == "static" else 1e-3)
@@ -283,7 +285,7 @@ def train_predictor(
         with hooks.attached():
             bar = tqdm(pairs, desc=f"training {kind} predictor", disable=not progress, leave=False)
             for it, pair in enumerate(bar):
-                rows = torch.randperm(n_rows, generator=g)[: min(rows_per_iteration, n_rows)]
+                rows = torch.randperm(n_rows, generator=g, device=g.device)[: min(rows_per_iteration, n_rows)]
                 hard = keep_ratio if it >= (1 - hard_fraction) * iterations else None
                 mse, w = predictor_loss(model, hooks, predictor, data, pair, rows, blocks, hard)
                 loss = mse + lam * w

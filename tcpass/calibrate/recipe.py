@@ -251,8 +251,8 @@ def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
     if isinstance(predictor, StaticPredictor):
         from tcpass.policies import StaticScoreSelector
 
-        grid = torch.arange(0, 1000, 10, dtype=torch.float32)
-        table = StaticScoreSelector(predictor.table(grid), grid, torch.arange(predictor.num_blocks))
+        grid = torch.arange(0, 1000, 10, dtype=torch.float32, device=predictor.bias.device)
+        table = StaticScoreSelector(predictor.table(grid), grid, range(predictor.num_blocks))
         kind, role, save = "static", "static_scores", table.save
     else:
         kind, role, save = "dynamic", "predictor", lambda path: save_predictor(predictor, path)

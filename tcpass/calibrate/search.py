@@ -51,7 +51,8 @@ def scoring_range(data: CalibrationData) -> tuple[float, float]:
     samples' 0.1-99.9 percentile range (see `fidelity`)."""
     if data.sample_range is not None:
         return data.sample_range
-    lo, hi = torch.quantile(data.final.flatten().float(), torch.tensor([0.001, 0.999])).tolist()
+    q = torch.tensor([0.001, 0.999], device=data.final.device)
+    lo, hi = torch.quantile(data.final.flatten().float(), q).tolist()
     return lo, hi
 
 

@@ -232,7 +232,7 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
     for level in ("stack", "output"):
         graphs = transform(model, CachePlan(blocks=(), skip=StepSkip(level=level)), example_inputs=inputs).step_graphs()
         caches = graphs.caches
-        scale = torch.ones(1, dtype=caches[0].dtype)
+        scale = torch.ones(1, dtype=caches[0].dtype, device=caches[0].device)
         out[f"skip_{level}"] = best_seconds(lambda g=graphs, c=caches, s=scale: g.skip(*values, c[0], s), reps)
         if level == "stack":
             out["full"] = best_seconds(lambda g=graphs, c=caches: g.full(*values, *g.step_caches(c)), reps)
