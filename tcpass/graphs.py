@@ -15,7 +15,7 @@ from functools import cached_property
 import torch
 
 from tcpass.adapters import ModelAdapter
-from tcpass.contracts import TensorSpec, history_moves
+from tcpass.contracts import TensorSpec
 from tcpass.passes import pipeline
 from tcpass.passes.pipeline import StepGraph
 from tcpass.plan import CachePlan
@@ -76,21 +76,21 @@ class StepGraphs:
         """The stack residuals the SKIP graph takes, newest first."""
         return [buffers[0], *buffers[len(self.full.cache_specs) :]]
 
-    def remember_residual(self, buffers: list[torch.Tensor]) -> None:
-        """Before a FULL or CACHED call: move each remembered stack residual one place older
-        (`tcpass.contracts.history_moves`); the call then writes the newest.
+    def shift_history(self, buffers: list[torch.Tensor], moves: tuple[tuple[str, str], ...]) -> None:
+        """Before a FULL or CACHED call: apply the step controller's ``moves`` (`tcpass.controller.Decision`),
+        each remembered stack residual one place older; the call then writes the newest.
 
         The older residuals are only read by the SKIP graph, so they move by reference: the oldest
         buffer takes a copy of the newest and becomes ``stack.residual.1`` (one copy per call).
         """
-        if self.skip is None or len(self.skip.cache_specs) == 1:
+        if not moves:
             return
         names = [s.name for s in self.skip.cache_specs]  # newest first
         n = len(self.full.cache_specs)
         slots = {name: (0 if k == 0 else n + k - 1) for k, name in enumerate(names)}
         before = {name: buffers[i] for name, i in slots.items()}
-        free = before[names[-1]]  # the oldest is forgotten: its buffer is reused
-        for dst, src in history_moves(names):
+        free = before[moves[0][0]]  # the oldest is forgotten: its buffer is reused
+        for dst, src in moves:
             if src == names[0]:  # the call overwrites the newest in place: keep a copy
                 buffers[slots[dst]] = free.copy_(before[src])
             else:
@@ -107,7 +107,7 @@ class StepGraphs:
 
     def allocate_caches(self) -> list[torch.Tensor]:
         """A new set of cache buffers (zeros); those the graphs write are marked as static inputs for
-        torch.compile (the older stack residuals move between calls, see `remember_residual`)."""
+        torch.compile (the older stack residuals move between calls, see `shift_history`)."""
         buffers = [s.example(self.device) for s in self.cache_specs]
         for buffer in buffers[: len(self.full.cache_specs)]:  # written in place by the graphs
             torch._dynamo.mark_static_address(buffer)

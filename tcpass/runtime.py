@@ -28,11 +28,13 @@ from torch import nn
 
 from tcpass.adapters import ModelAdapter, adapter_for, quiet_load_kwargs
 from tcpass.compile import compile_step_graphs
+from tcpass.contracts import residual_history
+from tcpass.controller import StepController
 from tcpass.files import resolve_path, sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs, check_dtypes
 from tcpass.plan import CachePlan, load_plan
 from tcpass.policies import TokenPolicy, make_policy
-from tcpass.schedule import Step, StepKind, ThreadGuard, TPRRState, check_timestep
+from tcpass.schedule import Step, StepKind, check_timestep
 from tcpass.trace import flatten_inputs
 
 logger = logging.getLogger("tcpass")
@@ -166,15 +168,19 @@ class TokenCacheTransformer(ModelMixin):
         self._add_graphs(self._signature_of(graphs), graphs)
         self._plan_dir = plan_dir
         self._forward_signature = inspect.signature(model.forward)
-        self._state = TPRRState(plan.schedule, plan.skip)
-        self._active: Signature | None = None
-        self._caches_valid = False  # whether the active signature's buffers hold this generation's caches
-        self._context: str | None = None  # see cache_context
-        self._saved: dict[str | None, tuple] = {}
-        self._guard = ThreadGuard("TokenCacheTransformer")  # owner: per context, swapped with it
+        history = residual_history(plan.skip.history) if plan.skip is not None else []
+        self._controller = StepController(plan.schedule, plan.skip, "TokenCacheTransformer", history)
         self._context_buffers: dict[tuple[str, Signature], list[torch.Tensor]] = {}
-        self.step_counts: Counter[StepKind] = Counter()
-        self.last_step: Step | None = None
+
+    @property
+    def step_counts(self) -> Counter[StepKind]:
+        """How many FULL, CACHED and SKIP calls ran since construction."""
+        return self._controller.step_counts
+
+    @property
+    def last_step(self) -> Step | None:
+        """The `Step` the latest call ran."""
+        return self._controller.last_step
 
     # Attributes pipelines read ------------------------------------------------------------------
     @property
@@ -293,7 +299,6 @@ class TokenCacheTransformer(ModelMixin):
         # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half().
         self._graphs.clear()
         self._context_buffers.clear()
-        self._active = None
         self.reset()
         return super()._apply(fn, recurse)
 
@@ -304,14 +309,13 @@ class TokenCacheTransformer(ModelMixin):
         Not needed between generations that restart the timestep sequence (detected
         automatically); useful when a new generation starts at a lower timestep (img2img).
         """
-        self._state.reset()
-        self._guard.owner = None
-        self._saved.clear()
-        self._drop_caches()
-
-    def _drop_caches(self) -> None:
-        self._caches_valid = False
+        self._controller.reset()
         self.policy.reset()
+
+    @property
+    def _active(self) -> Signature | None:
+        """The input signature of the current cache context's caches (None before its first call)."""
+        return self._controller.stream.signature
 
     @property
     def cache_bytes(self) -> int:
@@ -349,28 +353,17 @@ class TokenCacheTransformer(ModelMixin):
         diffusers' cache hooks. Batched classifier-free guidance (one call, rows independent) needs
         no context.
         """
-        previous = self._context
-        self._switch_context(name)
-        try:
+        with self._controller.cache_context(name):
             yield
-        finally:
-            self._switch_context(previous)
-
-    def _switch_context(self, name: str | None) -> None:
-        if name == self._context:
-            return
-        self._saved[self._context] = (self._state, self._active, self._caches_valid, self._guard.owner)
-        fresh = (TPRRState(self.plan.schedule, self.plan.skip), None, False, None)
-        self._state, self._active, self._caches_valid, self._guard.owner = self._saved.pop(name, fresh)
-        self._context = name
 
     def _cache_buffers(self, key: Signature, graphs: StepGraphs) -> list[torch.Tensor]:
         """The cache buffers of the current context: the graphs' own, or a set kept per named context."""
-        if self._context is None:
+        context = self._controller.context
+        if context is None:
             return graphs.caches
-        if (self._context, key) not in self._context_buffers:
-            self._context_buffers[self._context, key] = graphs.allocate_caches()
-        return self._context_buffers[self._context, key]
+        if (context, key) not in self._context_buffers:
+            self._context_buffers[context, key] = graphs.allocate_caches()
+        return self._context_buffers[context, key]
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         """The wrapped model's ``forward``, running the step graph the schedule picks for this timestep.
@@ -381,7 +374,7 @@ class TokenCacheTransformer(ModelMixin):
         model per thread (``tcpass.transform`` again shares the weights), or serialize whole
         generations.
         """
-        with self._guard.call() as me:
+        with self._controller.guard.call() as me:
             return self._forward(me, args, kwargs, return_dict)
 
     def _forward(self, me: int, args: tuple, kwargs: dict, return_dict: bool):
@@ -391,40 +384,31 @@ class TokenCacheTransformer(ModelMixin):
         # one scalar read per step, on the schedule's 0..1000 scale; checked before any state changes
         timestep = float(flat[self.model_adapter.timestep_input].reshape(-1)[0]) * self.model_adapter.timestep_scale
         check_timestep(timestep)
-        self._guard.check(me, continues=key == self._active and not self._state.starts_generation(timestep))
         graphs = self._graphs_for(key, inputs)
-        if key != self._active:  # a new input signature starts a new generation in this context
-            self._state.reset()
-            self._drop_caches()
-            self._active = key
-        step = self._state.step(timestep)
-        if step.new_generation:
-            self._drop_caches()
-            self._guard.owner = me
+        decision = self._controller.decide(me, timestep, key, can_cache=bool(graphs.blocks))
+        if decision.fresh:
+            self.policy.reset()
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad(), _TRACE_LOCK.running():
             buffers = self._cache_buffers(key, graphs)
-            if step.kind is StepKind.SKIP and self._caches_valid:
+            if decision.kind is StepKind.SKIP:
                 residuals = graphs.skip_caches(buffers)
-                weights = torch.tensor(step.weights, dtype=residuals[0].dtype, device=residuals[0].device)
+                weights = torch.tensor(decision.step.weights, dtype=residuals[0].dtype, device=residuals[0].device)
                 sample = graphs.skip(*values, *residuals, weights)
-            elif step.kind is not StepKind.CACHED or not self._caches_valid or not graphs.blocks:
-                step = Step(StepKind.FULL, step.phase, step.new_generation)
-                graphs.remember_residual(buffers)
-                sample = graphs.full(*values, *graphs.step_caches(buffers))
             else:
-                graph = graphs.cached[step.phase]
-                device = values[0].device
-                indices = [
-                    torch.from_numpy(self.policy.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(device)
-                    for s in graph.index_specs
-                ]
-                graphs.remember_residual(buffers)
-                sample = graph(*values, *graphs.step_caches(buffers), *indices)
-        self._caches_valid = True
-        self.step_counts[step.kind] += 1
-        self.last_step = step
+                graphs.shift_history(buffers, decision.history_moves)
+                if decision.kind is StepKind.FULL:
+                    sample = graphs.full(*values, *graphs.step_caches(buffers))
+                else:
+                    graph = graphs.cached[decision.step.phase]
+                    device = values[0].device
+                    indices = [
+                        torch.from_numpy(self.policy.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(device)
+                        for s in graph.index_specs
+                    ]
+                    sample = graph(*values, *graphs.step_caches(buffers), *indices)
+        self._controller.finished(decision)
         if not return_dict:
             return (sample,)
         return Transformer2DModelOutput(sample=sample)

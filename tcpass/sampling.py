@@ -16,7 +16,8 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from tcpass.schedule import StepKind, check_guidance_interval, guidance_at, runs_uncond
+from tcpass.controller import GuidanceSteps
+from tcpass.schedule import StepKind
 
 
 def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
@@ -101,52 +102,36 @@ def guided_ddim(
     """
     scheduler = make_scheduler()
     scheduler.set_timesteps(num_steps)
-    latents = noise
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
-    interval = check_guidance_interval(guidance_interval)
     model_dtype = getattr(model, "dtype", noise.dtype)
     if guidance_reuse is None:
         guidance_reuse = bool(getattr(getattr(model, "plan", None), "guidance_reuse", False))
-    if guided and guidance_reuse:
-        return _split_guided_ddim(
-            model, scheduler, noise, cond, uncond, guidance_scale, interval, model_dtype, progress
-        )
-    kwargs = cat_rows(cond, uncond) if guided else cond
-    for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        model_input = torch.cat([latents, latents]) if guided else latents
-        timesteps = t.expand(model_input.shape[0]).to(noise.device)
-        out = model(model_input.to(model_dtype), timestep=timesteps, **kwargs).sample[:, :channels]
-        out = out.to(latents.dtype)
-        if guided:
-            cond_out, uncond_out = out.chunk(2)
-            scale = guidance_at(float(t), guidance_scale, interval)
-            out = uncond_out + scale * (cond_out - uncond_out)
-        latents = scheduler.step(out, t, latents).prev_sample
-    return latents
-
-
-def _split_guided_ddim(model, scheduler, noise, cond, uncond, guidance_scale, interval, model_dtype, progress):
-    """`guided_ddim` with split guidance (``guidance_reuse``): two streams, the unconditional one sparse."""
-    channels = noise.shape[1]
+    guidance = GuidanceSteps(guidance_scale, guidance_interval, split=guidance_reuse)
     context = getattr(model, "cache_context", None)
 
-    def call(latents, t, kwargs, stream):
-        with context(stream) if callable(context) else contextlib.nullcontext():
+    def call(latents, t, kwargs, stream=None):
+        with context(stream) if stream and callable(context) else contextlib.nullcontext():
             timesteps = t.expand(latents.shape[0]).to(noise.device)
             out = model(latents.to(model_dtype), timestep=timesteps, **kwargs).sample[:, :channels]
         return out.to(latents.dtype)
 
+    batched = cat_rows(cond, uncond) if guided and not guidance.split else None
     latents = noise
-    difference = None
     for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
-        scale = guidance_at(float(t), guidance_scale, interval)
-        cond_out = call(latents, t, cond, "cond")
-        last = getattr(model, "last_step", None)
-        cond_kind = last.kind if last is not None else StepKind.FULL
-        if runs_uncond(scale, cond_kind, difference is not None):
-            difference = cond_out - call(latents, t, uncond, "uncond")
-        out = cond_out if scale == 1.0 else cond_out + (scale - 1.0) * difference
+        scale = guidance.scale_at(float(t))
+        if batched is not None:
+            cond_out, uncond_out = call(torch.cat([latents, latents]), t, batched).chunk(2)
+            out = uncond_out + scale * (cond_out - uncond_out)
+        elif guided:  # split guidance: two streams, the unconditional one sparse
+            out = call(latents, t, cond, "cond")
+            last = getattr(model, "last_step", None)
+            if guidance.runs_uncond(float(t), last.kind if last is not None else StepKind.FULL):
+                difference = out - call(latents, t, uncond, "uncond")
+            if scale != 1.0:
+                out = out + (scale - 1.0) * difference
+        else:
+            out = call(latents, t, cond)
         latents = scheduler.step(out, t, latents).prev_sample
     return latents
 

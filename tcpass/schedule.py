@@ -11,12 +11,9 @@ call at the first timestep, or a sampler restarting). Timesteps are on the
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tcpass.plan import StepSkip, TPRRSchedule
@@ -127,49 +124,6 @@ class TPRRState:
                 "model twice at one timestep (Heun) is not supported for caching; one that calls it for two "
                 "streams needs "
                 "`with model.cache_context(name):` per stream."
-            )
-
-
-class ThreadGuard:
-    """Refuses concurrent use of one runtime's caches and step state, never mixing silently.
-
-    Both executors (`tcpass.runtime`, `tcpass.export.runtime`) wrap each call in `call`: a call while
-    another thread is inside one raises ``RuntimeError``, and so does a call from another thread that
-    would continue the generation that thread started (`check`). ``owner`` is the thread that started
-    the current generation (``None``: none yet); runtimes with several cache contexts swap it with them.
-    """
-
-    _busy_lock = threading.Lock()  # guards _busy (test-and-set), shared by every guard
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.owner: int | None = None
-        self._busy: int | None = None
-
-    @contextlib.contextmanager
-    def call(self) -> Iterator[int]:
-        """Hold the runtime for one call; yields this thread's id."""
-        me = threading.get_ident()
-        with self._busy_lock:
-            if self._busy is not None:
-                raise RuntimeError(
-                    f"{self.what} called from two threads at once; its caches and step state belong to one "
-                    "generation. Use one per thread (tcpass.transform again shares the weights; one ONNX runtime "
-                    "per thread shares nothing) or serialize the calls."
-                )
-            self._busy = me
-        try:
-            yield me
-        finally:
-            self._busy = None
-
-    def check(self, me: int, continues: bool) -> None:
-        """Raise if a call that ``continues`` the current generation comes from another thread than its owner."""
-        if continues and self.owner not in (None, me):
-            raise RuntimeError(
-                f"{self.what}: this call continues a generation another thread started (its timestep is below that "
-                "thread's last call), so it would reuse that thread's caches. Use one per thread, or call reset() "
-                "before starting over."
             )
 
 

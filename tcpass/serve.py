@@ -201,14 +201,15 @@ class OrtSampler:
         if self.runtime.null_label is None or "class_labels" not in inputs:
             raise ValueError(f"--model {config.model}: not a class-conditional export (no class_labels input).")
         self.model_batch = int(inputs["hidden_states"][0])
-        if self.model_batch % 2:
+        self.split = self.runtime.plan.guidance_reuse  # split guidance: the export runs one stream's rows
+        if self.model_batch % 2 and not self.split:
             raise ValueError(
                 f"--model {config.model} was exported for model batch {self.model_batch}; CFG needs an even batch "
                 "(2 x images): export again with an even --batch."
             )
         self.num_classes = int(self.runtime.null_label)  # DiT's label table reserves row num_classes for CFG
         self.image_shape = _pixel_shape(config, tuple(int(d) for d in inputs["hidden_states"][1:]))
-        self.max_batch = self.model_batch // 2
+        self.max_batch = self.model_batch if self.split else self.model_batch // 2
         if config.max_batch not in (None, self.max_batch):
             raise ValueError(
                 f"--max-batch {config.max_batch}: {config.model} was exported for model batch {self.model_batch}, "
@@ -219,8 +220,8 @@ class OrtSampler:
         self.plan = manifest["plan"]
 
     def images_per_batch(self, guided: bool, images: int) -> int:
-        """The exported batch, in images: half the model batch with CFG, all of it without."""
-        return self.max_batch if guided else self.model_batch
+        """The exported batch, in images: half the model batch with batched CFG, all of it without (or split)."""
+        return self.max_batch if guided and not self.split else self.model_batch
 
     def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
         from tcpass.export.runtime import generate

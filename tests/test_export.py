@@ -233,6 +233,42 @@ def test_guidance_interval_matches_torch(exported):
         generate(OrtTokenCacheRuntime(out), noise.numpy(), np.array([4]), 20, 4.0, guidance_interval=(600, 200))
 
 
+def test_the_numpy_sampler_takes_text_conditioning_on_a_pixart_export(tmp_path):
+    """Any conditioning by input name (caption embeddings and their mask here), as `guided_ddim` takes it."""
+    from tcpass.sampling import guided_ddim
+    from tests.families import family_inputs, make_pixart
+
+    model = make_pixart()
+    plan = CachePlan(keep_ratio=0.5, schedule=tcpass.TPRRSchedule(intervals=(2, 2)))
+    example = family_inputs("pixart", batch=2)  # one image with guidance: [cond; uncond]
+    tm = tcpass.transform(model, plan, example_inputs=example)
+    export_onnx(tm, tmp_path / "pixart")
+    runtime = OrtTokenCacheRuntime(tmp_path / "pixart")
+    assert runtime.conditioning_names == ["encoder_hidden_states", "encoder_attention_mask"]
+    text, mask = example["encoder_hidden_states"][:1], example["encoder_attention_mask"][:1]
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+    uncond = {"encoder_hidden_states": torch.zeros_like(text), "encoder_attention_mask": mask}
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    want = guided_ddim(
+        tm,
+        noise,
+        {**cond, "added_cond_kwargs": example["added_cond_kwargs"]},
+        {**uncond, "added_cond_kwargs": example["added_cond_kwargs"]},
+        num_steps=10,
+    ).numpy()
+    as_numpy = {k: v.numpy() for k, v in cond.items()}
+    got = generate(runtime, noise.numpy(), as_numpy, 10, 4.0, uncond={k: v.numpy() for k, v in uncond.items()})
+    assert_close(got, want, units=OTHER_KERNELS)
+    assert runtime.step_counts[StepKind.CACHED] > 0
+    other = {**uncond, "encoder_hidden_states": torch.ones_like(text)}  # the unconditional rows are read
+    other_uncond = generate(runtime, noise.numpy(), as_numpy, 10, 4.0, uncond={k: v.numpy() for k, v in other.items()})
+    assert np.abs(other_uncond - got).max() > 1e-3
+    with pytest.raises(ValueError, match=r"conditioning has inputs \['encoder_hidden_states'\]; the export takes"):
+        generate(runtime, noise.numpy(), {"encoder_hidden_states": text.numpy()}, 10, 4.0)
+    with pytest.raises(ValueError, match="takes no class labels"):
+        generate(runtime, noise.numpy(), np.array([3]), 10, 4.0)
+
+
 def test_an_export_records_its_guidance_interval_and_generate_uses_it(tmp_path):
     model = make_dit()
     transformed = tcpass.transform(model, PLAN)

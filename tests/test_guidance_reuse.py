@@ -1,14 +1,13 @@
 """Split guidance (``CachePlan.guidance_reuse``): the conditional rows every step, the unconditional rows
 only where `tcpass.schedule.runs_uncond` says, checked against loops written here."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
 import tcpass
-from tcpass import CachePlan, StepSkip
+from tcpass import CachePlan, StepKind, StepSkip
 from tcpass.export.onnx_export import export_onnx
 from tcpass.sampling import ddim_sample, ddim_timesteps
 from tests.conftest import make_dit
@@ -122,16 +121,39 @@ def test_guidance_reuse_round_trips_and_bad_values_are_refused(tmp_path, bad):
         tcpass.load_plan(path)
 
 
-def test_export_refuses_a_split_guidance_plan_and_writes_nothing(tmp_path):
-    plan = CachePlan(blocks=(), guidance_reuse=True)
-    tm = tcpass.transform(make_dit(), plan)
-    tm(*inputs()[:1], timestep=torch.full((2,), 900), class_labels=torch.tensor([3, NULL]))
-    out = tmp_path / "export"
-    with pytest.raises(ValueError, match=r"guidance_reuse.*dataclasses\.replace\(plan, guidance_reuse=False\)"):
-        export_onnx(tm, out)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    export_onnx(tcpass.transform(make_dit(), dataclasses.replace(plan, guidance_reuse=False)), out)
-    assert (out / "manifest.json").is_file()
+def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_does(tmp_path, monkeypatch):
+    """Golden: the numpy sampler runs split guidance on ONNX Runtime (two cache contexts, graphs of one
+    stream's rows) and gives torch's samples; the unconditional stream runs at the same steps."""
+    import numpy as np
+
+    from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+
+    ts = ddim_timesteps(STEPS)
+    skip = StepSkip(timesteps=[ts[1], ts[2], ts[4], ts[6], ts[8]], weights=[[1.5, -0.5]] * 5)
+    plan = CachePlan(keep_ratio=0.5, skip=skip, guidance_reuse=True)
+    model = make_dit()
+    noise, labels = inputs()
+    tm = tcpass.transform(model, plan)
+    counter = RowCounter(tm)
+    want = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
+    one_stream = {"hidden_states": noise, "timestep": torch.zeros(2, dtype=torch.long), "class_labels": labels}
+    export_onnx(tcpass.transform(model, plan, example_inputs=one_stream), tmp_path / "export")
+    runtime = OrtTokenCacheRuntime(tmp_path / "export")
+    streams = []
+    call = OrtTokenCacheRuntime.__call__
+    monkeypatch.setattr(
+        OrtTokenCacheRuntime,
+        "__call__",
+        lambda self, **kw: streams.append((self._controller.context, int(kw["timestep"][0]))) or call(self, **kw),
+    )
+    got = generate(runtime, noise.numpy(), labels.numpy(), STEPS, 4.0, guidance_interval=INTERVAL)
+    assert_close(got, want.numpy(), units=OTHER_KERNELS)
+    assert [t for ctx, t in streams if ctx == "uncond"] == counter.uncond_timesteps == [700, 600, 400]
+    assert [t for ctx, t in streams if ctx == "cond"] == [int(t) for t in ts]
+    assert runtime.step_counts[StepKind.SKIP] == tm.step_counts[StepKind.SKIP] > 0
+    assert runtime.step_counts[StepKind.CACHED] == tm.step_counts[StepKind.CACHED] > 0
+    unguided = generate(runtime, noise.numpy(), labels.numpy(), STEPS, 4.0, guidance_interval=(0, 1))  # no step
+    assert np.abs(unguided - got).max() > 1e-3
 
 
 def test_an_export_made_before_the_field_still_matches_its_plan():

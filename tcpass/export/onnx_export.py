@@ -259,19 +259,15 @@ def export_onnx(
     ``out_dir`` is written atomically: the export goes to a temporary directory beside it, renamed
     into place at the end. An existing ``out_dir`` must be empty or an earlier export; it is replaced whole.
 
+    A plan with ``guidance_reuse`` (split guidance) runs the conditional and unconditional rows as two
+    streams of B rows each: export it at the batch of one stream (``inputs`` with B rows), as the torch
+    sampler calls it; `tcpass.export.runtime.generate` then runs the split.
+
     Raises:
-        ValueError: a bad ``opset`` or ``guidance_interval``, or a plan with ``guidance_reuse`` (split
-            guidance is not exported yet); nothing is written.
+        ValueError: a bad ``opset`` or ``guidance_interval``; nothing is written.
     """
     if isinstance(opset, bool) or opset not in OPSETS:
         raise ValueError(f"opset = {opset!r}: the exporter writes opsets {OPSETS.start}..{OPSETS.stop - 1}.")
-    if model.plan.guidance_reuse:
-        raise ValueError(
-            "plan.guidance_reuse = true (split guidance): the ONNX runtime's sampler "
-            "(`tcpass.export.runtime.generate`) runs both guidance halves as one batch and cannot follow it "
-            "yet; export a model transformed with the plan's guidance_reuse set to false "
-            "(`dataclasses.replace(plan, guidance_reuse=False)`)."
-        )
     out_dir = Path(out_dir)
     _check_target(out_dir)
     graphs: StepGraphs = model.step_graphs(inputs)

@@ -12,17 +12,19 @@ CUDA provider never copies them through the host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from tcpass.contracts import MANIFEST_VERSION, history_moves
+from tcpass.contracts import MANIFEST_VERSION
+from tcpass.controller import GuidanceSteps, StepController
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
-from tcpass.plan import CachePlan, StepSkip, TPRRSchedule
+from tcpass.plan import CachePlan
 from tcpass.policies import policy_class
-from tcpass.schedule import StepKind, ThreadGuard, TPRRState, check_guidance_interval, check_timestep, guidance_at
+from tcpass.schedule import Step, StepKind, check_guidance_interval
 
 try:
     import onnxruntime as ort
@@ -102,21 +104,18 @@ class OrtTokenCacheRuntime:
             _check_signature(path, name, entry, session)
             _check_against_graph(m, path, session)
             self.sessions[name] = session
-        schedule = dict(m["schedule"])
-        schedule["intervals"] = tuple(schedule["intervals"])
-        skip = m["plan"].get("skip")
-        self._state = TPRRState(TPRRSchedule(**schedule), None if skip is None else StepSkip(**skip))
+        self.plan = CachePlan.from_dict(m["plan"])
         self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
         self._timestep_input = m["model"]["timestep_input"]
-        self._caches: dict[str, ort.OrtValue] | None = None
         skip_inputs = m["graphs"]["skip"]["inputs"] if "skip" in m["graphs"] else []
-        self._residual_history = [s["name"] for s in skip_inputs if s.get("kind") == "residual"]  # newest first
-        spec = CachePlan.from_dict(m["plan"]).selector
-        policy = policy_class(spec.kind)
+        history = [s["name"] for s in skip_inputs if s.get("kind") == "residual"]  # newest first
+        self._controller = StepController(self.plan.schedule, self.plan.skip, "OrtTokenCacheRuntime", history)
+        self._context_caches: dict[str | None, dict[str, ort.OrtValue]] = {}  # per cache context
+        policy = policy_class(self.plan.selector.kind)
         # out-of-graph policies choose kept tokens here, with the same numpy definition as the torch runtime
-        self._policy = None if policy.in_graph else policy.from_manifest(spec, m["selector"], self.directory)
-        self.step_counts = {StepKind.FULL: 0, StepKind.CACHED: 0, StepKind.SKIP: 0}
-        self._guard = ThreadGuard("OrtTokenCacheRuntime")
+        self._policy = (
+            None if policy.in_graph else policy.from_manifest(self.plan.selector, m["selector"], self.directory)
+        )
         self.reset()
 
     @property
@@ -130,10 +129,45 @@ class OrtTokenCacheRuntime:
         return None if interval is None else (float(interval[0]), float(interval[1]))
 
     @property
+    def step_counts(self) -> dict[StepKind, int]:
+        """How many FULL, CACHED and SKIP calls ran since construction."""
+        return {kind: self._controller.step_counts[kind] for kind in StepKind}
+
+    @property
+    def last_step(self) -> Step | None:
+        """The `Step` the latest call ran."""
+        return self._controller.last_step
+
+    @property
     def caches(self) -> dict[str, ort.OrtValue]:
-        """The cache tensors by name, as ONNX Runtime holds them between steps (empty before the first
-        call of a generation). Read-only: the graphs update them in place."""
+        """The cache tensors by name of the current cache context, as ONNX Runtime holds them between steps
+        (empty before the first call of a generation). Read-only: the graphs update them in place."""
         return dict(self._caches or {})
+
+    @property
+    def _caches(self) -> dict[str, ort.OrtValue] | None:
+        return self._context_caches.get(self._controller.context)
+
+    @_caches.setter
+    def _caches(self, caches: dict[str, ort.OrtValue] | None) -> None:
+        self._context_caches[self._controller.context] = caches
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """Calls inside use their own caches and schedule state, kept under ``name`` (split guidance runs
+        the conditional and unconditional rows as two such streams), as `tcpass.TokenCacheTransformer` does."""
+        with self._controller.cache_context(name):
+            yield
+
+    @property
+    def timestep_input(self) -> str:
+        """The name of the graphs' timestep input."""
+        return self._timestep_input
+
+    @property
+    def conditioning_names(self) -> list[str]:
+        """The graphs' inputs besides the latents (``hidden_states``) and the timestep, in manifest order."""
+        return [n for n in self._inputs if n not in ("hidden_states", self._timestep_input)]
 
     def input_dtype(self, name: str) -> np.dtype:
         """The numpy dtype the graphs were exported for, for conditioning input ``name`` (float16 for a
@@ -143,13 +177,9 @@ class OrtTokenCacheRuntime:
         return np.dtype(_DTYPES[self._inputs[name]["dtype"]])
 
     def reset(self) -> None:
-        """Drop the caches; the next call is FULL and starts a new generation."""
-        self._state.reset()
-        self._guard.owner = None
-        self._drop_caches()
-
-    def _drop_caches(self) -> None:
-        self._caches = None
+        """Drop the caches of every context; the next call of each is FULL and starts a new generation."""
+        self._controller.reset()
+        self._context_caches.clear()
         if self._policy is not None:
             self._policy.reset()
 
@@ -159,23 +189,20 @@ class OrtTokenCacheRuntime:
         Like the torch runtime, one runtime holds one generation: concurrent calls from several
         threads raise ``RuntimeError`` (see `tcpass.schedule.ThreadGuard`); use one runtime per thread.
         """
-        with self._guard.call() as me:
+        with self._controller.guard.call() as me:
             return self._call(me, inputs)
 
     def _call(self, me: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
         self._check_inputs(inputs)
         timestep = float(np.asarray(inputs[self._timestep_input]).reshape(-1)[0])
-        check_timestep(timestep)
-        self._guard.check(me, continues=not self._state.starts_generation(timestep))
-        step = self._state.step(timestep)
-        if step.new_generation:
-            self._drop_caches()
-            self._guard.owner = me
-        name, kind = "full", StepKind.FULL
-        if step.kind is StepKind.SKIP and self._caches is not None:
-            name, kind = "skip", StepKind.SKIP
-        elif step.kind is StepKind.CACHED and self._caches is not None and self.manifest["phase_graphs"]:
-            name, kind = self.manifest["phase_graphs"][str(step.phase)], StepKind.CACHED
+        decision = self._controller.decide(me, timestep, can_cache=bool(self.manifest["phase_graphs"]))
+        if decision.fresh:
+            self._caches = None
+            if self._policy is not None:
+                self._policy.reset()
+        step, kind = decision.step, decision.kind
+        name = {StepKind.FULL: "full", StepKind.SKIP: "skip"}.get(kind)
+        name = name or self.manifest["phase_graphs"][str(step.phase)]
         entry = self.manifest["graphs"][name]
         session = self.sessions[name]
         binding = session.io_binding()
@@ -199,11 +226,11 @@ class OrtTokenCacheRuntime:
         outputs = binding.get_outputs()
         if kind is not StepKind.SKIP:
             caches = {s["cache"]: value for s, value in zip(entry["outputs"][1:], outputs[1:], strict=True)}
-            for dst, src in history_moves(self._residual_history):  # the residuals a forecast reads
+            for dst, src in decision.history_moves:  # the residuals a forecast reads
                 if self._caches is not None and src in self._caches:
                     caches[dst] = self._caches[src]
             self._caches = caches
-        self.step_counts[kind] += 1
+        self._controller.finished(decision)
         return outputs[0].numpy()
 
     def _in_place_outputs(self, entry: dict) -> dict[str, str]:
@@ -354,43 +381,90 @@ def ddim_schedule(num_steps: int, num_train_timesteps: int = 1000) -> tuple[np.n
 def generate(
     runtime: OrtTokenCacheRuntime,
     noise: np.ndarray,
-    class_labels: np.ndarray,
+    conditioning: np.ndarray | dict[str, np.ndarray],
     num_steps: int = 50,
     guidance_scale: float = 4.0,
     guidance_interval: tuple[float, float] | None = None,
+    uncond: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Class-conditional DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
+    """DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
 
-    ``guidance_interval`` ``(lo, hi)`` (model timesteps): guidance only at steps with ``lo <= t < hi``,
-    the conditional prediction alone elsewhere, as `tcpass.sampling.guided_ddim`; ``None``: the interval
-    the export recorded (`OrtTokenCacheRuntime.guidance_interval`; none recorded: every step), ``(0, 1000)``:
-    every step.
+    ``conditioning``: the B samples' conditioning, either class labels [B] (class-conditional models; the
+    unconditional rows get the export's null label) or the model's other inputs by name, B rows each (the
+    names of manifest.json ``conditioning_inputs``: ``encoder_hidden_states``, ``encoder_attention_mask``,
+    ...), with ``uncond`` the same inputs for the unconditional rows (an empty prompt's embedding).
+    ``guidance_interval`` ``(lo, hi)`` (model timesteps): guidance only at steps with ``lo <= t < hi``, the
+    conditional prediction alone elsewhere; ``None``: the interval the export recorded
+    (`OrtTokenCacheRuntime.guidance_interval`; none recorded: every step), ``(0, 1000)``: every step.
 
-    The sampler's arithmetic is float32 whatever the export's dtype; the model's input is cast to the
-    dtype the graphs take (float16 for a float16 export) and its output back to float32.
+    As `tcpass.sampling.guided_ddim` (one definition of the guidance: `tcpass.controller.GuidanceSteps`): an
+    export whose plan has ``guidance_reuse`` (exported at B rows) runs split guidance, the conditional rows
+    every step and the unconditional rows as a second cache context only where the plan says; otherwise
+    the graphs take ``[cond; uncond]`` (2B rows) every step.
+
+    The sampler's arithmetic is float32 whatever the export's dtype; the model's inputs are cast to the
+    dtypes the graphs take (float16 for a float16 export) and its output back to float32.
     """
     timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
     step = 1000 // num_steps
-    guided = guidance_scale != 1.0
+    cond, uncond = _conditioning(runtime, conditioning, uncond)
+    guided = guidance_scale != 1.0 and uncond is not None
     interval = check_guidance_interval(guidance_interval) or runtime.guidance_interval
-    labels = np.asarray(class_labels, dtype=np.int64)
-    if guided:
-        labels = np.concatenate([labels, np.full_like(labels, runtime.null_label)])
+    guidance = GuidanceSteps(guidance_scale, interval, split=runtime.plan.guidance_reuse)
     x = noise.astype(np.float32)
     channels = x.shape[1]
-    model_dtype = runtime.input_dtype("hidden_states")
+
+    def call(latents: np.ndarray, t: int, rows: dict[str, np.ndarray], stream: str | None = None) -> np.ndarray:
+        with runtime.cache_context(stream) if stream else contextlib.nullcontext():
+            out = runtime(
+                hidden_states=latents.astype(runtime.input_dtype("hidden_states")),
+                **{runtime.timestep_input: np.full(len(latents), t, dtype=runtime.input_dtype(runtime.timestep_input))},
+                **rows,
+            )
+        return out[:, :channels].astype(np.float32)
+
+    batched = {k: np.concatenate([v, uncond[k]]) for k, v in cond.items()} if guided and not guidance.split else None
     for t in timesteps:
-        model_input = np.concatenate([x, x]) if guided else x
-        eps = runtime(
-            hidden_states=model_input.astype(model_dtype),
-            timestep=np.full(len(model_input), t, dtype=np.int64),
-            class_labels=labels,
-        )[:, :channels].astype(np.float32)
-        if guided:
-            cond, uncond = np.split(eps, 2)
-            eps = uncond + guidance_at(float(t), guidance_scale, interval) * (cond - uncond)
+        scale = guidance.scale_at(float(t))
+        if batched is not None:
+            c, u = np.split(call(np.concatenate([x, x]), t, batched), 2)
+            eps = u + scale * (c - u)
+        elif guided:  # split guidance
+            eps = call(x, t, cond, "cond")
+            if guidance.runs_uncond(float(t), runtime.last_step.kind):
+                difference = eps - call(x, t, uncond, "uncond")
+            if scale != 1.0:
+                eps = eps + (scale - 1.0) * difference
+        else:
+            eps = call(x, t, cond)
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[t - step] if t - step >= 0 else final_alpha
         x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
         x = (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
     return x
+
+
+def _conditioning(
+    runtime: OrtTokenCacheRuntime, conditioning: np.ndarray | dict, uncond: dict | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The conditional and unconditional rows' inputs by name, cast to the exported dtypes."""
+    if not isinstance(conditioning, dict):  # class labels; the unconditional rows get the null label
+        if runtime.null_label is None:
+            raise ValueError(
+                "class labels were given but the export takes no class labels; pass the model's conditioning "
+                f"inputs by name ({sorted(runtime.conditioning_names)}) and uncond= for guidance."
+            )
+        labels = np.asarray(conditioning, dtype=np.int64)
+        conditioning, uncond = {"class_labels": labels}, {"class_labels": np.full_like(labels, runtime.null_label)}
+    expected = set(runtime.conditioning_names)
+    for name, rows in (("conditioning", conditioning), ("uncond", uncond)):
+        if rows is not None and set(rows) != expected:
+            raise ValueError(
+                f"{name} has inputs {sorted(rows)}; the export takes {sorted(expected)} besides the latents "
+                "and the timestep (manifest.json conditioning_inputs)."
+            )
+
+    def cast(rows):
+        return None if rows is None else {k: np.asarray(v).astype(runtime.input_dtype(k)) for k, v in rows.items()}
+
+    return cast(conditioning), cast(uncond)

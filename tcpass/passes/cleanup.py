@@ -17,7 +17,9 @@ After::
         return (reshape_3,)
 
 Inert dropouts (p=0 or eval mode) are removed too: ATen marks dropout impure, which would keep the
-original computation of every rewritten block alive through dead-code elimination.
+original computation of every rewritten block alive through dead-code elimination. So are squeezes of
+a dimension that is not 1 (PixArt's ``hidden_states.squeeze(1)`` on 16 tokens): a no-op in torch, but
+the ONNX exporter writes them as ``Squeeze``, which ONNX defines only for dimensions of size 1.
 The guards and metadata assertions check the trace-time input signature; the runtime keys its
 graphs on that signature instead. They are side-effecting nodes, so keeping them would also keep
 the computation of every rewritten block alive through dead-code elimination.
@@ -35,6 +37,16 @@ _ASSERTS = {
 }
 
 
+_SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+
+
+def _squeezes_nothing(node: fx.Node) -> bool:
+    """Whether ``squeeze(x, dim(s))`` leaves ``x`` as it is: no named dimension has size 1."""
+    shape = node.args[0].meta["val"].shape
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    return all(shape[d] != 1 for d in dims)
+
+
 def strip_export_artifacts(gm: fx.GraphModule, input_names: list[str]) -> fx.GraphModule:
     """In place: plain codegen, no guards/asserts, placeholders exactly ``input_names``."""
     graph = gm.graph
@@ -47,6 +59,9 @@ def strip_export_artifacts(gm: fx.GraphModule, input_names: list[str]) -> fx.Gra
     for node in list(graph.nodes):
         # dropout(x, p, train=False) is the identity, but counts as impure for dead-code elimination.
         if node.target is torch.ops.aten.dropout.default and (node.args[1] == 0 or not node.args[2]):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target in _SQUEEZES and _squeezes_nothing(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
