@@ -112,6 +112,18 @@ def _externalize(model: onnx.ModelProto, weights: dict[str, tuple[int, int]], bl
         tensor.ClearField("raw_data")
 
 
+def _external_initializers(model: onnx.ModelProto) -> list[list]:
+    """The graph's initializers stored in the weights file, ``[name, offset, bytes, dtype, shape]`` each: what
+    the runtime needs to give every session views of one mapping of the file (`tcpass.export.runtime`)."""
+    table = []
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            table.append([tensor.name, int(info["offset"]), int(info["length"]), str(dtype), list(tensor.dims)])
+    return table
+
+
 def _export_graph(
     step_graph: StepGraph,
     model_inputs: dict[str, torch.Tensor],
@@ -162,6 +174,7 @@ def _export_graph(
         + [{**_spec_json(s), "name": f"{s.name}.next", "cache": s.name} for s in cache_outputs],
         "keep": {str(b): k for b, k in step_graph.keep.items()},
         "in_place": in_place_updates(model),
+        "initializers": _external_initializers(model),
     }
 
 

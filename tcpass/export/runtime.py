@@ -58,8 +58,15 @@ class OrtTokenCacheRuntime:
             ``False`` skips it for very large exports; file sizes and the manifest copy inside
             each graph are still checked, so a truncated file or an edited manifest is still refused.
         session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level);
-            when given, ``threads`` is not used.
+            when given, ``threads`` is not used. With ``share_weights`` each graph gets a copy of its
+            settings (threads, optimization level, execution mode and order, memory flags, logging and
+            profiling; configuration entries other than ``session.force_spinning_stop`` are not carried).
         threads: intra-op threads per graph (default: ONNX Runtime's, one per physical core).
+        share_weights: hold one copy of the weights for all step graphs (CPU provider): ``weights.bin`` is
+            mapped once and each session gets views of it (``SessionOptions.add_initializer``) with
+            weight prepacking off, which would copy them per session. ``False``: each session loads and
+            prepacks its own copy (DiT-XL/2, default plan: about 2 x 2.9 GB; the speed difference is in
+            README "Deployment"). Exports made before the weight table was recorded load unshared.
 
     Each step graph is its own ONNX Runtime session with its own intra-op thread pool. ONNX Runtime's
     pool threads keep spinning after a run, by default, for the next one; with several graphs taking
@@ -76,6 +83,7 @@ class OrtTokenCacheRuntime:
         verify_checksums: bool = True,
         session_options: ort.SessionOptions | None = None,
         threads: int | None = None,
+        share_weights: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.manifest = _load_manifest(self.directory)
@@ -92,15 +100,21 @@ class OrtTokenCacheRuntime:
         self.device = "cuda" if self.providers[0].startswith("CUDA") else "cpu"
         # these providers' ScatterND skips its input copy when output and input share a buffer
         self._in_place = self.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
-        session_options = _step_session_options(session_options, threads, len(m["graphs"]))
+        graphs = m["graphs"].values()
+        shared = share_weights and self.providers[0] == "CPUExecutionProvider"
+        shared = shared and all("initializers" in entry for entry in graphs)  # exports before the table: no
         data_files = {"weights": m["weights"]}  # + the files the token policy exported (static: its table)
         data_files.update({f"selector.{k}": v for k, v in m["selector"].items() if isinstance(v, dict) and "file" in v})
         for field, entry in data_files.items():
             _check_file(self.directory, field, entry, verify_checksums)
+        self.weights = _SharedWeights(self.directory / m["weights"]["file"]) if shared else None
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, entry in m["graphs"].items():
             path = _check_file(self.directory, f"graphs.{name}", entry, verify_checksums)
-            session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
+            options = _step_session_options(session_options, threads, len(m["graphs"]), fresh=shared)
+            if self.weights is not None:
+                self.weights.add_to(options, entry["initializers"])
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
             _check_signature(path, name, entry, session)
             _check_against_graph(m, path, session)
             self.sessions[name] = session
@@ -263,17 +277,71 @@ class OrtTokenCacheRuntime:
 _STOP_SPINNING = "session.force_spinning_stop"
 
 
-def _step_session_options(session_options: ort.SessionOptions | None, threads: int | None, graphs: int):
-    """Options for the step graphs' sessions: idle thread pools stop spinning when there are several graphs."""
-    if session_options is None:
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
-    if graphs > 1:
-        try:
-            session_options.get_session_config_entry(_STOP_SPINNING)  # the caller chose: keep it
-        except RuntimeError:  # not set
-            session_options.add_session_config_entry(_STOP_SPINNING, "1")
-    return session_options
+_CARRIED = (  # SessionOptions settings copied into each graph's own options (share_weights)
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "graph_optimization_level",
+    "execution_mode",
+    "execution_order",
+    "enable_cpu_mem_arena",
+    "enable_mem_pattern",
+    "enable_mem_reuse",
+    "use_deterministic_compute",
+    "log_severity_level",
+    "log_verbosity_level",
+    "enable_profiling",
+    "profile_file_prefix",
+)
+
+
+def _config_entry(options: ort.SessionOptions, key: str) -> str | None:
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:  # not set
+        return None
+
+
+def _step_session_options(
+    session_options: ort.SessionOptions | None, threads: int | None, graphs: int, fresh: bool
+) -> ort.SessionOptions:
+    """Options for one step graph's session: the caller's (``fresh``: a copy of their settings, for a
+    session given its own initializers), or threads as asked; idle thread pools stop spinning when there
+    are several graphs."""
+    options = session_options
+    if session_options is None or fresh:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default
+    if session_options is not None and fresh:
+        for name in _CARRIED:
+            setattr(options, name, getattr(session_options, name))
+        spinning = _config_entry(session_options, _STOP_SPINNING)
+        if spinning is not None:
+            options.add_session_config_entry(_STOP_SPINNING, spinning)
+    if graphs > 1 and _config_entry(options, _STOP_SPINNING) is None:
+        options.add_session_config_entry(_STOP_SPINNING, "1")
+    return options
+
+
+class _SharedWeights:
+    """``weights.bin`` mapped once (read-only); each session is given views of it for its initializers.
+
+    ONNX Runtime uses an initializer given by ``SessionOptions.add_initializer`` in place (no copy), as
+    long as the value lives: this object keeps every view. Prepacking is turned off in those sessions, as
+    it would make a packed copy of each weight per session.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.blob = np.memmap(path, dtype=np.uint8, mode="r")
+        self.values: list[ort.OrtValue] = []
+
+    def add_to(self, options: ort.SessionOptions, table: list[list]) -> None:
+        """Give ``options`` a view for every ``[name, offset, bytes, dtype, shape]`` of a graph's table."""
+        for name, offset, length, dtype, shape in table:
+            array = self.blob[offset : offset + length].view(np.dtype(dtype)).reshape(shape)
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            options.add_initializer(name, value)
+            self.values.append(value)
+        options.add_session_config_entry("session.disable_prepacking", "1")
 
 
 def _load_manifest(directory: Path) -> dict:

@@ -40,11 +40,15 @@ _ASSERTS = {
 _SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
 
 
-def _squeezes_nothing(node: fx.Node) -> bool:
-    """Whether ``squeeze(x, dim(s))`` leaves ``x`` as it is: no named dimension has size 1."""
-    shape = node.args[0].meta["val"].shape
-    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-    return all(shape[d] != 1 for d in dims)
+def _is_identity(node: fx.Node) -> bool:
+    """An inert dropout (p=0 or eval: impure for dead-code elimination), or a squeeze of no dimension of size 1."""
+    if node.target is torch.ops.aten.dropout.default:
+        return node.args[1] == 0 or not node.args[2]
+    if node.target in _SQUEEZES:
+        shape = node.args[0].meta["val"].shape
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        return all(shape[d] != 1 for d in dims)
+    return False
 
 
 def strip_export_artifacts(gm: fx.GraphModule, input_names: list[str]) -> fx.GraphModule:
@@ -57,11 +61,7 @@ def strip_export_artifacts(gm: fx.GraphModule, input_names: list[str]) -> fx.Gra
         ):
             graph.erase_node(node)
     for node in list(graph.nodes):
-        # dropout(x, p, train=False) is the identity, but counts as impure for dead-code elimination.
-        if node.target is torch.ops.aten.dropout.default and (node.args[1] == 0 or not node.args[2]):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-        elif node.target in _SQUEEZES and _squeezes_nothing(node):
+        if _is_identity(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):

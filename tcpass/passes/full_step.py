@@ -28,7 +28,7 @@ from torch import fx
 
 from tcpass.contracts import TensorSpec, block_cache
 from tcpass.passes.emit import Emitter
-from tcpass.passes.layout import append_outputs, block_caches, copy_graph_module, self_attentions
+from tcpass.passes.layout import append_outputs, block_caches, copy_graph_module
 from tcpass.passes.token_axis import analyze
 from tcpass.policies import TokenPolicy
 from tcpass.trace import find_blocks
@@ -54,7 +54,7 @@ def emit_full_step(
         specs = block_caches(span, ta, attention, policy)
         em = Emitter(gm.graph, span.nodes[-1], span.hidden_out)
         values = {block_cache(b, "delta"): em(aten.sub.Tensor, (span.hidden_out, span.hidden_in))}
-        for j, node in enumerate(self_attentions(ta)):
+        for j, node in enumerate(ta.self_attentions()):
             values[block_cache(b, f"attn{j}.key")] = node.args[1]
             values[block_cache(b, f"attn{j}.value")] = node.args[2]
         values.update(policy.full_values(em, span, ta))

@@ -24,6 +24,7 @@ the model inputs, before any kept-index inputs) and returns their updated values
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -32,13 +33,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tcpass.contracts import TensorSpec, block_cache
 from tcpass.passes.token_axis import SDPA, TokenAxes
-from tcpass.policies import TokenPolicy
 from tcpass.trace import BlockSpan
 
-
-def self_attentions(ta: TokenAxes) -> list[fx.Node]:
-    """Attention nodes whose keys and values come from the block's own tokens."""
-    return [n for n in ta.attention if n.args[1] in ta.axis and n.args[2] in ta.axis]
+if TYPE_CHECKING:
+    from tcpass.policies import TokenPolicy
 
 
 def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPolicy) -> list[TensorSpec]:
@@ -47,7 +45,7 @@ def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPo
     val = span.hidden_out.meta["val"]
     specs = [TensorSpec(block_cache(b, "delta"), b, "delta", tuple(val.shape), val.dtype)]
     if attention == "cached_kv":
-        for j, node in enumerate(self_attentions(ta)):
+        for j, node in enumerate(ta.self_attentions()):
             for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
                 v = arg.meta["val"]
                 specs.append(TensorSpec(block_cache(b, f"attn{j}.{kind}"), b, kind, tuple(v.shape), v.dtype, node.name))
@@ -105,7 +103,7 @@ def mutates(node: fx.Node) -> bool:
 def attention_kv_sources(ta: TokenAxes, nodes: list[fx.Node]) -> set[fx.Node]:
     """Token-dependent nodes that self-attention keys/values are computed from (keys/values included)."""
     needed: set[fx.Node] = set()
-    frontier = [arg for node in self_attentions(ta) for arg in node.args[1:3]]
+    frontier = [arg for node in ta.self_attentions() for arg in node.args[1:3]]
     inside = set(nodes)
     while frontier:
         node = frontier.pop()

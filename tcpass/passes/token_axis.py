@@ -99,6 +99,10 @@ class TokenAxes:
     def depends(self, node: fx.Node) -> bool:
         return node in self.axis or node in self.derived
 
+    def self_attentions(self) -> list[fx.Node]:
+        """Attention nodes whose keys and values come from the block's own tokens."""
+        return [n for n in self.attention if n.args[1] in self.axis and n.args[2] in self.axis]
+
 
 def _val(node: fx.Node) -> torch.Tensor:
     return node.meta["val"]

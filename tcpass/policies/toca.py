@@ -13,9 +13,7 @@ from tcpass.policies.base import TokenPolicy
 
 
 def _self_attention(span, ta):
-    from tcpass.passes.layout import self_attentions
-
-    found = self_attentions(ta)
+    found = ta.self_attentions()
     if not found:
         raise ValueError(f"selector 'toca' needs a self-attention in block {span.index} ({span.path}); none found.")
     return found[0]
