@@ -47,6 +47,27 @@ def test_graphs_are_checker_clean_and_share_one_weights_file(exported):
     assert (out / "weights.bin").stat().st_size <= params * 1.05  # each weight stored once
 
 
+def test_shared_weights_are_one_mapping_of_the_weights_file_and_give_the_same_steps(exported):
+    _, out = exported
+    shared, own = OrtTokenCacheRuntime(out, share_weights=True), OrtTokenCacheRuntime(out)
+    assert own.weights is None and shared.weights is not None
+    blob = shared.weights.blob
+    start, end = blob.ctypes.data, blob.ctypes.data + blob.nbytes
+    tables = [e["initializers"] for e in shared.manifest["graphs"].values()]
+    assert len(shared.weights.values) == sum(map(len, tables)) > 0
+    assert all(start <= v.data_ptr() < end for v in shared.weights.values)  # views of the one mapping, no copies
+    assert sum(length for table in tables for _, _, length, _, _ in table) > blob.nbytes  # the graphs share tensors
+    for session in shared.sessions.values():
+        assert session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    g = torch.Generator().manual_seed(2)
+    for t in (900, 880, 860):  # FULL, then CACHED (MLAS packs weights per call: other rounding)
+        inputs = {"hidden_states": torch.randn(2, 4, 16, 16, generator=g).numpy(), "class_labels": np.array([3, 1000])}
+        assert_close(
+            shared(**inputs, timestep=np.full(2, t)), own(**inputs, timestep=np.full(2, t)), units=OTHER_KERNELS
+        )
+    assert shared.step_counts == own.step_counts and shared.step_counts[StepKind.CACHED] == 2
+
+
 def test_cached_graph_moves_whole_rows_and_updates_caches_in_place(exported):
     _, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
