@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -118,7 +121,10 @@ def peak_rss_mib() -> float:
 
 
 def write_json(name: str, payload: dict) -> Path:
+    """``payload`` as bench/results/``name``, with the command that ran and today's date (what
+    `bench/report.py` prints under every table made from it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    stamp = {"command": "python " + shlex.join(sys.argv), "date": datetime.date.today().isoformat()}
+    path.write_text(json.dumps({**stamp, **payload}, indent=2, default=str) + "\n")
     return path

@@ -77,7 +77,7 @@ def measure_speed(directory: str, threads: int, steps: int, rounds: int) -> dict
     runtimes = {s: OrtTokenCacheRuntime(directory, threads=threads, share_weights=s) for s in (False, True)}
     times: dict[bool, dict[str, list[float]]] = {s: {"full": [], "cached": []} for s in runtimes}
     timesteps = np.linspace(999, 0, steps).astype(int)
-    for share, runtime in runtimes.items():  # warm-up
+    for runtime in runtimes.values():  # warm-up
         for t in timesteps[:3]:
             runtime(**_inputs(runtime, int(t)))
     for _ in range(rounds):

@@ -23,7 +23,7 @@ Methods (``--methods`` takes a comma list of these keys), each with a knob sweep
 
 DiT has neither ``enable_cache`` nor ``cache_context``: `HookedDenoiser` gives the diffusers hooks what a
 pipeline would (a cache context around every call, the current timestep for PAB and FasterCache, a reset
-between generations, FasterCache's [uncond; cond] batch order). See the README section "Peers".
+between generations, FasterCache's [uncond; cond] batch order). See docs/benchmarks.md, "The peers".
 
 Every arm runs from the same noise per seed (DDIM, CFG batched [cond; uncond] unless split), generations clamped to
 [-1, 1]. Proof that each peer fires: the bench counts, per generation, the rows entering each transformer

@@ -5,7 +5,7 @@ executor, device, dtype and batch size.
     python bench/speed.py --models dit-s --reps 3 --plan my_plan.json
     python bench/speed.py --models digits --batches 40 --plan bench/plans/digits_2x.json   # trained reference
 
-    # the GPU matrix (README "GPU"): DiT-XL/2, bfloat16, every executor, model batches 2, 16 and 64
+    # the GPU matrix (docs/compile.md, "The GPU matrix"): DiT-XL/2, bfloat16, every executor, model batches 2, 16 and 64
     python bench/speed.py --device cuda --dtype bfloat16 --models dit-xl --batches 2,16,64 --reps 3 \\
         --executors eager,inductor,reduce-overhead,ort --out speed_gpu_bfloat16.json
 

@@ -265,7 +265,7 @@ def adapter_for(model: object) -> ModelAdapter:
             f"tcpass does not support {name}; supported model classes: {sorted(ADAPTERS)}. "
             "To add a family, add a ModelAdapter row to tcpass.adapters.ADAPTERS naming its block "
             "list(s), forward inputs and image-token count, and a golden test for it "
-            "(see 'Adding a model family' in the README)."
+            "(see docs/extending.md, 'Adding a model family')."
         )
     return ADAPTERS[name]
 

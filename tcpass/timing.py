@@ -16,7 +16,7 @@ def pin_allocator(threshold_bytes: int = 1 << 30) -> bool:
 
     By default glibc serves large blocks with mmap, raises that threshold as blocks are freed, and
     hands freed heap back to the OS; how many pages the next call faults in then depends on what
-    ran before it, so one arm of an A/B timing taxes the other (README "Speed" has the measurement).
+    ran before it, so one arm of an A/B timing taxes the other (docs/benchmarks.md, "Speed", has the measurement).
     Both arms run under the same setting. Same effect as
     ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment. Returns False (and
     changes nothing) where the C library is not glibc.

@@ -62,9 +62,11 @@ def test_the_check_catches_a_tensor_tcpass_creates_without_a_device():
     with ExplicitDevices(), pytest.raises(RuntimeError, match=r"calibrate/forecast.py:1: torch.eye without device="):
         eval(in_tcpass)
     x = torch.ones(2, 2)
+    explicit = compile("torch.eye(2, device=x.device)", str(PACKAGE / "x.py"), "eval")
+    scalar = compile("torch.tensor(2.0)", str(PACKAGE / "x.py"), "eval")
     with ExplicitDevices():
-        assert eval(compile("torch.eye(2, device=x.device)", str(PACKAGE / "x.py"), "eval"), {"x": x, "torch": torch}).shape == (2, 2)
-        assert eval(compile("torch.tensor(2.0)", str(PACKAGE / "x.py"), "eval"), {"torch": torch}).dim() == 0  # scalars mix anywhere
+        assert eval(explicit, {"x": x, "torch": torch}).shape == (2, 2)
+        assert eval(scalar, {"torch": torch}).dim() == 0  # a scalar mixes with tensors on any device
         torch.eye(2)  # outside tcpass/ (this test, torch, diffusers): not tcpass's to fix
 
 

@@ -114,8 +114,9 @@ def calibrate(
             interleaved with full compute, this many rounds after a warm-up (0: not measured).
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
-        guidance_scale / guidance_interval: classifier-free guidance of the calibration generations
-            (`tcpass.sampling.guided_ddim`; interval None: every step): the sampler the plan will run under.
+        guidance_scale: classifier-free guidance scale of the calibration generations
+            (`tcpass.sampling.guided_ddim`): the sampler the plan will run under.
+        guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step).
     """
     start = time.perf_counter()
     out = Path(out)

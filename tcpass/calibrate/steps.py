@@ -342,7 +342,9 @@ def calibrate_steps(
     Args:
         target_speedup: wall-clock speedup to reach (x, > 1); or ``min_psnr`` (dB vs full compute).
         batch: the model batch speeds are timed at (2 = one image with classifier-free guidance).
-        num_samples / steps / guidance_scale: the calibration generations (DDIM, full compute).
+        num_samples: calibration generations (DDIM, full compute), one sample each.
+        steps: DDIM steps of those generations.
+        guidance_scale: their classifier-free guidance scale.
         guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step;
             `tcpass.sampling.guided_ddim`): the sampler the plan will run under.
         window: candidates predicted within [target / window, window * target] are evaluated.
@@ -354,14 +356,15 @@ def calibrate_steps(
             the best predicted-at-target PSNR is then chosen unmeasured).
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
-        max_forecast / forecast_histories: up to ``max_forecast`` MagCache-rule tables (0: none; see
-            `forecast_candidates`) are also tried with forecast weights over each of
-            ``forecast_histories`` computed steps, fitted on the calibration data
-            (`tcpass.calibrate.forecast`); each fit costs about one full-compute generation.
-        compose / max_composed: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed
-            with MagCache-rule tables, each on every block and on the least sensitive half of them
-            (`tcpass.calibrate.block_sensitivity`); up to ``max_composed`` compositions near the target are
-            generated (`composed_candidates`; ``()`` or 0: none). Their CACHED graphs are timed first.
+        max_forecast: up to this many MagCache-rule tables (0: none; see `forecast_candidates`) are
+            also tried with forecast weights fitted on the calibration data (`tcpass.calibrate.forecast`);
+            each fit costs about one full-compute generation.
+        forecast_histories: the numbers of computed steps those forecasts read (one fit per history).
+        compose: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed with MagCache-rule
+            tables, each on every block and on the least sensitive half of them
+            (`tcpass.calibrate.block_sensitivity`). Their CACHED graphs are timed first.
+        max_composed: up to this many compositions near the target are generated
+            (`composed_candidates`; 0: none).
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
         keep_steps: choose only plans that keep the sampler's ``steps`` (skip tables, forecasts, compositions),

@@ -54,7 +54,7 @@ class OrtTokenCacheRuntime:
         providers: ONNX Runtime execution providers; default CPU.
         expected_plan: if given (a plan dict or `CachePlan`), refuse a directory exported for another plan.
         verify_checksums: check every file (graphs, ``weights.bin``, score tables) against its sha256 in
-            the manifest before any session is built (its cost per MB, measured: README "Deployment").
+            the manifest before any session is built (its cost per MB, measured: docs/deployment.md).
             ``False`` skips it for very large exports; file sizes and the manifest copy inside
             each graph are still checked, so a truncated file or an edited manifest is still refused.
         session_options: ``onnxruntime.SessionOptions`` for every graph (threads, optimization level);
@@ -75,14 +75,14 @@ class OrtTokenCacheRuntime:
     pool threads keep spinning after a run, by default, for the next one; with several graphs taking
     turns, an idle graph's spinning threads take cores from the graph that runs. The runtime sets
     ``session.force_spinning_stop=1`` on its sessions when there is more than one graph (unless
-    ``session_options`` already sets it); README "Deployment" gives what it saves.
+    ``session_options`` already sets it); docs/deployment.md gives what it saves.
     """
 
     def __init__(
         self,
         directory: str | Path,
         providers: list[str] | None = None,
-        expected_plan=None,
+        expected_plan: CachePlan | dict | None = None,
         verify_checksums: bool = True,
         session_options: ort.SessionOptions | None = None,
         threads: int | None = None,
