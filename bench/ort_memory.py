@@ -151,7 +151,6 @@ def main() -> None:
     write_json(
         "ort_memory.json",
         {
-            "command": " ".join(sys.argv),
             "model": args.model,
             "threads": args.threads,
             "weights_mib": weights_mib,

@@ -65,10 +65,10 @@ class OrtTokenCacheRuntime:
         share_weights: hold one copy of the weights for all step graphs (CPU provider): ``weights.bin`` is
             mapped once and each session gets views of it (``SessionOptions.add_initializer``), with
             weight prepacking off (it would make a packed copy per session). Measured on DiT-XL/2 with
-            the default plan, 1 thread (`bench/ort_memory.py`): RSS after a FULL and a CACHED call 3.2
-            instead of 5.9 GB, loading 2 instead of 30 s, but FULL calls ~6% and CACHED calls ~23%
-            slower (MLAS packs each weight per call instead of once). ``False`` (default): each session
-            loads and prepacks its own copy. Exports made before the weight table was recorded (no
+            the benchmarks' default plan, 1 thread (`bench/ort_memory.py`, docs/deployment.md): peak RSS
+            3.4 instead of 6.1 GiB, loading in 0.9 instead of 12.6 s, but FULL calls 6% and CACHED calls
+            19% slower (MLAS packs each weight at every call instead of once). ``False`` (default): each
+            session loads and prepacks its own copy. Exports made before the weight table was recorded (no
             ``initializers`` in the manifest's graphs) always load unshared.
 
     Each step graph is its own ONNX Runtime session with its own intra-op thread pool. ONNX Runtime's
