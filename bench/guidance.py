@@ -5,7 +5,7 @@
 
 Each ``--setting SCALE:LO:HI`` samples every class ``--per-class`` times (same noise and labels for every
 setting; 50-step DDIM) with guidance ``SCALE`` at model timesteps ``LO <= t < HI`` and the conditional
-prediction alone elsewhere (`tcpass.sampling.guided_ddim`; ``0:1000`` guides every step). The reference
+prediction alone elsewhere (`tcpass.sampling.guided_sample`; ``0:1000`` guides every step). The reference
 model's independent classifier scores each sample. Writes bench/results/<model>_guidance_interval.json and
 one sample grid per setting (<model>_guidance_<SCALE>_<LO>_<HI>.png) beside it.
 """

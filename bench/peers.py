@@ -213,7 +213,7 @@ class Arm:
     reset: Callable[[], None] = lambda: None
     peer_stats: Callable[[], dict] = dict  # the peer's own account of what it skipped, read after a generation
     record: dict = field(default_factory=dict)
-    guidance_reuse: bool | None = None  # split guidance (`tcpass.sampling.guided_ddim`); None: the plan's own
+    guidance_reuse: bool | None = None  # split guidance (`tcpass.sampling.guided_sample`); None: the plan's own
 
     @property
     def name(self) -> str:

@@ -37,6 +37,13 @@ class ModelAdapter:
             arguments (besides ``hidden_states`` and ``timestep``) for ``n`` calibration samples and
             their classifier-free-guidance rows, for `tcpass.calibrate` to generate its own data;
             ``None``: calibration needs conditioning passed in (``collect(..., conditioning=...)``).
+        image_output: where a block's output holds the image stream: ``None`` for a block returning one
+            tensor (DiT, PixArt), the tuple index for joint blocks returning ``(text, image)`` (SD3, Flux).
+        sampler: the sampler the family is trained for (`tcpass.sampling.make_scheduler`): ``"ddim"``
+            (epsilon prediction) or ``"flow"`` (flow matching, velocity prediction).
+        flow_shift: the flow-matching schedule shift its pipelines use (``sampler="flow"`` only).
+        shared_inputs: inputs that are not batched by rows (Flux's ``img_ids``, ``txt_ids``): passed whole
+            to every call, never split or concatenated with the guidance rows.
     """
 
     class_name: str
@@ -49,11 +56,32 @@ class ModelAdapter:
     image_tokens: Callable[[nn.Module, dict], int]
     timestep_scale: float = 1.0
     text_stream: str = "none"
-    calibration_conditioning: Callable[[nn.Module, int, torch.Generator], tuple[dict, dict]] | None = None
+    calibration_conditioning: Callable[[nn.Module, int, torch.Generator], tuple[dict, dict | None]] | None = None
+    image_output: int | None = None
+    sampler: str = "ddim"
+    flow_shift: float = 1.0
+    shared_inputs: tuple[str, ...] = ()
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks, in call order."""
         return [block for prefix in self.block_prefixes for block in getattr(model, prefix)]
+
+    @staticmethod
+    def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The image stream a block is called with (its ``hidden_states``), from a forward hook's arguments."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    def block_image(self, output) -> torch.Tensor:
+        """The image stream of a block's output (the whole output, or its ``image_output`` element)."""
+        return output if self.image_output is None else output[self.image_output]
+
+    def with_block_image(self, output, image: torch.Tensor):
+        """``output`` with its image stream replaced by ``image`` (the text stream kept)."""
+        if self.image_output is None:
+            return image
+        parts = list(output)
+        parts[self.image_output] = image
+        return tuple(parts)
 
 
 def _param(model: nn.Module) -> torch.Tensor:
@@ -172,8 +200,53 @@ def _sd3_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
+def _sd3_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """Stand-in prompts: random text embeddings and pooled projections (unit variance); the
+    unconditional rows get zeros. Calibrating for real prompts: pass their embeddings to
+    `tcpass.calibrate.collect` (``conditioning=``)."""
+    cfg, device = model.config, generator.device
+    text = torch.randn(n, SD3_TEXT_TOKENS, cfg.joint_attention_dim, generator=generator, device=device)
+    pooled = torch.randn(n, cfg.pooled_projection_dim, generator=generator, device=device)
+    cond = {"encoder_hidden_states": text, "pooled_projections": pooled}
+    return cond, {"encoder_hidden_states": torch.zeros_like(text), "pooled_projections": torch.zeros_like(pooled)}
+
+
 FLUX_TEXT_TOKENS = 512  # FluxPipeline's T5 max_sequence_length
 FLUX_IMAGE_TOKENS = 1024  # a 512x512 image: 64x64 latents packed 2x2
+
+
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, embedded (Flux-dev is guidance-distilled)
+FLUX_FLOW_SHIFT = 1.88  # FluxPipeline's dynamic shift exp(mu) at 1024 image tokens (mu = 0.63)
+SD3_FLOW_SHIFT = 3.0  # StableDiffusion3Pipeline's scheduler shift
+
+
+def flux_image_ids(tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Flux's ``img_ids`` [N, 3] for a square grid of ``tokens`` packed latents: (0, row, column),
+    as `FluxPipeline._prepare_latent_image_ids` builds them."""
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"flux_image_ids({tokens}): expected a square token grid (e.g. 1024 = 32 x 32).")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(tokens, 3)
+    return ids.to(device=device, dtype=dtype)
+
+
+def _flux_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, None]:
+    """Stand-in prompts: random text embeddings and pooled projections (unit variance); no
+    unconditional rows (Flux-dev embeds the guidance scale instead, ``FLUX_GUIDANCE``); the packed
+    image grid's ``img_ids`` and zero ``txt_ids``, as FluxPipeline passes them."""
+    cfg, device = model.config, generator.device
+    cond = {
+        "encoder_hidden_states": torch.randn(
+            n, FLUX_TEXT_TOKENS, cfg.joint_attention_dim, generator=generator, device=device
+        ),
+        "pooled_projections": torch.randn(n, cfg.pooled_projection_dim, generator=generator, device=device),
+        "img_ids": flux_image_ids(FLUX_IMAGE_TOKENS, device),
+        "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=device),
+    }
+    if cfg.guidance_embeds:
+        cond["guidance"] = torch.full((n,), FLUX_GUIDANCE, device=device)
+    return cond, None
 
 
 def _flux_example_inputs(model: nn.Module, batch: int) -> dict:
@@ -189,7 +262,7 @@ def _flux_example_inputs(model: nn.Module, batch: int) -> dict:
         "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, dtype=p.dtype, device=p.device),
     }
     if cfg.guidance_embeds:
-        inputs["guidance"] = torch.full((batch,), 3.5, dtype=p.dtype, device=p.device)
+        inputs["guidance"] = torch.full((batch,), FLUX_GUIDANCE, dtype=p.dtype, device=p.device)
     return inputs
 
 
@@ -233,6 +306,10 @@ ADAPTERS: dict[str, ModelAdapter] = {
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
         image_tokens=_patch_tokens,
         text_stream="joint attention: the text stream is computed in full at every step",
+        calibration_conditioning=_sd3_conditioning,
+        image_output=1,
+        sampler="flow",
+        flow_shift=SD3_FLOW_SHIFT,
     ),
     "FluxTransformer2DModel": ModelAdapter(
         class_name="FluxTransformer2DModel",
@@ -253,6 +330,11 @@ ADAPTERS: dict[str, ModelAdapter] = {
         image_tokens=lambda model, inputs: int(inputs["hidden_states"].shape[1]),
         timestep_scale=1000.0,
         text_stream="joint attention: the text stream is computed in full at every step",
+        calibration_conditioning=_flux_conditioning,
+        image_output=1,
+        sampler="flow",
+        flow_shift=FLUX_FLOW_SHIFT,
+        shared_inputs=("img_ids", "txt_ids"),
     ),
 }
 

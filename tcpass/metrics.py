@@ -13,8 +13,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
 def _numpy_images(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] -> [B, H, W, C] float64."""
-    return images.detach().cpu().double().permute(0, 2, 3, 1).numpy()
+    """[B, C, H, W] -> [B, H, W, C] float64; packed latents [B, N, C] (Flux) stay [B, N, C]."""
+    images = images.detach().cpu().double()
+    return (images.permute(0, 2, 3, 1) if images.ndim == 4 else images).numpy()
 
 
 def psnr(test: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> np.ndarray:

@@ -329,7 +329,7 @@ class CachePlan:
             `tcpass generate`, the benchmarks) run this many steps instead of the requested count.
             The transformed model itself ignores it (it never controls the caller's sampler).
         guidance_reuse: split classifier-free guidance, for samplers driven by tcpass
-            (`tcpass.sampling.guided_ddim` with the transformed model: `tcpass demo`, the
+            (`tcpass.sampling.guided_sample` with the transformed model: `tcpass demo`, the
             benchmarks, `tcpass serve`'s torch runtime). ``False``: the model sees ``[cond; uncond]``
             (2B rows) at every step. ``True``: the conditional rows (B) run at every step under
             this plan; the unconditional rows run as a second stream (its own cache context) only

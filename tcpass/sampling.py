@@ -1,10 +1,11 @@
-"""The DDIM sampler with classifier-free guidance shared by calibration, demo, benchmarks and tests.
+"""The sampler with classifier-free guidance shared by calibration, demo, benchmarks and tests: DDIM
+(epsilon prediction, DiT and PixArt) or flow matching (Euler, velocity prediction, SD3 and Flux).
 
 The model is called once per step on the batch ``[conditional rows; unconditional rows]``, as
 diffusers' pipelines do, so CFG halves are rows like any other for the transformed model. A plan with
 ``guidance_reuse`` splits them instead: the conditional rows every step, the unconditional rows only
 where `tcpass.schedule.runs_uncond` says.
-`guided_ddim` takes any conditioning (a dict of the model's keyword arguments per sample: class
+`guided_sample` takes any conditioning (a dict of the model's keyword arguments per sample: class
 labels, text embeddings and their masks...); `ddim_sample` is the class-conditional case.
 """
 
@@ -13,15 +14,27 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from tcpass.controller import GuidanceSteps
 from tcpass.schedule import StepKind
 
+SAMPLERS = ("ddim", "flow")
 
-def make_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
-    """DDIM over DiT's training schedule (linear betas 1e-4..0.02, epsilon prediction)."""
+
+def make_scheduler(
+    num_train_timesteps: int = 1000, sampler: str = "ddim", shift: float = 1.0
+) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
+    """``"ddim"``: DDIM over DiT's training schedule (linear betas 1e-4..0.02, epsilon prediction).
+    ``"flow"``: flow-matching Euler (velocity prediction, as SD3 and Flux are trained) with the sigma
+    schedule shifted by ``shift`` (SD3: 3.0; Flux at 512x512: 1.88, its dynamic shift for 1024 tokens)."""
+    if sampler == "flow":
+        if not shift > 0:
+            raise ValueError(f"shift = {shift!r}: the flow-matching schedule shift must be positive (SD3: 3.0).")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    if sampler != "ddim":
+        raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}.")
     return DDIMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="linear",
@@ -41,11 +54,17 @@ def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, flo
     return text
 
 
-def ddim_timesteps(num_steps: int) -> list[float]:
-    """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
-    scheduler = make_scheduler()
+def sampler_timesteps(num_steps: int, sampler: str = "ddim", shift: float = 1.0) -> list[float]:
+    """The timesteps (0..1000, the scale plans are keyed on) of a ``num_steps``-step generation with
+    ``sampler`` (`make_scheduler`), in call order."""
+    scheduler = make_scheduler(sampler=sampler, shift=shift)
     scheduler.set_timesteps(num_steps)
     return [float(t) for t in scheduler.timesteps]
+
+
+def ddim_timesteps(num_steps: int) -> list[float]:
+    """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
+    return sampler_timesteps(num_steps, "ddim")
 
 
 def cat_rows(*parts: dict) -> dict:
@@ -71,7 +90,7 @@ def take_rows(kwargs: dict, rows) -> dict:
 
 
 @torch.no_grad()
-def guided_ddim(
+def guided_sample(
     model: torch.nn.Module,
     noise: torch.Tensor,
     cond: dict,
@@ -81,9 +100,14 @@ def guided_ddim(
     progress: bool = False,
     guidance_interval: tuple[float, float] | None = None,
     guidance_reuse: bool | None = None,
+    *,
+    sampler: str = "ddim",
+    shift: float = 1.0,
+    timestep_scale: float = 1.0,
+    shared: dict | None = None,
 ) -> torch.Tensor:
-    """Denoise ``noise`` [B, C, H, W] with the model's keyword arguments ``cond`` (B rows each); returns
-    [B, C, H, W].
+    """Denoise ``noise`` [B, C, H, W] (Flux: packed latents [B, N, C]) with the model's keyword arguments
+    ``cond`` (B rows each); returns the samples, shaped as ``noise``.
 
     With ``uncond`` (B rows: the null class, an empty prompt's embedding...) and ``guidance_scale`` not
     1.0 the model sees batch 2B, ``[cond; uncond]``, at every step; ``guidance_interval`` ``(lo, hi)``
@@ -99,8 +123,13 @@ def guided_ddim(
     steps where the conditional stream computed, or the first guided step; other guided steps use the
     last ``cond - uncond`` difference. On an uncached model it is exact and skips the unconditional rows
     outside ``guidance_interval``.
+
+    ``sampler``, ``shift``: the scheduler (`make_scheduler`): ``"ddim"`` or ``"flow"`` (flow matching,
+    SD3 and Flux). ``timestep_scale``: the model is called with ``t / timestep_scale`` (Flux takes
+    ``t / 1000``); ``guidance_interval`` and plans stay on the 0..1000 scale. ``shared``: keyword
+    arguments passed whole at every call, not split into rows (Flux's ``img_ids`` and ``txt_ids``).
     """
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(sampler=sampler, shift=shift)
     scheduler.set_timesteps(num_steps)
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
@@ -112,8 +141,10 @@ def guided_ddim(
 
     def call(latents, t, kwargs, stream=None):
         with context(stream) if stream and callable(context) else contextlib.nullcontext():
-            timesteps = t.expand(latents.shape[0]).to(noise.device)
-            out = model(latents.to(model_dtype), timestep=timesteps, **kwargs).sample[:, :channels]
+            timesteps = (t / timestep_scale if timestep_scale != 1.0 else t).expand(latents.shape[0]).to(noise.device)
+            out = model(latents.to(model_dtype), timestep=timesteps, **kwargs, **(shared or {})).sample
+            if out.ndim == 4:  # learned sigma: drop the variance channels
+                out = out[:, :channels]
         return out.to(latents.dtype)
 
     batched = cat_rows(cond, uncond) if guided and not guidance.split else None
@@ -147,9 +178,9 @@ def ddim_sample(
     guidance_interval: tuple[float, float] | None = None,
     guidance_reuse: bool | None = None,
 ) -> torch.Tensor:
-    """Class-conditional `guided_ddim`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
+    """Class-conditional `guided_sample`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
     cond = {"class_labels": class_labels}
     uncond = {"class_labels": torch.full_like(class_labels, null_label)}
-    return guided_ddim(
+    return guided_sample(
         model, noise, cond, uncond, num_steps, guidance_scale, progress, guidance_interval, guidance_reuse
     )

@@ -255,8 +255,8 @@ def test_guidance_interval_matches_torch(exported):
 
 
 def test_the_numpy_sampler_takes_text_conditioning_on_a_pixart_export(tmp_path):
-    """Any conditioning by input name (caption embeddings and their mask here), as `guided_ddim` takes it."""
-    from tcpass.sampling import guided_ddim
+    """Any conditioning by input name (caption embeddings and their mask here), as `guided_sample` takes it."""
+    from tcpass.sampling import guided_sample
     from tests.families import family_inputs, make_pixart
 
     model = make_pixart()
@@ -270,7 +270,7 @@ def test_the_numpy_sampler_takes_text_conditioning_on_a_pixart_export(tmp_path):
     cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
     uncond = {"encoder_hidden_states": torch.zeros_like(text), "encoder_attention_mask": mask}
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    want = guided_ddim(
+    want = guided_sample(
         tm,
         noise,
         {**cond, "added_cond_kwargs": example["added_cond_kwargs"]},

@@ -48,7 +48,7 @@ def eager_interval_ddim(model, noise, labels, steps, scale, lo, hi):
     return x
 
 
-def test_guided_ddim_with_an_interval_matches_a_loop_written_here():
+def test_guided_sample_with_an_interval_matches_a_loop_written_here():
     model = make_dit()
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([3, 7])

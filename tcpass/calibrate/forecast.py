@@ -15,8 +15,9 @@ fitting run computes the blocks at the skipped calls only to measure ``r_true``;
 Its samples are exactly the plan's samples (the same forecasts on the same inputs), so the run
 also scores the plan (`ForecastFit.samples`).
 
-Residuals are read with hooks on the first and last block (``args[0]`` / ``hidden_states`` in, a
-tensor out), as `tcpass.calibrate.steps.magnitude_ratios` does.
+Residuals are read with hooks on the first and last block, on the image stream (the adapter's
+`tcpass.adapters.ModelAdapter.block_input` / ``block_image``: joint blocks' text stream is not
+forecast), as `tcpass.calibrate.steps.magnitude_ratios` does.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class _StackHooks:
     """Record the stack residual of computed calls; at a forecast call, fit and apply the weights."""
 
     def __init__(self, model: nn.Module, history: int, ridge: float) -> None:
-        blocks = adapter_for(model).blocks(model)
+        self.adapter = adapter_for(model)
+        blocks = self.adapter.blocks(model)
         self.history, self.ridge = history, ridge
         self.residuals: list[torch.Tensor] = []  # newest last
         self.forecast = False
@@ -58,10 +60,10 @@ class _StackHooks:
         ]
 
     def _pre(self, _module, args, kwargs):
-        self.stack_in = args[0] if args else kwargs["hidden_states"]
+        self.stack_in = self.adapter.block_input(args, kwargs)
 
     def _post(self, _module, _args, out):
-        true = out - self.stack_in
+        true = self.adapter.block_image(out) - self.stack_in
         if not self.forecast:
             self.residuals.append(true)
             del self.residuals[: -self.history]
@@ -77,7 +79,7 @@ class _StackHooks:
         predicted = sum(float(wk) * r for wk, r in zip(w, basis, strict=True))
         self.weights.append(tuple(float(v) for v in w))
         self.errors.append(float(((true - predicted) ** 2).sum() / (true**2).sum().clamp_min(1e-30)))
-        return self.stack_in + predicted
+        return self.adapter.with_block_image(out, self.stack_in + predicted)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -85,15 +87,17 @@ class _StackHooks:
 
 
 class _Switch(nn.Module):
-    """The model, told before each call whether the table forecasts it."""
+    """The model, told before each call whether the table forecasts it (``forecast[j]`` for the j-th
+    call: one call per step, the guidance rows batched)."""
 
-    def __init__(self, model: nn.Module, hooks: _StackHooks, forecast_at: set[float]) -> None:
+    def __init__(self, model: nn.Module, hooks: _StackHooks, forecast: list[bool]) -> None:
         super().__init__()
-        self.model, self.hooks, self.forecast_at = model, hooks, forecast_at
+        self.model, self.hooks, self.forecast, self.calls = model, hooks, forecast, 0
         self.dtype = getattr(model, "dtype", None)
 
     def forward(self, hidden_states, timestep, **kwargs):
-        self.hooks.forecast = float(timestep.reshape(-1)[0]) in self.forecast_at
+        self.hooks.forecast = self.forecast[self.calls]
+        self.calls += 1
         return self.model(hidden_states, timestep=timestep, **kwargs)
 
 
@@ -113,10 +117,11 @@ def fit_forecast(
     timesteps = [float(t) for t in data.timesteps]
     probe = dataclasses.replace(skip, scales=None, weights=[[1.0] + [0.0] * (history - 1)] * len(skip.timesteps))
     steps = simulate(TPRRSchedule(), timesteps, probe)
-    forecast_at = [t for t, s in zip(timesteps, steps, strict=True) if s.kind is StepKind.SKIP]
+    forecast = [s.kind is StepKind.SKIP for s in steps]
+    forecast_at = [t for t, f in zip(timesteps, forecast, strict=True) if f]
     hooks = _StackHooks(model, history, ridge)
     try:
-        samples = data.sample(_Switch(model, hooks, set(forecast_at)))
+        samples = data.sample(_Switch(model, hooks, forecast))
     finally:
         hooks.remove()
     table = StepSkip(timesteps=forecast_at, weights=hooks.weights, level="stack", tolerance=skip.tolerance)

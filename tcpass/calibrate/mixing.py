@@ -19,7 +19,8 @@ from tcpass.predictor import DynamicPredictor, StaticPredictor
 
 # 2./3. Block hooks: record residuals, mix fresh and cached ------------------------------------------
 class BlockHooks:
-    """Forward hooks on a model's transformer blocks (the adapter's, in call order).
+    """Forward hooks on a model's transformer blocks (the adapter's, in call order), on their image
+    stream (`tcpass.adapters.ModelAdapter.block_image`: joint blocks' text stream passes through).
 
     ``mode="record"``: store each block's input and residual (``output - input``).
     ``mode="mix"``: block ``b`` in ``weights`` outputs ``x + w * (out - x) + (1 - w) * cached_delta[b]``,
@@ -28,7 +29,8 @@ class BlockHooks:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = adapter_for(model).blocks(model)
+        self.adapter = adapter_for(model)
+        self.blocks = self.adapter.blocks(model)
         self.mode = "off"
         self.inputs: dict[int, torch.Tensor] = {}
         self.deltas: dict[int, torch.Tensor] = {}
@@ -51,9 +53,10 @@ class BlockHooks:
 
     def _hook(self, b: int):
         def hook(block, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = self.adapter.block_input(args, kwargs)
+            image = self.adapter.block_image(output)
             if self.mode == "record":
-                self.inputs[b], self.deltas[b] = x.detach(), (output - x).detach()
+                self.inputs[b], self.deltas[b] = x.detach(), (image - x).detach()
                 return output
             if self.mode != "mix":
                 return output
@@ -63,7 +66,7 @@ class BlockHooks:
             if w is None:
                 return output
             w = w.unsqueeze(-1)
-            return x + w * (output - x) + (1 - w) * self.cached[b]
+            return self.adapter.with_block_image(output, x + w * (image - x) + (1 - w) * self.cached[b])
 
         return hook
 
@@ -149,7 +152,7 @@ def predictor_loss(
         ref = hooks.cached[blocks[0]]
         hooks.mode, hooks.weights = "mix", {b: torch.zeros(ref.shape[:2], device=ref.device) for b in blocks}
         err_all_cached = rel_err(model_call(model, data, t, rows), target).clamp_min(1e-12)
-    timestep = data.timesteps[t].expand(len(rows))
+    timestep = data.model_timestep(t, len(rows))
     ws: list[torch.Tensor] = []
 
     def weights(x0):
@@ -202,7 +205,7 @@ def topk_error(
             k = keep_count(keep_ratio, n)
             hooks.mode, hooks.weights = "mix", {b: torch.zeros(len(rows), n, device=device) for b in blocks}
             err0 = rel_err(model_call(model, data, t, rows), target)
-            timestep = data.timesteps[t].expand(len(rows))
+            timestep = data.model_timestep(t, len(rows))
 
             def masks(x0, n=n, k=k, refresh_inputs=refresh_inputs, timestep=timestep):
                 out = {}

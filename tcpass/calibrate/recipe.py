@@ -115,7 +115,7 @@ def calibrate(
         conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
             default: the model family's own.
         guidance_scale: classifier-free guidance scale of the calibration generations
-            (`tcpass.sampling.guided_ddim`): the sampler the plan will run under.
+            (`tcpass.sampling.guided_sample`): the sampler the plan will run under.
         guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step).
     """
     start = time.perf_counter()

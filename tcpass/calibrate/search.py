@@ -13,11 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData
 from tcpass.calibrate.timing import StepTimes
 from tcpass.plan import CachePlan, TPRRSchedule
-from tcpass.sampling import ddim_timesteps
 from tcpass.schedule import StepKind, simulate
 
 
@@ -40,8 +38,7 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     """
     from tcpass.runtime import transform
 
-    example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
-    tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+    tm = transform(model, plan, example_inputs=data.call_inputs(), plan_dir=plan_dir)
     steps = plan.sampler_steps or data.steps
     return sample_psnr(data.sample(tm, steps), data)
 
@@ -71,8 +68,7 @@ def verify_speedup(
     """Median over interleaved rounds of full-compute / plan seconds per whole calibration generation."""
     from tcpass.runtime import transform
 
-    example = adapter_for(model).example_inputs(model, 2 * len(data.noise))
-    tm = transform(model, plan, example_inputs=example, plan_dir=plan_dir)
+    tm = transform(model, plan, example_inputs=data.call_inputs(), plan_dir=plan_dir)
     arms = {"full": (model, data.steps), "plan": (tm, plan.sampler_steps or data.steps)}
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(reps + 1):
@@ -104,7 +100,7 @@ def search_schedule(
     """
     if (target_speedup is None) == (min_psnr is None):
         raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (dB, e.g. 30).")
-    ts = ddim_timesteps(data.steps)
+    ts = [float(t) for t in data.timesteps]
     L = len(block_order)
     ratios = sorted(times.cached)
     evaluated: dict[str, Candidate] = {}

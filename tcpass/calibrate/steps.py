@@ -48,13 +48,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.calibrate.data import CalibrationData, collect, sampler_notes
+from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_notes
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.timing import best_seconds, measure_step_times
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
-from tcpass.sampling import ddim_timesteps
+from tcpass.sampling import sampler_timesteps
 from tcpass.schedule import StepKind, simulate
 from tcpass.trace import flatten_inputs
 
@@ -66,13 +66,13 @@ def magnitude_ratios(model: nn.Module, data: CalibrationData) -> list[float]:
     blocks = adapter.blocks(model)
     seen: dict[str, torch.Tensor] = {}
     head = blocks[0].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.update(stack_in=args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        lambda _m, args, kwargs: seen.update(stack_in=adapter.block_input(args, kwargs)), with_kwargs=True
     )
-    tail = blocks[-1].register_forward_hook(lambda _m, _a, out: seen.update(stack_out=out))
+    tail = blocks[-1].register_forward_hook(lambda _m, _a, out: seen.update(stack_out=adapter.block_image(out)))
     ratios, previous = [], None
     try:
         for j in range(data.num_steps):
-            model(data.inputs[j], timestep=data.timesteps[j].expand(data.inputs.shape[1]), **data.row_kwargs)
+            model_call(model, data, j)
             norm = torch.linalg.norm((seen["stack_out"] - seen["stack_in"]).float(), dim=-1)
             ratios.append(1.0 if previous is None else float((norm / (previous + 1e-8)).mean()))
             previous = norm
@@ -239,14 +239,17 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
     return out
 
 
-def predicted_speedup(plan: CachePlan, steps: int, seconds: dict[str, float]) -> float:
-    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds.
+def predicted_speedup(
+    plan: CachePlan, steps: int, seconds: dict[str, float], sampler: str = "ddim", shift: float = 1.0
+) -> float:
+    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds;
+    ``sampler``, ``shift``: the sampler whose timesteps the plan runs at (`tcpass.sampling.sampler_timesteps`).
 
     ``seconds``: ``eager``, ``full`` and ``skip_<level>`` (`measure_call_seconds`); a plan that token-caches
     also needs ``full tokens``, ``cached <keep>`` (every block cached) per keep ratio it uses and
     ``num_blocks`` (`measure_token_seconds`); caching fewer blocks saves proportionally less.
     """
-    timesteps = ddim_timesteps(plan.sampler_steps or steps)
+    timesteps = sampler_timesteps(plan.sampler_steps or steps, sampler, shift)
     total = 0.0
     for step in simulate(plan.schedule, timesteps, plan.skip):
         if step.kind is StepKind.SKIP:
@@ -346,7 +349,7 @@ def calibrate_steps(
         steps: DDIM steps of those generations.
         guidance_scale: their classifier-free guidance scale.
         guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step;
-            `tcpass.sampling.guided_ddim`): the sampler the plan will run under.
+            `tcpass.sampling.guided_sample`): the sampler the plan will run under.
         window: candidates predicted within [target / window, window * target] are evaluated.
         max_evaluated: at most this many candidates are generated (evenly over predicted speed).
         verify_reps: interleaved whole-generation timings of a candidate vs full compute (after a warm-up round).
@@ -393,9 +396,11 @@ def calibrate_steps(
         seconds.update(measure_token_seconds(model, batch, tuple(sorted({keep for keep, _ in compose}))))
     timesteps = [float(t) for t in data.timesteps]
     base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
-    every = [
-        StepCandidate(n, p, predicted_speedup(p, steps, seconds)) for n, p in step_candidates(timesteps, ratios, base)
-    ]
+
+    def speed(plan: CachePlan) -> float:
+        return predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)
+
+    every = [StepCandidate(n, p, speed(p)) for n, p in step_candidates(timesteps, ratios, base)]
     bias = 1.0  # measured / predicted speedup, measured before the window is drawn (its edges are predicted)
     if target_speedup is not None and verify_reps > 0:
         bias = _measured_bias(model, every, data, target_speedup, verify_reps)
@@ -565,7 +570,7 @@ def forecast_candidates(
             StepCandidate(
                 f"{c.name} forecast {history}",
                 plan,
-                predicted_speedup(plan, steps, seconds),
+                predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift),
                 psnr_db=sample_psnr(fit.samples, data),
             )
         )
@@ -607,7 +612,9 @@ def composed_candidates(
             name = f"{c.name} + tokens {keep:g} every {interval}"
             if blocks != "all":
                 name += f" blocks {','.join(map(str, blocks))}"
-            composed.append((c, StepCandidate(name, plan, predicted_speedup(plan, steps, seconds))))
+            composed.append(
+                (c, StepCandidate(name, plan, predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)))
+            )
         if target_speedup is not None:
             nearest: dict[tuple, StepCandidate] = {}
             for c, k in sorted(composed, key=lambda ck: -ck[1].predicted_speedup):

@@ -468,7 +468,7 @@ def generate(
     conditional prediction alone elsewhere; ``None``: the interval the export recorded
     (`OrtTokenCacheRuntime.guidance_interval`; none recorded: every step), ``(0, 1000)``: every step.
 
-    As `tcpass.sampling.guided_ddim` (one definition of the guidance: `tcpass.controller.GuidanceSteps`): an
+    As `tcpass.sampling.guided_sample` (one definition of the guidance: `tcpass.controller.GuidanceSteps`): an
     export whose plan has ``guidance_reuse`` (exported at B rows) runs split guidance, the conditional rows
     every step and the unconditional rows as a second cache context only where the plan says; otherwise
     the graphs take ``[cond; uncond]`` (2B rows) every step.

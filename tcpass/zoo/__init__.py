@@ -43,7 +43,7 @@ class ReferenceModel:
             ``--keep-steps``, since without it the search picks 25 plain DDIM steps there).
         model_dir: ``() -> Path`` of the shipped weights (`sampler_for` recognises it).
         guidance_interval: model timesteps ``(lo, hi)`` its sampler applies classifier-free guidance at
-            (`tcpass.sampling.guided_ddim`); ``None``: every step. Every bench, the demo and calibration
+            (`tcpass.sampling.guided_sample`); ``None``: every step. Every bench, the demo and calibration
             of the shipped weights sample this model with it.
     """
 

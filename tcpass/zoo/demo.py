@@ -56,7 +56,7 @@ def run_demo(
     ``model_dir`` replaces the shipped DiT weights (same classes); ``plan_path`` the model's demo plan
     (`tcpass.zoo.ReferenceModel.demo_plan`). A plan's ``sampler_steps`` replaces ``steps`` for tcpass.
     Both variants are timed in alternation over ``rounds`` whole generations after one warm-up each.
-    ``guidance_interval``: model timesteps ``(lo, hi)`` guided (`tcpass.sampling.guided_ddim`); ``None``: the
+    ``guidance_interval``: model timesteps ``(lo, hi)`` guided (`tcpass.sampling.guided_sample`); ``None``: the
     reference model's own (`tcpass.zoo.ReferenceModel.guidance_interval`); ``(0, 1000)``: every step.
     A plan calibrated under another sampler (its ``notes``) gets a warning: its quality was measured there.
     """

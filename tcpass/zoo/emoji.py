@@ -45,7 +45,7 @@ CATEGORIES = (
 CLASS_NAMES = ("smileys", "people", "animals", "food", "travel", "activities", "objects", "symbols", "flags")
 NUM_CLASSES = len(CATEGORIES)
 NULL_LABEL = NUM_CLASSES  # the class-embedding row classifier-free guidance uses for "no class"
-# model timesteps [lo, hi) the sampler guides at (`tcpass.sampling.guided_ddim`); CFG at every step collapses
+# model timesteps [lo, hi) the sampler guides at (`tcpass.sampling.guided_sample`); CFG at every step collapses
 # symbols and flags onto one colour each (bench/results/emoji_guidance_interval.json)
 GUIDANCE_INTERVAL = (100.0, 700.0)
 HELD_OUT_FRACTION = 0.1
