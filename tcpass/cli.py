@@ -319,10 +319,24 @@ def export_command(model_path, plan_path, batch, null_label, guidance_interval, 
     "--samples", type=POSITIVE, default=16, show_default=True, help="Calibration samples generated with full compute."
 )
 @click.option(
-    "--steps", type=POSITIVE, default=50, show_default=True, help="DDIM steps of the calibration generations."
+    "--steps",
+    type=POSITIVE,
+    default=50,
+    show_default=True,
+    help="Sampler steps of the calibration generations (the family's sampler: DDIM for DiT and PixArt, "
+    "flow matching for SD3 and Flux).",
 )
 @click.option(
     "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
+)
+@click.option(
+    "--keep-ratio",
+    "keep_ratios",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    multiple=True,
+    default=(0.1, 0.15, 0.25, 0.35, 0.5),
+    show_default=True,
+    help="--policy tokens: fractions of tokens recomputed at cached steps to search (repeatable).",
 )
 @click.option(
     "--sample-range",
@@ -409,6 +423,7 @@ def calibrate(
     samples,
     steps,
     iterations,
+    keep_ratios,
     sample_range,
     forecast,
     forecast_history,
@@ -425,7 +440,7 @@ def calibrate(
     """Find a plan for a model against a speed or quality target: token caching or whole-step skipping."""
     import torch
 
-    from tcpass.adapters import load_transformer
+    from tcpass.adapters import adapter_for, load_transformer
     from tcpass.calibrate import calibrate as run
     from tcpass.sampling import describe_guidance
     from tcpass.zoo.digits import load_reference_model
@@ -446,7 +461,9 @@ def calibrate(
         raise click.BadParameter(f"{sample_range}: LO must be below HI.", param_hint="--sample-range")
     if guidance_interval is None:
         guidance_interval = _shipped_interval(model_path)
-    click.echo(f"calibration sampler: {steps}-step DDIM, {describe_guidance(guidance, guidance_interval)}")
+    family = adapter_for(model)
+    sampler = "DDIM" if family.sampler == "ddim" else f"flow matching (shift {family.flow_shift:g})"
+    click.echo(f"calibration sampler: {steps}-step {sampler}, {describe_guidance(guidance, guidance_interval)}")
     common = {
         "target_speedup": target_speedup,
         "min_psnr": min_psnr,
@@ -481,7 +498,15 @@ def calibrate(
         except ImportError:
             click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
         return
-    report = run(model, out, predictor=predictor, attention=attention, iterations=iterations, **common)
+    report = run(
+        model,
+        out,
+        predictor=predictor,
+        attention=attention,
+        iterations=iterations,
+        ratios=tuple(sorted(set(keep_ratios))),
+        **common,
+    )
     click.echo(report.format())
     click.echo(
         f"wrote {Path(out).resolve()}" + (f" and {report.plan.selector.path}" if report.plan.selector.path else "")

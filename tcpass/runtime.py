@@ -470,9 +470,9 @@ def transform(
     Args:
         model: a supported diffusers transformer (see `tcpass.adapters.ADAPTERS`). Never modified.
         plan: what to cache and when (`CachePlan`).
-        example_inputs: inputs to trace with (``{name: tensor}``); default: built from the model's
-            config with batch 2 (one image with classifier-free guidance). Other shapes are traced on
-            first use.
+        example_inputs: inputs to trace with (``{name: tensor}``, names from the adapter's
+            ``input_names``); default: built from the model's config with batch 2 (one image with
+            classifier-free guidance). Other shapes are traced on first use.
         plan_dir: directory that relative files in the plan (static scores) are resolved against.
         backend: ``None`` runs the graphs eagerly; a ``torch.compile`` backend (``"inductor"``)
             compiles each step graph once (``fullgraph=True``, static shapes).
@@ -503,6 +503,14 @@ def transform(
     predictor = policy.module(fingerprint.hidden_size, fingerprint.num_blocks)
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
+    unknown = sorted(set(example_inputs) - set(adapter.input_names))
+    if unknown:
+        raise ValueError(
+            f"example_inputs {unknown}: {adapter.class_name} is traced with {list(adapter.input_names)}; "
+            "drop the others."
+        )
+    # in the order calls bind them (`TokenCacheTransformer._bind`), so the first call reuses this trace
+    example_inputs = {n: example_inputs[n] for n in adapter.input_names if example_inputs.get(n) is not None}
     with _TRACE_LOCK.tracing():
         graphs = build_step_graphs(model, adapter, plan, example_inputs, policy, predictor)
     compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}

@@ -7,7 +7,10 @@ the block module itself (``transformer_blocks.3``); no model-specific code is ne
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +65,41 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
 IMAGE_TOKENS = "tcpass_image_tokens"  # GraphModule.meta key: N, the image-token count of the residual stream
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph; parameters are shared, not copied."""
+    graph = fx.Graph()
+    graph._codegen = copy.copy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    return copied
+
+
+_traces: dict | None = None  # (model id, inputs' names, shapes, dtypes, devices, N) -> (model, GraphModule)
+
+
+@contextlib.contextmanager
+def reusing_traces() -> Iterator[None]:
+    """Within it, `export_graph` traces a model once per input signature (names, shapes, dtypes,
+    devices) and hands out copies of that trace (parameters shared).
+
+    Calibration transforms one model dozens of times with one set of shapes, one candidate plan
+    each; ``torch.export`` is most of a small model's transform time. Use it as a context manager or
+    a decorator, only while the model's structure (modules, attention processors) does not change:
+    the trace reads the weights by reference, but a swapped module would not be seen.
+    """
+    global _traces
+    outer = _traces
+    if outer is None:
+        _traces = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _traces = None
+
+
 def export_graph(model: nn.Module, inputs: dict, image_tokens: int | None = None) -> fx.GraphModule:
     """Export ``model(**inputs, return_dict=False)`` to a GraphModule (`torch.export`'s module).
 
@@ -69,13 +107,23 @@ def export_graph(model: nn.Module, inputs: dict, image_tokens: int | None = None
     first pass (`tcpass.passes.cleanup`) makes it a plain graph called positionally with the tensors
     of ``flatten_inputs(inputs)``, returning a tuple whose first item is the output.
     ``image_tokens`` (N) tells `find_blocks` which stream of a joint-attention block carries the
-    image tokens.
+    image tokens. Inside `reusing_traces`, a trace of the same model and input signature is reused.
     """
+    key = None
+    if _traces is not None:
+        flat = flatten_inputs(inputs)
+        signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in flat.items())
+        key = (id(model), image_tokens, tuple(k for k, v in inputs.items() if v is None), signature)
+        if key in _traces and _traces[key][0] is model:
+            return copy_graph_module(_traces[key][1])
     with torch.no_grad():
         program = torch.export.export(model, (), {**inputs, "return_dict": False}, strict=False)
     gm = program.module()
     if image_tokens is not None:
         gm.meta[IMAGE_TOKENS] = image_tokens
+    if key is not None:
+        _traces[key] = (model, gm)
+        return copy_graph_module(gm)
     return gm
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import tcpass
 from tcpass import calibrate as cal
@@ -156,7 +157,9 @@ def test_interrupted_re_calibration_leaves_the_previous_plan_loadable(tmp_path):
         import torch
         torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
         import time
-        from tcpass import calibrate as cal
+        from click.testing import CliRunner
+
+from tcpass import calibrate as cal
         from tcpass.calibrate import recipe
         from tests.conftest import make_dit
         search = recipe.search_schedule
@@ -279,11 +282,96 @@ def test_a_pixart_model_calibrates_through_its_adapter(tmp_path):
     assert steps_report.plan.model.model_class == "PixArtTransformer2DModel"
 
 
-def test_a_family_without_calibration_conditioning_names_the_fix():
-    from tests.families import make_sd3
+def test_a_family_without_calibration_conditioning_names_the_fix(monkeypatch):
+    from tcpass import adapters
 
-    with pytest.raises(NotImplementedError, match=r"pass `conditioning=\(cond, uncond\)`"):
-        cal.collect(make_sd3(), num_samples=1, steps=2, progress=False)
+    row = adapters.ADAPTERS["DiTTransformer2DModel"]
+    monkeypatch.setitem(adapters.ADAPTERS, row.class_name, dataclasses.replace(row, calibration_conditioning=None))
+    with pytest.raises(NotImplementedError, match=r"pass `conditioning=\(cond, uncond\)`.*FluxTransformer2DModel"):
+        cal.collect(make_dit(), num_samples=1, steps=2, progress=False)
+
+
+@pytest.fixture
+def small_joint_inputs(monkeypatch):
+    """SD3 and Flux stand-in conditioning at the tiny models' sizes (12 text tokens, a 4 x 4 Flux grid)."""
+    from tcpass import adapters
+
+    monkeypatch.setattr(adapters, "SD3_TEXT_TOKENS", 12)
+    monkeypatch.setattr(adapters, "FLUX_TEXT_TOKENS", 12)
+    monkeypatch.setattr(adapters, "FLUX_IMAGE_TOKENS", 16)
+
+
+def _flow_reference(model, data, shift, timestep_scale):
+    """Flow-matching Euler with classifier-free guidance, written here from diffusers' sigma schedule:
+    ``x += (sigma[i+1] - sigma[i]) * v``, the model called with ``t / timestep_scale``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(data.steps)
+    x = data.noise
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            kwargs = data.cond if data.uncond is None else {
+                k: torch.cat([data.cond[k], data.uncond[k]]) for k in data.cond
+            }  # fmt: skip
+            rows = x if data.uncond is None else torch.cat([x, x])
+            timestep = (t / timestep_scale).expand(len(rows))
+            v = model(rows, timestep=timestep, **kwargs, **data.shared).sample
+            if data.uncond is not None:
+                cond, uncond = v.chunk(2)
+                v = uncond + data.guidance_scale * (cond - uncond)
+            x = x + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]) * v
+    return x
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_block_families_calibrate_through_their_adapter_under_flow_matching(family, small_joint_inputs, tmp_path):
+    """SD3 and Flux: joint blocks return (text, image) streams, the model is trained for flow matching,
+    Flux takes t / 1000 and unbatched position ids. Calibration runs their own sampler, replays their
+    calls, fits forecasts on the image stream with the semantics the passes compile, and the CLI
+    calibrates a saved model with both methods."""
+    from tcpass.calibrate.forecast import fit_forecast
+    from tcpass.cli import main
+    from tests.families import MAKERS
+    from tests.tolerance import error_units
+
+    model = MAKERS[family]()
+    data = cal.collect(model, num_samples=2, steps=6, progress=False)
+    shift, scale = (3.0, 1.0) if family == "sd3" else (1.88, 1000.0)
+    assert (data.sampler, data.flow_shift, data.timestep_scale) == ("flow", shift, scale)
+    rows = 4 if family == "sd3" else 2  # Flux: guidance embedded, no unconditional rows
+    assert data.inputs.shape[:2] == (6, rows) and float(data.timesteps[0]) == pytest.approx(1000.0)
+    assert list(data.shared) == ([] if family == "sd3" else ["img_ids", "txt_ids"])
+    assert_close(data.final, _flow_reference(model, data, shift, scale), units=REGROUPED, what="flow sampler")
+    with torch.no_grad():
+        assert_close(cal.model_call(model, data, 3), data.outputs[3], units=REGROUPED, what="replayed call")
+
+    timesteps = [float(t) for t in data.timesteps]
+    fit = fit_forecast(model, tcpass.StepSkip(timesteps=[timesteps[i] for i in (3, 4)]), data, history=2)
+    assert len(fit.skip.timesteps) == 2 and all(0 <= e < 1 for e in fit.residual_error)
+    tm = tcpass.transform(model, tcpass.CachePlan(blocks=(), skip=fit.skip), example_inputs=data.call_inputs())
+    samples = data.sample(tm)
+    assert tm.step_counts[tcpass.StepKind.SKIP] == 2
+    assert_close(samples, fit.samples, units=REGROUPED, what="fitted plan vs fitting run")
+    reuse = tcpass.transform(
+        model, tcpass.CachePlan(blocks=(), skip=tcpass.StepSkip(timesteps=fit.skip.timesteps)),
+        example_inputs=data.call_inputs(),
+    )  # fmt: skip
+    assert error_units(data.sample(reuse), fit.samples) > 10 * REGROUPED  # the check can fail
+
+    model.save_pretrained(tmp_path / "model")
+    common = ["--model", tmp_path / "model", "--samples", 2, "--steps", 6, "--verify-rounds", 1, "--threads", 1]
+    runner = CliRunner()
+    steps = ["--policy", "steps", "--min-psnr", -100, "--forecast", 1, "--max-composed", 0]
+    result = runner.invoke(main, [str(a) for a in ["calibrate", *common, *steps, "-o", tmp_path / "s.json"]])
+    assert result.exit_code == 0, result.output
+    assert "6-step flow matching" in result.output
+    assert load_plan(tmp_path / "s.json").notes["sampler"] == "flow"
+    tokens = ["--min-psnr", -100, "--iterations", 2, "--attention", "full_kv", "--keep-ratio", 0.5]
+    result = runner.invoke(main, [str(a) for a in ["calibrate", *common, *tokens, "-o", tmp_path / "t.json"]])
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "t.json")
+    assert plan.model.model_class == type(model).__name__ and plan.keep_ratio[1] == 0.5
 
 
 def _nine_class_dit():

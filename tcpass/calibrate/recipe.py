@@ -22,6 +22,7 @@ from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
 from tcpass.files import plain_file_mode, write_atomic
 from tcpass.plan import CachePlan, SelectorSpec, save_plan
 from tcpass.predictor import StaticPredictor, save_predictor
+from tcpass.trace import reusing_traces
 
 
 # The whole recipe ---------------------------------------------------------------------------------
@@ -70,6 +71,7 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
+@reusing_traces()
 def calibrate(
     model: nn.Module,
     out: str | Path,

@@ -56,7 +56,7 @@ from tcpass.calibrate.timing import best_seconds, measure_step_times
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
 from tcpass.sampling import sampler_timesteps
 from tcpass.schedule import StepKind, simulate
-from tcpass.trace import flatten_inputs
+from tcpass.trace import flatten_inputs, reusing_traces
 
 
 @torch.no_grad()
@@ -316,6 +316,7 @@ def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan
     return list(plans.values())
 
 
+@reusing_traces()
 def calibrate_steps(
     model: nn.Module,
     out: str | Path,

@@ -45,12 +45,11 @@ from tcpass.passes.layout import (
     append_outputs,
     attention_kv_sources,
     block_caches,
-    copy_graph_module,
     is_self_attention,
 )
 from tcpass.passes.token_axis import RESHAPES, TokenAxes, analyze
 from tcpass.policies import TokenPolicy
-from tcpass.trace import BlockSpan, find_blocks
+from tcpass.trace import BlockSpan, copy_graph_module, find_blocks
 
 aten = torch.ops.aten
 

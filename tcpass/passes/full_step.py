@@ -28,10 +28,10 @@ from torch import fx
 
 from tcpass.contracts import TensorSpec, block_cache
 from tcpass.passes.emit import Emitter
-from tcpass.passes.layout import append_outputs, block_caches, copy_graph_module
+from tcpass.passes.layout import append_outputs, block_caches
 from tcpass.passes.token_axis import analyze
 from tcpass.policies import TokenPolicy
-from tcpass.trace import find_blocks
+from tcpass.trace import copy_graph_module, find_blocks
 
 aten = torch.ops.aten
 

@@ -23,7 +23,6 @@ the model inputs, before any kept-index inputs) and returns their updated values
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,17 +49,6 @@ def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPo
                 v = arg.meta["val"]
                 specs.append(TensorSpec(block_cache(b, f"attn{j}.{kind}"), b, kind, tuple(v.shape), v.dtype, node.name))
     return specs + policy.block_caches(span, ta)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph; parameters are shared, not copied."""
-    graph = fx.Graph()
-    graph._codegen = copy.copy(gm.graph._codegen)
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    copied = fx.GraphModule(gm, graph)
-    copied.meta.update(gm.meta)
-    return copied
 
 
 def add_placeholders(graph: fx.Graph, specs: list[TensorSpec]) -> dict[str, fx.Node]:

@@ -27,13 +27,13 @@ from tcpass.contracts import TensorSpec
 from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.cleanup import strip_export_artifacts
 from tcpass.passes.full_step import emit_full_step
-from tcpass.passes.layout import add_placeholders, copy_graph_module, finalize
+from tcpass.passes.layout import add_placeholders, finalize
 from tcpass.passes.reinplace import reinplace_cache_updates
 from tcpass.passes.skip_step import add_stack_residual, emit_skip_step
 from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
 from tcpass.policies import TokenPolicy
-from tcpass.trace import BlockSpan, find_blocks
+from tcpass.trace import BlockSpan, copy_graph_module, find_blocks
 
 
 @dataclass

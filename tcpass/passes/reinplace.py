@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from tcpass.passes.layout import copy_graph_module
+from tcpass.trace import copy_graph_module
 
 aten = torch.ops.aten
 

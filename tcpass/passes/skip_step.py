@@ -42,8 +42,8 @@ import torch
 from torch import fx
 
 from tcpass.contracts import STACK_RESIDUAL, TensorSpec, residual_history
-from tcpass.passes.layout import add_placeholders, append_outputs, copy_graph_module, mutates
-from tcpass.trace import find_blocks
+from tcpass.passes.layout import add_placeholders, append_outputs, mutates
+from tcpass.trace import copy_graph_module, find_blocks
 
 aten = torch.ops.aten
 

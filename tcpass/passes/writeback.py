@@ -45,7 +45,8 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from tcpass.contracts import TensorSpec
-from tcpass.passes.layout import add_placeholders, copy_graph_module
+from tcpass.passes.layout import add_placeholders
+from tcpass.trace import copy_graph_module
 
 aten = torch.ops.aten
 
