@@ -157,9 +157,7 @@ def test_interrupted_re_calibration_leaves_the_previous_plan_loadable(tmp_path):
         import torch
         torch.set_num_threads(1)  # tiny graphs: one thread is fastest on a busy machine
         import time
-        from click.testing import CliRunner
-
-from tcpass import calibrate as cal
+        from tcpass import calibrate as cal
         from tcpass.calibrate import recipe
         from tests.conftest import make_dit
         search = recipe.search_schedule
@@ -238,9 +236,12 @@ def test_a_plan_that_caches_nothing_is_never_chosen_for_a_speedup_target():
     """Timed under load, every-step-FULL was predicted at 1.51x and chosen with "PSNR inf"; measured 0.98x."""
     from types import SimpleNamespace
 
+    from tcpass.sampling import ddim_timesteps
+
     loaded = cal.StepTimes(eager=0.0359, full=0.0237, cached={0.25: 0.030}, num_blocks=3)
     with pytest.raises(ValueError, match="out of reach"):  # only all-FULL plans reach 1.5x on these times
-        cal.search_schedule(None, SimpleNamespace(steps=50), tcpass.CachePlan(), loaded, [0, 1, 2], target_speedup=1.5)
+        data = SimpleNamespace(steps=50, timesteps=torch.tensor(ddim_timesteps(50)))
+        cal.search_schedule(None, data, tcpass.CachePlan(), loaded, [0, 1, 2], target_speedup=1.5)
 
 
 def test_a_pixart_model_calibrates_through_its_adapter(tmp_path):
