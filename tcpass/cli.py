@@ -276,179 +276,128 @@ def export_command(model_path, plan_path, batch, null_label, guidance_interval, 
     click.echo(f"total {sum(sizes.values()) / 2**20:.2f} MiB; wrote {manifest}")
 
 
-@main.command()
-@click.option("--model", "model_path", default=None, help="Transformer directory (default: the shipped reference DiT).")
-@click.option(
-    "--target-speedup",
-    type=click.FloatRange(min=1, min_open=True),
-    default=None,
-    help="Wall-clock speedup to reach on this machine, e.g. 2.0 (above 1).",
-)
-@click.option("--min-psnr", type=float, default=None, help="Or: quality floor, dB of final samples vs full compute.")
-@click.option(
-    "--policy",
-    type=click.Choice(["tokens", "steps"]),
-    default="tokens",
-    show_default=True,
-    help="tokens: token caching (predictor, blocks, TPRR). steps: a skip table of whole steps (MagCache rule, "
-    "spread skips) or fewer sampler steps, whichever keeps the most PSNR at the target (tcpass.calibrate.steps).",
-)
-@click.option(
-    "--predictor",
-    type=click.Choice(["dynamic", "static", "input_change"]),
-    default="dynamic",
-    show_default=True,
-    help="Token selector to train (input_change: training-free).",
-)
-@click.option(
-    "--attention",
-    type=click.Choice(["full_kv", "cached_kv", "kept_only"]),
-    multiple=True,
-    default=("cached_kv", "full_kv"),
-    show_default=True,
-    help="Attention mode(s) to search (repeatable).",
-)
-@click.option(
-    "--batch",
-    type=POSITIVE,
-    default=2,
-    show_default=True,
-    help="Model batch the speed is timed at (2 = 1 image + CFG).",
-)
-@click.option(
-    "--samples", type=POSITIVE, default=16, show_default=True, help="Calibration samples generated with full compute."
-)
-@click.option(
-    "--steps",
-    type=POSITIVE,
-    default=50,
-    show_default=True,
-    help="Sampler steps of the calibration generations (the family's sampler: DDIM for DiT and PixArt, "
-    "flow matching for SD3 and Flux).",
-)
-@click.option(
-    "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
-)
-@click.option(
-    "--keep-ratio",
-    "keep_ratios",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    multiple=True,
-    default=(0.1, 0.15, 0.25, 0.35, 0.5),
-    show_default=True,
-    help="--policy tokens: fractions of tokens recomputed at cached steps to search (repeatable).",
-)
-@click.option(
-    "--sample-range",
-    type=(float, float),
-    default=None,
-    help="Range a viewer sees, LO HI: calibration samples are scored clamped to it (pixel-space models: -1 1; "
-    "default: -1 1 for the shipped reference model, else the samples' 0.1-99.9 percentile range).",
-)
-@click.option(
-    "--forecast",
-    type=click.IntRange(min=0),
-    default=12,
-    show_default=True,
-    help="--policy steps: also fit forecast weights for up to this many MagCache-rule tables near the target "
-    "(0: plain reuse only); each fit costs about one full-compute generation.",
-)
-@click.option(
-    "--forecast-history",
-    type=click.IntRange(1, 4),
-    multiple=True,
-    default=(3,),
-    show_default=True,
-    help="--policy steps: computed steps a forecast reads (repeatable: one fit per value).",
-)
-@click.option(
-    "--compose",
-    "compose",
-    type=(click.FloatRange(0, 1), click.IntRange(min=2)),
-    multiple=True,
-    default=((0.25, 2),),
-    show_default=True,
-    help="--policy steps: token caching composed with skip tables, KEEP INTERVAL: of every INTERVAL computed "
-    "calls one is FULL, the others recompute KEEP of the tokens in every block, or in the least sensitive half "
-    "of them (both are tried; repeatable).",
-)
-@click.option(
-    "--max-composed",
-    type=click.IntRange(min=0),
-    default=6,
-    show_default=True,
-    help="--policy steps: at most this many skip + token compositions near the target are generated (0: none).",
-)
-@click.option(
-    "--speed-tolerance",
-    type=click.FloatRange(0, 0.5, max_open=True),
-    default=0.03,
-    show_default=True,
-    help="--policy steps: a plan measured at (1 - this) x --target-speedup or faster reaches it "
-    "(whole-generation timings vary by a few %).",
-)
-@click.option(
-    "--verify-rounds",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Interleaved whole-generation timings (after a warm-up) that verify a plan's speed against full compute; "
-    "more rounds tell a 1.8x plan from a 2x one more surely on a busy machine (each costs about two "
-    "generations; 0: trust the per-call predictions).",
-)
-@click.option(
-    "--keep-steps",
-    is_flag=True,
-    help="--policy steps: choose only plans that keep --steps sampler steps (skip tables, forecasts, "
-    "compositions), for pipelines whose step count is fixed; fewer-steps plans are still scored and reported.",
-)
-@click.option(
-    "--guidance",
-    type=float,
-    default=4.0,
-    show_default=True,
-    help="Classifier-free guidance scale of the calibration generations (the sampler the plan will run under).",
-)
-@guidance_interval_option("a shipped reference model's own (emoji: 100 700), else every step.")
-@click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads.")
-@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write.")
-def calibrate(
-    model_path,
-    target_speedup,
-    min_psnr,
-    policy,
-    predictor,
-    attention,
-    batch,
-    samples,
-    steps,
-    iterations,
-    keep_ratios,
-    sample_range,
-    forecast,
-    forecast_history,
-    compose,
-    max_composed,
-    speed_tolerance,
-    keep_steps,
-    verify_rounds,
-    guidance,
-    guidance_interval,
-    threads,
-    out,
-):
-    """Find a plan for a model against a speed or quality target: token caching or whole-step skipping."""
+class _MethodGroup(click.Group):
+    """``tcpass calibrate tokens|steps [OPTIONS]``; the older ``tcpass calibrate [--policy tokens|steps]
+    [OPTIONS]`` still works (no method named: ``tokens``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            rest, method = list(args), "tokens"
+            for i, arg in enumerate(rest):
+                if arg == "--policy" and i + 1 < len(rest):
+                    method = rest.pop(i + 1)
+                    rest.pop(i)
+                    break
+                if arg.startswith("--policy="):
+                    method = rest.pop(i).split("=", 1)[1]
+                    break
+            if method not in self.commands:
+                raise click.BadParameter(
+                    f"{method!r}: expected one of {sorted(self.commands)}, e.g. `tcpass calibrate steps`.",
+                    param_hint="--policy",
+                )
+            args = [method, *rest]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_MethodGroup)
+def calibrate() -> None:
+    """Find a plan for a model against a speed or quality target.
+
+    \b
+    tokens: token caching (predictor, blocks, TPRR); the default.
+    steps:  a skip table of whole steps (MagCache rule, spread skips, fitted forecasts, token caching
+            composed) or fewer sampler steps, whichever keeps the most PSNR at the target.
+
+    `tcpass calibrate METHOD --help` lists each method's options.
+    """
+
+
+def _calibration_options(function):
+    """The options both calibration methods take: model, target, calibration generations, sampler, output."""
+    options = [
+        click.option(
+            "--model", "model_path", default=None, help="Transformer directory (default: the shipped reference DiT)."
+        ),
+        click.option(
+            "--target-speedup",
+            type=click.FloatRange(min=1, min_open=True),
+            default=None,
+            help="Wall-clock speedup to reach on this machine, e.g. 2.0 (above 1).",
+        ),
+        click.option(
+            "--min-psnr", type=float, default=None, help="Or: quality floor, dB of final samples vs full compute."
+        ),
+        click.option(
+            "--batch",
+            type=POSITIVE,
+            default=2,
+            show_default=True,
+            help="Model batch the speed is timed at (2 = 1 image + CFG).",
+        ),
+        click.option(
+            "--samples",
+            type=POSITIVE,
+            default=16,
+            show_default=True,
+            help="Calibration samples generated with full compute.",
+        ),
+        click.option(
+            "--steps",
+            type=POSITIVE,
+            default=50,
+            show_default=True,
+            help="Sampler steps of the calibration generations (the family's sampler: DDIM for DiT and PixArt, "
+            "flow matching for SD3 and Flux).",
+        ),
+        click.option(
+            "--sample-range",
+            type=(float, float),
+            default=None,
+            help="Range a viewer sees, LO HI: calibration samples are scored clamped to it (pixel-space models: "
+            "-1 1; default: -1 1 for the shipped reference model, else the samples' 0.1-99.9 percentile range).",
+        ),
+        click.option(
+            "--verify-rounds",
+            type=click.IntRange(min=0),
+            default=2,
+            show_default=True,
+            help="Interleaved whole-generation timings (after a warm-up) that verify a plan's speed against full "
+            "compute; more rounds tell a 1.8x plan from a 2x one more surely on a busy machine (each costs about "
+            "two generations; 0: trust the per-call predictions).",
+        ),
+        click.option(
+            "--guidance",
+            type=float,
+            default=4.0,
+            show_default=True,
+            help="Classifier-free guidance scale of the calibration generations (the sampler the plan will run under).",
+        ),
+        guidance_interval_option("a shipped reference model's own (emoji: 100 700), else every step."),
+        click.option("--threads", type=POSITIVE, default=2, show_default=True, help="torch CPU threads."),
+        click.option(
+            "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Plan JSON to write."
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _calibration_setup(
+    model_path, target_speedup, min_psnr, batch, samples, steps, sample_range, verify_rounds, guidance,
+    guidance_interval, threads,
+):  # fmt: skip
+    """Check the common options, load the model, print the sampler; returns the model and the common arguments."""
     import torch
 
     from tcpass.adapters import adapter_for, load_transformer
-    from tcpass.calibrate import calibrate as run
     from tcpass.sampling import describe_guidance
+    from tcpass.timing import pin_allocator
     from tcpass.zoo.digits import load_reference_model
 
     if (target_speedup is None) == (min_psnr is None):
         raise click.UsageError("give exactly one of --target-speedup (e.g. 2.0) or --min-psnr (e.g. 30).")
-    from tcpass.timing import pin_allocator
-
     pin_allocator()  # speeds are measured here: the same allocator setting as `tcpass demo` and the benches
     torch.set_num_threads(threads)
     try:
@@ -475,29 +424,43 @@ def calibrate(
         "guidance_interval": guidance_interval,
         "verify_reps": verify_rounds,
     }
-    if policy == "steps":
-        from tcpass.calibrate.steps import calibrate_steps
+    return model, common
 
-        report = calibrate_steps(
-            model,
-            out,
-            max_forecast=forecast,
-            forecast_histories=tuple(forecast_history),
-            compose=tuple(compose),
-            max_composed=max_composed,
-            speed_tolerance=speed_tolerance,
-            keep_steps=keep_steps,
-            **common,
-        )
-        click.echo(report.format())
-        click.echo(f"wrote {Path(out).resolve()}")
-        try:
-            from tcpass.calibrate.steps import plot_frontier
 
-            click.echo(f"wrote {plot_frontier(report, Path(out).with_suffix('.frontier.png')).resolve()}")
-        except ImportError:
-            click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
-        return
+@calibrate.command("tokens")
+@_calibration_options
+@click.option(
+    "--predictor",
+    type=click.Choice(["dynamic", "static", "input_change"]),
+    default="dynamic",
+    show_default=True,
+    help="Token selector to train (input_change: training-free).",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["full_kv", "cached_kv", "kept_only"]),
+    multiple=True,
+    default=("cached_kv", "full_kv"),
+    show_default=True,
+    help="Attention mode(s) to search (repeatable).",
+)
+@click.option(
+    "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
+)
+@click.option(
+    "--keep-ratio",
+    "keep_ratios",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    multiple=True,
+    default=(0.1, 0.15, 0.25, 0.35, 0.5),
+    show_default=True,
+    help="Fractions of tokens recomputed at cached steps to search (repeatable).",
+)
+def calibrate_tokens(predictor, attention, iterations, keep_ratios, out, **common_options):
+    """Token caching: train a token selector, pick the blocks and the TPRR schedule (tcpass.calibrate)."""
+    from tcpass.calibrate import calibrate as run
+
+    model, common = _calibration_setup(**common_options)
     report = run(
         model,
         out,
@@ -511,6 +474,85 @@ def calibrate(
     click.echo(
         f"wrote {Path(out).resolve()}" + (f" and {report.plan.selector.path}" if report.plan.selector.path else "")
     )
+
+
+@calibrate.command("steps")
+@_calibration_options
+@click.option(
+    "--forecast",
+    type=click.IntRange(min=0),
+    default=12,
+    show_default=True,
+    help="Also fit forecast weights for up to this many MagCache-rule tables near the target "
+    "(0: plain reuse only); each fit costs about one full-compute generation.",
+)
+@click.option(
+    "--forecast-history",
+    type=click.IntRange(1, 4),
+    multiple=True,
+    default=(3,),
+    show_default=True,
+    help="Computed steps a forecast reads (repeatable: one fit per value).",
+)
+@click.option(
+    "--compose",
+    "compose",
+    type=(click.FloatRange(0, 1), click.IntRange(min=2)),
+    multiple=True,
+    default=((0.25, 2),),
+    show_default=True,
+    help="Token caching composed with skip tables, KEEP INTERVAL: of every INTERVAL computed "
+    "calls one is FULL, the others recompute KEEP of the tokens in every block, or in the least sensitive half "
+    "of them (both are tried; repeatable).",
+)
+@click.option(
+    "--max-composed",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    help="At most this many skip + token compositions near the target are generated (0: none).",
+)
+@click.option(
+    "--speed-tolerance",
+    type=click.FloatRange(0, 0.5, max_open=True),
+    default=0.03,
+    show_default=True,
+    help="A plan measured at (1 - this) x --target-speedup or faster reaches it "
+    "(whole-generation timings vary by a few %).",
+)
+@click.option(
+    "--keep-steps",
+    is_flag=True,
+    help="Choose only plans that keep --steps sampler steps (skip tables, forecasts, "
+    "compositions), for pipelines whose step count is fixed; fewer-steps plans are still scored and reported.",
+)
+def calibrate_steps(
+    forecast, forecast_history, compose, max_composed, speed_tolerance, keep_steps, out, **common_options
+):
+    """Whole-step skipping: a timestep-keyed skip table (reuse or fitted forecast, optionally with token
+    caching composed) or fewer sampler steps, whichever keeps the most PSNR (tcpass.calibrate.steps)."""
+    from tcpass.calibrate.steps import calibrate_steps as run
+
+    model, common = _calibration_setup(**common_options)
+    report = run(
+        model,
+        out,
+        max_forecast=forecast,
+        forecast_histories=tuple(forecast_history),
+        compose=tuple(compose),
+        max_composed=max_composed,
+        speed_tolerance=speed_tolerance,
+        keep_steps=keep_steps,
+        **common,
+    )
+    click.echo(report.format())
+    click.echo(f"wrote {Path(out).resolve()}")
+    try:
+        from tcpass.calibrate.steps import plot_frontier
+
+        click.echo(f"wrote {plot_frontier(report, Path(out).with_suffix('.frontier.png')).resolve()}")
+    except ImportError:
+        click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
 
 
 @main.command("serve")

@@ -363,13 +363,13 @@ def test_joint_block_families_calibrate_through_their_adapter_under_flow_matchin
     model.save_pretrained(tmp_path / "model")
     common = ["--model", tmp_path / "model", "--samples", 2, "--steps", 6, "--verify-rounds", 1, "--threads", 1]
     runner = CliRunner()
-    steps = ["--policy", "steps", "--min-psnr", -100, "--forecast", 1, "--max-composed", 0]
-    result = runner.invoke(main, [str(a) for a in ["calibrate", *common, *steps, "-o", tmp_path / "s.json"]])
+    steps = ["--min-psnr", -100, "--forecast", 1, "--max-composed", 0]
+    result = runner.invoke(main, [str(a) for a in ["calibrate", "steps", *common, *steps, "-o", tmp_path / "s.json"]])
     assert result.exit_code == 0, result.output
     assert "6-step flow matching" in result.output
     assert load_plan(tmp_path / "s.json").notes["sampler"] == "flow"
     tokens = ["--min-psnr", -100, "--iterations", 2, "--attention", "full_kv", "--keep-ratio", 0.5]
-    result = runner.invoke(main, [str(a) for a in ["calibrate", *common, *tokens, "-o", tmp_path / "t.json"]])
+    result = runner.invoke(main, [str(a) for a in ["calibrate", "tokens", *common, *tokens, "-o", tmp_path / "t.json"]])
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "t.json")
     assert plan.model.model_class == type(model).__name__ and plan.keep_ratio[1] == 0.5

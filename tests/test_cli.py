@@ -151,3 +151,23 @@ def test_calibrate_passes_the_sampler_and_verification_rounds_on(tmp_path, monke
     assert isinstance(result.exception, RuntimeError), result.output
     assert {k: seen[k] for k in expected} == expected
     assert f"CFG {expected['guidance_scale']:g}" in result.output
+
+
+def test_each_calibration_method_shows_only_its_own_options(tmp_path, monkeypatch):
+    """`tcpass calibrate tokens|steps`: each lists its own options; the older `--policy` form still dispatches."""
+    import tcpass.calibrate.steps as steps
+
+    tokens, steps_help = invoke("calibrate", "tokens", "--help").output, invoke("calibrate", "steps", "--help").output
+    for common in ("--target-speedup", "--samples", "--guidance-interval", "--out"):
+        assert common in tokens and common in steps_help
+    assert "--keep-ratio" in tokens and "--predictor" in tokens and "--forecast" not in tokens
+    assert "--forecast" in steps_help and "--keep-steps" in steps_help and "--predictor" not in steps_help
+    out = tmp_path / "p.json"
+    result = invoke("calibrate", "--policy", "steps", "--predictor", "static", "--min-psnr", "30", "-o", out)
+    assert result.exit_code == 2 and "No such option '--predictor'" in result.output, result.output
+    result = invoke("calibrate", "--policy", "frames", "--min-psnr", "30", "-o", out)
+    assert result.exit_code == 2 and "'frames': expected one of ['steps', 'tokens']" in result.output, result.output
+    called = []
+    monkeypatch.setattr(steps, "calibrate_steps", lambda *a, **k: called.append(k) or (_ for _ in ()).throw(KeyError))
+    invoke("calibrate", "--policy=steps", "--min-psnr", "30", "--keep-steps", "-o", out)
+    assert called and called[0]["keep_steps"] is True and not out.exists()

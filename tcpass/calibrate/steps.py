@@ -713,7 +713,7 @@ def plot_frontier(report: StepCalibrationReport, path: str | Path) -> Path:
         ax.axvline(report.target_speedup, color="grey", ls=":", lw=1)
     ax.set_xlabel("speedup vs full compute (predicted from per-call times; x: measured)")
     ax.set_ylabel("PSNR vs full compute, calibration samples (dB)")
-    ax.set_title("tcpass calibrate --policy steps: candidates and frontier")
+    ax.set_title("tcpass calibrate steps: candidates and frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -39,7 +39,7 @@ class ReferenceModel:
         held_out: ``() -> (images [n, C, H, W] in [-1, 1], labels [n])``, never used for training.
         default_plan: the shipped TokenCache plan (token caching: `tcpass serve`'s default, the quality bench).
         demo_plan: the plan `tcpass demo` uses: the best plan calibrated for this model (a step plan
-            with fitted forecasts, `tcpass calibrate --policy steps --target-speedup 2.0`; on emoji with
+            with fitted forecasts, `tcpass calibrate steps --target-speedup 2.0`; on emoji with
             ``--keep-steps``, since without it the search picks 25 plain DDIM steps there).
         model_dir: ``() -> Path`` of the shipped weights (`sampler_for` recognises it).
         guidance_interval: model timesteps ``(lo, hi)`` its sampler applies classifier-free guidance at
