@@ -111,3 +111,31 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
     guarded = tmp_path / "guarded.py"
     guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tcpass.runtime import x\n")
     assert imports_of(guarded, modules) == set()
+
+
+MAX_FUNCTION_LINES = 80  # a function's code, from its first statement after the docstring to its last line
+
+
+def long_functions(source: str, max_lines: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """``(name, lines)`` of the functions in ``source`` whose code (docstring excluded) exceeds ``max_lines``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            first = body[1] if has_doc and len(body) > 1 else body[0]
+            lines = node.end_lineno - first.lineno + 1
+            if lines > max_lines:
+                out.append((node.name, lines))
+    return out
+
+
+def test_no_function_is_longer_than_80_lines():
+    found = {
+        f"{path.relative_to(PACKAGE.parent)}:{name}": lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, lines in long_functions(path.read_text())
+    }
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines of code (split them): {found}"
+    long = "def f():\n    '''doc'''\n" + "    x = 1\n" * 81
+    assert long_functions(long) == [("f", 81)] and long_functions(long.replace("    x = 1\n", "", 1)) == []

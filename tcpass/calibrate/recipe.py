@@ -139,56 +139,12 @@ def calibrate(
     )
     sens = block_sensitivity(model, data, progress=progress)
     order = [int(b) for b in sens.argsort()]
-    losses: list[float] = []
-    selection = {}
-    if predictor == "input_change":
-        selector = SelectorSpec(kind="input_change")
-    else:
-        untrained = train_predictor(model, data, predictor, iterations=0, progress=False).predictor
-        trained = train_predictor(model, data, predictor, iterations=iterations, progress=progress)
-        losses = trained.losses
-        selection = {
-            "random": topk_error(model, data, "random"),
-            f"{predictor} initial": topk_error(model, data, predictor_scorer(untrained)),
-            f"{predictor} trained": topk_error(model, data, predictor_scorer(trained.predictor)),
-        }
-        # Keep training only if it helps on held-out pairs (the dynamic predictor starts from a
-        # strong training-free ranking, and a short training run can make it worse).
-        keep_trained = predictor == "static" or selection[f"{predictor} trained"] <= selection[f"{predictor} initial"]
-        selection["kept"] = "trained" if keep_trained else "initial"
-        selector = _write_predictor(trained.predictor if keep_trained else untrained, out)
+    selector, losses, selection = _train_selector(model, data, predictor, iterations, out, progress)
     modes = (attention,) if isinstance(attention, str) else tuple(attention)
-    winner, candidates, times, errors, problems = None, [], None, [], []
-    for mode in modes:  # each attention mode has its own step times; the best plan over all wins
-        base = CachePlan(attention=mode, selector=selector, model=fingerprint)
-        mode_times, timing_problems = measure_plausible_step_times(
-            model, ratios, base, batch, plan_dir=out.parent, progress=progress
-        )
-        try:
-            best, tried = search_schedule(
-                model,
-                data,
-                base,
-                mode_times,
-                order,
-                target_speedup=target_speedup,
-                min_psnr=min_psnr,
-                plan_dir=out.parent,
-                progress=progress,
-            )
-        except ValueError as e:  # this mode cannot reach the target; another may
-            errors.append(f"attention={mode}: {e}")
-            continue
-        candidates += tried
-        better = winner is None or (
-            best.psnr_db > winner.psnr_db
-            if target_speedup is not None
-            else best.predicted_speedup > winner.predicted_speedup
-        )
-        if better:
-            winner, times, problems = best, mode_times, timing_problems
-    if winner is None:
-        raise ValueError("; ".join(errors))
+    winner, candidates, times, problems = _search_attention_modes(
+        model, data, modes, ratios, batch, CachePlan(selector=selector, model=fingerprint), order,
+        target_speedup, min_psnr, out, progress,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     report = CalibrationReport(
         plan=winner.plan,
@@ -220,6 +176,66 @@ def calibrate(
         report.measured_speedup, _ = verify_speedup(model, winner.plan, data, verify_reps, plan_dir=out.parent)
         notes["measured_speedup"] = round(report.measured_speedup, 3)
     report.plan = dataclasses.replace(winner.plan, notes=notes)
+    _write_calibration(report, out, previous_weights, candidates, losses)
+    return report
+
+
+def _train_selector(
+    model: nn.Module, data, predictor: str, iterations: int, out: Path, progress: bool
+) -> tuple[SelectorSpec, list[float], dict]:
+    """The token selector: ``input_change`` (training-free), or a trained predictor written beside ``out``;
+    returns it, the training losses and the held-out top-K errors that chose trained vs initial weights."""
+    if predictor == "input_change":
+        return SelectorSpec(kind="input_change"), [], {}
+    untrained = train_predictor(model, data, predictor, iterations=0, progress=False).predictor
+    trained = train_predictor(model, data, predictor, iterations=iterations, progress=progress)
+    selection = {
+        "random": topk_error(model, data, "random"),
+        f"{predictor} initial": topk_error(model, data, predictor_scorer(untrained)),
+        f"{predictor} trained": topk_error(model, data, predictor_scorer(trained.predictor)),
+    }
+    # Keep training only if it helps on held-out pairs (the dynamic predictor starts from a
+    # strong training-free ranking, and a short training run can make it worse).
+    keep_trained = predictor == "static" or selection[f"{predictor} trained"] <= selection[f"{predictor} initial"]
+    selection["kept"] = "trained" if keep_trained else "initial"
+    return _write_predictor(trained.predictor if keep_trained else untrained, out), trained.losses, selection
+
+
+def _search_attention_modes(
+    model, data, modes, ratios, batch, base, order, target_speedup, min_psnr, out: Path, progress: bool
+):
+    """`search_schedule` under each attention mode (each with its own step times); the best plan over all
+    wins. Returns (winner, every candidate, the winner's step times, its timing problems)."""
+    winner, candidates, times, errors, problems = None, [], None, [], []
+    for mode in modes:
+        mode_base = dataclasses.replace(base, attention=mode)
+        mode_times, timing_problems = measure_plausible_step_times(
+            model, ratios, mode_base, batch, plan_dir=out.parent, progress=progress
+        )
+        try:
+            best, tried = search_schedule(
+                model, data, mode_base, mode_times, order, target_speedup=target_speedup, min_psnr=min_psnr,
+                plan_dir=out.parent, progress=progress,
+            )  # fmt: skip
+        except ValueError as e:  # this mode cannot reach the target; another may
+            errors.append(f"attention={mode}: {e}")
+            continue
+        candidates += tried
+        better = winner is None or (
+            best.psnr_db > winner.psnr_db
+            if target_speedup is not None
+            else best.predicted_speedup > winner.predicted_speedup
+        )
+        if better:
+            winner, times, problems = best, mode_times, timing_problems
+    if winner is None:
+        raise ValueError("; ".join(errors))
+    return winner, candidates, times, problems
+
+
+def _write_calibration(report, out: Path, previous_weights: Path | None, candidates, losses) -> None:
+    """The plan (atomically), the previous plan's own weights file removed once replaced, and the sidecar
+    ``.calibration.json`` with every candidate, the step times and the training losses."""
     save_plan(report.plan, out)
     if previous_weights is not None and previous_weights.name != report.plan.selector.path:
         previous_weights.unlink(missing_ok=True)
@@ -228,11 +244,10 @@ def calibrate(
             {"predicted_speedup": c.predicted_speedup, "psnr_db": c.psnr_db, "plan": c.plan.to_dict()}
             for c in sorted(candidates, key=lambda c: -c.psnr_db)
         ],
-        "step_times_s": dataclasses.asdict(times),
+        "step_times_s": dataclasses.asdict(report.times),
         "train_losses": losses,
     }
     write_atomic(out.with_suffix(".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
-    return report
 
 
 def _weights_name(out: Path, role: str, digest: str) -> str:

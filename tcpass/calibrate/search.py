@@ -4,6 +4,7 @@ generations (`verify_speedup`), and the TPRR schedule search (`search_schedule`)
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -81,6 +82,67 @@ def verify_speedup(
     return ratio, seconds
 
 
+def _tprr_plan(base: CachePlan, block_order: list[int], n, r0, r1, i0, i1, boundary) -> CachePlan:
+    """``base`` caching the ``n`` least sensitive blocks at keep ratios ``(r0, r1)``, TPRR intervals
+    ``(i0, i1)`` either side of ``boundary``."""
+    blocks = "all" if n == len(block_order) else tuple(sorted(block_order[:n]))
+    return dataclasses.replace(
+        base,
+        blocks=blocks,
+        keep_ratio=(r0, r1),
+        block_keep_ratio={},
+        schedule=TPRRSchedule(boundary_timestep=boundary, intervals=(i0, i1)),
+    )
+
+
+def _schedule_grid(base: CachePlan, times: StepTimes, block_order: list[int], ts: list[float]) -> list[tuple]:
+    """Every structure of the search space that caches something, with its predicted speedup (cheap: no
+    model runs): ``(speedup, n, r0, r1, i0, i1, boundary, plan)``."""
+    L, ratios, grid = len(block_order), sorted(times.cached), []
+    for n in sorted({L, max(1, L - 1), max(1, L - 2), max(1, (3 * L) // 4)}, reverse=True):
+        for r0, r1, boundary in itertools.product(ratios, ratios, (250.0, 500.0, 750.0)):
+            for i0, i1 in itertools.product(range(1, 13), range(1, 13)):
+                plan = _tprr_plan(base, block_order, n, r0, r1, i0, i1, boundary)
+                if not any(st.kind is StepKind.CACHED for st in simulate(plan.schedule, ts)):
+                    continue  # caches nothing: never a plan for a speedup target
+                grid.append((times.speedup(plan, ts), n, r0, r1, i0, i1, boundary, plan))
+    return grid
+
+
+def _stage_a(band: list[tuple]) -> dict:
+    """Per (blocks, keep ratio) with equal phases, the most even schedule near the target; the closest
+    few of any shape when the band has no uniform candidate."""
+    stage_a = {}
+    for g in band:
+        sp, n, r0, r1, i0, i1, boundary, plan = g
+        if r0 == r1:
+            key = (n, r0)
+            rank = (abs(i0 - i1), abs(boundary - 500.0), sp)
+            if key not in stage_a or rank < stage_a[key][0]:
+                stage_a[key] = (rank, g)
+    stage_a = {key: g for key, (_, g) in stage_a.items()}
+    if not stage_a:
+        stage_a = {i: g for i, g in enumerate(sorted(band, key=lambda g: g[0])[:4])}
+    return stage_a
+
+
+def _stage_b(band: list[tuple], blocks: int, keep_ratio: tuple[float, float]) -> list[tuple]:
+    """Up to 6 phase-asymmetric variants of the stage-A winner's structure (``blocks`` cached, keep ratios
+    within 0.15 of its own), slowest first, one per (keep ratios, boundary)."""
+    near = [g for g in band if g[1] == blocks and (g[2] != g[3] or g[4] != g[5])]  # phases differ
+    near = [g for g in near if abs(g[2] - keep_ratio[0]) <= 0.15 and abs(g[3] - keep_ratio[1]) <= 0.15]
+    near.sort(key=lambda g: g[0])
+    picks, seen = [], set()
+    for g in near:
+        sig = (g[2], g[3], g[6])
+        if sig not in seen:
+            seen.add(sig)
+            picks.append(g)
+        if len(picks) >= 6:
+            break
+    return picks
+
+
 def search_schedule(
     model: nn.Module,
     data: CalibrationData,
@@ -106,14 +168,7 @@ def search_schedule(
     evaluated: dict[str, Candidate] = {}
 
     def make(n, r0, r1, i0, i1, boundary):
-        blocks = "all" if n == L else tuple(sorted(block_order[:n]))
-        return dataclasses.replace(
-            base,
-            blocks=blocks,
-            keep_ratio=(r0, r1),
-            block_keep_ratio={},
-            schedule=TPRRSchedule(boundary_timestep=boundary, intervals=(i0, i1)),
-        )
+        return _tprr_plan(base, block_order, n, r0, r1, i0, i1, boundary)
 
     def evaluate(plan: CachePlan) -> Candidate:
         key = plan.to_json()
@@ -121,20 +176,8 @@ def search_schedule(
             evaluated[key] = Candidate(plan, times.speedup(plan, ts), fidelity(model, plan, data, plan_dir))
         return evaluated[key]
 
-    # Every structure in the grid, with its predicted speedup (cheap: no model runs).
-    grid = []
-    for n in sorted({L, max(1, L - 1), max(1, L - 2), max(1, (3 * L) // 4)}, reverse=True):
-        for r0 in ratios:
-            for r1 in ratios:
-                for boundary in (250.0, 500.0, 750.0):
-                    for i0 in range(1, 13):
-                        for i1 in range(1, 13):
-                            plan = make(n, r0, r1, i0, i1, boundary)
-                            if not any(st.kind is StepKind.CACHED for st in simulate(plan.schedule, ts)):
-                                continue  # caches nothing: never a plan for a speedup target
-                            grid.append((times.speedup(plan, ts), n, r0, r1, i0, i1, boundary, plan))
-
     if target_speedup is not None:
+        grid = _schedule_grid(base, times, block_order, ts)
         band = [g for g in grid if target_speedup <= g[0] <= 1.08 * target_speedup]
         if not band:
             fastest = max(g[0] for g in grid)
@@ -142,39 +185,14 @@ def search_schedule(
                 f"target speedup {target_speedup}x is out of reach on this machine for this model: the fastest "
                 f"plan in the search space is predicted at {fastest:.2f}x. Lower --target-speedup."
             )
-        # Stage A: per (blocks, keep ratio) with equal phases, the most even schedule near the target.
-        stage_a = {}
-        for g in band:
-            sp, n, r0, r1, i0, i1, boundary, plan = g
-            if r0 == r1:
-                key = (n, r0)
-                rank = (abs(i0 - i1), abs(boundary - 500.0), sp)
-                if key not in stage_a or rank < stage_a[key][0]:
-                    stage_a[key] = (rank, g)
-        stage_a = {key: g for key, (_, g) in stage_a.items()}
-        if not stage_a:  # no uniform candidate in the band: take the closest few of any shape
-            stage_a = {i: g for i, g in enumerate(sorted(band, key=lambda g: g[0])[:4])}
+        stage_a = _stage_a(band)
         order = sorted(stage_a.values(), key=lambda g: (-g[1], g[2]))
         for g in tqdm(order, desc="schedule search (A)", disable=not progress, leave=False):
             evaluate(g[-1])
         best = max(evaluated.values(), key=lambda c: c.psnr_db)
         # Stage B: phase-asymmetric variants of the winner's structure.
         bn = L if best.plan.blocks == "all" else len(best.plan.blocks)
-        near = [g for g in band if g[1] == bn and (g[2] != g[3] or g[4] != g[5])]  # phases differ
-        near = [
-            g
-            for g in near
-            if abs(g[2] - best.plan.keep_ratio[0]) <= 0.15 and abs(g[3] - best.plan.keep_ratio[1]) <= 0.15
-        ]
-        near.sort(key=lambda g: g[0])
-        picks, seen = [], set()
-        for g in near:
-            sig = (g[2], g[3], g[6])
-            if sig not in seen:
-                seen.add(sig)
-                picks.append(g)
-            if len(picks) >= 6:
-                break
+        picks = _stage_b(band, bn, best.plan.keep_ratio)
         for g in tqdm(picks, desc="schedule search (B)", disable=not progress, leave=False):
             evaluate(g[-1])
         winner = max(evaluated.values(), key=lambda c: c.psnr_db)

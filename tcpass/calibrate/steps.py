@@ -430,21 +430,7 @@ def calibrate_steps(
     chosen = _choose(
         model, choosable, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
     )
-    notes = {
-        "calibrated_by": "tcpass calibrate --policy steps",
-        "candidate": chosen.name,
-        "predicted_speedup": round(chosen.predicted_speedup, 3),
-        "calibration_psnr_db": round(chosen.psnr_db, 3),
-        "batch": batch,
-        "samples": num_samples,
-        "steps": steps,
-        **sampler_notes(data),
-    }
-    if keep_steps:
-        notes["keep_steps"] = True
-    if chosen.measured_speedup is not None:
-        notes["measured_speedup"] = round(chosen.measured_speedup, 3)
-    plan = dataclasses.replace(chosen.plan, notes=notes)
+    plan = dataclasses.replace(chosen.plan, notes=_notes(chosen, data, batch, keep_steps))
     report = StepCalibrationReport(
         plan,
         chosen,
@@ -458,6 +444,26 @@ def calibrate_steps(
     )
     _write_atomically(out, plan, report)
     return report
+
+
+def _notes(chosen: StepCandidate, data: CalibrationData, batch: int, keep_steps: bool) -> dict:
+    """What a step plan records of its calibration: the candidate, its predicted and measured speed,
+    its calibration PSNR, and the sampler it was calibrated under."""
+    notes = {
+        "calibrated_by": "tcpass calibrate --policy steps",
+        "candidate": chosen.name,
+        "predicted_speedup": round(chosen.predicted_speedup, 3),
+        "calibration_psnr_db": round(chosen.psnr_db, 3),
+        "batch": batch,
+        "samples": len(data.noise),
+        "steps": data.steps,
+        **sampler_notes(data),
+    }
+    if keep_steps:
+        notes["keep_steps"] = True
+    if chosen.measured_speedup is not None:
+        notes["measured_speedup"] = round(chosen.measured_speedup, 3)
+    return notes
 
 
 def _in_window(candidates: list[StepCandidate], target: float | None, window: float) -> list[StepCandidate]:
