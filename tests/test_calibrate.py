@@ -408,3 +408,21 @@ def test_dit_calibration_labels_cover_every_class_evenly(n):
 def test_collect_uses_stratified_labels():
     data = cal.collect(_nine_class_dit(), num_samples=18, steps=2, progress=False)
     assert torch.bincount(data.cond["class_labels"], minlength=9).tolist() == [2] * 9
+
+
+def test_token_and_step_calibration_predict_speed_with_one_model():
+    """Both calibrators price a plan with `tcpass.calibrate.timing.predict_speedup`: a token plan priced from
+    the token search's step times and from the step search's per-call seconds gets one figure, worked here
+    by hand: 10 DDIM calls under TPRR intervals (2, 2) are 6 FULL and 4 CACHED (the phase boundary at
+    t = 500 starts its phase with a FULL call)."""
+    from tcpass.calibrate.steps import predicted_speedup
+    from tcpass.sampling import ddim_timesteps
+    from tcpass.schedule import StepKind, simulate
+
+    times = cal.StepTimes(eager=1.0, full=1.1, cached={0.25: 0.5}, num_blocks=4)
+    plan = tcpass.CachePlan(blocks=(0, 1), keep_ratio=(0.25, 0.25), schedule=tcpass.TPRRSchedule(intervals=(2, 2)))
+    kinds = [step.kind for step in simulate(plan.schedule, ddim_timesteps(10))]
+    assert kinds.count(StepKind.FULL) == 6 and kinds.count(StepKind.CACHED) == 4
+    by_hand = 10 * 1.0 / (6 * 1.1 + 4 * (1.1 + 2 / 4 * (0.5 - 1.1)))  # 2 of 4 blocks cached: half the saving
+    assert times.speedup(plan, ddim_timesteps(10)) == pytest.approx(by_hand, rel=1e-12)
+    assert predicted_speedup(plan, 10, times.seconds()) == pytest.approx(by_hand, rel=1e-12)

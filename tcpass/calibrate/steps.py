@@ -52,10 +52,9 @@ from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
-from tcpass.calibrate.timing import best_seconds, measure_step_times
+from tcpass.calibrate.timing import best_seconds, measure_step_times, predict_speedup
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
 from tcpass.sampling import sampler_timesteps
-from tcpass.schedule import StepKind, simulate
 from tcpass.trace import flatten_inputs, reusing_traces
 
 
@@ -242,27 +241,11 @@ def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[st
 def predicted_speedup(
     plan: CachePlan, steps: int, seconds: dict[str, float], sampler: str = "ddim", shift: float = 1.0
 ) -> float:
-    """Full-compute generation of ``steps`` calls over ``plan``'s generation, from per-call seconds;
-    ``sampler``, ``shift``: the sampler whose timesteps the plan runs at (`tcpass.sampling.sampler_timesteps`).
-
-    ``seconds``: ``eager``, ``full`` and ``skip_<level>`` (`measure_call_seconds`); a plan that token-caches
-    also needs ``full tokens``, ``cached <keep>`` (every block cached) per keep ratio it uses and
-    ``num_blocks`` (`measure_token_seconds`); caching fewer blocks saves proportionally less.
-    """
-    timesteps = sampler_timesteps(plan.sampler_steps or steps, sampler, shift)
-    total = 0.0
-    for step in simulate(plan.schedule, timesteps, plan.skip):
-        if step.kind is StepKind.SKIP:
-            total += seconds[f"skip_{plan.skip.level}"]
-        elif plan.blocks == ():  # nothing token-cached: a CACHED call computes everything
-            total += seconds["full"]
-        elif step.kind is StepKind.FULL:
-            total += seconds["full tokens"]
-        else:  # CACHED: every block cached costs "cached <keep>"; fewer blocks, linearly less saving
-            fraction = 1.0 if plan.blocks == "all" else len(plan.blocks) / seconds["num_blocks"]
-            cached = seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
-            total += seconds["full tokens"] + fraction * (cached - seconds["full tokens"])
-    return seconds["eager"] * steps / total
+    """Full-compute generation of ``steps`` calls over ``plan``'s generation (its own ``sampler_steps``
+    when set, at ``sampler``'s timesteps, `tcpass.sampling.sampler_timesteps`): the one speed model,
+    `tcpass.calibrate.timing.predict_speedup`, over per-call ``seconds`` (`measure_call_seconds`,
+    `measure_token_seconds`)."""
+    return predict_speedup(plan, sampler_timesteps(plan.sampler_steps or steps, sampler, shift), seconds, steps)
 
 
 def token_overlay(base: CachePlan, keep: float, interval: int, blocks: tuple[int, ...] | str = "all") -> CachePlan:

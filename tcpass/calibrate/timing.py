@@ -37,12 +37,47 @@ class StepTimes:
         """CACHED call with ``n_blocks`` of ``num_blocks`` cached at ``ratio`` (linear in blocks)."""
         return self.full + n_blocks / self.num_blocks * (self.cached[ratio] - self.full)
 
+    def seconds(self) -> dict[str, float]:
+        """These times under the names `predict_speedup` reads (the token graphs' FULL is ``full tokens``)."""
+        cached = {f"cached {k:g}": v for k, v in self.cached.items()}
+        return {
+            "eager": self.eager,
+            "full": self.full,
+            "full tokens": self.full,
+            "num_blocks": self.num_blocks,
+            **cached,
+        }
+
     def speedup(self, plan: CachePlan, timesteps: list[float]) -> float:
-        n = self.num_blocks if plan.blocks == "all" else len(plan.blocks)
-        total = 0.0
-        for step in simulate(plan.schedule, timesteps):
-            total += self.full if step.kind is StepKind.FULL else self.cached_time(n, plan.keep_ratio[step.phase])
-        return self.eager * len(timesteps) / total
+        """`predict_speedup` of ``plan`` over ``timesteps`` with these times."""
+        return predict_speedup(plan, timesteps, self.seconds())
+
+
+def predict_speedup(
+    plan: CachePlan, timesteps: list[float], seconds: dict[str, float], full_compute_calls: int | None = None
+) -> float:
+    """The one speed model: seconds of ``full_compute_calls`` (default ``len(timesteps)``) uncached calls
+    over the seconds of ``plan``'s calls at ``timesteps`` (`tcpass.schedule.simulate`), from per-call seconds.
+
+    ``seconds``: ``eager`` (the uncached model); ``full`` (the FULL graph of a plan that token-caches
+    nothing) and ``skip_<level>`` (a SKIP call), from `tcpass.calibrate.steps.measure_call_seconds`; a
+    plan that token-caches also needs ``full tokens`` (its FULL graph), ``cached <keep>`` (a CACHED call
+    with every block cached) per keep ratio it uses and ``num_blocks``: caching fewer blocks saves
+    proportionally less (`StepTimes`, `tcpass.calibrate.steps.measure_token_seconds`).
+    """
+    total = 0.0
+    for step in simulate(plan.schedule, timesteps, plan.skip):
+        if step.kind is StepKind.SKIP:
+            total += seconds[f"skip_{plan.skip.level}"]
+        elif plan.blocks == ():  # nothing token-cached: a CACHED call computes everything
+            total += seconds["full"]
+        elif step.kind is StepKind.FULL:
+            total += seconds["full tokens"]
+        else:  # CACHED: every block cached costs "cached <keep>"; fewer blocks, linearly less saving
+            fraction = 1.0 if plan.blocks == "all" else len(plan.blocks) / seconds["num_blocks"]
+            cached = seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
+            total += seconds["full tokens"] + fraction * (cached - seconds["full tokens"])
+    return seconds["eager"] * (full_compute_calls or len(timesteps)) / total
 
 
 def best_seconds(fn: Callable, reps: int) -> float:
