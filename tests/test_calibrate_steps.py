@@ -154,7 +154,9 @@ def test_forecasts_go_to_tables_within_the_speed_tolerance_of_the_target(tmp_pat
     from tcpass.calibrate import steps as cs
 
     def table(name, speed):
-        return cs.StepCandidate(name, CachePlan(), speed)
+        words = name.split()
+        rule = (float(words[words.index("ret") + 1]), int(words[words.index("K") + 1]))
+        return cs.Candidate(CachePlan(), speed, name=name, family="skip, reuse", rule=rule)
 
     rule = [table("magcache thr 0.1 ret 0.1 K 3", 2.80), table("magcache thr 0.2 ret 0.1 K 3", 2.95)]
     rule += [table("magcache thr 0.3 ret 0.1 K 3", 3.10), table("magcache thr 0.2 ret 0.2 K 6", 3.05)]
@@ -187,7 +189,7 @@ def test_the_choice_is_verified_on_whole_generations(monkeypatch):
     from tcpass.calibrate import steps as cs
 
     def pool(*rows):
-        return [cs.StepCandidate(name, CachePlan(), pred, psnr) for name, pred, psnr in rows]
+        return [cs.Candidate(CachePlan(), pred, psnr, name=name) for name, pred, psnr in rows]
 
     def measure(speeds, timed):
         def verify(model, plan, data, reps):
@@ -303,7 +305,9 @@ def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
     pool = []
     for thr, ret, k, speed in ((0.5, 0.2, 3, 2.1), (1.0, 0.2, 3, 2.4), (0.3, 0.2, 3, 1.8), (2.0, 0.1, 2, 2.2)):
         plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, k, ret))
-        pool.append(cs.StepCandidate(f"magcache thr {thr} ret {ret} K {k}", plan, speed, None))
+        pool.append(
+            cs.Candidate(plan, speed, name=f"magcache thr {thr} ret {ret} K {k}", family="skip, reuse", rule=(ret, k))
+        )
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.1}
     out = cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 4, (2, 3))
     # per (retention, K): the table predicted nearest at or above 2.0x; longest skip runs first
@@ -323,7 +327,7 @@ def test_the_verified_choice_starts_from_a_measured_bias(monkeypatch):
 
     def pool():
         rows = (("a", 1.5, 31.0), ("b", 2.1, 29.0))
-        return [cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in rows]
+        return [cs.Candidate(CachePlan(), pred, psnr, name=n) for n, pred, psnr in rows]
 
     timed = []
 
@@ -378,7 +382,8 @@ def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_r
     for thr in (0.05, 0.3, 1.0, 3.0):
         for ret, k in ((0.2, 3), (0.1, 2)):
             plan = CachePlan(blocks=(), skip=magcache_table(timesteps, ratios, thr, k, ret))
-            tables.append(cs.StepCandidate(f"magcache thr {thr} ret {ret} K {k}", plan, 0.0))
+            name = f"magcache thr {thr} ret {ret} K {k}"
+            tables.append(cs.Candidate(plan, 0.0, name=name, family="skip, reuse", rule=(ret, k)))
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "full tokens": 1.0, "cached 0.25": 0.5, "cached 0.5": 0.7}
     target = 1.6
     overlays = ((0.25, 2, "all"), (0.5, 3, (0, 2)))
@@ -405,8 +410,8 @@ def test_the_frontier_keeps_what_nothing_beats_on_speed_and_psnr(tmp_path):
     from tcpass.calibrate import steps as cs
 
     rows = (("a", 1.5, 33.0), ("b", 2.0, 31.0), ("c", 2.0, 30.0), ("d", 2.5, 31.5), ("e", 3.0, 25.0), ("f", 1.2, 32.0))
-    candidates = [cs.StepCandidate(n, CachePlan(), pred, psnr) for n, pred, psnr in rows]
-    candidates.append(cs.StepCandidate("unscored", CachePlan(), 4.0))
+    candidates = [cs.Candidate(CachePlan(), pred, psnr, name=n) for n, pred, psnr in rows]
+    candidates.append(cs.Candidate(CachePlan(), 4.0, name="unscored"))
     assert [c.name for c in cs.frontier(candidates)] == ["e", "d", "a"]
     report = cs.StepCalibrationReport(CachePlan(), candidates[3], candidates, [1.0], {}, target_speedup=2.0)
     png = cs.plot_frontier(report, tmp_path / "plan.frontier.png")

@@ -22,9 +22,23 @@ from tcpass.schedule import StepKind, simulate
 
 @dataclass
 class Candidate:
+    """One plan a calibrator considered (token search, step search, forecasts, compositions).
+
+    ``predicted_speedup``: the one speed model's figure (`tcpass.calibrate.timing.predict_speedup`);
+    ``psnr_db``: its calibration samples vs full compute (None: not generated); ``family``: what kind of
+    plan it is, for reports and plots (``"token caching"``, ``"fewer steps"``, ``"spread stack"``,
+    ``"spread output"``, ``"skip, reuse"``, ``"skip, scaled reuse"``, ``"skip, forecast"``, ``"skip + token
+    caching"``); ``rule``: ``(retention, max_skip_steps)`` of a MagCache-rule skip table and what derives
+    from it; ``measured_speedup``: whole generations, interleaved with full compute.
+    """
+
     plan: CachePlan
     predicted_speedup: float
     psnr_db: float | None = None
+    name: str = ""
+    family: str = "token caching"
+    rule: tuple[float, int] | None = None
+    measured_speedup: float | None = None
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_notes
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
-from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
+from tcpass.calibrate.search import Candidate, fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.timing import best_seconds, measure_step_times, predict_speedup
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
 from tcpass.sampling import sampler_timesteps
@@ -114,28 +115,7 @@ def spread_table(timesteps: list[float], computed: int, level: str) -> StepSkip:
     return StepSkip(timesteps=[t for j, t in enumerate(timesteps) if j not in keep], level=level)
 
 
-@dataclass
-class StepCandidate:
-    name: str
-    plan: CachePlan
-    predicted_speedup: float
-    psnr_db: float | None = None
-    measured_speedup: float | None = None  # whole generations, interleaved with full compute
-
-    @property
-    def family(self) -> str:
-        """The kind of candidate, for reports and plots (from its name, see `step_candidates`)."""
-        name = self.name
-        if " + tokens" in name:
-            return "skip + token caching"
-        if " forecast " in name:
-            return "skip, forecast"
-        if name.startswith("magcache"):
-            return "skip, scaled reuse" if name.endswith("scaled") else "skip, reuse"
-        return name.split(" (")[0]  # "fewer steps", "spread stack", "spread output"
-
-
-def frontier(candidates: list[StepCandidate]) -> list[StepCandidate]:
+def frontier(candidates: list[Candidate]) -> list[Candidate]:
     """The scored candidates no other beats on both predicted speed and PSNR, fastest first."""
     scored = sorted((c for c in candidates if c.psnr_db is not None), key=lambda c: (-c.predicted_speedup, -c.psnr_db))
     out, best = [], -math.inf
@@ -149,8 +129,8 @@ def frontier(candidates: list[StepCandidate]) -> list[StepCandidate]:
 @dataclass
 class StepCalibrationReport:
     plan: CachePlan
-    chosen: StepCandidate
-    candidates: list[StepCandidate]
+    chosen: Candidate
+    candidates: list[Candidate]
     ratios: list[float]
     call_seconds: dict[str, float]
     measured_speedup: float | None = None
@@ -159,7 +139,7 @@ class StepCalibrationReport:
     tolerance: float = 0.0  # a measured speedup of (1 - tolerance) x the target reaches it
     speed_bias: float = 1.0  # measured / predicted speedup of one whole generation, before the window was drawn
 
-    def frontier(self) -> list[StepCandidate]:
+    def frontier(self) -> list[Candidate]:
         """The candidates no other beats on both predicted speed and calibration PSNR, fastest first."""
         return frontier(self.candidates)
 
@@ -273,29 +253,30 @@ def measure_token_seconds(model: nn.Module, batch: int, keeps: tuple[float, ...]
     }
 
 
-def step_candidates(timesteps: list[float], ratios: list[float], base: CachePlan) -> list[tuple[str, CachePlan]]:
-    """Every table this search considers (duplicates removed), as ``(name, plan)``."""
-    plans: dict[str, tuple[str, CachePlan]] = {}
+def step_candidates(
+    timesteps: list[float], ratios: list[float], base: CachePlan, speed: Callable[[CachePlan], float]
+) -> list[Candidate]:
+    """Every table this search considers (duplicates removed), unscored; ``speed(plan)``: its predicted speedup."""
+    plans: dict[str, Candidate] = {}
 
-    def add(name: str, plan: CachePlan) -> None:
-        plans.setdefault(plan.to_json(), (name, plan))
+    def add(name: str, family: str, plan: CachePlan, rule: tuple[float, int] | None = None) -> None:
+        key = plan.to_json()
+        if key not in plans:
+            plans[key] = Candidate(plan, speed(plan), name=name, family=family, rule=rule)
 
     n = len(timesteps)
     for computed in range(max(2, n // 8), n):
-        add(f"fewer steps ({computed})", dataclasses.replace(base, sampler_steps=computed))
+        add(f"fewer steps ({computed})", "fewer steps", dataclasses.replace(base, sampler_steps=computed))
         for level in ("stack", "output"):
-            add(
-                f"spread {level} ({computed}/{n})",
-                dataclasses.replace(base, skip=spread_table(timesteps, computed, level)),
-            )
+            table = spread_table(timesteps, computed, level)
+            add(f"spread {level} ({computed}/{n})", f"spread {level}", dataclasses.replace(base, skip=table))
     for threshold in np.geomspace(0.005, 3.0, 48):
-        for retention in (0.1, 0.2, 0.3, 0.4):
-            for max_skip in (1, 2, 3, 4, 6):
-                for scaled in (False, True):
-                    table = magcache_table(timesteps, ratios, float(threshold), max_skip, retention, scaled)
-                    if table.timesteps:
-                        name = f"magcache thr {threshold:.3g} ret {retention} K {max_skip}{' scaled' if scaled else ''}"
-                        add(name, dataclasses.replace(base, skip=table))
+        for retention, max_skip, scaled in itertools.product((0.1, 0.2, 0.3, 0.4), (1, 2, 3, 4, 6), (False, True)):
+            table = magcache_table(timesteps, ratios, float(threshold), max_skip, retention, scaled)
+            if table.timesteps:
+                name = f"magcache thr {threshold:.3g} ret {retention} K {max_skip}{' scaled' if scaled else ''}"
+                family = "skip, scaled reuse" if scaled else "skip, reuse"
+                add(name, family, dataclasses.replace(base, skip=table), (retention, max_skip))
     return list(plans.values())
 
 
@@ -384,7 +365,7 @@ def calibrate_steps(
     def speed(plan: CachePlan) -> float:
         return predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)
 
-    every = [StepCandidate(n, p, speed(p)) for n, p in step_candidates(timesteps, ratios, base)]
+    every = step_candidates(timesteps, ratios, base, speed)
     bias = 1.0  # measured / predicted speedup, measured before the window is drawn (its edges are predicted)
     if target_speedup is not None and verify_reps > 0:
         bias = _measured_bias(model, every, data, target_speedup, verify_reps)
@@ -429,7 +410,7 @@ def calibrate_steps(
     return report
 
 
-def _notes(chosen: StepCandidate, data: CalibrationData, batch: int, keep_steps: bool) -> dict:
+def _notes(chosen: Candidate, data: CalibrationData, batch: int, keep_steps: bool) -> dict:
     """What a step plan records of its calibration: the candidate, its predicted and measured speed,
     its calibration PSNR, and the sampler it was calibrated under."""
     notes = {
@@ -449,7 +430,7 @@ def _notes(chosen: StepCandidate, data: CalibrationData, batch: int, keep_steps:
     return notes
 
 
-def _in_window(candidates: list[StepCandidate], target: float | None, window: float) -> list[StepCandidate]:
+def _in_window(candidates: list[Candidate], target: float | None, window: float) -> list[Candidate]:
     """The candidates predicted within [target / window, window * target] (all without a target), by speed."""
     if target is not None:
         candidates = [c for c in candidates if target / window <= c.predicted_speedup <= window * target]
@@ -458,7 +439,7 @@ def _in_window(candidates: list[StepCandidate], target: float | None, window: fl
     return sorted(candidates, key=lambda c: c.predicted_speedup)
 
 
-def _thinned(pool: list[StepCandidate], max_evaluated: int) -> list[StepCandidate]:
+def _thinned(pool: list[Candidate], max_evaluated: int) -> list[Candidate]:
     """At most ``max_evaluated`` of ``pool``, evenly over speed: up to a quarter fewer-steps baselines, then tables."""
     if len(pool) <= max_evaluated:
         return list(pool)
@@ -468,7 +449,7 @@ def _thinned(pool: list[StepCandidate], max_evaluated: int) -> list[StepCandidat
 
 
 def _measured_bias(
-    model: nn.Module, candidates: list[StepCandidate], data: CalibrationData, target: float, reps: int
+    model: nn.Module, candidates: list[Candidate], data: CalibrationData, target: float, reps: int
 ) -> float:
     """Measured / predicted speedup of the fewer-steps baseline predicted nearest ``target`` (timed here, and
     kept on it). The window, forecasts and compositions are all picked by predicted speed, so the prediction is
@@ -481,7 +462,7 @@ def _measured_bias(
 
 def _choose(
     model: nn.Module,
-    pool: list[StepCandidate],
+    pool: list[Candidate],
     data: CalibrationData,
     target_speedup: float | None,
     min_psnr: float | None,
@@ -490,7 +471,7 @@ def _choose(
     progress: bool,
     bias: float,
     speed_tolerance: float,
-) -> StepCandidate:
+) -> Candidate:
     """The chosen candidate: `verified_choice` for a speed target (or the best predicted to reach it when
     ``verify_reps`` is 0); for a quality floor, the fastest predicted that holds it (then measured)."""
     if target_speedup is not None and verify_reps > 0:
@@ -508,7 +489,7 @@ def _choose(
     return chosen
 
 
-def forecast_tables(tables: list[StepCandidate], reach: float) -> list[StepCandidate]:
+def forecast_tables(tables: list[Candidate], reach: float) -> list[Candidate]:
     """Per (retention, max_skip_steps) rule, the table predicted nearest at or above ``reach`` (the least
     skipping that reaches it), most consecutive skips first.
 
@@ -517,17 +498,17 @@ def forecast_tables(tables: list[StepCandidate], reach: float) -> list[StepCandi
     runs, and a strict cut once left the best rule's table (predicted 2.95x for a 3x target) without
     a forecast in one calibration and gave it one in the next (3.09x, chosen, 28.3 dB).
     """
-    nearest: dict[tuple, StepCandidate] = {}
+    nearest: dict[tuple, Candidate] = {}
     for c in sorted(tables, key=lambda c: -c.predicted_speedup):
         if c.predicted_speedup >= reach:
-            nearest[_rule_of(c.name)] = c  # the slowest reaching the target wins
-    return sorted(nearest.values(), key=lambda c: (-_rule_of(c.name)[1], _rule_of(c.name)[0]))
+            nearest[c.rule] = c  # the slowest reaching the target wins
+    return sorted(nearest.values(), key=lambda c: (-c.rule[1], c.rule[0]))
 
 
 def forecast_candidates(
     model: nn.Module,
-    evaluated: list[StepCandidate],
-    in_window: list[StepCandidate],
+    evaluated: list[Candidate],
+    in_window: list[Candidate],
     data: CalibrationData,
     steps: int,
     seconds: dict[str, float],
@@ -536,7 +517,7 @@ def forecast_candidates(
     max_forecast: int,
     histories: tuple[int, ...],
     progress: bool = False,
-) -> list[StepCandidate]:
+) -> list[Candidate]:
     """Forecasting variants of MagCache-rule tables (plain reuse), scored by their fitting run.
 
     ``target_speedup`` (the predicted speedup a table needs, lowered by the speed tolerance): per
@@ -545,7 +526,7 @@ def forecast_candidates(
     of skipped calls; `forecast_tables`): at most ``max_forecast`` tables.
     ``min_psnr``: the fastest ``evaluated`` tables within 3 dB of the floor (a forecast only adds quality).
     """
-    tables = [c for c in in_window if c.name.startswith("magcache") and c.plan.skip.scales is None]
+    tables = [c for c in in_window if c.family == "skip, reuse"]
     if target_speedup is not None:
         chosen = forecast_tables(tables, target_speedup)
     else:
@@ -557,11 +538,13 @@ def forecast_candidates(
         fit = fit_forecast(model, c.plan.skip, data, history)
         plan = dataclasses.replace(c.plan, skip=fit.skip)
         out.append(
-            StepCandidate(
-                f"{c.name} forecast {history}",
+            Candidate(
                 plan,
                 predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift),
-                psnr_db=sample_psnr(fit.samples, data),
+                sample_psnr(fit.samples, data),
+                name=f"{c.name} forecast {history}",
+                family="skip, forecast",
+                rule=c.rule,
             )
         )
     return out
@@ -569,7 +552,7 @@ def forecast_candidates(
 
 def composed_candidates(
     model: nn.Module,
-    tables: list[StepCandidate],
+    tables: list[Candidate],
     data: CalibrationData,
     steps: int,
     seconds: dict[str, float],
@@ -578,7 +561,7 @@ def composed_candidates(
     overlays: tuple[tuple[float, int, tuple[int, ...] | str], ...],
     max_composed: int,
     progress: bool = False,
-) -> list[StepCandidate]:
+) -> list[Candidate]:
     """Skip tables composed with token caching on their computed calls (`token_overlay`), scored on ``data``.
 
     ``tables``: skip-only candidates, whatever their own speed (a composition skips fewer calls than a
@@ -596,20 +579,19 @@ def composed_candidates(
     for keep, interval, blocks in overlays:
         composed = []
         for c in tables:
-            if not c.name.startswith("magcache") or c.plan.skip.scales is not None:
+            if c.family != "skip, reuse":
                 continue
             plan = token_overlay(c.plan, keep, interval, blocks)
             name = f"{c.name} + tokens {keep:g} every {interval}"
             if blocks != "all":
                 name += f" blocks {','.join(map(str, blocks))}"
-            composed.append(
-                (c, StepCandidate(name, plan, predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)))
-            )
+            speed = predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)
+            composed.append((c, Candidate(plan, speed, name=name, family="skip + token caching", rule=c.rule)))
         if target_speedup is not None:
-            nearest: dict[tuple, StepCandidate] = {}
+            nearest: dict[tuple, Candidate] = {}
             for c, k in sorted(composed, key=lambda ck: -ck[1].predicted_speedup):
                 if k.predicted_speedup >= target_speedup:
-                    nearest[_rule_of(c.name)] = k  # the slowest reaching it wins
+                    nearest[c.rule] = k  # the slowest reaching it wins
             picks = [nearest[r] for r in sorted(nearest, key=lambda r: (r[1], r[0]))]
         else:
             holding = [k for c, k in composed if c.psnr_db is not None and c.psnr_db >= min_psnr + 0.5]
@@ -621,12 +603,6 @@ def composed_candidates(
     return chosen
 
 
-def _rule_of(name: str) -> tuple[float, int]:
-    """(retention, max_skip_steps) of a MagCache-rule candidate's name (see `step_candidates`)."""
-    words = name.split()
-    return float(words[words.index("ret") + 1]), int(words[words.index("K") + 1])
-
-
 def _evenly(items: list, n: int) -> list:
     """At most ``n`` of ``items`` (sorted), evenly spaced, first and last included."""
     if len(items) <= n:
@@ -636,7 +612,7 @@ def _evenly(items: list, n: int) -> list:
 
 def verified_choice(
     model: nn.Module,
-    pool: list[StepCandidate],
+    pool: list[Candidate],
     data: CalibrationData,
     target: float,
     reps: int,
@@ -644,14 +620,14 @@ def verified_choice(
     progress: bool = False,
     bias: float = 1.0,
     tolerance: float = 0.0,
-) -> StepCandidate:
+) -> Candidate:
     """Best PSNR first, the first candidate whose measured speedup reaches ``target`` (see module doc).
 
     ``bias``: measured / predicted speedup before any candidate is timed (a baseline measured
     earlier); then the median over the candidates verified so far. ``tolerance``: a measured speedup
     of at least ``(1 - tolerance) * target`` reaches it (whole-generation timings vary by a few %).
     """
-    verified: list[StepCandidate] = []
+    verified: list[Candidate] = []
     timed = 0
     needed = (1.0 - tolerance) * target
     for c in sorted(pool, key=lambda c: -c.psnr_db):
@@ -683,7 +659,7 @@ def plot_frontier(report: StepCalibrationReport, path: str | Path) -> Path:
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    families: dict[str, list[StepCandidate]] = {}
+    families: dict[str, list[Candidate]] = {}
     for c in report.candidates:
         if c.psnr_db is not None and math.isfinite(c.psnr_db):
             families.setdefault(c.family, []).append(c)
