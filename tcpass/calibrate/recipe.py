@@ -17,10 +17,10 @@ from torch import nn
 from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import collect, sampler_notes
 from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
-from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup
+from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup, write_calibration
 from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
-from tcpass.files import plain_file_mode, write_atomic
-from tcpass.plan import CachePlan, SelectorSpec, save_plan
+from tcpass.files import plain_file_mode
+from tcpass.plan import CachePlan, SelectorSpec
 from tcpass.predictor import StaticPredictor, save_predictor
 from tcpass.trace import reusing_traces
 
@@ -234,11 +234,8 @@ def _search_attention_modes(
 
 
 def _write_calibration(report, out: Path, previous_weights: Path | None, candidates, losses) -> None:
-    """The plan (atomically), the previous plan's own weights file removed once replaced, and the sidecar
-    ``.calibration.json`` with every candidate, the step times and the training losses."""
-    save_plan(report.plan, out)
-    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
-        previous_weights.unlink(missing_ok=True)
+    """`write_calibration`: the sidecar (every candidate, the step times, the training losses), then the
+    plan; then the previous plan's own weights file is removed once no plan refers to it."""
     sidecar = {
         "candidates": [
             {"predicted_speedup": c.predicted_speedup, "psnr_db": c.psnr_db, "plan": c.plan.to_dict()}
@@ -247,7 +244,9 @@ def _write_calibration(report, out: Path, previous_weights: Path | None, candida
         "step_times_s": dataclasses.asdict(report.times),
         "train_losses": losses,
     }
-    write_atomic(out.with_suffix(".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
+    write_calibration(out, report.plan, sidecar)
+    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
+        previous_weights.unlink(missing_ok=True)
 
 
 def _weights_name(out: Path, role: str, digest: str) -> str:

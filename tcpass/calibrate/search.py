@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 
 from tcpass.calibrate.data import CalibrationData
 from tcpass.calibrate.timing import StepTimes
-from tcpass.plan import CachePlan, TPRRSchedule
+from tcpass.files import write_atomic
+from tcpass.plan import CachePlan, TPRRSchedule, save_plan
 from tcpass.schedule import StepKind, simulate
 
 
@@ -39,6 +41,16 @@ class Candidate:
     family: str = "token caching"
     rule: tuple[float, int] | None = None
     measured_speedup: float | None = None
+
+
+def write_calibration(out: Path, plan: CachePlan, sidecar: dict) -> None:
+    """A calibration's files, each written atomically (temp + rename): the sidecar
+    ``<out stem>.calibration.json`` (every candidate, the timings) first, the plan last, so a plan on disk
+    always has the sidecar of its own calibration beside it and an interrupted run leaves the previous
+    plan in place."""
+    out = Path(out)
+    write_atomic(out.with_name(out.stem + ".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
+    save_plan(plan, out)
 
 
 @torch.no_grad()

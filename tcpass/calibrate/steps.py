@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -52,9 +51,9 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_notes
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
-from tcpass.calibrate.search import Candidate, fidelity, sample_psnr, verify_speedup
+from tcpass.calibrate.search import Candidate, fidelity, sample_psnr, verify_speedup, write_calibration
 from tcpass.calibrate.timing import best_seconds, measure_step_times, predict_speedup
-from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule, save_plan
+from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule
 from tcpass.sampling import sampler_timesteps
 from tcpass.trace import flatten_inputs, reusing_traces
 
@@ -406,7 +405,7 @@ def calibrate_steps(
         tolerance=speed_tolerance,
         speed_bias=bias,
     )
-    _write_atomically(out, plan, report)
+    write_calibration(out, plan, report.to_dict())
     return report
 
 
@@ -687,13 +686,3 @@ def plot_frontier(report: StepCalibrationReport, path: str | Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def _write_atomically(out: str | Path, plan: CachePlan, report: StepCalibrationReport) -> None:
-    out = Path(out)
-    tmp_plan = out.with_name(out.name + ".tmp")
-    tmp_report = out.with_name(out.stem + ".calibration.json.tmp")
-    save_plan(plan, tmp_plan)
-    tmp_report.write_text(json.dumps(report.to_dict(), indent=2, default=lambda x: None if math.isnan(x) else x) + "\n")
-    tmp_report.replace(out.with_name(out.stem + ".calibration.json"))
-    tmp_plan.replace(out)
