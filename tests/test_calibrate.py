@@ -225,9 +225,9 @@ def test_implausible_step_times_are_re_measured(monkeypatch):
         "fall as the keep ratio rises" in cal.implausible(dataclasses.replace(quiet, cached={0.25: 0.03, 0.5: 0.01}))[0]
     )
     answers = iter([loaded, quiet])
-    monkeypatch.setattr(cal.timing, "measure_step_times", lambda *a, **k: next(answers))
+    monkeypatch.setattr(cal.speed, "measure_step_times", lambda *a, **k: next(answers))
     assert cal.measure_plausible_step_times() == (quiet, [])
-    monkeypatch.setattr(cal.timing, "measure_step_times", lambda *a, **k: loaded)
+    monkeypatch.setattr(cal.speed, "measure_step_times", lambda *a, **k: loaded)
     times, problems = cal.measure_plausible_step_times(attempts=2)
     assert times is loaded and problems and "FULL" in problems[0]
 
@@ -411,7 +411,7 @@ def test_collect_uses_stratified_labels():
 
 
 def test_token_and_step_calibration_predict_speed_with_one_model():
-    """Both calibrators price a plan with `tcpass.calibrate.timing.predict_speedup`: a token plan priced from
+    """Both calibrators price a plan with `tcpass.calibrate.speed.predict_speedup`: a token plan priced from
     the token search's step times and from the step search's per-call seconds gets one figure, worked here
     by hand: 10 DDIM calls under TPRR intervals (2, 2) are 6 FULL and 4 CACHED (the phase boundary at
     t = 500 starts its phase with a FULL call)."""

@@ -43,14 +43,14 @@ from tcpass.calibrate.mixing import (
 )
 from tcpass.calibrate.recipe import CalibrationReport, calibrate
 from tcpass.calibrate.search import Candidate, fidelity, search_schedule, verify_speedup
-from tcpass.calibrate.steps import calibrate_steps
-from tcpass.calibrate.timing import (
+from tcpass.calibrate.speed import (
     StepTimes,
     best_seconds,
     implausible,
     measure_plausible_step_times,
     measure_step_times,
 )
+from tcpass.calibrate.steps import calibrate_steps
 
 __all__ = [
     "BlockHooks",

@@ -18,7 +18,7 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import collect, sampler_notes
 from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
 from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup, write_calibration
-from tcpass.calibrate.timing import StepTimes, measure_plausible_step_times
+from tcpass.calibrate.speed import StepTimes, measure_plausible_step_times
 from tcpass.files import plain_file_mode
 from tcpass.plan import CachePlan, SelectorSpec
 from tcpass.predictor import StaticPredictor, save_predictor

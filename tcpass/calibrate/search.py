@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.calibrate.data import CalibrationData
-from tcpass.calibrate.timing import StepTimes
+from tcpass.calibrate.speed import StepTimes
 from tcpass.files import write_atomic
 from tcpass.plan import CachePlan, TPRRSchedule, save_plan
 from tcpass.schedule import StepKind, simulate
@@ -26,7 +26,7 @@ from tcpass.schedule import StepKind, simulate
 class Candidate:
     """One plan a calibrator considered (token search, step search, forecasts, compositions).
 
-    ``predicted_speedup``: the one speed model's figure (`tcpass.calibrate.timing.predict_speedup`);
+    ``predicted_speedup``: the one speed model's figure (`tcpass.calibrate.speed.predict_speedup`);
     ``psnr_db``: its calibration samples vs full compute (None: not generated); ``family``: what kind of
     plan it is, for reports and plots (``"token caching"``, ``"fewer steps"``, ``"spread stack"``,
     ``"spread output"``, ``"skip, reuse"``, ``"skip, scaled reuse"``, ``"skip, forecast"``, ``"skip + token

@@ -52,7 +52,7 @@ from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.search import Candidate, fidelity, sample_psnr, verify_speedup, write_calibration
-from tcpass.calibrate.timing import best_seconds, measure_step_times, predict_speedup
+from tcpass.calibrate.speed import best_seconds, measure_step_times, predict_speedup
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule
 from tcpass.sampling import sampler_timesteps
 from tcpass.trace import flatten_inputs, reusing_traces
@@ -222,7 +222,7 @@ def predicted_speedup(
 ) -> float:
     """Full-compute generation of ``steps`` calls over ``plan``'s generation (its own ``sampler_steps``
     when set, at ``sampler``'s timesteps, `tcpass.sampling.sampler_timesteps`): the one speed model,
-    `tcpass.calibrate.timing.predict_speedup`, over per-call ``seconds`` (`measure_call_seconds`,
+    `tcpass.calibrate.speed.predict_speedup`, over per-call ``seconds`` (`measure_call_seconds`,
     `measure_token_seconds`)."""
     return predict_speedup(plan, sampler_timesteps(plan.sampler_steps or steps, sampler, shift), seconds, steps)
 

@@ -1,5 +1,6 @@
-"""The timing model: FULL/CACHED/uncached step times measured on this machine, checked for
-plausibility, from which a schedule's speedup is predicted."""
+"""The speed model of calibration: per-call seconds measured on this machine (FULL, CACHED, SKIP and
+uncached calls, checked for plausibility) and `predict_speedup`, the one function that prices a plan
+from them. (`tcpass.timing` is another thing: the allocator and thread settings of timed runs.)"""
 
 from __future__ import annotations
 
