@@ -7,11 +7,21 @@ Importing ``tcpass`` itself does not import torch (plans and schedules are plain
 ONNX Runtime deployment (`tcpass.export.runtime`) runs with numpy and onnxruntime alone.
 """
 
-from tcpass.plan import CachePlan, ModelFingerprint, SelectorSpec, StepSkip, TPRRSchedule, load_plan, save_plan
+from tcpass.plan import (
+    CachePlan,
+    ForecastSpec,
+    ModelFingerprint,
+    SelectorSpec,
+    StepSkip,
+    TPRRSchedule,
+    load_plan,
+    save_plan,
+)
 from tcpass.schedule import StepKind
 
 __all__ = [
     "CachePlan",
+    "ForecastSpec",
     "ModelFingerprint",
     "SelectorSpec",
     "StepKind",

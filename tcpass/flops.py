@@ -58,8 +58,8 @@ def generation_flops(
     """
     graphs = model.step_graphs(inputs)
     values = list(flatten_inputs(inputs).values())
-    full = count_flops(graphs.full.gm, *values)
     device = values[0].device
+    full = count_flops(graphs.full.gm, *values, *(s.example(device) for s in graphs.full.carried))
     caches = [s.example(device) for s in graphs.full.cache_specs]
     cached = {}
     for phase, g in graphs.cached.items():

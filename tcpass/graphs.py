@@ -16,6 +16,7 @@ import torch
 
 from tcpass.adapters import ModelAdapter
 from tcpass.contracts import TensorSpec
+from tcpass.forecasters import make_forecaster
 from tcpass.passes import pipeline
 from tcpass.passes.pipeline import StepGraph
 from tcpass.plan import CachePlan
@@ -96,6 +97,14 @@ class StepGraphs:
             else:
                 buffers[slots[dst]] = before[src]
 
+    def forget_history(self, buffers: list[torch.Tensor]) -> None:
+        """A generation starts: zero the caches the FULL graph reads (a forecaster's history), so that no
+        history reaches across generations (`tcpass.forecasters.base`)."""
+        carried = {s.name for s in self.full.carried}
+        for spec, buffer in zip(self.full.cache_specs, buffers, strict=False):
+            if spec.name in carried:
+                buffer.zero_()
+
     @cached_property
     def caches(self) -> list[torch.Tensor]:
         """The static cache buffers, in layout order: allocated on first use and kept for good.
@@ -145,6 +154,7 @@ def build_step_graphs(
             input_names=list(flat),
             example=example,
             module=module,
+            forecaster=make_forecaster(plan.forecast),
         )
     )
     return StepGraphs(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tcpass.files import check_sha256, resolve_path, write_atomic
+from tcpass.forecasters import FORECASTERS, forecaster_class
 from tcpass.policies import POLICIES, policy_class
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
@@ -161,6 +162,29 @@ class SelectorSpec:
         if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
             raise ValueError(f"selector.sha256 = {self.sha256!r}: expected 64 lowercase hex digits or null.")
         policy.check(self)
+
+
+@dataclass(frozen=True)
+class ForecastSpec:
+    """What a token not recomputed at a CACHED step gets: a forecaster of `tcpass.forecasters` and its settings.
+
+    ``kind``: ``reuse`` (the residual cached when the token was last computed; what a plan without
+    ``forecast`` does) or a forecaster that extrapolates each token's own history (each module of
+    `tcpass.forecasters` documents its kind). ``order``: the forecast's order, for forecasters that
+    read a history (order p reads the last p + 1 steps at which each token was computed); each order
+    costs the history one more cached residual [B, N, D] per cached block.
+    """
+
+    kind: str
+    order: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str):
+            raise _type_error("forecast.kind", self.kind, f"one of {tuple(FORECASTERS)}")
+        forecaster = forecaster_class(self.kind)
+        if not _is_integer(self.order):
+            raise _type_error("forecast.order", self.order, "an integer")
+        forecaster.check(self)
 
 
 @dataclass(frozen=True)
@@ -325,6 +349,8 @@ class CachePlan:
         selector: which tokens are kept (see `SelectorSpec`).
         model: fingerprint of the model the plan was made for; ``None`` fits any model.
         skip: whole steps whose block stack is skipped (`StepSkip`); ``None`` skips none.
+        forecast: what tokens not recomputed at a CACHED step get (`ForecastSpec`); ``None``: the
+            residual cached when each was last computed (``reuse``).
         sampler_steps: the "fewer sampler steps" baseline: samplers driven by tcpass (`tcpass demo`,
             `tcpass generate`, the benchmarks) run this many steps instead of the requested count.
             The transformed model itself ignores it (it never controls the caller's sampler).
@@ -349,6 +375,7 @@ class CachePlan:
     selector: SelectorSpec = field(default_factory=SelectorSpec)
     model: ModelFingerprint | None = None
     skip: StepSkip | None = None
+    forecast: ForecastSpec | None = None
     sampler_steps: int | None = None
     guidance_reuse: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
@@ -397,6 +424,8 @@ class CachePlan:
             raise TypeError(f"selector must be a SelectorSpec, got {type(self.selector).__name__}.")
         if self.skip is not None and not isinstance(self.skip, StepSkip):
             raise TypeError(f"skip must be a StepSkip or None, got {type(self.skip).__name__}.")
+        if self.forecast is not None and not isinstance(self.forecast, ForecastSpec):
+            raise TypeError(f"forecast must be a ForecastSpec or None, got {type(self.forecast).__name__}.")
 
     @classmethod
     def no_cache(cls) -> CachePlan:
@@ -460,6 +489,9 @@ class CachePlan:
         if d.get("skip") is not None:
             _reject_unknown("plan.skip", d["skip"], StepSkip)
             kwargs["skip"] = StepSkip(**d["skip"])
+        if d.get("forecast") is not None:
+            _reject_unknown("plan.forecast", d["forecast"], ForecastSpec)
+            kwargs["forecast"] = ForecastSpec(**d["forecast"])
         if d.get("model") is not None:
             _reject_unknown("plan.model", d["model"], ModelFingerprint)
             kwargs["model"] = ModelFingerprint(**d["model"])

@@ -392,6 +392,8 @@ class TokenCacheTransformer(ModelMixin):
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad(), _TRACE_LOCK.running():
             buffers = self._cache_buffers(key, graphs)
+            if decision.fresh:
+                graphs.forget_history(buffers)
             if decision.kind is StepKind.SKIP:
                 residuals = graphs.skip_caches(buffers)
                 weights = torch.tensor(decision.step.weights, dtype=residuals[0].dtype, device=residuals[0].device)

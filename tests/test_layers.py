@@ -15,7 +15,7 @@ LAYERS = [
     ["tcpass.contracts", "tcpass.files", "tcpass.timing", "tcpass.noise", "tcpass.metrics", "tcpass.predictor",
      "tcpass.trace", "tcpass.export.index_ops", "tcpass.passes.emit", "tcpass.passes.token_axis",
      "tcpass.passes.cleanup"],
-    ["tcpass.policies"],  # the token policies (torch-free at import)
+    ["tcpass.policies", "tcpass.forecasters"],  # token policies and forecasters (torch-free at import)
     ["tcpass.plan"],  # plans validate their policies
     ["tcpass.schedule"],
     ["tcpass.controller"],  # one step controller for every executor

@@ -137,9 +137,10 @@ def _export_graph(
     caches = [s.example(device) for s in step_graph.cache_specs]
     indices = [s.example(device) for s in step_graph.index_specs]
     is_full = step_graph.role == "full"
-    cache_inputs = [] if is_full else step_graph.cache_specs
+    cache_inputs = step_graph.carried if is_full else step_graph.cache_specs
     cache_outputs = [] if step_graph.role == "skip" else step_graph.cache_specs
-    args = tuple(model_inputs.values()) + (() if is_full else tuple(caches) + tuple(indices))
+    carried = [s.example(device) for s in step_graph.carried]
+    args = tuple(model_inputs.values()) + (tuple(carried) if is_full else tuple(caches) + tuple(indices))
     input_names = list(model_inputs) + [s.name for s in cache_inputs] + [s.name for s in step_graph.index_specs]
     output_names = ["sample"] + [f"{s.name}.next" for s in cache_outputs]  # ONNX names are SSA
     with torch.no_grad(), _quiet_exporter():

@@ -231,6 +231,8 @@ class OrtTokenCacheRuntime:
             elif spec["kind"] == "scale":  # SKIP: weights on the remembered stack residuals, newest first
                 weights = np.asarray(step.weights, _DTYPES[spec["dtype"]]).reshape(spec["shape"])
                 binding.bind_cpu_input(spec["name"], weights)
+            elif self._caches is None:  # a FULL graph's carried history, at a generation's start: zeros
+                binding.bind_cpu_input(spec["name"], np.zeros(spec["shape"], _DTYPES[spec["dtype"]]))
             else:
                 binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
         in_place = self._in_place_outputs(entry)

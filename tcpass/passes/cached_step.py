@@ -27,6 +27,13 @@ the indices graph inputs ``block{b}.kept_indices`` [B, K] instead.
 
 K = 0 (``keep_ratio`` 0) is whole-block reuse (FORA-style): the block is not run at all and its
 output is ``x + delta_cache``; its caches pass through unchanged.
+
+What the pruned tokens get is the forecaster's (`tcpass.forecasters`): ``reuse`` (default) is the
+cached ``delta`` above; a forecasting one gives every token's forecast residual ``f`` from its own
+history, read before any cache is updated, and the kept rows replace theirs::
+
+    f = forecast(delta, <history caches>, t)                  # [B, N, D]
+    y = x + scatter(f, 1, idx, y_K - x_K)                     # K = 0: y = x + f
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from torch import fx
 from torch.fx.node import map_arg
 
 from tcpass.contracts import TensorSpec, block_cache
+from tcpass.forecasters import Reuse, TokenForecaster
 from tcpass.passes.emit import Emitter
 from tcpass.passes.layout import (
     add_placeholders,
@@ -46,6 +54,7 @@ from tcpass.passes.layout import (
     attention_kv_sources,
     block_caches,
     is_self_attention,
+    timestep_node,
 )
 from tcpass.passes.token_axis import RESHAPES, TokenAxes, analyze
 from tcpass.policies import TokenPolicy
@@ -62,18 +71,21 @@ def emit_cached_step(
     policy: TokenPolicy,
     module: torch.nn.Module | None = None,
     timestep_input: str | None = None,
+    forecaster: TokenForecaster | None = None,
 ) -> tuple[fx.GraphModule, list[TensorSpec], list[TensorSpec]]:
     """A copy of ``gm`` where block ``b`` recomputes ``keep[b]`` tokens, for every ``b`` in ``keep``.
 
     ``policy`` chooses the tokens; ``module`` is the module its graph calls, if any (the dynamic
-    predictor, given the name of the timestep input). Returns the graph, its cache layout (inputs
-    and, updated, outputs) and its kept-index inputs.
+    predictor, given the name of the timestep input); ``forecaster`` gives the other tokens' residuals
+    (None: ``reuse``). Returns the graph, its cache layout (inputs and, updated, outputs) and its
+    kept-index inputs.
     """
+    forecaster = forecaster or Reuse(None)
     gm = copy_graph_module(gm)
     graph = gm.graph
     spans = find_blocks(graph, block_prefixes)
     analyses = {b: analyze(spans[b].nodes, spans[b].hidden_in, f"block {b} ({spans[b].path})") for b in keep}
-    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, policy)]
+    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, policy, forecaster)]
     cache_specs += policy.graph_caches(spans)
     index_specs = []
     if not policy.in_graph:
@@ -85,12 +97,18 @@ def emit_cached_step(
         ]
     placeholders = add_placeholders(graph, cache_specs + index_specs)
     updated: dict[str, fx.Node] = {}
-    ctx = {"keep": keep, "module": module, "timestep_input": timestep_input}
+    ctx = {
+        "keep": keep,
+        "module": module,
+        "timestep_input": timestep_input,
+        "forecaster": forecaster,
+        "timestep": timestep_node(graph, timestep_input),
+    }
     policy.begin_cached(gm, spans, placeholders, updated, ctx)
     renamed: dict[fx.Node, fx.Node] = {}
     for b, k in keep.items():
         if k == 0:
-            _reuse_block(graph, spans[b], placeholders, updated, renamed)
+            _reuse_block(graph, spans[b], placeholders, updated, renamed, ctx)
         else:
             _rewrite_block(graph, spans[b], analyses[b], k, attention, policy, placeholders, updated, renamed, ctx)
     # a cache nothing updated at this step keeps its value (e.g. a policy's FULL-step-only cache)
@@ -201,14 +219,23 @@ class _KeptTokens:
         ctx: dict,
     ) -> None:
         """Scatter the kept rows' new residual into the block's cache, output ``x + residual`` in place of
-        the block's output, and hand a joint block's other outputs their kept-token values."""
+        the block's output (pruned tokens: the forecaster's residual), and hand a joint block's other
+        outputs their kept-token values."""
         em, span, kept = self.em, self.span, self.kept
         b = span.index
         full_shape = list(span.hidden_in.meta["val"].shape)
         x_kept = self.on_kept(span.hidden_in)
         delta_kept = em(aten.sub.Tensor, (kept[span.hidden_out], x_kept))
-        delta = em.scatter(placeholders[block_cache(b, "delta")], 1, self.idx, delta_kept, full_shape, self.k)
-        out = em(aten.add.Tensor, (self.x_in, delta))
+        forecaster, timestep = ctx["forecaster"], ctx["timestep"]
+        cached = placeholders[block_cache(b, "delta")]
+        forecast = forecaster.predict(em, b, placeholders, timestep)  # reads the caches before any update
+        forecaster.after_keep(em, b, self.idx, self.k, delta_kept, placeholders, updated, timestep)
+        delta = em.scatter(cached, 1, self.idx, delta_kept, full_shape, self.k)
+        if forecast is not cached:
+            delta_out = em.scatter(forecast, 1, self.idx, delta_kept, full_shape, self.k)
+        else:
+            delta_out = delta
+        out = em(aten.add.Tensor, (self.x_in, delta_out))
         updated[block_cache(b, "delta")] = delta
         policy.after_keep(em, span, self.idx, x_kept, placeholders, updated, ctx)
         inside = set(span.nodes)
@@ -305,12 +332,14 @@ def _reuse_block(
     placeholders: dict[str, fx.Node],
     updated: dict[str, fx.Node],
     renamed: dict[fx.Node, fx.Node],
+    ctx: dict,
 ) -> None:
-    """K = 0: the block's output is its input plus the cached residual; the block is not run."""
+    """K = 0: the block's output is its input plus the forecaster's residual (``reuse``: the cached
+    one); the block is not run."""
     b = span.index
     x_in = renamed.get(span.hidden_in, span.hidden_in)
     em = Emitter(graph, span.nodes[-1], span.hidden_out)
-    out = em(aten.add.Tensor, (x_in, placeholders[f"block{b}.delta"]))
+    out = em(aten.add.Tensor, (x_in, ctx["forecaster"].predict(em, b, placeholders, ctx["timestep"])))
     for name, node in placeholders.items():
         if name.startswith(f"block{b}.") and not name.endswith("kept_indices"):
             updated[name] = node  # unchanged

@@ -14,11 +14,15 @@ then, per cached block:
   (``attention="cached_kv"`` only).
 - the token policy's caches of the block (`tcpass.policies`: ``block{b}.input`` for
   ``input_change``, ``block{b}.score`` for ``toca``),
+- the forecaster's caches of the block (`tcpass.forecasters`: ``taylor`` keeps older residuals and
+  per-token timestamps),
 
 then the policy's graph-wide caches (``predictor.input`` for ``dynamic``).
 
 The FULL graph returns them after the model output; the CACHED graph takes them as inputs (after
 the model inputs, before any kept-index inputs) and returns their updated values in the same order.
+The FULL graph also takes as inputs the caches a forecaster carries over (a history it shifts), in
+the same order, after the model inputs.
 """
 
 from __future__ import annotations
@@ -35,11 +39,15 @@ from tcpass.passes.token_axis import SDPA, TokenAxes
 from tcpass.trace import BlockSpan
 
 if TYPE_CHECKING:
+    from tcpass.forecasters import TokenForecaster
     from tcpass.policies import TokenPolicy
 
 
-def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPolicy) -> list[TensorSpec]:
-    """The caches of one block, in layout order: its delta, its K/V (``cached_kv``), then the policy's."""
+def block_caches(
+    span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPolicy, forecaster: TokenForecaster | None = None
+) -> list[TensorSpec]:
+    """The caches of one block, in layout order: its delta, its K/V (``cached_kv``), the policy's, then
+    the forecaster's."""
     b = span.index
     val = span.hidden_out.meta["val"]
     specs = [TensorSpec(block_cache(b, "delta"), b, "delta", tuple(val.shape), val.dtype)]
@@ -48,7 +56,13 @@ def block_caches(span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPo
             for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
                 v = arg.meta["val"]
                 specs.append(TensorSpec(block_cache(b, f"attn{j}.{kind}"), b, kind, tuple(v.shape), v.dtype, node.name))
-    return specs + policy.block_caches(span, ta)
+    specs += policy.block_caches(span, ta)
+    return specs + (forecaster.block_caches(specs[0]) if forecaster is not None else [])
+
+
+def timestep_node(graph: fx.Graph, name: str | None) -> fx.Node | None:
+    """The placeholder of the model's timestep input ``name`` (None if there is none)."""
+    return next((n for n in graph.nodes if n.op == "placeholder" and n.target == name), None)
 
 
 def add_placeholders(graph: fx.Graph, specs: list[TensorSpec]) -> dict[str, fx.Node]:

@@ -11,8 +11,8 @@ left in ``build`` and adds its own results. `tcpass.graphs.build_step_graphs` tr
 5. ``cached_steps``: one CACHED graph per distinct per-block K (`cached_step`), executor form with
    in-place cache updates (`reinplace`, `writeback`).
 
-The caching semantics live in these passes and the token policy they are given
-(`tcpass.policies`); executors only run the graphs.
+The caching semantics live in these passes and the token policy and forecaster they are given
+(`tcpass.policies`, `tcpass.forecasters`); executors only run the graphs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from tcpass.contracts import TensorSpec
+from tcpass.forecasters import TokenForecaster
 from tcpass.passes.cached_step import emit_cached_step
 from tcpass.passes.cleanup import strip_export_artifacts
 from tcpass.passes.full_step import emit_full_step
@@ -41,7 +42,8 @@ class StepGraph:
     """One step-specialized graph in two calling conventions.
 
     ``gm`` is functional, what ONNX export and FLOP counting see: ``gm(*model_inputs, *caches,
-    *kept_indices)`` (a FULL graph takes only the model inputs) returns ``(sample, *updated_caches)``;
+    *kept_indices)`` (a FULL graph takes the model inputs and the ``carried`` caches only) returns
+    ``(sample, *updated_caches)``;
     a SKIP graph, ``gm(*model_inputs, *stack_residuals, weights)``, returns ``(sample,)``.
     ``exec_gm`` is what eager and compiled execution run, the same computation writing the caches
     into static buffers: ``exec_gm(*model_inputs, *cache_buffers, *kept_indices)`` returns
@@ -55,6 +57,7 @@ class StepGraph:
     index_specs: list[TensorSpec] = field(default_factory=list)
     keep: dict[int, int] = field(default_factory=dict)  # block -> K (CACHED graphs)
     role: str = "full"  # "full": writes caches | "cached": reads and writes them | "skip": reads them
+    carried: list[TensorSpec] = field(default_factory=list)  # FULL: the caches ``gm`` reads (a forecaster's history)
     run: Callable | None = None  # executor (compiled exec_gm); None runs exec_gm eagerly
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -75,6 +78,7 @@ class Build:
     input_names: list[str]  # the model inputs' names (`tcpass.trace.flatten_inputs`), in graph order
     example: list[torch.Tensor]  # the model inputs, in that order
     module: nn.Module | None = None  # what the policy's CACHED graphs call (in the model's dtype)
+    forecaster: TokenForecaster | None = None  # what pruned tokens get (None: reuse)
     spans: list[BlockSpan] = field(default_factory=list)
     blocks: tuple[int, ...] = ()  # cached blocks
     stack_specs: list[TensorSpec] = field(default_factory=list)  # caches before the blocks' (stack.residual)
@@ -118,10 +122,18 @@ def skip_step(build: Build) -> None:
 
 def full_step(build: Build) -> None:
     plan = build.plan
-    gm, block_specs = emit_full_step(build.traced, build.block_prefixes, build.blocks, plan.attention, build.policy)
+    gm, block_specs, carried = emit_full_step(
+        build.traced,
+        build.block_prefixes,
+        build.blocks,
+        plan.attention,
+        build.policy,
+        build.forecaster,
+        build.timestep_input,
+    )
     specs = build.stack_specs + block_specs
-    gm = finalize(gm, build.example)
-    build.full = StepGraph(gm, write_caches_back(gm, specs), specs)
+    gm = finalize(gm, build.example + [s.example(build.device) for s in carried])
+    build.full = StepGraph(gm, write_caches_back(gm, specs), specs, carried=carried)
 
 
 def cached_steps(build: Build) -> None:
@@ -146,6 +158,7 @@ def cached_steps(build: Build) -> None:
                 build.policy,
                 build.module,
                 build.timestep_input,
+                build.forecaster,
             )
             assert build.stack_specs + block_specs == specs, "FULL and CACHED graphs disagree on the cache layout"
             indices = [s.example(build.device) for s in index_specs]

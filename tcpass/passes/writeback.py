@@ -20,6 +20,16 @@ After::
         copy_(block3_delta, delta)                   # right after the value exists
         return (sample,)
 
+A FULL graph that shifts a forecaster's history (``older = clone(block3_delta)``, the buffer's value
+before the call) copies buffer to buffer first, oldest entry first, and leaves no clone (inductor may
+read a clone of a buffer after the buffer's own write)::
+
+    def forward(x, t, block3_delta, block3_delta_1):
+        copy_(block3_delta_1, block3_delta)
+        ...
+        copy_(block3_delta, delta)
+        return (sample,)
+
 Before (CACHED, after `tcpass.passes.reinplace`)::
 
     def forward(x, t, block3_delta, block4_delta):
@@ -54,15 +64,23 @@ aten = torch.ops.aten
 def write_caches_back(gm: fx.GraphModule, cache_specs: list[TensorSpec]) -> fx.GraphModule:
     """A copy of ``gm`` that writes its cache outputs into cache inputs and returns only the model outputs.
 
-    ``gm`` returns ``(*model_outputs, *caches)`` in ``cache_specs`` order. A graph without cache
-    inputs (FULL) gets them appended after its inputs; the result is called as
+    ``gm`` returns ``(*model_outputs, *caches)`` in ``cache_specs`` order. A graph without (all) its
+    cache inputs (FULL) gets the missing ones, all of them in layout order after its inputs; the result
+    is called as
     ``(*model_inputs, *cache_buffers, *kept_indices)`` and returns ``model_outputs``.
     """
     gm = copy_graph_module(gm)
     graph = gm.graph
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-    if cache_specs and cache_specs[0].placeholder_name not in placeholders:
-        buffers = add_placeholders(graph, cache_specs)
+    missing = [s for s in cache_specs if s.placeholder_name not in placeholders]
+    if missing:  # FULL: every cache but the ones it reads (a forecaster's history) becomes an input
+        added = add_placeholders(graph, missing)
+        buffers = {s.name: added.get(s.name) or placeholders[s.placeholder_name] for s in cache_specs}
+        names = {s.placeholder_name for s in cache_specs}
+        anchor = [n for n in graph.nodes if n.op == "placeholder" and n.target not in names][-1]
+        for spec in cache_specs:  # the buffers in layout order, after the model inputs
+            anchor.append(buffers[spec.name])
+            anchor = buffers[spec.name]
     else:
         buffers = {s.name: placeholders[s.placeholder_name] for s in cache_specs}
     output = graph.output_node()
@@ -70,9 +88,17 @@ def write_caches_back(gm: fx.GraphModule, cache_specs: list[TensorSpec]) -> fx.G
     n_model = len(values) - len(cache_specs)
     buffer_storages = {_storage(b): b for b in buffers.values() if _storage(b) is not None}
     order = {node: i for i, node in enumerate(graph.nodes)}
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for spec, value in zip(cache_specs, values[n_model:], strict=True):
         buffer = buffers[spec.name]
         if value is buffer or _writes_into(value, buffer):
+            continue
+        if value.target is aten.clone.default and value.args[0] in buffers.values():
+            # a history moving one place older (FULL, `tcpass.forecasters`): copy straight from the source
+            # buffer before anything is written. Copies go in front of the ones already placed there, so an
+            # older entry moves before the newer one lands on it (the layout lists a history newest first).
+            with graph.inserting_after(last_input):
+                graph.call_function(aten.copy_.default, (buffer, value.args[0]))
             continue
         storage = _storage(value)
         aliased = buffer_storages.get(storage) if storage is not None else None
@@ -90,6 +116,9 @@ def write_caches_back(gm: fx.GraphModule, cache_specs: list[TensorSpec]) -> fx.G
             copy = graph.call_function(aten.copy_.default, (buffer, value))
         copy.meta.update({k: v for k, v in value.meta.items() if k in ("nn_module_stack", "stack_trace")})
     output.args = (tuple(values[:n_model]),)
+    for value in values[n_model:]:  # the history clones copied from their buffers above
+        if value.op == "call_function" and value.target is aten.clone.default and not value.users:
+            graph.erase_node(value)
     graph.lint()
     gm.recompile()
     return gm
