@@ -66,7 +66,7 @@ class StridedPolicy(TokenPolicy):
 @pytest.fixture
 def registered(monkeypatch):
     for policy in (LargestUpdatePolicy, StridedPolicy):
-        monkeypatch.setitem(POLICIES, policy.kind, policy)  # the one registry line
+        monkeypatch.setitem(POLICIES, policy.kind, policy)  # what @register_policy does, undone after the test
 
 
 def run(model, inputs):

@@ -5,23 +5,23 @@ fields it needs, the caches it adds, what it contributes to the FULL and CACHED 
 policies that choose outside the graph, one numpy definition of the indices shared by the torch
 runtime and the ONNX Runtime one. ``SelectorSpec.kind`` names one of ``POLICIES``.
 
-Adding a policy: a module here with a `TokenPolicy` subclass, and its class in the tuple below.
+Adding a policy: a module here with a `TokenPolicy` subclass decorated by `register_policy`; the package
+imports every module in it, so nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
-from tcpass.policies.base import TokenPolicy
-from tcpass.policies.dynamic_predictor import DynamicPolicy
-from tcpass.policies.input_change import InputChangePolicy
-from tcpass.policies.random_tokens import RandomPolicy
-from tcpass.policies.static_scores import StaticPolicy, StaticScoreSelector
-from tcpass.policies.toca import TocaPolicy
+from tcpass.policies.base import POLICIES, TokenPolicy, register_policy
 
-POLICIES: dict[str, type[TokenPolicy]] = {
-    p.kind: p for p in (InputChangePolicy, RandomPolicy, StaticPolicy, DynamicPolicy, TocaPolicy)
-}
+for _module in ("input_change", *sorted(m.name for m in pkgutil.iter_modules(__path__))):  # the default first
+    if _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
+
+from tcpass.policies.static_scores import StaticScoreSelector  # noqa: E402
 
 
 def policy_class(kind: str) -> type[TokenPolicy]:
@@ -36,4 +36,4 @@ def make_policy(spec, plan_dir: str | Path | None = None) -> TokenPolicy:
     return policy_class(spec.kind)(spec, plan_dir)
 
 
-__all__ = ["POLICIES", "StaticScoreSelector", "TokenPolicy", "make_policy", "policy_class"]
+__all__ = ["POLICIES", "StaticScoreSelector", "TokenPolicy", "make_policy", "policy_class", "register_policy"]

@@ -36,6 +36,20 @@ if TYPE_CHECKING:
     from tcpass.trace import BlockSpan
 
 
+POLICIES: dict[str, type[TokenPolicy]] = {}
+
+
+def register_policy(cls: type[TokenPolicy]) -> type[TokenPolicy]:
+    """Class decorator: registers ``cls`` under ``cls.kind`` (a kind registered twice is an error)."""
+    kind = cls.__dict__.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"{cls.__name__}: a registered token policy sets kind, a non-empty string.")
+    if kind in POLICIES and POLICIES[kind] is not cls:
+        raise ValueError(f"selector kind {kind!r} is registered twice ({POLICIES[kind].__name__}, {cls.__name__}).")
+    POLICIES[kind] = cls
+    return cls
+
+
 class TokenPolicy:
     """Base policy: every hook does nothing. Subclasses set ``kind`` and override what they need."""
 

@@ -11,12 +11,13 @@ keeps): ``scores = tc_predictor(x0, t, x0_ref)`` [B, N, L]; block ``b`` keeps th
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec
-from tcpass.policies.base import TokenPolicy
+from tcpass.policies.base import TokenPolicy, register_policy
 
 PREDICTOR_INPUT = "predictor.input"
 PREDICTOR_MODULE = "tc_predictor"
 
 
+@register_policy
 class DynamicPolicy(TokenPolicy):
     kind = "dynamic"
     file_role = "predictor weights"

@@ -8,9 +8,10 @@ computed (filled at FULL steps; the kept rows refreshed at CACHED steps).
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec, block_cache
-from tcpass.policies.base import TokenPolicy
+from tcpass.policies.base import TokenPolicy, register_policy
 
 
+@register_policy
 class InputChangePolicy(TokenPolicy):
     kind = "input_change"
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcpass.policies.base import TokenPolicy
+from tcpass.policies.base import TokenPolicy, register_policy
 
 
+@register_policy
 class RandomPolicy(TokenPolicy):
     kind = "random"
     in_graph = False

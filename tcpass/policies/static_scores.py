@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tcpass.files import check_sha256
-from tcpass.policies.base import TokenPolicy
+from tcpass.policies.base import TokenPolicy, register_policy
 
 
 def _numpy(x, dtype) -> np.ndarray:
@@ -86,6 +86,7 @@ class StaticScoreSelector:
         return self._memo[key]
 
 
+@register_policy
 class StaticPolicy(TokenPolicy):
     kind = "static"
     file_role = "token scores"

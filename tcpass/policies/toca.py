@@ -9,7 +9,7 @@ successive CACHED steps cover the next most-attended ones. Cache ``block{b}.scor
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec, block_cache
-from tcpass.policies.base import TokenPolicy
+from tcpass.policies.base import TokenPolicy, register_policy
 
 
 def _self_attention(span, ta):
@@ -32,6 +32,7 @@ def attention_received(em, sdpa):
     return em(aten.mean.dim, (probs, [1, 2]))
 
 
+@register_policy
 class TocaPolicy(TokenPolicy):
     kind = "toca"
 
