@@ -445,6 +445,15 @@ def _calibration_setup(
     help="Attention mode(s) to search (repeatable).",
 )
 @click.option(
+    "--token-forecast",
+    "forecasts",
+    multiple=True,
+    default=("reuse",),
+    show_default=True,
+    help="What pruned tokens get, searched like the attention modes (repeatable): reuse, or kind:order of a "
+    "forecaster (anchored:1, anchored:2, taylor:1, taylor:2). Each one searched costs about one more search.",
+)
+@click.option(
     "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
 )
 @click.option(
@@ -456,16 +465,23 @@ def _calibration_setup(
     show_default=True,
     help="Fractions of tokens recomputed at cached steps to search (repeatable).",
 )
-def calibrate_tokens(predictor, attention, iterations, keep_ratios, out, **common_options):
-    """Token caching: train a token selector, pick the blocks and the TPRR schedule (tcpass.calibrate)."""
+def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, out, **common_options):
+    """Token caching: train a token selector, pick the blocks, the TPRR schedule and what pruned tokens get
+    (tcpass.calibrate)."""
     from tcpass.calibrate import calibrate as run
+    from tcpass.calibrate.recipe import parse_forecast
 
+    try:
+        specs = tuple(dict.fromkeys(parse_forecast(f) for f in forecasts))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--token-forecast") from e
     model, common = _calibration_setup(**common_options)
     report = run(
         model,
         out,
         predictor=predictor,
         attention=attention,
+        forecasts=specs,
         iterations=iterations,
         ratios=tuple(sorted(set(keep_ratios))),
         **common,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import json
 import re
 import signal
 import subprocess
@@ -426,3 +427,28 @@ def test_token_and_step_calibration_predict_speed_with_one_model():
     by_hand = 10 * 1.0 / (6 * 1.1 + 4 * (1.1 + 2 / 4 * (0.5 - 1.1)))  # 2 of 4 blocks cached: half the saving
     assert times.speedup(plan, ddim_timesteps(10)) == pytest.approx(by_hand, rel=1e-12)
     assert predicted_speedup(plan, 10, times.seconds()) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_token_calibration_searches_what_pruned_tokens_get(tiny, tmp_path):
+    """Each forecaster given is searched like an attention mode, on the real graphs; the plan records the winner."""
+    anchored = tcpass.ForecastSpec(kind="anchored", order=1)
+    report = cal.calibrate(
+        tiny,
+        tmp_path / "plan.json",
+        min_psnr=-100.0,
+        predictor="input_change",
+        attention="full_kv",
+        forecasts=(None, anchored),
+        num_samples=2,
+        steps=10,
+        iterations=0,
+        ratios=(0.5,),
+        verify_reps=0,
+        progress=False,
+    )
+    searched = {c.plan.forecast for c in report.candidates}
+    assert searched == {None, anchored}
+    assert report.plan.forecast in searched and load_plan(tmp_path / "plan.json").forecast == report.plan.forecast
+    assert "pruned tokens: " in report.format()
+    sidecar = json.loads((tmp_path / "plan.calibration.json").read_text())
+    assert any(c["plan"]["forecast"] == {"kind": "anchored", "order": 1} for c in sidecar["candidates"])

@@ -158,11 +158,16 @@ def test_each_calibration_method_shows_only_its_own_options(tmp_path, monkeypatc
     import tcpass.calibrate.steps as steps
 
     tokens, steps_help = invoke("calibrate", "tokens", "--help").output, invoke("calibrate", "steps", "--help").output
+    out = tmp_path / "p.json"
     for common in ("--target-speedup", "--samples", "--guidance-interval", "--out"):
         assert common in tokens and common in steps_help
     assert "--keep-ratio" in tokens and "--predictor" in tokens and "--forecast" not in tokens
+    assert "--token-forecast" in tokens and "--token-forecast" not in steps_help
+    result = invoke("calibrate", "tokens", "--token-forecast", "anchored:x", "--min-psnr", "30", "-o", out)
+    assert result.exit_code == 2 and "expected reuse or kind:order" in result.output, result.output
+    result = invoke("calibrate", "tokens", "--token-forecast", "cubic:1", "--min-psnr", "30", "-o", out)
+    assert result.exit_code == 2 and "forecast.kind = 'cubic' is unknown" in result.output, result.output
     assert "--forecast" in steps_help and "--keep-steps" in steps_help and "--predictor" not in steps_help
-    out = tmp_path / "p.json"
     result = invoke("calibrate", "--policy", "steps", "--predictor", "static", "--min-psnr", "30", "-o", out)
     assert result.exit_code == 2 and "No such option '--predictor'" in result.output, result.output
     result = invoke("calibrate", "--policy", "frames", "--min-psnr", "30", "-o", out)

@@ -20,7 +20,7 @@ from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_er
 from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup, write_calibration
 from tcpass.calibrate.speed import StepTimes, measure_plausible_step_times
 from tcpass.files import plain_file_mode
-from tcpass.plan import CachePlan, SelectorSpec
+from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec
 from tcpass.predictor import StaticPredictor, save_predictor
 from tcpass.trace import reusing_traces
 
@@ -46,7 +46,8 @@ class CalibrationReport:
         lines = [
             f"blocks cached      : {blocks} (least sensitive first: {self.block_order})",
             "block sensitivity  : " + ", ".join(f"{b}:{v:.4f}" for b, v in enumerate(self.sensitivity)),
-            f"selector           : {self.plan.selector.kind}   attention: {self.plan.attention}",
+            f"selector           : {self.plan.selector.kind}   attention: {self.plan.attention}   "
+            f"pruned tokens: {forecast_name(self.plan.forecast)}",
             f"keep ratio         : phase 0 {self.plan.keep_ratio[0]:.2f}, phase 1 {self.plan.keep_ratio[1]:.2f}",
             f"TPRR schedule      : boundary t={s.boundary_timestep:g}, intervals {s.intervals}",
             f"step times         : eager {self.times.eager * 1e3:.1f} ms, FULL {self.times.full * 1e3:.1f} ms, "
@@ -80,6 +81,7 @@ def calibrate(
     min_psnr: float | None = None,
     predictor: str = "dynamic",
     attention: str | tuple[str, ...] = ("cached_kv", "full_kv"),
+    forecasts: tuple[ForecastSpec | None, ...] = (None,),
     batch: int = 2,
     num_samples: int = 16,
     steps: int = 50,
@@ -106,6 +108,8 @@ def calibrate(
         predictor: ``"dynamic"`` (in-graph network), ``"static"`` (per block/timestep table) or
             ``"input_change"`` (training-free).
         attention: attention mode(s) to search; each is timed and searched, the best plan wins.
+        forecasts: what pruned tokens get (`tcpass.plan.ForecastSpec`; None: reuse), searched like the
+            attention modes: every (mode, forecast) pair is timed and searched on the real graphs.
         batch: model batch the speedup is timed at (rows, classifier-free guidance included).
         num_samples: calibration samples generated with full compute.
         steps: DDIM steps of the calibration generations.
@@ -141,10 +145,10 @@ def calibrate(
     order = [int(b) for b in sens.argsort()]
     selector, losses, selection = _train_selector(model, data, predictor, iterations, out, progress)
     modes = (attention,) if isinstance(attention, str) else tuple(attention)
-    winner, candidates, times, problems = _search_attention_modes(
-        model, data, modes, ratios, batch, CachePlan(selector=selector, model=fingerprint), order,
-        target_speedup, min_psnr, out, progress,
-    )  # fmt: skip
+    bases = [CachePlan(selector=selector, model=fingerprint, attention=m, forecast=f) for m in modes for f in forecasts]
+    winner, candidates, times, problems = _search_modes(
+        model, data, bases, ratios, batch, order, target_speedup, min_psnr, out, progress
+    )
     seconds = time.perf_counter() - start
     report = CalibrationReport(
         plan=winner.plan,
@@ -201,24 +205,22 @@ def _train_selector(
     return _write_predictor(trained.predictor if keep_trained else untrained, out), trained.losses, selection
 
 
-def _search_attention_modes(
-    model, data, modes, ratios, batch, base, order, target_speedup, min_psnr, out: Path, progress: bool
-):
-    """`search_schedule` under each attention mode (each with its own step times); the best plan over all
-    wins. Returns (winner, every candidate, the winner's step times, its timing problems)."""
+def _search_modes(model, data, bases, ratios, batch, order, target_speedup, min_psnr, out: Path, progress: bool):
+    """`search_schedule` from each base plan (an attention mode and a forecaster, each with its own step
+    times); the best plan over all wins. Returns (winner, every candidate, the winner's step times, its
+    timing problems)."""
     winner, candidates, times, errors, problems = None, [], None, [], []
-    for mode in modes:
-        mode_base = dataclasses.replace(base, attention=mode)
+    for base in bases:
         mode_times, timing_problems = measure_plausible_step_times(
-            model, ratios, mode_base, batch, plan_dir=out.parent, progress=progress
+            model, ratios, base, batch, plan_dir=out.parent, progress=progress
         )
         try:
             best, tried = search_schedule(
-                model, data, mode_base, mode_times, order, target_speedup=target_speedup, min_psnr=min_psnr,
+                model, data, base, mode_times, order, target_speedup=target_speedup, min_psnr=min_psnr,
                 plan_dir=out.parent, progress=progress,
             )  # fmt: skip
         except ValueError as e:  # this mode cannot reach the target; another may
-            errors.append(f"attention={mode}: {e}")
+            errors.append(f"attention={base.attention}, pruned tokens {forecast_name(base.forecast)}: {e}")
             continue
         candidates += tried
         better = winner is None or (
@@ -231,6 +233,22 @@ def _search_attention_modes(
     if winner is None:
         raise ValueError("; ".join(errors))
     return winner, candidates, times, problems
+
+
+def forecast_name(spec: ForecastSpec | None) -> str:
+    """``reuse``, or ``kind:order`` (``anchored:1``): how the CLI and reports name a forecaster."""
+    return "reuse" if spec is None or spec.kind == "reuse" else f"{spec.kind}:{spec.order}"
+
+
+def parse_forecast(text: str) -> ForecastSpec | None:
+    """The inverse of `forecast_name`: ``reuse`` is None; ``ValueError`` names a bad kind or order."""
+    text = text.strip()
+    if text == "reuse":
+        return None
+    kind, _, order = text.partition(":")
+    if order and not order.isdigit():
+        raise ValueError(f"forecast {text!r}: expected reuse or kind:order, e.g. anchored:1.")
+    return ForecastSpec(kind=kind, order=int(order or 1))
 
 
 def _write_calibration(report, out: Path, previous_weights: Path | None, candidates, losses) -> None:
