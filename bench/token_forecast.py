@@ -83,6 +83,8 @@ def main() -> None:
     variants: dict[str, tuple[torch.nn.Module, int, dict | None]] = {"full": (model, args.steps, None)}
     for path in args.plan:
         shipped = tcpass.load_plan(path)
+        if shipped.blocks == ():  # a step-only plan: no pruned token, every forecast row would equal reuse
+            parser.error(f"{path} caches no block (blocks = []): there are no pruned tokens to forecast.")
         for intervals in [None, *args.intervals]:
             plan, label = shipped, path.stem
             if intervals is not None:
