@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from tcpass.forecasters.base import FORECASTERS, Reuse, TokenForecaster, register_forecaster
+from tcpass.forecasters.base import FORECASTERS, HistoryForecaster, Reuse, TokenForecaster, register_forecaster
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -42,4 +42,12 @@ def make_forecaster(spec) -> TokenForecaster:
     return forecaster_class(spec.kind)(spec)
 
 
-__all__ = ["FORECASTERS", "Reuse", "TokenForecaster", "forecaster_class", "make_forecaster", "register_forecaster"]
+__all__ = [
+    "FORECASTERS",
+    "HistoryForecaster",
+    "Reuse",
+    "TokenForecaster",
+    "forecaster_class",
+    "make_forecaster",
+    "register_forecaster",
+]

@@ -102,3 +102,97 @@ class Reuse(TokenForecaster):
 
     def predict(self, em: Emitter, block: int, caches: dict[str, fx.Node], timestep: fx.Node) -> fx.Node:
         return caches[block_cache(block, "delta")]
+
+
+class HistoryForecaster(TokenForecaster):
+    """Base of the forecasters that keep a history of order ``spec.order`` per cached block: the order
+    check, the history's cache names (newest first: ``block3.delta``, ``block3.delta.1``, ...), the
+    block's residual shape and dtype, and the graph nodes their Newton forms share."""
+
+    orders: ClassVar[tuple[int, ...]] = (1, 2)
+
+    def __init__(self, spec: ForecastSpec) -> None:
+        super().__init__(spec)
+        self.order = spec.order
+        self._shapes: dict[int, tuple[int, ...]] = {}  # block -> its residual's [B, N, D]
+        self._dtypes: dict[int, object] = {}  # block -> its residual's dtype
+
+    @classmethod
+    def check(cls, spec: ForecastSpec) -> None:
+        if spec.order not in cls.orders:
+            raise ValueError(f"forecast.order = {spec.order!r}: the {cls.kind} forecast has orders {cls.orders}.")
+
+    def names(self, block: int, kind: str) -> list[str]:
+        """Block ``block``'s caches of ``kind``, newest first: ``order + 1`` names."""
+        name = block_cache(block, kind)
+        return [name if k == 0 else f"{name}.{k}" for k in range(self.order + 1)]
+
+    def remember(self, delta: TensorSpec) -> tuple[int, int, int]:
+        """Record the block's residual shape and dtype (``block_caches``); returns (block, B, N)."""
+        self._shapes[delta.block], self._dtypes[delta.block] = delta.shape, delta.dtype
+        return delta.block, delta.shape[0], delta.shape[1]
+
+    def now(self, em: Emitter, block: int, timestep: fx.Node | None, tokens: int | None = None) -> fx.Node:
+        """The current timestep as float32 [B, tokens] (default: the block's N)."""
+        import torch
+
+        if timestep is None:
+            raise ValueError(f"forecast.kind = {self.kind!r} needs the model's timestep input in the graph.")
+        aten = torch.ops.aten
+        batch, n = self._shapes[block][:2]
+        t = em(aten._to_copy.default, (timestep,), {"dtype": torch.float32})
+        t = em(aten.reshape.default, (t, [-1, 1]))
+        return em(aten.expand.default, (t, [batch, n if tokens is None else tokens]))
+
+    def shift_in_full(self, em: Emitter, block: int, kinds: tuple[str, ...], old: dict[str, fx.Node]) -> dict:
+        """FULL graph: every entry of ``kinds``' histories one place older (``clone`` of the value before the
+        call, which the write-back pass turns into a buffer-to-buffer copy)."""
+        import torch
+
+        values = {}
+        for kind in kinds:
+            names = self.names(block, kind)
+            for k in range(1, self.order + 1):
+                values[names[k]] = em(torch.ops.aten.clone.default, (old[names[k - 1]],))
+        return values
+
+    def newton(self, em: Emitter, block: int, base: fx.Node, f: list, s: list, t: fx.Node, at: fx.Node) -> fx.Node:
+        """``base + P(t) - P(at)``, with ``P`` Newton's polynomial through residuals ``f`` [B, N, D] at timestamps
+        ``s`` [B, N] (newest first, an entry valid when older: a larger timestep; fewer valid entries lower the
+        order). Per-token coefficients in float32, cast to the residuals' dtype."""
+        import torch
+
+        aten = torch.ops.aten
+
+        def sub(a, b):
+            return em(aten.sub.Tensor, (a, b))
+
+        def mul(a, b):
+            return em(aten.mul.Tensor, (a, b))
+
+        def div(a, b):
+            return em(aten.div.Tensor, (a, b))
+
+        def gap(newer, older, valid):  # newer - older where valid, else 1 (a safe denominator)
+            return em(aten.where.ScalarOther, (valid, sub(newer, older), 1.0))
+
+        def mask(valid):
+            return em(aten._to_copy.default, (valid,), {"dtype": torch.float32})
+
+        # P(t) - P(at) = (t - at) [f0, f1] + ((t - s0)(t - s1) - (at - s0)(at - s1)) [f0, f1, f2]
+        valid1 = em(aten.gt.Tensor, (s[1], s[0]))
+        gap01 = gap(s[0], s[1], valid1)
+        g1 = mul(div(sub(t, at), gap01), mask(valid1))  # coefficient of f0 - f1
+        terms = [(g1, sub(f[0], f[1]))]
+        if self.order == 2:
+            valid2 = em(aten.logical_and.default, (valid1, em(aten.gt.Tensor, (s[2], s[1]))))
+            gap12, gap02 = gap(s[1], s[2], valid2), gap(s[0], s[2], valid2)
+            span = sub(mul(sub(t, s[0]), sub(t, s[1])), mul(sub(at, s[0]), sub(at, s[1])))
+            c = mul(div(span, gap02), mask(valid2))
+            terms[0] = (em(aten.add.Tensor, (g1, div(c, gap01))), terms[0][1])
+            terms.append((em(aten.neg.default, (div(c, gap12),)), sub(f[1], f[2])))  # coefficient of f1 - f2
+        out = base
+        for g, difference in terms:
+            g = em(aten.unsqueeze.default, (em(aten._to_copy.default, (g,), {"dtype": self._dtypes[block]}), -1))
+            out = em(aten.addcmul.default, (out, g, difference))
+        return out
