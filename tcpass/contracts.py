@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 MANIFEST_VERSION = 2
@@ -74,3 +76,19 @@ def history_moves(names: list[str]) -> list[tuple[str, str]]:
     """``(destination, source)`` assignments every executor applies, in order, *before* a FULL or
     CACHED graph writes a new ``names[0]``: each remembered residual moves one place older."""
     return [(names[k], names[k - 1]) for k in range(len(names) - 1, 0, -1)]
+
+
+def register_into(registry: dict[str, type], what: str) -> Callable[[type], type]:
+    """A class decorator that registers a class under its ``kind`` in ``registry`` (token policies,
+    forecasters); ``what`` names the registry in errors. A kind registered twice is an error."""
+
+    def register(cls: type) -> type:
+        kind = cls.__dict__.get("kind")
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(f"{cls.__name__}: a registered {what} sets kind, a non-empty string.")
+        if kind in registry and registry[kind] is not cls:
+            raise ValueError(f"{what} kind {kind!r} is registered twice ({registry[kind].__name__}, {cls.__name__}).")
+        registry[kind] = cls
+        return cls
+
+    return register

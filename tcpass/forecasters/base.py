@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from tcpass.contracts import TensorSpec, block_cache
+from tcpass.contracts import TensorSpec, block_cache, register_into
 
 if TYPE_CHECKING:
     from torch import fx
@@ -37,15 +37,8 @@ if TYPE_CHECKING:
 FORECASTERS: dict[str, type[TokenForecaster]] = {}
 
 
-def register_forecaster(cls: type[TokenForecaster]) -> type[TokenForecaster]:
-    """Class decorator: registers ``cls`` under ``cls.kind`` (a kind registered twice is an error)."""
-    kind = cls.__dict__.get("kind")
-    if not isinstance(kind, str) or not kind:
-        raise TypeError(f"{cls.__name__}: a registered forecaster sets kind, a non-empty string.")
-    if kind in FORECASTERS and FORECASTERS[kind] is not cls:
-        raise ValueError(f"forecast kind {kind!r} is registered twice ({FORECASTERS[kind].__name__}, {cls.__name__}).")
-    FORECASTERS[kind] = cls
-    return cls
+register_forecaster = register_into(FORECASTERS, "forecaster")
+"""Class decorator: registers a class under its ``kind`` (a kind registered twice is an error)."""
 
 
 class TokenForecaster:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from tcpass.contracts import TensorSpec
+from tcpass.contracts import TensorSpec, register_into
 from tcpass.files import resolve_path
 
 if TYPE_CHECKING:
@@ -39,15 +39,8 @@ if TYPE_CHECKING:
 POLICIES: dict[str, type[TokenPolicy]] = {}
 
 
-def register_policy(cls: type[TokenPolicy]) -> type[TokenPolicy]:
-    """Class decorator: registers ``cls`` under ``cls.kind`` (a kind registered twice is an error)."""
-    kind = cls.__dict__.get("kind")
-    if not isinstance(kind, str) or not kind:
-        raise TypeError(f"{cls.__name__}: a registered token policy sets kind, a non-empty string.")
-    if kind in POLICIES and POLICIES[kind] is not cls:
-        raise ValueError(f"selector kind {kind!r} is registered twice ({POLICIES[kind].__name__}, {cls.__name__}).")
-    POLICIES[kind] = cls
-    return cls
+register_policy = register_into(POLICIES, "token policy")
+"""Class decorator: registers a class under its ``kind`` (a kind registered twice is an error)."""
 
 
 class TokenPolicy:
