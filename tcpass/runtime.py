@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
+import sys
 import threading
+import warnings
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -92,34 +96,107 @@ SAVED_MANIFEST = "tcpass.json"  # written last by save_pretrained: a directory w
 SAVED_PLAN = "tcpass_plan.json"
 SAVED_FORMAT = 1
 
-# ModelMixin methods that change the wrapped model's attention or layers. The graphs were traced from
-# the model as it was, so such a change would not reach them: refuse instead of silently ignoring it.
-_TRACED_AWAY = (
-    "set_use_npu_flash_attention",
-    "enable_npu_flash_attention",
-    "enable_xla_flash_attention",
-    "set_use_memory_efficient_attention_xformers",
-    "enable_xformers_memory_efficient_attention",
-    "enable_layerwise_casting",
-    "enable_group_offload",
-    "set_attention_backend",
-    "compile_repeated_blocks",
-    "enable_parallelism",
-    "fuse_qkv_projections",
+# Methods of the wrapped model that change what it computes. Called on the transformed model, each is
+# applied to the wrapped model, then every graph traced from that model is dropped and traced again on
+# its next call (`_Retraced`): the result is what transforming the changed model gives.
+_RETRACED = (
+    # attention processors and backends
     "set_attn_processor",
     "set_default_attn_processor",
+    "set_attention_backend",
+    "reset_attention_backend",
+    "fuse_qkv_projections",
+    "unfuse_qkv_projections",
+    "enable_forward_chunking",
+    "disable_forward_chunking",
+    # LoRA: diffusers' PeftAdapterMixin (Flux, SD3, ...)
+    "load_lora_adapter",
+    "add_adapter",
+    "set_adapter",
+    "set_adapters",
+    "enable_adapters",
+    "disable_adapters",
+    "enable_lora",
+    "disable_lora",
+    "fuse_lora",
+    "unfuse_lora",
+    "unload_lora",
+    "delete_adapters",
 )
+# What the wrapped model says about itself, read through: keys of ``attn_processors`` are the
+# wrapped model's module names, as ``set_attn_processor`` takes them.
+_READ_THROUGH = ("attn_processors", "peft_config", "active_adapters", "save_lora_adapter")
+
+# ModelMixin methods that cannot reach the graphs, each with the reason and what to do instead.
+_REFUSED = {
+    "enable_layerwise_casting": "it stores weights in float8 and casts them per layer at run time; tcpass graphs "
+    "compute in the weights' own dtype (float32, float16 or bfloat16). Use `.to(torch.bfloat16)` instead",
+    "enable_group_offload": "it moves weights between devices with hooks around each layer while the graphs run; "
+    "call it on the original model and run that, or keep the transformed model on one device",
+    "compile_repeated_blocks": "tcpass compiles its own step graphs; pass `backend='inductor'` to `tcpass.transform`",
+    "enable_parallelism": "context parallelism shards the token sequence across devices, which TokenCache's "
+    "per-token caches do not follow; run the original model for it",
+    "enable_xformers_memory_efficient_attention": "xformers needs CUDA; on a GPU call "
+    "`set_attention_backend('xformers')`, which re-traces",
+    "set_use_memory_efficient_attention_xformers": "xformers needs CUDA; on a GPU call "
+    "`set_attention_backend('xformers')`, which re-traces",
+    "enable_npu_flash_attention": "call `set_attention_backend('_native_npu')` instead, which re-traces",
+    "set_use_npu_flash_attention": "call `set_attention_backend('_native_npu')` instead, which re-traces",
+    "enable_xla_flash_attention": "call `set_attention_backend('_native_xla')` instead, which re-traces",
+    "set_use_xla_flash_attention": "call `set_attention_backend('_native_xla')` instead, which re-traces",
+}
+
+# Every transformed model, so a change to a wrapped model reaches all graphs traced from it.
+_TRANSFORMED: weakref.WeakSet = weakref.WeakSet()
 
 
-def _traced_away(name: str):
+class _Retraced:
+    """A method of the wrapped model that changes what it computes: applied to it, then re-traced.
+
+    Absent (``hasattr`` is False) when the wrapped model has no such method, as on the model itself.
+    The change runs while no graph of any transformed model runs (graphs of other transformed
+    models may share the wrapped model), then every transformed model of that wrapped model drops
+    its graphs and caches: the next call traces again, for its own input signature, and starts a new
+    generation.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        method = getattr(obj.transformer, self.name)  # AttributeError when the wrapped model lacks it
+
+        @functools.wraps(method)
+        def changed(*args, **kwargs):
+            with _TRACE_LOCK.tracing():
+                try:
+                    return method(*args, **kwargs)
+                finally:  # a change that raised half-way may still have changed the model
+                    obj.retrace()
+
+        return changed
+
+
+class _ReadThrough:
+    """An attribute of the wrapped model, read through (absent when the wrapped model has none)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return getattr(obj.transformer, self.name)
+
+
+def _refused(name: str, why: str):
     def refuse(self, *args, **kwargs):
-        raise NotImplementedError(
-            f"TokenCacheTransformer.{name}: tcpass traced its graphs from the model as it was, so this change "
-            f"would not reach them. Call `{name}` on the original model, then `tcpass.transform` it."
-        )
+        raise NotImplementedError(f"TokenCacheTransformer.{name} is not supported after `tcpass.transform`: {why}.")
 
     refuse.__name__ = name
-    refuse.__doc__ = f"Not supported after `tcpass.transform`: call `{name}` on the original model first."
+    refuse.__doc__ = f"Not supported after `tcpass.transform`: {why}."
     return refuse
 
 
@@ -128,17 +205,22 @@ class TokenCacheTransformer(ModelMixin):
 
     Inference only: calls run under ``torch.no_grad()``.
 
-    The wrapped model is registered as ``self.transformer`` and shared, never modified: its
-    parameters are the ones the graphs compute with. Graphs are built per input signature (shapes,
-    dtypes, device) on first use; a new signature or a rising timestep starts a new generation.
+    The wrapped model is registered as ``self.transformer`` and shared: its parameters are the ones
+    the graphs compute with. Graphs are built per input signature (shapes, dtypes, device) on first
+    use; a new signature or a rising timestep starts a new generation.
 
     It is a diffusers ``ModelMixin``, so pipelines save, load and move it like their own models:
     ``pipe.save_pretrained(d)`` writes the original model in diffusers' format plus the plan
     (`save_pretrained`), and ``DiffusionPipeline.from_pretrained(d)`` gives the transformed model
     back (`from_pretrained`) once ``tcpass.runtime`` is imported (``from tcpass import transform``).
-    ``.to(device/dtype)`` re-traces on the next call. Methods that would change the wrapped
-    model's attention or layers after tracing (``enable_xformers_memory_efficient_attention``,
-    ``set_attention_backend``, ``enable_layerwise_casting``, ...) raise ``NotImplementedError``.
+    ``.to(device/dtype)`` re-traces on the next call. So do the wrapped model's own methods that
+    change what it computes, called here: attention processors and backends
+    (``set_attn_processor``, ``set_attention_backend``, ``fuse_qkv_projections``, ...) and LoRA
+    (``load_lora_adapter``, ``set_adapters``, ``fuse_lora``, ``unload_lora``, ...; what
+    ``pipe.load_lora_weights`` and friends call). Each is applied to the wrapped model, then the
+    graphs of every transformed model of it are traced again on their next call and a new generation
+    starts. The few that cannot reach the graphs (``enable_layerwise_casting``,
+    ``enable_group_offload``, xformers/NPU/XLA switches, ...) raise ``NotImplementedError`` naming the fix.
 
     Attributes:
         plan: the `CachePlan` in force.
@@ -171,6 +253,7 @@ class TokenCacheTransformer(ModelMixin):
         history = residual_history(plan.skip.history) if plan.skip is not None else []
         self._controller = StepController(plan.schedule, plan.skip, "TokenCacheTransformer", history)
         self._context_buffers: dict[tuple[str, Signature], list[torch.Tensor]] = {}
+        _TRANSFORMED.add(self)
 
     @property
     def step_counts(self) -> Counter[StepKind]:
@@ -215,10 +298,17 @@ class TokenCacheTransformer(ModelMixin):
         safetensors weights: any diffusers install loads them with the original class), then
         ``tcpass_plan.json`` (and the selector's weights file, if the plan has one, with its sha256),
         then ``tcpass.json`` last, which marks the directory as a saved transform. `from_pretrained`
-        reads it back. Safetensors only: ``safe_serialization=False`` is refused (no pickle).
+        reads it back. Safetensors always: with ``safe_serialization=False`` the weights are still
+        written as safetensors, with a warning (a pickle file runs code when it is loaded; diffusers
+        and any ``from_pretrained`` load safetensors the same way, ``variant`` included).
         """
         if not safe_serialization:
-            raise ValueError("safe_serialization=False: tcpass saves safetensors only (no pickle); leave it True.")
+            warnings.warn(
+                "safe_serialization=False: tcpass writes the weights as safetensors anyway (it never writes "
+                "pickle, which runs code when loaded); from_pretrained loads them the same way.",
+                UserWarning,
+                stacklevel=2,
+            )
         if push_to_hub:
             raise ValueError("push_to_hub=True is not supported: save locally, then upload the directory.")
         save_directory = Path(save_directory)
@@ -296,11 +386,30 @@ class TokenCacheTransformer(ModelMixin):
         return transform(model, plan, plan_dir=path, backend=backend, compile_mode=compile_mode)
 
     def _apply(self, fn, recurse: bool = True):
-        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half().
+        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half(),
+        # in every transformed model of this wrapped model (its parameters are converted for all of them).
+        self.retrace()
+        return super()._apply(fn, recurse)
+
+    def _drop_graphs(self) -> None:
+        """Forget every traced graph and cache: the next call traces again and starts a new generation."""
         self._graphs.clear()
         self._context_buffers.clear()
         self.reset()
-        return super()._apply(fn, recurse)
+
+    def retrace(self) -> None:
+        """Trace the graphs again on the next call, here and in every transformed model of ``self.transformer``.
+
+        Call it after changing the wrapped model by means tcpass does not see: peft's own API on a
+        model without diffusers' LoRA methods (DiT, PixArt: ``peft.inject_adapter_in_model(config,
+        tm.transformer)``), a replaced module, a processor's attributes edited in place. The wrapped
+        model's own methods that change it (``set_attn_processor``, ``load_lora_adapter``, ...) call
+        it themselves. Weights changed in place (``p.data.copy_(...)``) need none: the
+        graphs read the parameters when they run. The next call starts a new generation (FULL step).
+        """
+        for other in list(_TRANSFORMED):
+            if other.transformer is self.transformer:
+                other._drop_graphs()
 
     # State --------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -328,7 +437,17 @@ class TokenCacheTransformer(ModelMixin):
             return self._graphs[self._active] if self._active else next(iter(self._graphs.values()))
         return self._graphs_for(self._signature(flatten_inputs(inputs)), inputs)
 
+    def _adapter_state(self) -> tuple:
+        """What peft's LoRA layers of the wrapped model decide in Python when traced (merged adapters,
+        active adapters, disabled, scalings): a pipeline's ``unfuse_lora`` unmerges them directly."""
+        return tuple(
+            (tuple(m.merged_adapters), tuple(m.active_adapters), m.disable_adapters, tuple(sorted(m.scaling.items())))
+            for m in self._tuners
+        )
+
     def _graphs_for(self, key: Signature, inputs: dict) -> StepGraphs:
+        if self._tuners and self._adapter_state() != self._traced_adapter_state:
+            self.retrace()  # a LoRA layer changed by a path that called none of our methods
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             with _TRACE_LOCK.tracing():
@@ -339,6 +458,11 @@ class TokenCacheTransformer(ModelMixin):
         return self._graphs[key]
 
     def _add_graphs(self, key: Signature, graphs: StepGraphs) -> None:
+        if not self._graphs:  # the first graphs of this state of the wrapped model: note its LoRA layers
+            tuners = sys.modules.get("peft.tuners.tuners_utils")  # only if peft is in use
+            base = tuners.BaseTunerLayer if tuners is not None else ()
+            self._tuners = [m for m in self.transformer.modules() if isinstance(m, base)] if base else []
+            self._traced_adapter_state = self._adapter_state()
         if self._compile_options is not None:
             compile_step_graphs(graphs, **self._compile_options)
         self._graphs[key] = graphs
@@ -453,9 +577,13 @@ class TokenCacheTransformer(ModelMixin):
         )
 
 
-for _name in _TRACED_AWAY:
-    setattr(TokenCacheTransformer, _name, _traced_away(_name))
-del _name
+for _name in _RETRACED:
+    setattr(TokenCacheTransformer, _name, _Retraced(_name))
+for _name in _READ_THROUGH:
+    setattr(TokenCacheTransformer, _name, _ReadThrough(_name))
+for _name, _why in _REFUSED.items():
+    setattr(TokenCacheTransformer, _name, _refused(_name, _why))
+del _name, _why
 
 
 def transform(

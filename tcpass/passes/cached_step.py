@@ -195,6 +195,12 @@ class _KeptTokens:
 
     def recompute(self, node: fx.Node, original: dict[fx.Node, fx.Node]) -> None:
         """Any other node that depends on the block input, on the kept tokens (sizes moved from N to K)."""
+        source = node.args[0] if node.target is operator.getitem else None
+        if source not in self.kept and isinstance(self.ta.axis.get(source), tuple):
+            # a piece of a multi-output node that stays on all tokens (a fused QKV projection whose K and V
+            # attend over every token): that piece at the kept positions
+            self.kept[node] = self.on_kept(node)
+            return
 
         def remap(arg):
             if not isinstance(arg, fx.Node):

@@ -146,7 +146,10 @@ def analyze(nodes: list[fx.Node], hidden_in: fx.Node, where: str) -> TokenAxes:
         if isinstance(val, torch.Tensor) and (val.dim() == 0 or val.shape[0] != batch):
             raise UnsupportedBlockError(
                 f"{where}: {node.format_node()} moves the batch axis (shape {tuple(val.shape)}); token "
-                "caching selects tokens per batch row and needs the batch on axis 0."
+                "caching selects tokens per batch row and needs the batch on axis 0. Attention processors "
+                "that fold the heads into the batch axis do this (diffusers' AttnProcessor, which "
+                "set_default_attn_processor installs): use AttnProcessor2_0 (scaled_dot_product_attention), "
+                "or a plan that caches no block."
             )
     return result
 
