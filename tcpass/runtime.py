@@ -125,7 +125,7 @@ _RETRACED = (
 )
 # What the wrapped model says about itself, read through: keys of ``attn_processors`` are the
 # wrapped model's module names, as ``set_attn_processor`` takes them.
-_READ_THROUGH = ("attn_processors", "peft_config", "active_adapters", "save_lora_adapter")
+_READ_THROUGH = ("attn_processors", "original_attn_processors", "peft_config", "active_adapters", "save_lora_adapter")
 
 # ModelMixin methods that cannot reach the graphs, each with the reason and what to do instead.
 _REFUSED = {
