@@ -1,12 +1,14 @@
 """What switching a LoRA costs on a transformed model: with a re-trace, and without one.
 
-A LoRA change through diffusers' methods (``set_adapters``, ``load_lora_adapter``, ``fuse_lora``, ...)
-changes the model's Python structure or flags, so tcpass traces its graphs again on the next call.
-Weights changed in place (here: switching between two LoRAs fused ahead of time by copying the fused
-weights in) need no re-trace, because the graphs read the parameters when they run. Tracing cost
+A LoRA change through diffusers' methods (``load_lora_adapter``, ``set_adapters`` on unmerged layers,
+``fuse_lora``, ...) changes the model's Python structure or flags, so tcpass traces its graphs again on
+the next call.
+Switching fused adapters (``unfuse_lora``, ``set_adapters``, ``fuse_lora``) and weights changed in
+place (two LoRAs fused ahead of time, switched by copying the fused weights in) need none: a merged
+LoRA layer runs its base layer alone, and the graphs read the parameters when they run. Tracing cost
 grows with the number of blocks, not their width, so the model is SD3-medium's depth (24 joint
 blocks; or Flux-dev's 19 + 38 with ``--family flux``) at a reduced width; the step itself is timed
-too, for scale. Each figure is the median of ``--repeats`` runs (min-max in brackets).
+too, for scale. Each figure: median, min and max of ``--repeats`` runs, in seconds.
 
     python bench/retrace_cost.py --family sd3 --repeats 3
 """
@@ -92,7 +94,13 @@ def main() -> None:
     rows = {}
     with torch.no_grad():
         for plan_name, plan in plans.items():
-            names = ("transform", "step", "set_adapters_then_step", "in_place_switch_then_step")
+            names = (
+                "transform",
+                "step",
+                "set_adapters_then_step",
+                "fused_switch_then_step",
+                "in_place_switch_then_step",
+            )
             cost: dict[str, list[float]] = {k: [] for k in names}
             for _ in range(args.repeats):
                 m = copy.deepcopy(model)
@@ -110,6 +118,20 @@ def main() -> None:
                 tm(**inputs)
                 switched = timed(lambda tm=tm: (tm.set_adapters(["b"], [0.8]), tm(**inputs)))
                 cost["set_adapters_then_step"].append(switched)
+                # fused adapters switched (unfuse, set_adapters, fuse): merged layers need no re-trace
+                tm.set_adapters(["a"])
+                tm.fuse_lora()
+                tm(**inputs)
+                graphs = tm.step_graphs()
+
+                def fused_switch(tm=tm):
+                    tm.unfuse_lora()
+                    tm.set_adapters(["b"], [0.8])
+                    tm.fuse_lora()
+                    tm(**inputs)
+
+                cost["fused_switch_then_step"].append(timed(fused_switch))
+                assert tm.step_graphs() is graphs, "a fused switch re-traced"
                 # two LoRAs fused ahead of time, switched by copying weights in place: no re-trace
                 plain = copy.deepcopy(model)
                 tp = tcpass.transform(plain, plan, example_inputs=inputs)

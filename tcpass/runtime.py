@@ -109,9 +109,17 @@ _RETRACED = (
     "unfuse_qkv_projections",
     "enable_forward_chunking",
     "disable_forward_chunking",
-    # LoRA: diffusers' PeftAdapterMixin (Flux, SD3, ...)
+    # LoRA: diffusers' PeftAdapterMixin (Flux, SD3, ...), the ones that add or remove layers
     "load_lora_adapter",
     "add_adapter",
+    "unload_lora",
+    "delete_adapters",
+)
+# LoRA methods that only change peft's layer flags (merged, active, disabled, scalings): forwarded,
+# and the next call re-traces only if the graphs depend on what changed (`_adapter_state`). A merged
+# LoRA layer computes its base layer alone, whose weights the graphs read when they run, so switching
+# fused adapters (``unfuse_lora``, ``set_adapters``, ``fuse_lora``) needs no re-trace.
+_FORWARDED = (
     "set_adapter",
     "set_adapters",
     "enable_adapters",
@@ -120,8 +128,6 @@ _RETRACED = (
     "disable_lora",
     "fuse_lora",
     "unfuse_lora",
-    "unload_lora",
-    "delete_adapters",
 )
 # What the wrapped model says about itself, read through: keys of ``attn_processors`` are the
 # wrapped model's module names, as ``set_attn_processor`` takes them.
@@ -157,11 +163,12 @@ class _Retraced:
     The change runs while no graph of any transformed model runs (graphs of other transformed
     models may share the wrapped model), then every transformed model of that wrapped model drops
     its graphs and caches: the next call traces again, for its own input signature, and starts a new
-    generation.
+    generation. With ``retrace=False`` (LoRA flags, `_FORWARDED`) the next call decides instead.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, retrace: bool = True) -> None:
         self.name = name
+        self.retrace = retrace
 
     def __get__(self, obj, owner=None):
         if obj is None:
@@ -174,7 +181,8 @@ class _Retraced:
                 try:
                     return method(*args, **kwargs)
                 finally:  # a change that raised half-way may still have changed the model
-                    obj.retrace()
+                    if self.retrace:
+                        obj.retrace()
 
         return changed
 
@@ -386,10 +394,19 @@ class TokenCacheTransformer(ModelMixin):
         return transform(model, plan, plan_dir=path, backend=backend, compile_mode=compile_mode)
 
     def _apply(self, fn, recurse: bool = True):
-        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after .to()/.half(),
-        # in every transformed model of this wrapped model (its parameters are converted for all of them).
-        self.retrace()
-        return super()._apply(fn, recurse)
+        # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after a .to()/.half()
+        # that moved or converted something, in every transformed model of this wrapped model (its parameters
+        # are converted for all of them). A .to() that changes nothing (model CPU offload's hook calls one before
+        # every forward) keeps them.
+        before = self._placement()
+        out = super()._apply(fn, recurse)
+        if self._placement() != before:
+            self.retrace()
+        return out
+
+    def _placement(self) -> set[tuple[torch.device, torch.dtype]]:
+        tensors = [*self.transformer.parameters(), *self.transformer.buffers()]
+        return {(t.device, t.dtype) for t in tensors}
 
     def _drop_graphs(self) -> None:
         """Forget every traced graph and cache: the next call traces again and starts a new generation."""
@@ -438,16 +455,22 @@ class TokenCacheTransformer(ModelMixin):
         return self._graphs_for(self._signature(flatten_inputs(inputs)), inputs)
 
     def _adapter_state(self) -> tuple:
-        """What peft's LoRA layers of the wrapped model decide in Python when traced (merged adapters,
-        active adapters, disabled, scalings): a pipeline's ``unfuse_lora`` unmerges them directly."""
+        """What peft's LoRA layers of the wrapped model decide in Python when traced.
+
+        A merged, enabled layer runs its base layer alone (weights read when the graphs run); any
+        other runs its active adapters at their scalings. Changed by diffusers' LoRA methods, and
+        directly by pipelines (``pipe.unfuse_lora`` unmerges the layers itself).
+        """
         return tuple(
-            (tuple(m.merged_adapters), tuple(m.active_adapters), m.disable_adapters, tuple(sorted(m.scaling.items())))
+            "merged"
+            if m.merged and not m.disable_adapters
+            else (tuple(m.active_adapters), m.disable_adapters, tuple(sorted(m.scaling.items())))
             for m in self._tuners
         )
 
     def _graphs_for(self, key: Signature, inputs: dict) -> StepGraphs:
         if self._tuners and self._adapter_state() != self._traced_adapter_state:
-            self.retrace()  # a LoRA layer changed by a path that called none of our methods
+            self.retrace()  # LoRA layers changed what the graphs compute (`_FORWARDED`, or a pipeline directly)
         if key not in self._graphs:
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             with _TRACE_LOCK.tracing():
@@ -502,6 +525,14 @@ class TokenCacheTransformer(ModelMixin):
             return self._forward(me, args, kwargs, return_dict)
 
     def _forward(self, me: int, args: tuple, kwargs: dict, return_dict: bool):
+        weight = next(self.transformer.parameters(), None)
+        if weight is not None and weight.device.type == "meta":
+            raise RuntimeError(
+                f"{type(self.transformer).__name__}'s weights are on the meta device (sequential CPU offload, or "
+                "an offloading device_map): tcpass graphs read the weights directly, not through per-layer "
+                "hooks. Use pipe.enable_model_cpu_offload() (whole model; re-traces once per generation on a GPU), "
+                "or load the model onto one device."
+            )
         inputs = self._bind(args, kwargs)
         flat = flatten_inputs(inputs)
         key = self._signature(flat)
@@ -579,7 +610,7 @@ class TokenCacheTransformer(ModelMixin):
 
 for _name in _RETRACED:
     setattr(TokenCacheTransformer, _name, _Retraced(_name))
-for _name in _READ_THROUGH:
+for _name in _READ_THROUGH + _FORWARDED:
     setattr(TokenCacheTransformer, _name, _ReadThrough(_name))
 for _name, _why in _REFUSED.items():
     setattr(TokenCacheTransformer, _name, _refused(_name, _why))

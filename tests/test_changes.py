@@ -255,3 +255,58 @@ def test_pipeline_lora_calls_on_a_transformed_pipeline_give_the_pipelines_images
         if what == "load_lora_weights":
             assert np.abs(want - before).max() > 1e-3, "the LoRA must change the images"
     assert_close(images(ours), before, units=REGROUPED, what="after unloading")
+
+
+def test_switching_fused_loras_needs_no_retrace():
+    """A merged LoRA layer runs its base layer alone, whose weights the graphs read when they run:
+    unfuse, pick another adapter, fuse again, and the graphs traced for the first fused state serve."""
+    model = MAKERS["sd3"]()
+    first, second = _lora_state_dict(model, 1), _lora_state_dict(model, 2)
+    reference = copy.deepcopy(model)
+    tm = transformed(copy.deepcopy(model), "sd3", DEFAULT)
+    for m in (tm, reference):
+        m.load_lora_adapter(first, adapter_name="a", prefix=None)
+        m.load_lora_adapter(second, adapter_name="b", prefix=None)
+        m.set_adapters(["a"])
+        m.fuse_lora()
+    assert_same(run(tm, "sd3", STEPS[:1]), run(reference, "sd3", STEPS[:1]), "fused a", units=REGROUPED)
+    graphs = tm.step_graphs()
+    for m in (tm, reference):
+        m.unfuse_lora()
+        m.set_adapters(["b"], weights=[0.6])
+        m.fuse_lora()
+    got = run(tm, "sd3", STEPS[:1])
+    assert tm.step_graphs() is graphs, "switching fused adapters must not re-trace"
+    assert_same(got, run(reference, "sd3", STEPS[:1]), "fused b", units=REGROUPED)
+    tm.unfuse_lora()  # unmerged: the graphs must now compute the LoRA branch, so they are traced again
+    reference.unfuse_lora()
+    assert_same(run(tm, "sd3", STEPS[:1]), run(reference, "sd3", STEPS[:1]), "unfused b", units=REGROUPED)
+    assert tm.step_graphs() is not graphs
+
+
+def test_model_cpu_offload_runs_and_sequential_offload_is_refused():
+    """With accelerate, on the CPU as far as it allows (``device="cpu"``): model offload's hook calls
+    ``.to(device)`` before every forward, which changes nothing here and must not re-trace; sequential
+    offload leaves the weights on the meta device, read per layer by hooks the graphs never call."""
+    import numpy as np
+
+    from tests.pipelines import build
+
+    def images(pipe):
+        out = pipe(
+            class_labels=[1], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+        )
+        return np.asarray(out.images)
+
+    plain, ours = build("dit"), build("dit")
+    ours.transformer = tm = tcpass.transform(ours.transformer, DEFAULT)
+    want = images(ours)
+    graphs = tm.step_graphs()
+    ours.enable_model_cpu_offload(device="cpu")
+    assert_close(images(ours), want, units=EXACT, what="model CPU offload")
+    assert tm.step_graphs() is graphs, "a .to() that changes nothing must not re-trace"
+
+    plain.transformer = tcpass.transform(plain.transformer, DEFAULT)
+    plain.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(RuntimeError, match="enable_model_cpu_offload"):
+        images(plain)
