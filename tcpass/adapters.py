@@ -266,6 +266,29 @@ def _flux_example_inputs(model: nn.Module, batch: int) -> dict:
     return inputs
 
 
+WAN_TEXT_TOKENS = 512  # WanPipeline's umT5 sequence length
+WAN_LATENT = (5, 60, 104)  # latent frames x height x width of 17 frames at 480 x 832 (VAE: 4x time, 8x space)
+WAN_FLOW_SHIFT = 3.0  # WanPipeline's shift at 480p (5.0 at 720p)
+
+
+def _wan_example_inputs(model: nn.Module, batch: int) -> dict:
+    cfg, p = model.config, _param(model)
+    # within the rotary table (``rope_max_seq_len`` patches per axis; small in test configs)
+    latent = [min(n, cfg.rope_max_seq_len * k) for n, k in zip(WAN_LATENT, cfg.patch_size, strict=True)]
+    return {
+        "hidden_states": torch.randn(batch, cfg.in_channels, *latent, dtype=p.dtype, device=p.device),
+        "timestep": torch.full((batch,), 500.0, dtype=p.dtype, device=p.device),
+        "encoder_hidden_states": torch.randn(batch, WAN_TEXT_TOKENS, cfg.text_dim, dtype=p.dtype, device=p.device),
+    }
+
+
+def _video_tokens(model: nn.Module, inputs: dict) -> int:
+    """Frames x height x width patches of a ``[B, C, F, H, W]`` latent video."""
+    f, h, w = inputs["hidden_states"].shape[-3:]
+    pt, ph, pw = model.config.patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter(
         class_name="DiTTransformer2DModel",
@@ -335,6 +358,19 @@ ADAPTERS: dict[str, ModelAdapter] = {
         sampler="flow",
         flow_shift=FLUX_FLOW_SHIFT,
         shared_inputs=("img_ids", "txt_ids"),
+    ),
+    "WanTransformer3DModel": ModelAdapter(
+        class_name="WanTransformer3DModel",
+        block_prefixes=("blocks",),
+        input_names=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+        required_inputs=("hidden_states", "timestep", "encoder_hidden_states"),
+        timestep_input="timestep",
+        example_inputs=_wan_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=_video_tokens,
+        text_stream="cross-attention: text (and image-prompt) keys/values are a constant of the step, never pruned",
+        sampler="flow",
+        flow_shift=WAN_FLOW_SHIFT,
     ),
 }
 

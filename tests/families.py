@@ -1,9 +1,9 @@
-"""Tiny random-weight PixArt, SD3 and Flux transformers and their inputs, for the family tests."""
+"""Tiny random-weight PixArt, SD3, Flux and Wan transformers and their inputs, for the family tests."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
 TEXT_TOKENS = 10  # != the 16 image tokens: the image stream must be identifiable by its length
 
@@ -73,6 +73,27 @@ def make_flux(seed=0, guidance_embeds=True):
     )
 
 
+def make_wan(seed=0):
+    """diffusers' own tiny Wan test config (patch (1, 2, 2), 2 heads x 12, 2 layers)."""
+    torch.manual_seed(seed)
+    return _randomize(
+        WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=4,
+            out_channels=4,
+            text_dim=24,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+    )
+
+
 def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     """Inputs of one denoising step; ``t`` in [0, 1] (scaled per family as its pipeline does)."""
     g = torch.Generator().manual_seed(seed)
@@ -86,6 +107,12 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
             "timestep": torch.full((batch,), int(t * 1000)),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
             "encoder_attention_mask": mask,
+        }
+    if family == "wan":  # 2 latent frames of 4 x 8: 16 video tokens of patch (1, 2, 2)
+        return {
+            "hidden_states": torch.randn(batch, 4, 2, 4, 8, generator=g),
+            "timestep": torch.full((batch,), t * 1000),
+            "encoder_hidden_states": text,
         }
     pooled = torch.randn(batch, 20, generator=g)
     if family == "sd3":
@@ -107,9 +134,11 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     }
 
 
-MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux}
+MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux, "wan": make_wan}
 
 
 def blocks_of(model) -> list:
     """All blocks in call order (Flux: double-stream, then single-stream)."""
+    if hasattr(model, "blocks"):  # Wan
+        return list(model.blocks)
     return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))

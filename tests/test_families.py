@@ -1,4 +1,4 @@
-"""PixArt, SD3 and Flux: golden tests of the transformed graphs and batched-CFG row independence."""
+"""PixArt, SD3, Flux and Wan (video): golden tests of the transformed graphs and batched-CFG row independence."""
 
 import math
 
@@ -11,7 +11,7 @@ from tests.families import MAKERS, blocks_of, family_inputs
 from tests.reference import StreamReference, topk_input_change
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
-FAMILIES = ("pixart", "sd3", "flux")
+FAMILIES = ("pixart", "sd3", "flux", "wan")
 MODES = ("full_kv", "cached_kv", "kept_only")
 STEPS = (0.9, 0.8, 0.7)  # one generation: FULL, CACHED, CACHED under ALL_PHASE0
 ALL_PHASE0 = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))

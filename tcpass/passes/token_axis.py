@@ -48,7 +48,8 @@ _ELEMENTWISE = {
     aten.contiguous.default,
     aten.alias.default,
     aten.detach.default,
-    aten.type_as.default,
+    aten.empty_like.default,  # same shape, no values read (written in full by what follows)
+    aten.copy_.default,  # dst[...] = src element by element (Wan's rotary embedding writes slices of an empty_like)
 }
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _FLAT_RESHAPES = {aten.flatten.using_ints, aten.unflatten.int}  # reshapes without a shape argument to rewrite
@@ -214,6 +215,8 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int | None, .
             raise _unsupported(node, where, "normalization over the token axis")
         if t is aten.linear.default and a == rank_in - 1:
             raise _unsupported(node, where, "linear over the token axis")
+        return a
+    if t is aten.type_as.default:  # the second argument gives only the dtype
         return a
     if t is aten.slice.Tensor:
         return _slice_axis(node, ta, src, a, rank_in, where)
