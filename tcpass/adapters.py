@@ -289,6 +289,33 @@ def _video_tokens(model: nn.Module, inputs: dict) -> int:
     return (f // pt) * (h // ph) * (w // pw)
 
 
+HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline's Llama prompt length
+HUNYUAN_LATENT = (9, 60, 104)  # 33 frames at 480 x 832 (VAE: 4x time, 8x space)
+HUNYUAN_FLOW_SHIFT = 7.0  # HunyuanVideoPipeline's scheduler shift
+
+
+def _hunyuan_example_inputs(model: nn.Module, batch: int) -> dict:
+    cfg, p = model.config, _param(model)
+    options = {"dtype": p.dtype, "device": p.device}
+    inputs = {
+        "hidden_states": torch.randn(batch, cfg.in_channels, *HUNYUAN_LATENT, **options),
+        "timestep": torch.full((batch,), 500.0, **options),
+        "encoder_hidden_states": torch.randn(batch, HUNYUAN_TEXT_TOKENS, cfg.text_embed_dim, **options),
+        "encoder_attention_mask": torch.ones(batch, HUNYUAN_TEXT_TOKENS, **options),
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, **options),
+    }
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 6000.0, **options)  # the pipeline passes guidance_scale * 1000
+    return inputs
+
+
+def _video_tokens_t(model: nn.Module, inputs: dict) -> int:
+    """Frames x height x width patches of a ``[B, C, F, H, W]`` latent video (``patch_size_t``, ``patch_size``)."""
+    f, h, w = inputs["hidden_states"].shape[-3:]
+    cfg = model.config
+    return (f // cfg.patch_size_t) * (h // cfg.patch_size) * (w // cfg.patch_size)
+
+
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter(
         class_name="DiTTransformer2DModel",
@@ -371,6 +398,34 @@ ADAPTERS: dict[str, ModelAdapter] = {
         text_stream="cross-attention: text (and image-prompt) keys/values are a constant of the step, never pruned",
         sampler="flow",
         flow_shift=WAN_FLOW_SHIFT,
+    ),
+    "HunyuanVideoTransformer3DModel": ModelAdapter(
+        class_name="HunyuanVideoTransformer3DModel",
+        block_prefixes=("transformer_blocks", "single_transformer_blocks"),
+        input_names=(
+            "hidden_states",
+            "timestep",
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "pooled_projections",
+            "guidance",
+        ),
+        required_inputs=(
+            "hidden_states",
+            "timestep",
+            "encoder_hidden_states",
+            "encoder_attention_mask",
+            "pooled_projections",
+        ),
+        timestep_input="timestep",
+        example_inputs=_hunyuan_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers + cfg.num_single_layers),
+        image_tokens=_video_tokens_t,
+        text_stream="joint attention (video tokens, then text under its padding mask): the text stream is "
+        "computed in full at every step; attention='kept_only' is refused (it would drop masked keys)",
+        image_output=0,
+        sampler="flow",
+        flow_shift=HUNYUAN_FLOW_SHIFT,
     ),
 }
 

@@ -1,9 +1,15 @@
-"""Tiny random-weight PixArt, SD3, Flux and Wan transformers and their inputs, for the family tests."""
+"""Tiny random-weight PixArt, SD3, Flux, Wan and HunyuanVideo transformers and their inputs, for the family tests."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 
 TEXT_TOKENS = 10  # != the 16 image tokens: the image stream must be identifiable by its length
 
@@ -94,6 +100,29 @@ def make_wan(seed=0):
     )
 
 
+def make_hunyuan(seed=0):
+    """diffusers' own tiny HunyuanVideo test config (1 double + 1 single block, 2 heads x 10)."""
+    torch.manual_seed(seed)
+    return _randomize(
+        HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            guidance_embeds=True,
+            text_embed_dim=24,
+            pooled_projection_dim=20,
+            rope_axes_dim=(2, 4, 4),
+            image_condition_type=None,
+        )
+    )
+
+
 def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     """Inputs of one denoising step; ``t`` in [0, 1] (scaled per family as its pipeline does)."""
     g = torch.Generator().manual_seed(seed)
@@ -115,6 +144,17 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
             "encoder_hidden_states": text,
         }
     pooled = torch.randn(batch, 20, generator=g)
+    if family == "hunyuan":  # 2 latent frames of 2 x 4: 16 video tokens of patch 1
+        mask = torch.ones(batch, TEXT_TOKENS)
+        mask[0, 7:] = 0  # padded prompt in row 0
+        return {
+            "hidden_states": torch.randn(batch, 4, 2, 2, 4, generator=g),
+            "timestep": torch.full((batch,), t * 1000),
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": mask,
+            "pooled_projections": pooled,
+            "guidance": torch.full((batch,), 3500.0),
+        }
     if family == "sd3":
         return {
             "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
@@ -134,7 +174,7 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     }
 
 
-MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux, "wan": make_wan}
+MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux, "wan": make_wan, "hunyuan": make_hunyuan}
 
 
 def blocks_of(model) -> list:

@@ -119,12 +119,14 @@ class StreamReference:
     pruned image tokens are masked out of the keys). Then the image stream keeps the fresh residual
     for kept tokens and the cached residual for the others; a text stream is taken as computed.
     Queries are row-wise, so the kept rows of this full computation are what computing only the
-    kept rows gives. ``text_first``: joint attention puts text before image tokens (Flux).
+    kept rows gives. ``text_first``: joint attention puts text before image tokens (Flux);
+    ``image_output``: the index of the image stream in a joint block's output (HunyuanVideo: 0).
     """
 
-    def __init__(self, blocks, cached, attention, select, text_first=False):
+    def __init__(self, blocks, cached, attention, select, text_first=False, image_output=1):
         self.blocks, self.cached, self.attention, self.select = blocks, cached, attention, select
         self.text_first = text_first
+        self.image_output = image_output  # where a joint block's output holds the image stream
         self.state: dict[int, dict] = {}
         self.full = True
 
@@ -184,7 +186,7 @@ class StreamReference:
         def hook(block, args, kwargs, output):
             torch.nn.functional.scaled_dot_product_attention = _SDPA
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            image = output if isinstance(output, torch.Tensor) else output[1]
+            image = output if isinstance(output, torch.Tensor) else output[self.image_output]
             st = self.state[b]
             if self.full:
                 st["delta"], st["input"] = image - x, x.clone()
@@ -193,7 +195,9 @@ class StreamReference:
             st["delta"] = _put_rows(st["delta"], idx, _rows(image - x, idx))
             st["input"] = _put_rows(st["input"], idx, _rows(x, idx))
             image = x + st["delta"]
-            return image if isinstance(output, torch.Tensor) else (output[0], image)
+            if isinstance(output, torch.Tensor):
+                return image
+            return tuple(image if i == self.image_output else o for i, o in enumerate(output))
 
         return hook
 

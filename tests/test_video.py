@@ -1,7 +1,7 @@
-"""Video DiTs (Wan): compiled and exported like the image families, on diffusers' tiny Wan config.
+"""Video DiTs (Wan, HunyuanVideo): compiled and exported like the image families, on tiny configs.
 
 The golden tests (no-cache plan equals eager, cached steps equal an eager reference, batched rows
-independent) run for Wan in tests/test_families.py; here: the default plan runs, ``torch.compile``
+independent) run for both in tests/test_families.py; here: the default plan runs, ``torch.compile``
 with no graph break and no recompile over two generations equals eager, and the ONNX Runtime
 export equals torch.
 """
@@ -16,55 +16,58 @@ import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.runtime import OrtTokenCacheRuntime
-from tests.families import family_inputs, make_wan
+from tests.families import MAKERS, family_inputs
 from tests.tolerance import OTHER_KERNELS, assert_close
 
 STEPS = (0.9, 0.85, 0.8, 0.75, 0.4, 0.35, 0.3)  # both TPRR phases
 PLAN = CachePlan(keep_ratio=0.5, attention="cached_kv", schedule=TPRRSchedule(intervals=(2, 3)))
 
 
-def generation(model, seed):
+def generation(model, family, seed):
     """One generation's calls; the latents differ per step (as in sampling: no ties in the selector)."""
     with torch.no_grad():
-        return [model(**family_inputs("wan", t=t, seed=seed + i), return_dict=False)[0] for i, t in enumerate(STEPS)]
+        return [model(**family_inputs(family, t=t, seed=seed + i), return_dict=False)[0] for i, t in enumerate(STEPS)]
 
 
-@pytest.fixture(scope="module")
-def wan():
-    return make_wan()
+@pytest.fixture(scope="module", params=["wan", "hunyuan"])
+def video(request):
+    return request.param, MAKERS[request.param]()
 
 
-def test_the_default_plan_runs_on_a_video_latent(wan):
-    tm = tcpass.transform(wan, CachePlan())  # traced with the adapter's example video first
-    out = generation(tm, 0)
-    assert out[0].shape == family_inputs("wan")["hidden_states"].shape
+def test_the_default_plan_runs_on_a_video_latent(video):
+    family, model = video
+    tm = tcpass.transform(model, CachePlan())  # traced with the adapter's example video first
+    out = generation(tm, family, 0)
+    assert out[0].shape == family_inputs(family)["hidden_states"].shape
     assert tm.step_counts[StepKind.CACHED] > 0
 
 
-def test_compiled_wan_two_generations_without_graph_breaks_or_recompiles(wan):
+def test_compiled_two_generations_without_graph_breaks_or_recompiles(video):
+    family, model = video
     torch._dynamo.reset()
     counters.clear()
-    compiled = tcpass.transform(wan, PLAN, example_inputs=family_inputs("wan"), backend="inductor")
-    first = generation(compiled, 0)
+    compiled = tcpass.transform(model, PLAN, example_inputs=family_inputs(family), backend="inductor")
+    first = generation(compiled, family, 0)
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        second = generation(compiled, 100)
+        second = generation(compiled, family, 100)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == graphs
     assert compiled.step_counts[StepKind.CACHED] > 0
-    eager = tcpass.transform(wan, PLAN, example_inputs=family_inputs("wan"))
+    eager = tcpass.transform(model, PLAN, example_inputs=family_inputs(family))
     for seed, got in ((0, first), (100, second)):
-        for i, (g, w) in enumerate(zip(got, generation(eager, seed), strict=True)):
+        for i, (g, w) in enumerate(zip(got, generation(eager, family, seed), strict=True)):
             assert_close(g, w, units=OTHER_KERNELS, what=f"generation {seed}, step {i}")
 
 
-def test_wan_exports_to_onnx_runtime_equal_to_torch(wan, tmp_path):
-    tm = tcpass.transform(wan, PLAN, example_inputs=family_inputs("wan"))
-    export_onnx(tm, tmp_path / "wan")
-    runtime = OrtTokenCacheRuntime(tmp_path / "wan")
-    want = generation(tcpass.transform(wan, PLAN, example_inputs=family_inputs("wan")), 0)
+def test_exports_to_onnx_runtime_equal_to_torch(video, tmp_path):
+    family, model = video
+    tm = tcpass.transform(model, PLAN, example_inputs=family_inputs(family))
+    export_onnx(tm, tmp_path / family)
+    runtime = OrtTokenCacheRuntime(tmp_path / family)
+    want = generation(tcpass.transform(model, PLAN, example_inputs=family_inputs(family)), family, 0)
     for i, t in enumerate(STEPS):
-        inputs = family_inputs("wan", t=t, seed=i)
+        inputs = family_inputs(family, t=t, seed=i)
         got = runtime(**{k: v.numpy() for k, v in inputs.items()})
         assert_close(got, want[i].numpy(), units=OTHER_KERNELS, what=f"step {i}")
     assert runtime.step_counts[StepKind.CACHED] > 0

@@ -124,6 +124,36 @@ def _external_initializers(model: onnx.ModelProto) -> list[list]:
     return table
 
 
+def _bool_where_as_logic(model: onnx.ModelProto) -> None:
+    """``Where(c, x, y)`` on bool values as ``Or(And(c, x), And(Not(c), y))``, in place.
+
+    ONNX Runtime implements ``Where`` for numbers, not for bool values (HunyuanVideo builds its
+    attention mask with a bool ``masked_fill``); the logical form computes the same, with broadcasting.
+    """
+    where = [n for n in model.graph.node if n.op_type == "Where"]
+    if not where:
+        return
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Where" or types.get(node.output[0]) != onnx.TensorProto.BOOL:
+            nodes.append(node)
+            continue
+        c, x, y = node.input
+        base = f"{node.name or node.output[0]}_bool"
+        make = onnx.helper.make_node
+        nodes += [
+            make("And", [c, x], [f"{base}_cx"], name=f"{base}_and0"),
+            make("Not", [c], [f"{base}_nc"], name=f"{base}_not"),
+            make("And", [f"{base}_nc", y], [f"{base}_ny"], name=f"{base}_and1"),
+            make("Or", [f"{base}_cx", f"{base}_ny"], [node.output[0]], name=node.name),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _export_graph(
     step_graph: StepGraph,
     model_inputs: dict[str, torch.Tensor],
@@ -157,6 +187,7 @@ def _export_graph(
     # Weights out first: shape inference (in rows_as_slices) serializes the model, and protobuf
     # refuses messages over 2 GB (DiT-XL/2 is 2.7 GB of fp32 weights).
     _externalize(model, weights, blob)
+    _bool_where_as_logic(model)
     if row_slices:
         model, _ = rows_as_slices(model)
     produced = _opset_of(model)

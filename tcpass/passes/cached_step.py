@@ -56,7 +56,7 @@ from tcpass.passes.layout import (
     is_self_attention,
     timestep_node,
 )
-from tcpass.passes.token_axis import RESHAPES, TokenAxes, analyze
+from tcpass.passes.token_axis import RESHAPES, TokenAxes, UnsupportedBlockError, analyze
 from tcpass.policies import TokenPolicy
 from tcpass.trace import BlockSpan, copy_graph_module, find_blocks
 
@@ -189,6 +189,12 @@ class _KeptTokens:
                 )
                 key_value.append(updated[name])
         else:
+            if node in self.ta.key_masks:
+                raise UnsupportedBlockError(
+                    f"block {self.span.index} ({self.span.path}): attention='kept_only' drops keys, but "
+                    f"{node.name} takes a mask over every key (a text padding mask); use attention='full_kv' or "
+                    "'cached_kv', which keep every key."
+                )
             key_value = [self.on_kept(key), self.on_kept(value)]
         args = (self.on_kept(q), *key_value, *node.args[3:])
         self.kept[node] = self.em(node.target, args, node.kwargs, meta_from=node)

@@ -56,6 +56,7 @@ _FLAT_RESHAPES = {aten.flatten.using_ints, aten.unflatten.int}  # reshapes witho
 _PRESERVING = {aten.linear.default, aten.layer_norm.default, aten.rms_norm.default}
 _MOVES = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default}  # axis moves
 _SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}  # over other axes: per token
 SDPA = aten.scaled_dot_product_attention.default
 
 
@@ -79,6 +80,7 @@ class TokenAxes:
             input still spans the user's token axis (a positional table, a mask); the rewrite
             gathers it too.
         attention: the attention nodes of the block.
+        key_masks: attention nodes whose mask spans the keys (a text padding mask over image and text keys).
     """
 
     axis: dict[fx.Node, int | tuple[int | None, ...]]
@@ -87,6 +89,7 @@ class TokenAxes:
     derived: set[fx.Node] = field(default_factory=set)
     gathered_constants: dict[tuple[fx.Node, fx.Node], int] = field(default_factory=dict)
     attention: list[fx.Node] = field(default_factory=list)
+    key_masks: set[fx.Node] = field(default_factory=set)
 
     def pad_of(self, node: fx.Node) -> tuple[int, int]:
         """``(before, after)`` of a single-output token node."""
@@ -218,6 +221,15 @@ def _rule(node: fx.Node, ta: TokenAxes, where: str) -> int | tuple[int | None, .
         return a
     if t is aten.type_as.default:  # the second argument gives only the dtype
         return a
+    if t in _REDUCTIONS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            raise _unsupported(node, where, "a reduction over every axis")
+        dims = [_norm_dim(d, rank_in) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if a in dims:
+            raise _unsupported(node, where, "a reduction over the token axis")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return a if keepdim else a - sum(d < a for d in dims)
     if t is aten.slice.Tensor:
         return _slice_axis(node, ta, src, a, rank_in, where)
     if t in _SPLITS:
@@ -285,7 +297,8 @@ def _split_axes(node: fx.Node, ta: TokenAxes, src: fx.Node, a: int, rank_in: int
 
 def _attention_axis(node: fx.Node, ta: TokenAxes, where: str) -> int:
     """Scaled dot-product attention: queries, keys and values must hold tokens on axis -2 (or be constant),
-    and a mask may not depend on image tokens, vary over queries or mask image keys."""
+    and a mask may not depend on image tokens or vary over queries; a mask over keys is recorded in
+    ``key_masks`` (the ``kept_only`` rewrite, which drops keys, refuses it)."""
     axes = ta.axis
     q, k, v = node.args[:3]
     rank = _val(q).dim()
@@ -304,7 +317,7 @@ def _attention_axis(node: fx.Node, ta: TokenAxes, where: str) -> int:
         if len(shape) >= 2 and shape[-2] != 1:
             raise _unsupported(node, where, f"the attention mask {shape} varies over queries")
         if k in axes and shape[-1] != 1:
-            raise _unsupported(node, where, f"the attention mask {shape} masks image keys")
+            ta.key_masks.add(node)  # a padding mask over all keys (HunyuanVideo): kept as is while keys stay whole
     _set_pad(ta, node, ta.pad.get(q))
     ta.attention.append(node)
     return rank - 2
