@@ -142,6 +142,9 @@ _REFUSED = {
     "compile_repeated_blocks": "tcpass compiles its own step graphs; pass `backend='inductor'` to `tcpass.transform`",
     "enable_parallelism": "context parallelism shards the token sequence across devices, which TokenCache's "
     "per-token caches do not follow; run the original model for it",
+    "enable_cache": "diffusers' caches (FirstBlockCache, TaylorSeer, MagCache, FasterCache, pyramid attention "
+    "broadcast) hook the model's blocks, which tcpass graphs never call: tcpass is the cache here. To compare "
+    "with them, call it on the original model",
     "enable_xformers_memory_efficient_attention": "xformers needs CUDA; on a GPU call "
     "`set_attention_backend('xformers')`, which re-traces",
     "set_use_memory_efficient_attention_xformers": "xformers needs CUDA; on a GPU call "
@@ -392,6 +395,19 @@ class TokenCacheTransformer(ModelMixin):
         plan = load_plan(path / str(manifest.get("plan", SAVED_PLAN)))
         model = model_cls.from_pretrained(path, **{**quiet_load_kwargs(), **kwargs})
         return transform(model, plan, plan_dir=path, backend=backend, compile_mode=compile_mode)
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped model's state dict, under its own names (what diffusers' and peft's LoRA code reads)."""
+        return self.transformer.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load into the wrapped model (its names). Values copied in place need no re-trace; ``assign=True``
+        replaces the parameters, so the graphs are traced again on the next call."""
+        with _TRACE_LOCK.tracing():
+            result = self.transformer.load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:
+            self.retrace()
+        return result
 
     def _apply(self, fn, recurse: bool = True):
         # Graphs (and their cache buffers) bake in device-specific constants: rebuild them after a .to()/.half()
