@@ -316,6 +316,29 @@ def _video_tokens_t(model: nn.Module, inputs: dict) -> int:
     return (f // cfg.patch_size_t) * (h // cfg.patch_size) * (w // cfg.patch_size)
 
 
+COGVIDEOX_TEXT_TOKENS = 226  # CogVideoXPipeline's T5 prompt length
+
+
+def _cogvideox_example_inputs(model: nn.Module, batch: int) -> dict:
+    """The config's own sample size (49 frames at 480 x 720 for CogVideoX-2b/5b), where the patch embedding
+    reads its positional table instead of computing one (which torch.export cannot lift)."""
+    cfg, p = model.config, _param(model)
+    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    options = {"dtype": p.dtype, "device": p.device}
+    return {
+        "hidden_states": torch.randn(batch, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width, **options),
+        "encoder_hidden_states": torch.randn(batch, COGVIDEOX_TEXT_TOKENS, cfg.text_embed_dim, **options),
+        "timestep": torch.full((batch,), 500, dtype=torch.long, device=p.device),
+    }
+
+
+def _cogvideox_tokens(model: nn.Module, inputs: dict) -> int:
+    """Frames x height x width patches of a ``[B, F, C, H, W]`` latent video (frames before channels)."""
+    f, _, h, w = inputs["hidden_states"].shape[1:]
+    cfg = model.config
+    return (f // (cfg.patch_size_t or 1)) * (h // cfg.patch_size) * (w // cfg.patch_size)
+
+
 ADAPTERS: dict[str, ModelAdapter] = {
     "DiTTransformer2DModel": ModelAdapter(
         class_name="DiTTransformer2DModel",
@@ -426,6 +449,18 @@ ADAPTERS: dict[str, ModelAdapter] = {
         image_output=0,
         sampler="flow",
         flow_shift=HUNYUAN_FLOW_SHIFT,
+    ),
+    "CogVideoXTransformer3DModel": ModelAdapter(
+        class_name="CogVideoXTransformer3DModel",
+        block_prefixes=("transformer_blocks",),
+        input_names=("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond", "ofs", "image_rotary_emb"),
+        required_inputs=("hidden_states", "encoder_hidden_states", "timestep"),
+        timestep_input="timestep",
+        example_inputs=_cogvideox_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=_cogvideox_tokens,
+        text_stream="joint attention (text first): the text stream is computed in full at every step",
+        image_output=0,
     ),
 }
 

@@ -48,7 +48,8 @@ class BlockSpan:
 def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
     """The tensors of ``forward`` keyword arguments, flattened the way ``torch.export`` names them.
 
-    ``{"added_cond_kwargs": {"resolution": t}}`` becomes ``{"added_cond_kwargs_resolution": t}``;
+    ``{"added_cond_kwargs": {"resolution": t}}`` becomes ``{"added_cond_kwargs_resolution": t}``,
+    ``{"image_rotary_emb": (cos, sin)}`` becomes ``{"image_rotary_emb_0": cos, "image_rotary_emb_1": sin}``;
     ``None`` values are dropped (they are constants of the trace).
     """
     flat: dict[str, torch.Tensor] = {}
@@ -57,8 +58,12 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
             flat[name] = value
         elif isinstance(value, dict):
             flat.update({f"{name}_{k}": v for k, v in flatten_inputs(value).items()})
+        elif isinstance(value, (tuple, list)):  # CogVideoX's image_rotary_emb = (cos, sin)
+            flat.update({f"{name}_{k}": v for k, v in flatten_inputs(dict(enumerate(value))).items()})
         elif value is not None:
-            raise TypeError(f"input {name!r}: expected a tensor, a dict of tensors or None, got {type(value).__name__}")
+            raise TypeError(
+                f"input {name!r}: expected a tensor, a dict or tuple of tensors or None, got {type(value).__name__}"
+            )
     return flat
 
 

@@ -1,9 +1,10 @@
-"""Tiny random-weight PixArt, SD3, Flux, Wan and HunyuanVideo transformers and their inputs, for the family tests."""
+"""Tiny random-weight PixArt, SD3, Flux and video (Wan, HunyuanVideo, CogVideoX) transformers and their inputs."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import (
+    CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
     PixArtTransformer2DModel,
@@ -123,6 +124,30 @@ def make_hunyuan(seed=0):
     )
 
 
+def make_cogvideox(seed=0):
+    """diffusers' tiny CogVideoX test config with rotary embeddings (as CogVideoX-5b and 1.5), sized so
+    that 2 latent frames of 4 x 8 are the config's sample size."""
+    torch.manual_seed(seed)
+    return _randomize(
+        CogVideoXTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=2,
+            text_embed_dim=24,
+            num_layers=2,
+            sample_width=8,
+            sample_height=4,
+            sample_frames=5,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=TEXT_TOKENS,
+            use_rotary_positional_embeddings=True,
+        )
+    )
+
+
 def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     """Inputs of one denoising step; ``t`` in [0, 1] (scaled per family as its pipeline does)."""
     g = torch.Generator().manual_seed(seed)
@@ -142,6 +167,16 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
             "hidden_states": torch.randn(batch, 4, 2, 4, 8, generator=g),
             "timestep": torch.full((batch,), t * 1000),
             "encoder_hidden_states": text,
+        }
+    if family == "cogvideox":  # [B, F, C, H, W]: 2 latent frames of 4 x 8, 16 video tokens of patch 2
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+        rotary = get_3d_rotary_pos_embed(16, ((0, 0), (2, 4)), grid_size=(2, 4), temporal_size=2, device="cpu")
+        return {
+            "hidden_states": torch.randn(batch, 2, 4, 4, 8, generator=g),
+            "encoder_hidden_states": text,
+            "timestep": torch.full((batch,), int(t * 1000)),
+            "image_rotary_emb": rotary,
         }
     pooled = torch.randn(batch, 20, generator=g)
     if family == "hunyuan":  # 2 latent frames of 2 x 4: 16 video tokens of patch 1
@@ -174,7 +209,14 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     }
 
 
-MAKERS = {"pixart": make_pixart, "sd3": make_sd3, "flux": make_flux, "wan": make_wan, "hunyuan": make_hunyuan}
+MAKERS = {
+    "pixart": make_pixart,
+    "sd3": make_sd3,
+    "flux": make_flux,
+    "wan": make_wan,
+    "hunyuan": make_hunyuan,
+    "cogvideox": make_cogvideox,
+}
 
 
 def blocks_of(model) -> list:

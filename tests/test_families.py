@@ -1,4 +1,4 @@
-"""PixArt, SD3, Flux, Wan and HunyuanVideo: golden tests of the transformed graphs and batched-CFG row independence."""
+"""PixArt, SD3, Flux and the video DiTs: golden tests of the transformed graphs and batched-CFG row independence."""
 
 import math
 
@@ -12,7 +12,7 @@ from tests.families import MAKERS, blocks_of, family_inputs
 from tests.reference import StreamReference, topk_input_change
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
-FAMILIES = ("pixart", "sd3", "flux", "wan", "hunyuan")
+FAMILIES = ("pixart", "sd3", "flux", "wan", "hunyuan", "cogvideox")
 MODES = ("full_kv", "cached_kv", "kept_only")
 STEPS = (0.9, 0.8, 0.7)  # one generation: FULL, CACHED, CACHED under ALL_PHASE0
 ALL_PHASE0 = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))
@@ -52,10 +52,10 @@ def test_cached_steps_match_reference(family, attention):
     assert tm.step_counts[StepKind.CACHED] == 2
 
     k = math.ceil(0.5 * 16)
-    image_output = 0 if name == "hunyuan" else 1
+    image_output = 0 if name in ("hunyuan", "cogvideox") else 1
     select = topk_input_change(k)
     ref = StreamReference(
-        blocks_of(model), blocks, attention, select, text_first=name == "flux", image_output=image_output
+        blocks_of(model), blocks, attention, select, text_first=name in ("flux", "cogvideox"), image_output=image_output
     )
     eager = run(model, name)
     for i, t in enumerate(STEPS):

@@ -1,4 +1,4 @@
-"""Video DiTs (Wan, HunyuanVideo): compiled and exported like the image families, on tiny configs.
+"""Video DiTs (Wan, HunyuanVideo, CogVideoX): compiled and exported like the image families, on tiny configs.
 
 The golden tests (no-cache plan equals eager, cached steps equal an eager reference, batched rows
 independent) run for both in tests/test_families.py; here: the default plan runs, ``torch.compile``
@@ -16,6 +16,7 @@ import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.runtime import OrtTokenCacheRuntime
+from tcpass.trace import flatten_inputs
 from tests.families import MAKERS, family_inputs
 from tests.tolerance import OTHER_KERNELS, assert_close
 
@@ -29,7 +30,7 @@ def generation(model, family, seed):
         return [model(**family_inputs(family, t=t, seed=seed + i), return_dict=False)[0] for i, t in enumerate(STEPS)]
 
 
-@pytest.fixture(scope="module", params=["wan", "hunyuan"])
+@pytest.fixture(scope="module", params=["wan", "hunyuan", "cogvideox"])
 def video(request):
     return request.param, MAKERS[request.param]()
 
@@ -68,7 +69,7 @@ def test_exports_to_onnx_runtime_equal_to_torch(video, tmp_path):
     want = generation(tcpass.transform(model, PLAN, example_inputs=family_inputs(family)), family, 0)
     for i, t in enumerate(STEPS):
         inputs = family_inputs(family, t=t, seed=i)
-        got = runtime(**{k: v.numpy() for k, v in inputs.items()})
+        got = runtime(**{k: v.numpy() for k, v in flatten_inputs(inputs).items()})  # CogVideoX: rotary (cos, sin)
         assert_close(got, want[i].numpy(), units=OTHER_KERNELS, what=f"step {i}")
     assert runtime.step_counts[StepKind.CACHED] > 0
     assert np.isfinite(got).all()

@@ -107,11 +107,14 @@ def write_caches_back(gm: fx.GraphModule, cache_specs: list[TensorSpec]) -> fx.G
                 f"cache {spec.name} is updated to a view of the cache input {aliased.target}; "
                 "write-back needs updates that are new tensors or in place."
             )
-        # Nothing reads the old cache (so at every FULL step): write once the value exists, freeing it early.
+        # Nothing reads the old cache (so at every FULL step): write once the value is final, freeing it early.
+        # Final means after the last in-place write into its storage (CogVideoX applies its rotary embedding to
+        # a slice of the keys in place, after the keys exist).
         if buffer.users:
             where = graph.inserting_before(output)
         else:
-            where = graph.inserting_after(max(value, buffer, key=order.__getitem__))
+            writes = [n for n in graph.nodes if storage is not None and _mutates(n, storage)]
+            where = graph.inserting_after(max(value, buffer, *writes, key=order.__getitem__))
         with where:
             copy = graph.call_function(aten.copy_.default, (buffer, value))
         copy.meta.update({k: v for k, v in value.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -131,6 +134,19 @@ def _writes_into(node: fx.Node, buffer: fx.Node) -> bool:
         return False
     alias = target._schema.arguments[0].alias_info
     return alias is not None and alias.is_write
+
+
+def _mutates(node: fx.Node, storage: StorageWeakRef) -> bool:
+    """Whether ``node`` writes in place into a tensor on ``storage`` (its first argument, per the schema)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+        return False
+    alias = target._schema.arguments[0].alias_info if target._schema.arguments else None
+    first = node.args[0]
+    if alias is None or not alias.is_write or not isinstance(first, fx.Node):
+        return False
+    written = _storage(first)
+    return written is not None and written == storage
 
 
 def _storage(node: fx.Node) -> StorageWeakRef | None:
