@@ -146,7 +146,7 @@ def _lora_state_dict(model, seed):
     return peft.get_peft_model_state_dict(donor, adapter_name="donor")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["flux"])  # SD3: tests/test_changes.py::test_switching_fused_loras_needs_no_retrace
 def test_lora_lifecycle_after_transform_equals_the_untransformed_model(family):
     """load, weights, fuse, unfuse, delete, unload: under no_cache the transformed model gives what the
     model with the same LoRA state gives, and the default plan runs CACHED steps after every change."""

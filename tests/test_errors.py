@@ -40,8 +40,9 @@ def test_bad_plan_for_model(dit, plan, error, match):
 def test_unsupported_model_lists_supported_families():
     with pytest.raises(
         TypeError,
-        match=r"does not support Linear; supported model classes: \['DiTTransformer2DModel', "
-        r"'FluxTransformer2DModel', 'PixArtTransformer2DModel', 'SD3Transformer2DModel'\]\. To add a family",
+        match=r"does not support Linear; supported model classes: \['CogVideoXTransformer3DModel', "
+        r"'DiTTransformer2DModel', 'FluxTransformer2DModel', 'HunyuanVideoTransformer3DModel', "
+        r"'PixArtTransformer2DModel', 'SD3Transformer2DModel', 'WanTransformer3DModel'\]\. To add a family",
     ):
         tcpass.transform(torch.nn.Linear(4, 4), CachePlan())
 
