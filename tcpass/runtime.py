@@ -508,8 +508,12 @@ class TokenCacheTransformer(ModelMixin):
 
     # Calling ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, **where):
         """Calls inside use their own caches and schedule state, kept under ``name``.
+
+        ``where``: what diffusers' own cache contexts take to place the call in the denoising loop
+        (``step_index``, ``sigma``, ...; WanPipeline passes them). tcpass keys its schedule on the
+        timestep the call carries, so they are accepted and not needed.
 
         Pipelines that call the transformer twice per step with different conditioning (Flux with
         ``true_cfg_scale``: ``cond`` then ``uncond``) keep the two streams apart this way, like

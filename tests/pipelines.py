@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from tests.conftest import make_dit
-from tests.families import make_flux, make_pixart, make_sd3
+from tests.families import _randomize, make_flux, make_pixart, make_sd3
 
 WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree"]
 
@@ -66,7 +66,7 @@ def vae() -> AutoencoderKL:
 
 
 def build(family: str):
-    """A tiny pipeline of ``family`` ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux")."""
+    """A tiny pipeline of ``family`` ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "wan", "wan22")."""
     if family == "dit":
         torch.manual_seed(0)
         dit_vae = AutoencoderKL(
@@ -111,7 +111,47 @@ def build(family: str):
             tokenizer_2=tokenizer(8),
             transformer=make_flux(),
         )
+    if family in ("wan", "wan22"):
+        return _wan_pipeline(two_experts=family == "wan22")
     raise ValueError(family)
+
+
+def wan_transformer(seed: int) -> diffusers.WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return _randomize(
+        diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=24,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+    )
+
+
+def _wan_pipeline(two_experts: bool) -> diffusers.WanPipeline:
+    """diffusers' tiny Wan pipeline (its VAE config), our T5 and tokenizer; Wan 2.2: two experts switched
+    at t = 900 (``boundary_ratio``)."""
+    torch.manual_seed(0)
+    wan_vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    return diffusers.WanPipeline(
+        tokenizer=tokenizer(12),
+        text_encoder=t5(24),
+        vae=wan_vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer=wan_transformer(0),
+        transformer_2=wan_transformer(1) if two_experts else None,
+        boundary_ratio=0.9 if two_experts else None,  # shift 7 keeps most steps above t = 500
+    )
 
 
 CALL = {  # per family: keyword arguments of a small generation
@@ -119,4 +159,5 @@ CALL = {  # per family: keyword arguments of a small generation
     "pixart_sigma": {"use_resolution_binning": False, "max_sequence_length": 12, "guidance_scale": 4.0},
     "sd3": {"max_sequence_length": 8, "guidance_scale": 4.0},
     "flux": {"max_sequence_length": 8, "guidance_scale": 3.5},
+    "wan": {"max_sequence_length": 12, "guidance_scale": 5.0, "num_frames": 5, "height": 32, "width": 32},
 }
