@@ -32,6 +32,7 @@ FAMILIES = {
     "pixart_sigma": "tests/pipelines/pixart_sigma/test_pixart.py",
     "sd3": "tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py",
     "flux": "tests/pipelines/flux/test_pipeline_flux.py",
+    "wan": "tests/pipelines/wan/test_wan.py",
 }
 ARMS = ("plain", "no_cache", "default")
 

@@ -88,6 +88,16 @@ def _param(model: nn.Module) -> torch.Tensor:
     return next(model.parameters())
 
 
+def _compute_param(model: nn.Module) -> torch.Tensor:
+    """A parameter in the model's compute dtype: ``_keep_in_fp32_modules`` (Wan's time embedder and norms)
+    stay float32 under ``torch_dtype=bfloat16``, and may come first."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, p in model.named_parameters():
+        if not any(k in name.split(".") for k in keep):
+            return p
+    return _param(model)
+
+
 def _latents(model: nn.Module, batch: int, size: int | None = None) -> torch.Tensor:
     cfg, p = model.config, _param(model)
     size = size or cfg.sample_size
@@ -272,7 +282,7 @@ WAN_FLOW_SHIFT = 3.0  # WanPipeline's shift at 480p (5.0 at 720p)
 
 
 def _wan_example_inputs(model: nn.Module, batch: int) -> dict:
-    cfg, p = model.config, _param(model)
+    cfg, p = model.config, _compute_param(model)
     # within the rotary table (``rope_max_seq_len`` patches per axis; small in test configs)
     latent = [min(n, cfg.rope_max_seq_len * k) for n, k in zip(WAN_LATENT, cfg.patch_size, strict=True)]
     return {
@@ -295,7 +305,7 @@ HUNYUAN_FLOW_SHIFT = 7.0  # HunyuanVideoPipeline's scheduler shift
 
 
 def _hunyuan_example_inputs(model: nn.Module, batch: int) -> dict:
-    cfg, p = model.config, _param(model)
+    cfg, p = model.config, _compute_param(model)
     options = {"dtype": p.dtype, "device": p.device}
     inputs = {
         "hidden_states": torch.randn(batch, cfg.in_channels, *HUNYUAN_LATENT, **options),
@@ -322,7 +332,7 @@ COGVIDEOX_TEXT_TOKENS = 226  # CogVideoXPipeline's T5 prompt length
 def _cogvideox_example_inputs(model: nn.Module, batch: int) -> dict:
     """The config's own sample size (49 frames at 480 x 720 for CogVideoX-2b/5b), where the patch embedding
     reads its positional table instead of computing one (which torch.export cannot lift)."""
-    cfg, p = model.config, _param(model)
+    cfg, p = model.config, _compute_param(model)
     frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
     options = {"dtype": p.dtype, "device": p.device}
     return {
