@@ -17,6 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
 from tcpass.passes.token_axis import UnsupportedBlockError
+from tests.conftest import dit_inputs, make_dit
 from tests.families import MAKERS, family_inputs
 from tests.tolerance import EXACT, OTHER_KERNELS, REGROUPED, assert_close
 
@@ -25,13 +26,19 @@ DEFAULT = CachePlan(schedule=TPRRSchedule(boundary_timestep=0, intervals=(2, 2))
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
 
+def inputs(family, t=0.9, seed=1):
+    if family == "dit":  # class-conditional: tests/conftest.py's tiny DiT
+        return dit_inputs(t=int(t * 1000), seed=seed)
+    return family_inputs(family, t=t, seed=seed)
+
+
 def run(model, family, steps=STEPS):
     with torch.no_grad():
-        return [model(**family_inputs(family, t=t, seed=i), return_dict=False)[0] for i, t in enumerate(steps)]
+        return [model(**inputs(family, t=t, seed=i), return_dict=False)[0] for i, t in enumerate(steps)]
 
 
 def transformed(model, family, plan):
-    return tcpass.transform(model, plan, example_inputs=family_inputs(family))
+    return tcpass.transform(model, plan, example_inputs=inputs(family))
 
 
 def assert_same(got, want, what, units=EXACT):
@@ -183,20 +190,25 @@ def test_lora_lifecycle_after_transform_equals_the_untransformed_model(family):
     assert not hasattr(tm, "peft_config")
 
 
-@pytest.mark.parametrize("family", ["pixart"])
+@pytest.mark.parametrize("family", ["dit", "pixart"])
 def test_peft_on_a_model_without_lora_methods_then_retrace(family):
-    """DiT and PixArt have no diffusers LoRA methods: peft's own API on the wrapped model, then `retrace`."""
-    model = MAKERS[family]()
+    """DiT and PixArt have no diffusers LoRA methods: peft's own API on the wrapped model, then `retrace`;
+    under the no-cache plan the model with the same LoRA, and the default plan runs CACHED steps."""
+    model = make_dit() if family == "dit" else MAKERS[family]()
     tm = transformed(copy.deepcopy(model), family, CachePlan.no_cache())
+    cached = tcpass.transform(tm.transformer, DEFAULT, example_inputs=inputs(family))
     plain = run(tm, family)
     for m in (tm.transformer, model):
         torch.manual_seed(3)
         peft.inject_adapter_in_model(peft.LoraConfig(**LORA), m, adapter_name="a")
     assert_same(run(tm, family), plain, "without retrace the graphs are the ones traced before")
-    tm.retrace()
+    tm.retrace()  # for every transformed model of tm.transformer: `cached` too
     got = run(tm, family)
     assert_changed(got, plain, "the LoRA must change the output")
     assert_same(got, run(model, family), "after retrace", units=REGROUPED)
+    counts = cached.step_counts[StepKind.CACHED]
+    assert_changed(run(cached, family), plain, "the cached model's graphs carry the LoRA")
+    assert cached.step_counts[StepKind.CACHED] > counts
 
 
 def test_what_cannot_reach_the_graphs_is_refused_with_the_fix(tmp_path):

@@ -1,7 +1,7 @@
 """Video DiTs (Wan, HunyuanVideo, CogVideoX): compiled and exported like the image families, on tiny configs.
 
 The golden tests (no-cache plan equals eager, cached steps equal an eager reference, batched rows
-independent) run in tests/test_families.py, ``torch.compile`` in tests/test_video_compile.py; here:
+independent) run in tests/test_families.py, ``torch.compile`` in tests/test_compile_video.py; here:
 the default plan runs, and the ONNX Runtime export equals torch.
 """
 

@@ -1,6 +1,7 @@
 """Video DiTs under ``torch.compile``: no graph break and no recompile over two generations, equal to eager.
 
-(A file of its own so that pytest-xdist's ``--dist loadfile`` spreads the video tests over workers.)
+(A file of its own, sorted early, so that pytest-xdist's ``--dist loadfile`` does not leave the longest
+video tests for last.)
 """
 
 import pytest
