@@ -321,8 +321,8 @@ def export_onnx(
     interval = check_guidance_interval(guidance_interval)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "tmp")
-    staging.mkdir()  # not mkdtemp: the export directory gets the usual permissions (umask), not 0700
-    try:
+    try:  # mkdir inside: an interrupt right after it still removes the directory
+        staging.mkdir()  # not mkdtemp: the export directory gets the usual permissions (umask), not 0700
         _write_export(model, graphs, staging, inputs, opset, null_label, row_slices, interval)
         _swap_into_place(staging, out_dir)
     except BaseException:
