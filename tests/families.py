@@ -80,16 +80,17 @@ def make_flux(seed=0, guidance_embeds=True):
     )
 
 
-def make_wan(seed=0):
-    """diffusers' own tiny Wan test config (patch (1, 2, 2), 2 heads x 12, 2 layers)."""
+def make_wan(seed=0, channels=4):
+    """diffusers' own tiny Wan test config (patch (1, 2, 2), 2 heads x 12, 2 layers); ``channels``: latent
+    channels (16 with the Wan VAE)."""
     torch.manual_seed(seed)
     return _randomize(
         WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=4,
-            out_channels=4,
+            in_channels=channels,
+            out_channels=channels,
             text_dim=24,
             freq_dim=256,
             ffn_dim=32,

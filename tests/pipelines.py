@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from tests.conftest import make_dit
-from tests.families import _randomize, make_flux, make_pixart, make_sd3
+from tests.families import make_flux, make_pixart, make_sd3, make_wan
 
 WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree"]
 
@@ -116,26 +116,6 @@ def build(family: str):
     raise ValueError(family)
 
 
-def wan_transformer(seed: int) -> diffusers.WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return _randomize(
-        diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=24,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
-    )
-
-
 def _wan_pipeline(two_experts: bool) -> diffusers.WanPipeline:
     """diffusers' tiny Wan pipeline (its VAE config), our T5 and tokenizer; Wan 2.2: two experts switched
     at t = 900 (``boundary_ratio``)."""
@@ -148,8 +128,8 @@ def _wan_pipeline(two_experts: bool) -> diffusers.WanPipeline:
         text_encoder=t5(24),
         vae=wan_vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        transformer=wan_transformer(0),
-        transformer_2=wan_transformer(1) if two_experts else None,
+        transformer=make_wan(0, channels=16),
+        transformer_2=make_wan(1, channels=16) if two_experts else None,
         boundary_ratio=0.9 if two_experts else None,  # shift 7 keeps most steps above t = 500
     )
 
