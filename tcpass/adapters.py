@@ -292,13 +292,6 @@ def _wan_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
-def _video_tokens(model: nn.Module, inputs: dict) -> int:
-    """Frames x height x width patches of a ``[B, C, F, H, W]`` latent video."""
-    f, h, w = inputs["hidden_states"].shape[-3:]
-    pt, ph, pw = model.config.patch_size
-    return (f // pt) * (h // ph) * (w // pw)
-
-
 HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline's Llama prompt length
 HUNYUAN_LATENT = (9, 60, 104)  # 33 frames at 480 x 832 (VAE: 4x time, 8x space)
 HUNYUAN_FLOW_SHIFT = 7.0  # HunyuanVideoPipeline's scheduler shift
@@ -319,13 +312,6 @@ def _hunyuan_example_inputs(model: nn.Module, batch: int) -> dict:
     return inputs
 
 
-def _video_tokens_t(model: nn.Module, inputs: dict) -> int:
-    """Frames x height x width patches of a ``[B, C, F, H, W]`` latent video (``patch_size_t``, ``patch_size``)."""
-    f, h, w = inputs["hidden_states"].shape[-3:]
-    cfg = model.config
-    return (f // cfg.patch_size_t) * (h // cfg.patch_size) * (w // cfg.patch_size)
-
-
 COGVIDEOX_TEXT_TOKENS = 226  # CogVideoXPipeline's T5 prompt length
 
 
@@ -342,11 +328,22 @@ def _cogvideox_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
-def _cogvideox_tokens(model: nn.Module, inputs: dict) -> int:
-    """Frames x height x width patches of a ``[B, F, C, H, W]`` latent video (frames before channels)."""
-    f, _, h, w = inputs["hidden_states"].shape[1:]
-    cfg = model.config
-    return (f // (cfg.patch_size_t or 1)) * (h // cfg.patch_size) * (w // cfg.patch_size)
+def _video_tokens(frames_first: bool = False) -> Callable[[nn.Module, dict], int]:
+    """Frames x height x width patches of a latent video, ``[B, C, F, H, W]`` (``[B, F, C, H, W]`` with
+    ``frames_first``: CogVideoX); the patch from the config: a ``(t, h, w)`` tuple (Wan), or
+    ``patch_size_t`` (None: 1) and a square ``patch_size`` (HunyuanVideo, CogVideoX)."""
+
+    def tokens(model: nn.Module, inputs: dict) -> int:
+        shape = inputs["hidden_states"].shape
+        f, h, w = (shape[1], shape[3], shape[4]) if frames_first else shape[-3:]
+        cfg = model.config
+        if isinstance(cfg.patch_size, (tuple, list)):
+            pt, ph, pw = cfg.patch_size
+        else:
+            pt, ph, pw = getattr(cfg, "patch_size_t", None) or 1, cfg.patch_size, cfg.patch_size
+        return (f // pt) * (h // ph) * (w // pw)
+
+    return tokens
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -427,7 +424,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         timestep_input="timestep",
         example_inputs=_wan_example_inputs,
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
-        image_tokens=_video_tokens,
+        image_tokens=_video_tokens(),
         text_stream="cross-attention: text (and image-prompt) keys/values are a constant of the step, never pruned",
         sampler="flow",
         flow_shift=WAN_FLOW_SHIFT,
@@ -453,7 +450,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         timestep_input="timestep",
         example_inputs=_hunyuan_example_inputs,
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers + cfg.num_single_layers),
-        image_tokens=_video_tokens_t,
+        image_tokens=_video_tokens(),
         text_stream="joint attention (video tokens, then text under its padding mask): the text stream is "
         "computed in full at every step; attention='kept_only' is refused (it would drop masked keys)",
         image_output=0,
@@ -468,7 +465,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         timestep_input="timestep",
         example_inputs=_cogvideox_example_inputs,
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
-        image_tokens=_cogvideox_tokens,
+        image_tokens=_video_tokens(frames_first=True),
         text_stream="joint attention (text first): the text stream is computed in full at every step",
         image_output=0,
     ),
