@@ -51,9 +51,9 @@ def _shipped_interval(model_path) -> tuple[float, float] | None:
     return None if ref is None else ref.guidance_interval
 
 
-def _output_file(ctx: click.Context, param: click.Parameter, path: Path) -> Path:
+def _output_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> Path | None:
     """Fail before the run, not after it, when the output's directory does not exist."""
-    if not path.parent.is_dir():
+    if path is not None and not path.parent.is_dir():
         raise click.BadParameter(f"{path}: directory {path.parent} does not exist; create it first.")
     return path
 
@@ -150,7 +150,7 @@ def demo(
 
 @main.command()
 @click.option("--model", "model", required=True, help="diffusers pipeline directory or hub id.")
-@click.option("--prompt", default=None, help="Text prompt (PixArt, SD3, Flux).")
+@click.option("--prompt", default=None, help="Text prompt (PixArt, SD3, Flux, Wan).")
 @click.option("--class-label", type=int, default=None, help="Class id (DiT).")
 @click.option(
     "--plan",
@@ -163,29 +163,47 @@ def demo(
 @click.option("--steps", type=POSITIVE, default=28, show_default=True, help="Denoising steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
-@click.option("--height", type=POSITIVE, default=None, help="Image height in pixels (default: the pipeline's).")
-@click.option("--width", type=POSITIVE, default=None, help="Image width in pixels (default: the pipeline's).")
+@click.option(
+    "--height", type=POSITIVE, default=None, help="Image or video height in pixels (default: the pipeline's)."
+)
+@click.option("--width", type=POSITIVE, default=None, help="Image or video width in pixels (default: the pipeline's).")
+@click.option(
+    "--frames", type=POSITIVE, default=None, help="Video frames (default: the pipeline's); video pipelines only."
+)
+@click.option(
+    "--fps",
+    type=POSITIVE,
+    default=None,
+    help="Frames per second of the video file (default: 16, Wan's); video pipelines only.",
+)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option(
     "-o",
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("tcpass.png"),
-    show_default=True,
+    default=None,
     callback=_output_file,
-    help="Where to write the image (its directory must exist).",
+    help="Where to write the image or video (its directory must exist); the suffix names the format: a video "
+    "is .mp4 (needs the video extra), .webp or .gif (animated). Default: tcpass.png, or tcpass.mp4 for a video.",
 )
-def generate(model, prompt, class_label, plan_path, steps, seed, guidance, height, width, dtype, out) -> None:
-    """Generate one image with a diffusers pipeline, its transformer running TokenCache."""
+def generate(
+    model, prompt, class_label, plan_path, steps, seed, guidance, height, width, frames, fps, dtype, out
+) -> None:
+    """Generate one image or video with a diffusers pipeline, its transformer running TokenCache."""
     import torch
 
+    from tcpass.generate import DEFAULT_FPS, check_output, is_video_pipeline, load_pipeline, write_image, write_video
     from tcpass.generate import generate as run
-    from tcpass.generate import load_pipeline
     from tcpass.plan import load_plan
 
     plan = load_plan(plan_path) if plan_path else None
     try:
         pipe = load_pipeline(model, getattr(torch, dtype))
+        video = is_video_pipeline(pipe)
+        if fps is not None and not video:
+            raise ValueError(f"--fps {fps}: {type(pipe).__name__} makes an image, not a video; leave --fps out.")
+        out = out or Path("tcpass.mp4" if video else "tcpass.png")
+        check_output(pipe, out)
         result = run(
             pipe,
             plan,
@@ -197,12 +215,20 @@ def generate(model, prompt, class_label, plan_path, steps, seed, guidance, heigh
             guidance=guidance,
             height=height,
             width=width,
+            frames=frames,
         )
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    result.image.save(out)
     steps_note = f" ({result.steps})" if result.steps else ""
-    click.echo(f"{result.seconds:.2f} s{steps_note}; wrote {out.resolve()}")
+    if result.frames is None:
+        write_image(result.image, out)
+        click.echo(f"{result.seconds:.2f} s{steps_note}; wrote {out.resolve()}")
+    else:
+        fps = fps or DEFAULT_FPS
+        write_video(result.frames, out, fps)
+        click.echo(
+            f"{result.seconds:.2f} s{steps_note}; wrote {len(result.frames)} frames at {fps} fps to {out.resolve()}"
+        )
 
 
 @main.command("export")
