@@ -292,6 +292,15 @@ def _wan_example_inputs(model: nn.Module, batch: int) -> dict:
     }
 
 
+def _wan_conditioning(model: nn.Module, n: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """Stand-in prompts: random umT5 embeddings (unit variance); the unconditional rows (WanPipeline's
+    negative prompt) get zeros. Calibrating for real prompts: pass their embeddings to
+    `tcpass.calibrate.collect` (``conditioning=``)."""
+    cfg, device = model.config, generator.device
+    text = torch.randn(n, WAN_TEXT_TOKENS, cfg.text_dim, generator=generator, device=device)
+    return {"encoder_hidden_states": text}, {"encoder_hidden_states": torch.zeros_like(text)}
+
+
 HUNYUAN_TEXT_TOKENS = 256  # HunyuanVideoPipeline's Llama prompt length
 HUNYUAN_LATENT = (9, 60, 104)  # 33 frames at 480 x 832 (VAE: 4x time, 8x space)
 HUNYUAN_FLOW_SHIFT = 7.0  # HunyuanVideoPipeline's scheduler shift
@@ -325,6 +334,30 @@ def _cogvideox_example_inputs(model: nn.Module, batch: int) -> dict:
         "hidden_states": torch.randn(batch, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width, **options),
         "encoder_hidden_states": torch.randn(batch, COGVIDEOX_TEXT_TOKENS, cfg.text_embed_dim, **options),
         "timestep": torch.full((batch,), 500, dtype=torch.long, device=p.device),
+    }
+
+
+LTX_TEXT_TOKENS = 128  # LTXPipeline's T5 max_sequence_length
+LTX_LATENT = (21, 16, 22)  # LTXPipeline's default 161 frames at 512 x 704 (VAE: 8x time, 32x space): 7392 tokens
+LTX_FRAME_RATE = 25  # LTXPipeline's default frame_rate (rope_interpolation_scale's time axis)
+LTX_FLOW_SHIFT = 5.5  # LTXPipeline's dynamic shift exp(mu) at 7392 video tokens (mu = 1.71)
+
+
+def _ltx_example_inputs(model: nn.Module, batch: int) -> dict:
+    """Packed latents ``[B, F*H*W, C]`` (patch 1) with the grid as Python ints, as LTXPipeline calls it."""
+    cfg, p = model.config, _compute_param(model)
+    frames, height, width = LTX_LATENT
+    options = {"dtype": p.dtype, "device": p.device}
+    tokens = (frames // cfg.patch_size_t) * (height // cfg.patch_size) * (width // cfg.patch_size)
+    return {
+        "hidden_states": torch.randn(batch, tokens, cfg.in_channels, **options),
+        "encoder_hidden_states": torch.randn(batch, LTX_TEXT_TOKENS, cfg.caption_channels, **options),
+        "timestep": torch.full((batch,), 500.0, **options),
+        "encoder_attention_mask": torch.ones(batch, LTX_TEXT_TOKENS, **options),
+        "num_frames": frames,
+        "height": height,
+        "width": width,
+        "rope_interpolation_scale": (8 / LTX_FRAME_RATE, 32, 32),
     }
 
 
@@ -426,6 +459,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
         image_tokens=_video_tokens(),
         text_stream="cross-attention: text (and image-prompt) keys/values are a constant of the step, never pruned",
+        calibration_conditioning=_wan_conditioning,
         sampler="flow",
         flow_shift=WAN_FLOW_SHIFT,
     ),
@@ -468,6 +502,30 @@ ADAPTERS: dict[str, ModelAdapter] = {
         image_tokens=_video_tokens(frames_first=True),
         text_stream="joint attention (text first): the text stream is computed in full at every step",
         image_output=0,
+    ),
+    "LTXVideoTransformer3DModel": ModelAdapter(
+        class_name="LTXVideoTransformer3DModel",
+        block_prefixes=("transformer_blocks",),
+        input_names=(
+            "hidden_states",
+            "encoder_hidden_states",
+            "timestep",
+            "encoder_attention_mask",
+            "num_frames",
+            "height",
+            "width",
+            "rope_interpolation_scale",
+            "video_coords",
+        ),
+        required_inputs=("hidden_states", "encoder_hidden_states", "timestep"),
+        timestep_input="timestep",
+        example_inputs=_ltx_example_inputs,
+        fingerprint=_fingerprint(lambda cfg: cfg.num_layers),
+        image_tokens=lambda model, inputs: int(inputs["hidden_states"].shape[1]),
+        text_stream="cross-attention: text keys/values are a constant of the step, never pruned; the latent grid "
+        "(num_frames, height, width, rope_interpolation_scale: Python numbers) is baked into each trace",
+        sampler="flow",
+        flow_shift=LTX_FLOW_SHIFT,
     ),
 }
 

@@ -21,7 +21,7 @@ from tcpass.passes import pipeline
 from tcpass.passes.pipeline import StepGraph
 from tcpass.plan import CachePlan
 from tcpass.policies import TokenPolicy
-from tcpass.trace import export_graph, flatten_inputs
+from tcpass.trace import constant_inputs, export_graph, flatten_inputs
 
 __all__ = ["StepGraph", "StepGraphs", "build_step_graphs", "check_dtypes"]
 
@@ -56,6 +56,7 @@ class StepGraphs:
     full: StepGraph
     cached: dict[int, StepGraph]  # phase -> graph (phases may share one)
     skip: StepGraph | None = None  # (*model_inputs, *stack residuals, weights) -> sample; no cache written
+    constants: tuple[tuple[str, bool | int | float], ...] = ()  # Python numbers baked in (`trace.constant_inputs`)
 
     @property
     def cache_specs(self) -> list[TensorSpec]:
@@ -160,6 +161,7 @@ def build_step_graphs(
     return StepGraphs(
         input_names=tuple(flat),
         input_specs=tuple((tuple(t.shape), t.dtype) for t in example),
+        constants=constant_inputs(inputs),
         blocks=build.blocks,
         num_blocks=len(build.spans),
         num_tokens=build.spans[0].num_tokens,

@@ -39,7 +39,7 @@ from tcpass.graphs import StepGraphs, build_step_graphs, check_dtypes
 from tcpass.plan import CachePlan, load_plan
 from tcpass.policies import TokenPolicy, make_policy
 from tcpass.schedule import Step, StepKind, check_timestep
-from tcpass.trace import flatten_inputs
+from tcpass.trace import constant_inputs, flatten_inputs
 
 logger = logging.getLogger("tcpass")
 
@@ -468,7 +468,7 @@ class TokenCacheTransformer(ModelMixin):
         """The graphs for ``inputs`` (default: the signature used most recently)."""
         if inputs is None:
             return self._graphs[self._active] if self._active else next(iter(self._graphs.values()))
-        return self._graphs_for(self._signature(flatten_inputs(inputs)), inputs)
+        return self._graphs_for(self._signature(flatten_inputs(inputs), constant_inputs(inputs)), inputs)
 
     def _adapter_state(self) -> tuple:
         """What peft's LoRA layers of the wrapped model decide in Python when traced.
@@ -555,7 +555,7 @@ class TokenCacheTransformer(ModelMixin):
             )
         inputs = self._bind(args, kwargs)
         flat = flatten_inputs(inputs)
-        key = self._signature(flat)
+        key = self._signature(flat, constant_inputs(inputs))
         # one scalar read per step, on the schedule's 0..1000 scale; checked before any state changes
         timestep = float(flat[self.model_adapter.timestep_input].reshape(-1)[0]) * self.model_adapter.timestep_scale
         check_timestep(timestep)
@@ -617,14 +617,17 @@ class TokenCacheTransformer(ModelMixin):
         return inputs
 
     @staticmethod
-    def _signature(inputs: dict[str, torch.Tensor]) -> Signature:
-        return tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in inputs.items())
+    def _signature(inputs: dict[str, torch.Tensor], constants: tuple = ()) -> Signature:
+        return tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in inputs.items()) + constants
 
     @staticmethod
     def _signature_of(graphs: StepGraphs) -> Signature:
-        return tuple(
-            (n, shape, dtype, graphs.device)
-            for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
+        return (
+            tuple(
+                (n, shape, dtype, graphs.device)
+                for n, (shape, dtype) in zip(graphs.input_names, graphs.input_specs, strict=True)
+            )
+            + graphs.constants
         )
 
 

@@ -60,11 +60,33 @@ def flatten_inputs(inputs: dict) -> dict[str, torch.Tensor]:
             flat.update({f"{name}_{k}": v for k, v in flatten_inputs(value).items()})
         elif isinstance(value, (tuple, list)):  # CogVideoX's image_rotary_emb = (cos, sin)
             flat.update({f"{name}_{k}": v for k, v in flatten_inputs(dict(enumerate(value))).items()})
-        elif value is not None:
+        elif value is not None and not isinstance(value, _CONSTANTS):
             raise TypeError(
-                f"input {name!r}: expected a tensor, a dict or tuple of tensors or None, got {type(value).__name__}"
+                f"input {name!r}: expected a tensor, a dict or tuple of tensors, a Python number or None, "
+                f"got {type(value).__name__}"
             )
     return flat
+
+
+_CONSTANTS = (bool, int, float)
+
+
+def constant_inputs(inputs: dict) -> tuple[tuple[str, bool | int | float], ...]:
+    """The Python numbers among ``forward`` keyword arguments, flattened as `flatten_inputs` names tensors.
+
+    ``torch.export`` bakes them into the trace (LTX-Video's ``num_frames``, ``height``, ``width`` and
+    ``rope_interpolation_scale``): they are part of a graph's signature, like the tensors' shapes, so
+    a call with other values is traced anew instead of running graphs built for the old ones.
+    """
+    found: list[tuple[str, bool | int | float]] = []
+    for name, value in inputs.items():
+        if isinstance(value, _CONSTANTS):
+            found.append((name, value))
+        elif isinstance(value, dict):
+            found.extend((f"{name}_{k}", v) for k, v in constant_inputs(value))
+        elif isinstance(value, (tuple, list)):
+            found.extend((f"{name}_{k}", v) for k, v in constant_inputs(dict(enumerate(value))))
+    return tuple(found)
 
 
 IMAGE_TOKENS = "tcpass_image_tokens"  # GraphModule.meta key: N, the image-token count of the residual stream
@@ -118,7 +140,8 @@ def export_graph(model: nn.Module, inputs: dict, image_tokens: int | None = None
     if _traces is not None:
         flat = flatten_inputs(inputs)
         signature = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in flat.items())
-        key = (id(model), image_tokens, tuple(k for k, v in inputs.items() if v is None), signature)
+        nones = tuple(k for k, v in inputs.items() if v is None)
+        key = (id(model), image_tokens, nones, signature, constant_inputs(inputs))
         if key in _traces and _traces[key][0] is model:
             return copy_graph_module(_traces[key][1])
     with torch.no_grad():
@@ -162,6 +185,16 @@ def find_blocks(graph: fx.Graph, prefixes: tuple[str, ...]) -> list[BlockSpan]:
     return spans
 
 
+_ADDS = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.alias.default)
+
+
+def _added_to(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether ``node`` (through dtype casts) is an operand of an addition inside the block: a residual stream."""
+    users = [u for u in node.users if u in inside]
+    return any(u.target in _ADDS or (u.target in _CASTS and _added_to(u, inside)) for u in users)
+
+
 def _residual_stream(path: str, nodes: list[fx.Node], image_tokens: int | None) -> tuple[fx.Node, fx.Node, tuple]:
     inside = set(nodes)
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -183,6 +216,9 @@ def _residual_stream(path: str, nodes: list[fx.Node], image_tokens: int | None) 
         for a in external
         if isinstance(a.meta.get("val"), torch.Tensor) and tuple(a.meta["val"].shape) == shape and a.op != "get_attr"
     ]
+    if len(candidates) > 1:  # LTX-Video's rotary cos/sin are [batch, tokens, hidden] too: the stream is added to
+        added = [a for a in candidates if _added_to(a, inside)]
+        candidates = added if len(added) == 1 else candidates
     if len(candidates) != 1 or len(shape) != 3:
         raise UnsupportedModelError(
             f"block {path}: cannot identify the residual stream [batch, tokens, hidden] entering the "

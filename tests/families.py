@@ -1,4 +1,5 @@
-"""Tiny random-weight PixArt, SD3, Flux and video (Wan, HunyuanVideo, CogVideoX) transformers and their inputs."""
+"""Tiny random-weight PixArt, SD3, Flux and video (Wan, HunyuanVideo, CogVideoX, LTX-Video) transformers and
+their inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
@@ -149,6 +151,24 @@ def make_cogvideox(seed=0):
     )
 
 
+def make_ltx(seed=0, channels=4):
+    """diffusers' own tiny LTX-Video test config (1 block of 2 heads x 8), with 2 blocks; ``channels``: latent
+    channels (8 with the pipeline test's tiny VAE)."""
+    torch.manual_seed(seed)
+    return _randomize(
+        LTXVideoTransformer3DModel(
+            in_channels=channels,
+            out_channels=channels,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=2,
+            qk_norm="rms_norm_across_heads",
+            caption_channels=24,
+        )
+    )
+
+
 def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
     """Inputs of one denoising step; ``t`` in [0, 1] (scaled per family as its pipeline does)."""
     g = torch.Generator().manual_seed(seed)
@@ -168,6 +188,19 @@ def family_inputs(family: str, batch=2, t=0.9, seed=1) -> dict:
             "hidden_states": torch.randn(batch, 4, 2, 4, 8, generator=g),
             "timestep": torch.full((batch,), t * 1000),
             "encoder_hidden_states": text,
+        }
+    if family == "ltx":  # packed [B, F*H*W, C]: 2 latent frames of 2 x 4, 16 video tokens of patch 1
+        mask = torch.ones(batch, TEXT_TOKENS)
+        mask[0, 7:] = 0  # padded prompt in row 0
+        return {
+            "hidden_states": torch.randn(batch, 16, 4, generator=g),
+            "encoder_hidden_states": text,
+            "timestep": torch.full((batch,), t * 1000),
+            "encoder_attention_mask": mask,
+            "num_frames": 2,
+            "height": 2,
+            "width": 4,
+            "rope_interpolation_scale": (8 / 25, 32, 32),
         }
     if family == "cogvideox":  # [B, F, C, H, W]: 2 latent frames of 4 x 8, 16 video tokens of patch 2
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -217,6 +250,7 @@ MAKERS = {
     "wan": make_wan,
     "hunyuan": make_hunyuan,
     "cogvideox": make_cogvideox,
+    "ltx": make_ltx,
 }
 
 

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from tests.conftest import make_dit
-from tests.families import make_flux, make_pixart, make_sd3, make_wan
+from tests.families import make_flux, make_ltx, make_pixart, make_sd3, make_wan
 
 WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree"]
 
@@ -66,7 +66,7 @@ def vae() -> AutoencoderKL:
 
 
 def build(family: str):
-    """A tiny pipeline of ``family`` ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "wan", "wan22")."""
+    """A tiny pipeline of ``family`` ("dit", "pixart_alpha", "pixart_sigma", "sd3", "flux", "wan", "wan22", "ltx")."""
     if family == "dit":
         torch.manual_seed(0)
         dit_vae = AutoencoderKL(
@@ -113,7 +113,42 @@ def build(family: str):
         )
     if family in ("wan", "wan22"):
         return _wan_pipeline(two_experts=family == "wan22")
+    if family == "ltx":
+        return _ltx_pipeline()
     raise ValueError(family)
+
+
+def _ltx_pipeline() -> diffusers.LTXPipeline:
+    """diffusers' tiny LTX-Video pipeline (its VAE config: 8 latent channels, 4x space, 4x time), our T5."""
+    torch.manual_seed(0)
+    ltx_vae = diffusers.AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    ltx_vae.use_framewise_encoding = False
+    ltx_vae.use_framewise_decoding = False
+    return diffusers.LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=ltx_vae,
+        text_encoder=t5(24),
+        tokenizer=tokenizer(12),
+        transformer=make_ltx(0, channels=8),
+    )
 
 
 def _wan_pipeline(two_experts: bool) -> diffusers.WanPipeline:
@@ -140,4 +175,5 @@ CALL = {  # per family: keyword arguments of a small generation
     "sd3": {"max_sequence_length": 8, "guidance_scale": 4.0},
     "flux": {"max_sequence_length": 8, "guidance_scale": 3.5},
     "wan": {"max_sequence_length": 12, "guidance_scale": 5.0, "num_frames": 5, "height": 32, "width": 32},
+    "ltx": {"max_sequence_length": 12, "guidance_scale": 3.0, "num_frames": 9, "height": 32, "width": 32},
 }

@@ -16,7 +16,7 @@ from tests.test_video import PLAN, generation
 from tests.tolerance import OTHER_KERNELS, assert_close
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox", "ltx"])
 def test_compiled_two_generations_without_graph_breaks_or_recompiles(family):
     model = MAKERS[family]()
     torch._dynamo.reset()

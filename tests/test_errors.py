@@ -42,7 +42,8 @@ def test_unsupported_model_lists_supported_families():
         TypeError,
         match=r"does not support Linear; supported model classes: \['CogVideoXTransformer3DModel', "
         r"'DiTTransformer2DModel', 'FluxTransformer2DModel', 'HunyuanVideoTransformer3DModel', "
-        r"'PixArtTransformer2DModel', 'SD3Transformer2DModel', 'WanTransformer3DModel'\]\. To add a family",
+        r"'LTXVideoTransformer3DModel', 'PixArtTransformer2DModel', 'SD3Transformer2DModel', "
+        r"'WanTransformer3DModel'\]\. To add a family",
     ):
         tcpass.transform(torch.nn.Linear(4, 4), CachePlan())
 

@@ -12,7 +12,7 @@ from tests.families import MAKERS, blocks_of, family_inputs
 from tests.reference import StreamReference, topk_input_change
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
-FAMILIES = ("pixart", "sd3", "flux", "wan", "hunyuan", "cogvideox")
+FAMILIES = ("pixart", "sd3", "flux", "wan", "hunyuan", "cogvideox", "ltx")
 MODES = ("full_kv", "cached_kv", "kept_only")
 STEPS = (0.9, 0.8, 0.7)  # one generation: FULL, CACHED, CACHED under ALL_PHASE0
 ALL_PHASE0 = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))

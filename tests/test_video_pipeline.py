@@ -1,13 +1,17 @@
-"""WanPipeline drop-in: a tcpass transformer in a tiny Wan 2.1 / 2.2 pipeline (tiny VAE and text encoder).
+"""Video pipelines drop-in: a tcpass transformer in a tiny WanPipeline (Wan 2.1 / 2.2) and LTXPipeline (tiny VAE
+and text encoder).
 
 The no-cache plan gives the pipeline's frames; the default plan runs CACHED steps with callbacks;
 ``save_pretrained`` / ``from_pretrained`` round-trips the transformed pipeline; Wan 2.2's two experts
 (high noise, then low noise, switched at ``boundary_ratio``) each carry their own plan.
 """
 
+import functools
+
 import numpy as np
+import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import DiffusionPipeline
 
 import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
@@ -19,23 +23,25 @@ STEPS = 6
 DEFAULT = CachePlan(schedule=TPRRSchedule(intervals=(2, 2)))  # CACHED calls within 6 steps
 
 
-def frames(pipe, seed=0, output_type="np", **extra) -> np.ndarray:
+def _frames(pipe, seed=0, output_type="np", family="wan", **extra) -> np.ndarray:
     out = pipe(
         prompt="a photo of a cat",
         negative_prompt="a dog",
         num_inference_steps=STEPS,
         generator=torch.Generator().manual_seed(seed),
         output_type=output_type,
-        **CALL["wan"],
+        **CALL[family],
         **extra,
     )
     return np.asarray(out.frames)
 
 
-def test_wan_pipeline_no_cache_default_plan_callbacks_and_round_trip(tmp_path):
-    pipe = build("wan")
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_video_pipeline_no_cache_default_plan_callbacks_and_round_trip(family, tmp_path):
+    pipe = build(family)
+    frames = functools.partial(_frames, family=family)
     want, want_latents = frames(pipe), frames(pipe, output_type="latent")
-    assert want.shape[1] == CALL["wan"]["num_frames"]
+    assert want.shape[1] == CALL[family]["num_frames"]
     original = pipe.transformer
     pipe.transformer = tcpass.transform(original, CachePlan.no_cache())
     assert_close(frames(pipe), want, units=REGROUPED, what="no-cache plan")
@@ -54,13 +60,15 @@ def test_wan_pipeline_no_cache_default_plan_callbacks_and_round_trip(tmp_path):
     assert np.abs(frames(pipe, output_type="latent") - want_latents).max() > 1e-3, "caching must change the latents"
 
     pipe.save_pretrained(tmp_path)
-    again = WanPipeline.from_pretrained(tmp_path)
+    again = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(again) is type(pipe)
     assert isinstance(again.transformer, TokenCacheTransformer)
     assert again.transformer.plan.to_dict() == tm.plan.to_dict()
     assert_close(frames(again), got, units=REGROUPED, what="after save/load")
 
 
 def test_wan22_two_experts_each_carry_their_own_plan():
+    frames = _frames
     pipe = build("wan22")
     want = frames(pipe)
     high, low = pipe.transformer, pipe.transformer_2

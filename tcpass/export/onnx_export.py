@@ -379,6 +379,7 @@ def _write_export(
             "null_label": null_label,
             "guidance_interval": None if guidance_interval is None else list(guidance_interval),
             "timestep_input": model.model_adapter.timestep_input,
+            "constants": [list(c) for c in graphs.constants],  # Python numbers baked into the graphs (LTX's grid)
         },
         "plan": plan.to_dict(),
         "plan_sha256": hashlib.sha256(plan.to_json().encode()).hexdigest(),

@@ -123,6 +123,7 @@ class OrtTokenCacheRuntime:
             self.sessions[name] = session
         self.plan = CachePlan.from_dict(m["plan"])
         self._inputs = {i["name"]: i for i in m["conditioning_inputs"]}
+        self._constants = {name: value for name, value in m["model"].get("constants", [])}
         self._timestep_input = m["model"]["timestep_input"]
         skip_inputs = m["graphs"]["skip"]["inputs"] if "skip" in m["graphs"] else []
         history = [s["name"] for s in skip_inputs if s.get("kind") == "residual"]  # newest first
@@ -267,6 +268,19 @@ class OrtTokenCacheRuntime:
         return self._policy.indices(spec["block"], tuple(spec["shape"]), num_tokens, timestep)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        constants = _numbers(inputs)
+        for name, value in constants.items():
+            if name not in self._constants:
+                raise ValueError(
+                    f"input {name!r} = {value!r}: the graphs take no such number (manifest model.constants)."
+                )
+            if value != self._constants[name]:
+                raise ValueError(
+                    f"input {name!r} = {value!r}: the graphs were exported with {self._constants[name]!r} baked in "
+                    "(manifest model.constants); export again for other values."
+                )
+        for name in [n for n, v in inputs.items() if _is_number(v) or _is_numbers(v)]:
+            del inputs[name]  # checked above; not graph inputs
         if set(inputs) != set(self._inputs):
             raise ValueError(f"inputs {sorted(inputs)} differ from the exported ones {sorted(self._inputs)}.")
         for name, spec in self._inputs.items():
@@ -277,6 +291,27 @@ class OrtTokenCacheRuntime:
                     f"shape {spec['shape']} {spec['dtype']} (manifest.json conditioning_inputs); export again for "
                     "other shapes."
                 )
+
+
+def _numbers(inputs: dict) -> dict[str, bool | int | float]:
+    """The Python numbers among the inputs, flattened as `tcpass.trace.constant_inputs` names them
+    (``rope_interpolation_scale=(0.32, 32, 32)`` -> ``rope_interpolation_scale_0`` ...)."""
+    found = {}
+    for name, value in inputs.items():
+        if _is_number(value):
+            found[name] = value
+        elif _is_numbers(value):
+            found.update({f"{name}_{i}": v for i, v in enumerate(value)})
+    return found
+
+
+def _is_number(value) -> bool:
+    """A Python number (numpy scalars are inputs like arrays)."""
+    return isinstance(value, (bool, int, float)) and not isinstance(value, np.generic)
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) > 0 and all(_is_number(v) for v in value)
 
 
 _STOP_SPINNING = "session.force_spinning_stop"
