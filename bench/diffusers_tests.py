@@ -33,6 +33,7 @@ FAMILIES = {
     "sd3": "tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py",
     "flux": "tests/pipelines/flux/test_pipeline_flux.py",
     "wan": "tests/pipelines/wan/test_wan.py",
+    "ltx": "tests/pipelines/ltx/test_ltx.py",
 }
 ARMS = ("plain", "no_cache", "default")
 
