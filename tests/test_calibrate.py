@@ -376,6 +376,85 @@ def test_joint_block_families_calibrate_through_their_adapter_under_flow_matchin
     assert plan.model.model_class == type(model).__name__ and plan.keep_ratio[1] == 0.5
 
 
+@pytest.fixture
+def small_wan_inputs(monkeypatch):
+    """Wan stand-in conditioning and latents at the tiny model's size: 10 text tokens, 2 latent frames
+    of 4 x 8 (16 video tokens of patch (1, 2, 2)) instead of 512 tokens and 5 x 60 x 104."""
+    from tcpass import adapters
+
+    monkeypatch.setattr(adapters, "WAN_TEXT_TOKENS", 10)
+    monkeypatch.setattr(adapters, "WAN_LATENT", (2, 4, 8))
+
+
+def _wan_calibration_data(model):
+    """A tiny Wan's own calibration data: checks it is 5-D, guided, and sampled by flow-matching Euler with
+    shift 3 (WanPipeline's FlowMatchEulerDiscreteScheduler at 480p), not DDIM; returns it."""
+    from tcpass.sampling import ddim_timesteps, sampler_timesteps
+
+    data = cal.collect(model, num_samples=2, steps=6, progress=False)
+    assert (data.sampler, data.flow_shift, data.timestep_scale) == ("flow", 3.0, 1.0)
+    assert data.timesteps.tolist() == pytest.approx(sampler_timesteps(6, "flow", 3.0))
+    assert data.timesteps.tolist() != pytest.approx(ddim_timesteps(6), abs=1.0)
+    assert data.inputs.shape == (6, 4, 4, 2, 4, 8)  # steps, 2 samples x (cond, uncond) rows, [C, F, H, W]
+    text = data.row_kwargs["encoder_hidden_states"]
+    assert text.shape == (4, 10, 24) and torch.equal(text[2:], torch.zeros(2, 10, 24))  # negative prompt: zeros
+    assert_close(data.final, _flow_reference(model, data, 3.0, 1.0), units=REGROUPED, what="flow sampler")
+    with torch.no_grad():
+        assert_close(cal.model_call(model, data, 3), data.outputs[3], units=REGROUPED, what="replayed call")
+    return data
+
+
+def test_a_wan_model_calibrates_token_caching_through_its_adapter(small_wan_inputs, tmp_path):
+    """Wan: a latent video [B, C, F, H, W], umT5 cross-attention, flow matching. Token calibration (trained
+    dynamic selector) writes a plan that loads, caches tokens on the tiny Wan, and generates the calibration
+    samples at the PSNR its report states."""
+    from tcpass.calibrate.search import sample_psnr
+    from tests.families import make_wan
+
+    model = make_wan()
+    data = _wan_calibration_data(model)
+    report = cal.calibrate(
+        model, tmp_path / "plan.json", min_psnr=-100.0, predictor="dynamic", attention="full_kv", num_samples=2,
+        steps=6, iterations=2, ratios=(0.5,), verify_reps=0, progress=False,
+    )  # fmt: skip
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.model.model_class == "WanTransformer3DModel" and plan.selector.kind == "dynamic"
+    assert (plan.notes["sampler"], plan.notes["flow_shift"]) == ("flow", 3.0)
+    tm = tcpass.transform(model, plan)
+    samples = data.sample(tm)
+    assert tm.step_counts[tcpass.StepKind.CACHED] > 0
+    assert sample_psnr(samples, data) == pytest.approx(report.psnr_db, abs=0.1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="the SKIP pass keeps Wan's blocks alive: its rotary embedding writes slices of an empty_like with "
+    "copy_, and dead-code elimination treats every mutation as a side effect, so skip.level='stack' is refused "
+    "and calibrate_steps times both levels",
+)
+def test_a_wan_model_calibrates_step_skipping_through_its_adapter(small_wan_inputs, tmp_path):
+    """Wan: step calibration (skip tables) under flow matching writes a plan that loads, skips
+    calls of the tiny Wan, and generates the calibration samples at the PSNR its report states."""
+    from tcpass.calibrate.search import sample_psnr
+    from tcpass.calibrate.steps import calibrate_steps
+    from tests.families import make_wan
+
+    model = make_wan()
+    data = _wan_calibration_data(model)
+    report = calibrate_steps(
+        model, tmp_path / "steps.json", min_psnr=-100.0, num_samples=2, steps=6, max_evaluated=3, verify_reps=0,
+        max_forecast=0, max_composed=0, keep_steps=True, progress=False,
+    )  # fmt: skip
+    plan = load_plan(tmp_path / "steps.json")
+    assert plan.model.model_class == "WanTransformer3DModel" and plan.skip.timesteps
+    assert (plan.notes["sampler"], plan.notes["flow_shift"]) == ("flow", 3.0)
+    tm = tcpass.transform(model, plan, example_inputs=data.call_inputs())
+    samples = data.sample(tm)
+    assert tm.step_counts[tcpass.StepKind.SKIP] == len(plan.skip.timesteps)
+    assert sample_psnr(samples, data) == pytest.approx(report.chosen.psnr_db, abs=0.1)
+
+
 def _nine_class_dit():
     """The tiny DiT whose config says 9 classes (its label table is larger; labels 0..9 all embed)."""
     model = make_dit()
