@@ -426,13 +426,6 @@ def test_a_wan_model_calibrates_token_caching_through_its_adapter(small_wan_inpu
     assert sample_psnr(samples, data) == pytest.approx(report.psnr_db, abs=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="the SKIP pass keeps Wan's blocks alive: its rotary embedding writes slices of an empty_like with "
-    "copy_, and dead-code elimination treats every mutation as a side effect, so skip.level='stack' is refused "
-    "and calibrate_steps times both levels",
-)
 def test_a_wan_model_calibrates_step_skipping_through_its_adapter(small_wan_inputs, tmp_path):
     """Wan: step calibration (skip tables) under flow matching writes a plan that loads, skips
     calls of the tiny Wan, and generates the calibration samples at the PSNR its report states."""

@@ -325,3 +325,48 @@ def test_exported_forecast_plan_matches_eager_every_step(tmp_path, level):
     plan = CachePlan(keep_ratio=0.5, skip=forecast_table(level, history=3))
     runtime = export_and_compare_every_step(tmp_path, plan, generations=2)
     assert runtime.step_counts[StepKind.SKIP] == 8  # 4 per generation
+
+
+def test_wan_stack_skip_drops_the_blocks_and_matches_a_hook_reference():
+    """Wan's attention writes its rotary output into an ``empty_like`` in place: a SKIP graph must still drop
+    every block (a write into a tensor nothing reads any more is dead), and equal ``block 0 in + scale *
+    the last computed residual`` recorded by hooks on the eager model."""
+    from tests.families import family_inputs, make_wan
+
+    model = make_wan()
+    skip = StepSkip(timesteps=[800.0], scales=[0.9], level="stack")
+    tm = tcpass.transform(model, CachePlan(blocks=(), skip=skip), example_inputs=family_inputs("wan"))
+    state = {}
+
+    def pre(module, args, kwargs):
+        state["in"] = args[0] if args else kwargs["hidden_states"]
+
+    def post(module, args, kwargs, output):
+        if state.get("scale") is None:
+            state["residual"] = output - state["in"]
+            return output
+        return state["in"] + state["scale"] * state["residual"]
+
+    hooks = [
+        model.blocks[0].register_forward_pre_hook(pre, with_kwargs=True),
+        model.blocks[-1].register_forward_hook(post, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            for i, (t, scale) in enumerate(((0.9, None), (0.8, 0.9), (0.7, None))):
+                inputs = family_inputs("wan", t=t, seed=i)
+                got = tm(**inputs, return_dict=False)[0]
+                state["scale"] = scale
+                want = model(**inputs, return_dict=False)[0]
+                assert_close(got, want, units=REGROUPED, what=f"call {i}")
+                if scale is not None:
+                    skipped = got
+            state["scale"] = None
+            computed = model(**family_inputs("wan", t=0.8, seed=1), return_dict=False)[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert tm.step_counts[StepKind.SKIP] == 1
+    skip_graph = tm.step_graphs().skip.gm.graph
+    assert not [n for n in skip_graph.nodes if "blocks." in str(n.meta.get("nn_module_stack", ""))]
+    assert (computed - skipped).abs().max() > 1e-3, "a skipped call must differ from computing it"

@@ -93,13 +93,52 @@ def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.Graph
     return gm
 
 
+_ALLOCATIONS = {
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.zeros_like.default,
+    torch.ops.aten.zeros.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_zeros.default,
+}
+
+
 def mutates(node: fx.Node) -> bool:
-    # ATen marks random-capable ops (dropout, SDPA with its dropout_p) impure, which would keep the
-    # replaced full-token computation alive; in these functional graphs only mutation is a side effect.
+    """Whether dead-code elimination must keep ``node`` although nothing uses its value.
+
+    ATen marks random-capable ops (dropout, SDPA with its dropout_p) impure, which would keep the
+    replaced full-token computation alive; in these functional graphs only mutation is a side effect,
+    and only where someone can see it: a write into a tensor the graph itself allocated (Wan's rotary
+    embedding fills the even and odd channels of an ``empty_like``) is dead once nothing reads that
+    tensor any more, as when a SKIP graph drops the blocks that computed it.
+    """
     if node.op in ("placeholder", "output"):
         return True
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+    if not (isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable):
+        return False
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return True
+    base = node.args[0]
+    while base.op == "call_function" and isinstance(base.target, torch._ops.OpOverload) and base.target.is_view:
+        base = base.args[0]
+    return base.target not in _ALLOCATIONS or _read(base, set())
+
+
+def _read(node: fx.Node, seen: set[fx.Node]) -> bool:
+    """Whether any node reads ``node``'s storage other than by writing into it (views followed)."""
+    for user in node.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        target = user.target
+        if isinstance(target, torch._ops.OpOverload):
+            if (target._schema.is_mutable and user.args[0] is node) or target.is_view:
+                if _read(user, seen):  # a write into it or a view of it: its result aliases the storage
+                    return True
+                continue
+        return True
+    return False
 
 
 def attention_kv_sources(ta: TokenAxes, nodes: list[fx.Node]) -> set[fx.Node]:
