@@ -132,11 +132,13 @@ def _read(node: fx.Node, seen: set[fx.Node]) -> bool:
             continue
         seen.add(user)
         target = user.target
-        if isinstance(target, torch._ops.OpOverload):
-            if (target._schema.is_mutable and user.args[0] is node) or target.is_view:
-                if _read(user, seen):  # a write into it or a view of it: its result aliases the storage
-                    return True
-                continue
+        aliases = isinstance(target, torch._ops.OpOverload) and (
+            (target._schema.is_mutable and user.args[0] is node) or target.is_view
+        )
+        if aliases:  # a write into it or a view of it: its result aliases the storage
+            if _read(user, seen):
+                return True
+            continue
         return True
     return False
 
