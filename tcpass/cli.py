@@ -616,7 +616,30 @@ def calibrate_steps(
 )
 @click.option("--runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
 @click.option("--uncached", is_flag=True, help="torch: serve the untransformed model (full compute), the baseline.")
-@click.option("--replicas", type=POSITIVE, default=1, show_default=True, help="Replicas, each holding one model.")
+@click.option(
+    "--replicas",
+    type=POSITIVE,
+    default=None,
+    help="Replicas, each holding one model (default 1; not with autoscaling).",
+)
+@click.option(
+    "--min-replicas",
+    type=POSITIVE,
+    default=None,
+    help="Autoscaling: the fewest replicas (default 1; needs --max-replicas).",
+)
+@click.option(
+    "--max-replicas",
+    type=POSITIVE,
+    default=None,
+    help="Autoscale (Ray Serve's autoscaling_config) up to this many replicas.",
+)
+@click.option(
+    "--target-ongoing-requests",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Autoscaling: requests per replica (running or waiting in it) to scale for (default 4: about one batch).",
+)
 @click.option(
     "--max-batch",
     type=POSITIVE,
@@ -646,6 +669,40 @@ def calibrate_steps(
     default=None,
     help="Ray CPUs reserved per replica (default: --threads).",
 )
+@click.option(
+    "--replica-gpus",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="torch: GPUs reserved per replica (a fraction shares one); the model then runs on CUDA. Untested here.",
+)
+@click.option(
+    "--max-ongoing-requests",
+    type=POSITIVE,
+    default=8,
+    show_default=True,
+    help="Requests a replica holds at once, running or waiting for its next batch (>= 2 x --max-batch).",
+)
+@click.option(
+    "--max-queued-requests",
+    type=click.IntRange(min=-1),
+    default=64,
+    show_default=True,
+    help="Requests waiting for a replica beyond those; more get 503 with Retry-After. -1: unbounded.",
+)
+@click.option(
+    "--retry-after-s",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="The Retry-After (seconds) sent with a 503.",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Times a request whose replica died is sent again, to another replica.",
+)
 @click.option("--max-steps", type=POSITIVE, default=250, show_default=True, help="Largest `steps` a request may ask.")
 @click.option(
     "--address",
@@ -659,7 +716,7 @@ def calibrate_steps(
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
     show_default=True,
-    help="A request not answered by then gets an error instead of waiting.",
+    help="A request not answered by then (waiting, retries and generation) gets 504.",
 )
 def serve_command(
     model_path,
@@ -667,18 +724,27 @@ def serve_command(
     runtime,
     uncached,
     replicas,
+    min_replicas,
+    max_replicas,
+    target_ongoing_requests,
     max_batch,
     batch_sizes,
     batch_wait_ms,
     threads,
     replica_cpus,
+    replica_gpus,
+    max_ongoing_requests,
+    max_queued_requests,
+    retry_after_s,
+    max_retries,
     max_steps,
     address,
     host,
     port,
     request_timeout_s,
 ) -> None:
-    """Serve a class-conditional DiT over HTTP with Ray Serve: batching, replicas (needs the serve extra)."""
+    """Serve a class-conditional DiT over HTTP with Ray Serve: batching, replicas, autoscaling, retries when a
+    replica dies, a bounded queue (503) and a deadline (504) (needs the serve extra)."""
     if runtime == "ort" and model_path is None:
         raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
     try:
@@ -693,9 +759,32 @@ def serve_command(
             f"{batch_sizes!r}: sizes must be in 1..{largest} (--max-batch).", param_hint="'--batch-sizes'"
         )
     try:
-        from tcpass.serve import ServeConfig, start
+        from tcpass.serve import DeployConfig, ServeConfig, start
     except ImportError as e:
         raise click.ClickException(str(e)) from e
+    import dataclasses
+    import re
+
+    def as_options(error: ValueError) -> str:  # DeployConfig's field names in an error message, as options
+        names = "|".join(f.name for f in dataclasses.fields(DeployConfig))
+        return re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), str(error))
+
+    try:
+        deploy = DeployConfig(
+            replicas=replicas,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            target_ongoing_requests=target_ongoing_requests,
+            replica_cpus=replica_cpus,
+            replica_gpus=replica_gpus or 0.0,
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
+            retry_after_s=retry_after_s,
+            request_timeout_s=request_timeout_s,
+            max_retries=max_retries,
+        )
+    except ValueError as e:
+        raise click.UsageError(as_options(e)) from e
     config = ServeConfig(
         model=None if model_path is None else str(model_path.resolve()),
         plan=None if plan_path is None else str(plan_path.resolve()),
@@ -706,10 +795,13 @@ def serve_command(
         batch_wait_s=batch_wait_ms / 1000,
         threads=threads,
         max_steps=max_steps,
+        device="cuda" if replica_gpus else "cpu",
     )
     try:
-        url = start(config, replicas, replica_cpus, address, host, port, request_timeout_s)
-    except (ValueError, RuntimeError) as e:
+        url = start(config, deploy, address, host, port)
+    except ValueError as e:
+        raise click.ClickException(as_options(e)) from e
+    except RuntimeError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"serving at {url}: POST /generate (PNG), POST /generate/json, GET /health")
     if address is not None:

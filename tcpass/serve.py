@@ -3,30 +3,37 @@
     tcpass serve                                 # the shipped digits model and plan, torch, a local Ray
     curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"class_label": 7, "seed": 1}' -o 7.png
 
-Each replica holds one sampler: the TokenCache-transformed model (``--runtime torch``, or the untransformed
-model with ``--uncached``) or one `OrtTokenCacheRuntime` over a `tcpass export` directory (``--runtime ort``).
-Requests are collected by ``@serve.batch`` and run as model batches of exactly the size the graphs were traced
-(torch) or exported (ort) for: ``max_batch`` images, CFG doubling the model batch (torch can trace smaller
-sizes too, ``batch_sizes``). A batch that is not full is padded and padding rows are dropped. Every image's
-noise comes from its own seed (`tcpass.noise.seeded_noise`) and every row of a batch is computed independently,
-so a seed gives the same image whether it was served alone, batched with others at any position, or generated
-directly at the same batch size. Requests with different ``steps`` or ``guidance`` cannot share a model batch
-(other timesteps, other CFG); one Ray batch runs them one model batch per (steps, guidance) group, in turn.
+Two deployments: ``TokenCacheIngress`` (one replica, no CPU reserved) takes the HTTP requests, validates them and
+calls ``TokenCacheServer`` through a deployment handle; each ``TokenCacheServer`` replica holds one sampler: the
+TokenCache-transformed model (``--runtime torch``, or the untransformed model with ``--uncached``) or one
+`OrtTokenCacheRuntime` over a `tcpass export` directory (``--runtime ort``). Requests are collected by
+``@serve.batch`` and run as model batches of exactly the size the graphs were traced (torch) or exported (ort)
+for: ``max_batch`` images, CFG doubling the model batch (torch can trace smaller sizes too, ``batch_sizes``). A
+batch that is not full is padded and padding rows are dropped. Every image's noise comes from its own seed
+(`tcpass.noise.seeded_noise`) and every row of a batch is computed independently, so a seed gives the same image
+whether it was served alone, batched with others at any position, or generated directly at the same batch size.
+Requests with different ``steps`` or ``guidance`` cannot share a model batch (other timesteps, other CFG); one
+Ray batch runs them one model batch per (steps, guidance) group, in turn.
 
 Endpoints (POST bodies are `GenerateRequest` JSON):
 
 - ``POST /generate``: ``image/png`` (``num_images`` > 1: the images side by side, seeds ``seed``, ``seed+1``, ...)
-- ``POST /generate/json``: ``{"images": [base64 PNG, ...], "seeds", "request_id", "timings", "batch"}``
-- ``GET /health``: the served model (runtime, plan, classes, image shape, batch size)
+- ``POST /generate/json``: ``{"images": [base64 PNG, ...], "seeds", "request_id", "timings", "batch", "attempts"}``
+- ``GET /health``: the served model (runtime, plan, classes, image shape, batch size) and the deployment's limits
 
-A bad request gets 400 (malformed JSON) or 422 with ``{"error": ..., "fields": [...]}`` naming the fields,
-before it reaches a batch. A batch that fails answers its requests with 500 and the error; a replica that dies
-mid-request answers with Ray Serve's 500, and Ray Serve starts a new replica.
+Statuses (every error body is ``{"error": ..., "fields": [...]}``): 400 malformed JSON, 415 not JSON, 422 an
+invalid field (named), all before the request reaches a replica; 503 with ``Retry-After`` when the queue is full
+(`DeployConfig.max_queued_requests`); 504 when the request is not answered within
+`DeployConfig.request_timeout_s`; 500 when its batch failed. A request whose replica dies (killed, crashed, out of
+memory) is sent again, to another replica, up to `DeployConfig.max_retries` times: its seeds fix its images, so
+the answer is the one it would have had, given once.
 """
 
 import asyncio
 import base64
 import io
+import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +51,15 @@ try:
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
     from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 except ImportError as e:
     raise ImportError(f"tcpass serve needs the serve extra ({e.name} is missing): {SERVE_EXTRA}") from e
 
 APP_NAME = "tcpass"
-DEPLOYMENT_NAME = "TokenCacheServer"
+DEPLOYMENT_NAME = "TokenCacheServer"  # the replicas that hold a model
+INGRESS_NAME = "TokenCacheIngress"  # the HTTP front: validation, retries, deadlines, backpressure
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class ServeConfig:
         batch_wait_s: how long ``@serve.batch`` waits for a batch to fill after its first request.
         threads: torch / ONNX Runtime intra-op threads per replica.
         max_steps: the largest ``steps`` a request may ask for.
+        device: torch only: where the model runs, ``"cpu"`` or ``"cuda"`` (a replica then needs
+            `DeployConfig.replica_gpus`; Ray shows a replica only the GPUs it reserved).
     """
 
     model: str | None = None
@@ -81,6 +94,97 @@ class ServeConfig:
     batch_wait_s: float = 0.05
     threads: int = 1
     max_steps: int = 250
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """How many `TokenCacheServer` replicas run, on which resources, and which requests they admit.
+
+    Attributes:
+        replicas: a fixed replica count (default 1); not with autoscaling.
+        min_replicas, max_replicas: autoscale between these counts (Ray Serve's ``autoscaling_config``); setting
+            ``max_replicas`` turns autoscaling on, ``min_replicas`` defaults to 1.
+        target_ongoing_requests: autoscaling: the requests per replica (running or waiting in it) Ray Serve
+            scales to keep (default 4); about one batch (``max_batch``) keeps batches full without a long wait.
+        replica_cpus: CPUs Ray reserves per replica (``None``: `ServeConfig.threads`; a fraction is allowed).
+        replica_gpus: GPUs Ray reserves per replica (torch with ``ServeConfig(device="cuda")``; a fraction shares
+            one GPU between replicas).
+        max_ongoing_requests: requests one replica holds at a time, running or waiting for its next batch; at
+            least 2 x ``max_batch`` lets the next batch fill while one runs.
+        max_queued_requests: requests waiting for a replica beyond those (in the one `TokenCacheIngress`); one
+            more is refused with 503 and ``Retry-After``. ``-1``: unbounded.
+        retry_after_s: the ``Retry-After`` a refused request is sent, seconds (rounded up).
+        request_timeout_s: a request not answered within this (waiting, retried and generated), seconds, gets
+            504; the batch it is in, if it started, still runs to the end.
+        max_retries: how many times a request whose replica died is sent again, to another replica.
+    """
+
+    replicas: int | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+    replica_cpus: float | None = None
+    replica_gpus: float = 0.0
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0
+    request_timeout_s: float = 300.0
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        autoscaled = [
+            name
+            for name in ("min_replicas", "max_replicas", "target_ongoing_requests")
+            if getattr(self, name) is not None
+        ]
+        if autoscaled and self.max_replicas is None:
+            raise ValueError(f"{autoscaled[0]} = {getattr(self, autoscaled[0])}: autoscaling needs max_replicas too.")
+        if autoscaled and self.replicas is not None:
+            raise ValueError(
+                f"replicas = {self.replicas} with {autoscaled[0]} = {getattr(self, autoscaled[0])}: "
+                "give a fixed replica count or autoscaling bounds (min_replicas, max_replicas), not both."
+            )
+        for name in ("replicas", "min_replicas", "max_replicas", "max_ongoing_requests"):
+            _check(name, getattr(self, name), lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1")
+        for name in ("target_ongoing_requests", "replica_cpus", "request_timeout_s"):
+            _check(name, getattr(self, name), lambda v: v is None or (_finite(v) and v > 0), "a number > 0")
+        for name in ("replica_gpus", "retry_after_s"):
+            _check(name, getattr(self, name), lambda v: _finite(v) and v >= 0, "a number >= 0")
+        _check("max_retries", self.max_retries, lambda v: _integer(v) and v >= 0, "an integer >= 0")
+        _check(
+            "max_queued_requests",
+            self.max_queued_requests,
+            lambda v: _integer(v) and (v >= 0 or v == -1),
+            "an integer >= 0, or -1 (unbounded)",
+        )
+        if self.max_replicas is not None and (self.min_replicas or 1) > self.max_replicas:
+            raise ValueError(
+                f"min_replicas = {self.min_replicas or 1} > max_replicas = {self.max_replicas}: "
+                "expected min_replicas <= max_replicas."
+            )
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+    @property
+    def most_replicas(self) -> int:
+        """The most replicas this config may run at once."""
+        return self.max_replicas if self.autoscaling else (self.replicas or 1)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(name: str, value, valid, expected: str) -> None:
+    if not valid(value):
+        raise ValueError(f"{name} = {value!r}: expected {expected}.")
 
 
 class GenerateRequest(BaseModel):
@@ -115,8 +219,9 @@ class Done:
 
     pngs: list[bytes]
     samples: np.ndarray  # [num_images, C, H, W] float32, unclamped model samples
-    timings: dict  # seconds: queued (arrival to its model batch), generate (its model batch)
+    timings: dict  # seconds: queued (arrival at its replica to its model batch), generate (its model batch)
     batch: dict  # its model batch: requests, images, padding rows
+    replica_pid: int = field(default_factory=os.getpid)  # the replica process that generated it
 
 
 @dataclass
@@ -136,10 +241,16 @@ class TorchSampler:
         from tcpass.zoo import reference, sampler_for
 
         torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {config.device!r}: no CUDA device is visible to this replica; reserve one with "
+                "--replica-gpus (DeployConfig.replica_gpus) on a node that has one."
+            )
         digits = reference("digits")
         shipped = sampler_for(config.model)  # a shipped reference model samples with its own guidance interval
         self.guidance_interval = None if shipped is None else shipped.guidance_interval
-        model = load_transformer(str(config.model or _digits_dir()))
+        model = load_transformer(str(config.model or _digits_dir())).to(self.device)
         cfg = model.config
         if getattr(cfg, "num_embeds_ada_norm", None) is None or type(model).__name__ != "DiTTransformer2DModel":
             raise ValueError(
@@ -171,14 +282,14 @@ class TorchSampler:
 
         out = ddim_sample(
             self.model,
-            torch.from_numpy(noise),
-            torch.from_numpy(labels),
+            torch.from_numpy(noise).to(self.device),
+            torch.from_numpy(labels).to(self.device),
             self.null_label,
             steps,
             guidance,
             guidance_interval=self.guidance_interval,
         )
-        return out.numpy()
+        return out.cpu().numpy()
 
 
 class OrtSampler:
@@ -194,6 +305,8 @@ class OrtSampler:
             raise ValueError("--uncached is for --runtime torch; for ort, export a plan that caches nothing.")
         if config.batch_sizes:
             raise ValueError("--batch-sizes is for --runtime torch; an export runs at the one batch it was made for.")
+        if config.device != "cpu":
+            raise ValueError(f"device {config.device!r}: the ort runtime runs on CPU (onnxruntime's CPU provider).")
         expected = load_plan(config.plan) if config.plan else None
         self.runtime = OrtTokenCacheRuntime(config.model, expected_plan=expected, threads=config.threads)
         manifest = self.runtime.manifest
@@ -352,42 +465,16 @@ class BatchGate:
         self._changed = asyncio.Event()
 
 
-def _error(status: int, message: str, fields: list[str]) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "fields": fields})
-
-
-api = FastAPI(title="tcpass", description="TokenCache diffusion transformer behind Ray Serve")
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
-        return _error(400, f"malformed JSON body: {detail}", ["body"])
-    if any(isinstance(e.get("input"), bytes) for e in errors):  # a body FastAPI did not read as JSON
-        content_type = request.headers.get("content-type")
-        message = f"content-type {content_type!r}: send the body as JSON with content-type: application/json"
-        return _error(415, message, ["body"])
-    fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
-    accepted = ", ".join(GenerateRequest.model_fields)
-    messages = [
-        f"{name}: unknown field; accepted: {accepted}"
-        if e["type"] == "extra_forbidden"
-        else f"{name}: {e['msg']} (got {e.get('input')!r})"
-        for name, e in zip(fields, errors, strict=True)
-    ]
-    return _error(422, "; ".join(messages), fields)
+def _error(status: int, message: str, fields: list[str], headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "fields": fields}, headers=headers)
 
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,
-    max_ongoing_requests=64,
     health_check_period_s=2,
     health_check_timeout_s=30,
     max_constructor_retry_count=2,  # a model that fails to load fails `serve.run` with its error, quickly
 )
-@serve.ingress(api)
 class TokenCacheServer:
     """One replica: one sampler, requests batched by ``@serve.batch`` into its model batches."""
 
@@ -414,61 +501,17 @@ class TokenCacheServer:
         finally:
             self._gate.finished()
 
-    async def _generate(self, request: GenerateRequest) -> Done | JSONResponse:
-        problem = self._check(request)
-        if problem is not None:
-            return problem
-        job = Job(request.class_label, request.seed, request.steps, request.guidance, request.num_images)
+    async def generate(self, job: Job) -> Done | Failed:
+        """``job``'s images (or why its batch failed); a job the ingress has checked against `describe`."""
+        job.received = time.perf_counter()  # this process's clock: ``timings.queued`` is the wait in this replica
         await self._gate.enter(job.num_images)
         try:
-            result = await self.generate_batch(job)
+            return await self.generate_batch(job)
         finally:
             self._gate.withdraw(job)
-        if isinstance(result, Failed):
-            return _error(500, result.error, [])
-        return result
 
-    def _check(self, request: GenerateRequest) -> JSONResponse | None:
-        """The limits that depend on the served model and configuration (the rest are `GenerateRequest`'s)."""
-        if request.class_label >= self.sampler.num_classes:
-            n = self.sampler.num_classes
-            return _error(
-                422, f"class_label: {request.class_label} is not a class of this model (0..{n - 1})", ["class_label"]
-            )
-        if request.steps > self.config.max_steps:
-            return _error(
-                422, f"steps: {request.steps} is above this server's max_steps {self.config.max_steps}", ["steps"]
-            )
-        if request.num_images > self.sampler.max_batch:
-            message = (
-                f"num_images: {request.num_images} is above this server's batch of {self.sampler.max_batch} images"
-            )
-            return _error(422, message, ["num_images"])
-        return None
-
-    @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def generate_png(self, request: GenerateRequest) -> Response:
-        result = await self._generate(request)
-        if isinstance(result, JSONResponse):
-            return result
-        return Response(content=to_png(result.samples), media_type="image/png")
-
-    @api.post("/generate/json")
-    async def generate_json(self, request: GenerateRequest):
-        result = await self._generate(request)
-        if isinstance(result, JSONResponse):
-            return result
-        return {
-            "request_id": request.request_id,
-            "seeds": [request.seed + i for i in range(request.num_images)],
-            "images": [base64.b64encode(png).decode("ascii") for png in result.pngs],
-            "timings": result.timings,
-            "batch": result.batch,
-            "replica_pid": self.pid,
-        }
-
-    @api.get("/health")
-    async def health(self) -> dict:
+    def describe(self) -> dict:
+        """The served model and this replica's configuration (``GET /health``, the ingress's request checks)."""
         plan = self.sampler.plan
         return {
             "runtime": self.config.runtime,
@@ -484,53 +527,257 @@ class TokenCacheServer:
         }
 
 
-def build_app(config: ServeConfig, replicas: int = 1, replica_cpus: float = 1.0, env: dict | None = None):
-    """The Ray Serve application: ``replicas`` replicas of `TokenCacheServer`, each with ``replica_cpus`` CPUs.
+class ReplicaLost(Exception):
+    """A request's replica died on every attempt it was given."""
 
-    ``env``: environment variables for the replica processes (``runtime_env``); thread counts are always set
-    from ``config.threads``.
+
+def replica_lost(error: BaseException) -> bool:
+    """Whether ``error`` means the replica that held a request is gone (killed, crashed, unreachable), not that the
+    request failed: the request never got an answer and is safe to send again (its seeds fix its images)."""
+    return isinstance(error, RayActorError | ReplicaUnavailableError)
+
+
+async def call_with_retries(method, *args, max_retries: int) -> tuple[object, int]:
+    """``method.remote(*args)`` (a deployment handle's method) and the attempts it took. A call whose replica died
+    (`replica_lost`) is made again, a new handle call that Ray Serve routes to a live replica, up to
+    ``max_retries`` times; any other error is raised at once."""
+    for attempt in range(1, max_retries + 2):
+        response = method.remote(*args)
+        try:
+            return await response, attempt
+        except asyncio.CancelledError:  # the deadline or the client's disconnect: stop it on the replica too
+            response.cancel()
+            raise
+        except Exception as e:
+            if not replica_lost(e):
+                raise
+            logger.warning(f"a replica died holding a request (attempt {attempt}): {type(e).__name__}")
+            lost = e
+    raise ReplicaLost(
+        f"the replica running this request died {max_retries + 1} times (max_retries {max_retries}); last: "
+        f"{type(lost).__name__}: {str(lost).splitlines()[0]}"
+    )
+
+
+api = FastAPI(title="tcpass", description="TokenCache diffusion transformer behind Ray Serve")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
+        return _error(400, f"malformed JSON body: {detail}", ["body"])
+    if any(isinstance(e.get("input"), bytes) for e in errors):  # a body FastAPI did not read as JSON
+        content_type = request.headers.get("content-type")
+        message = f"content-type {content_type!r}: send the body as JSON with content-type: application/json"
+        return _error(415, message, ["body"])
+    fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in errors]
+    accepted = ", ".join(GenerateRequest.model_fields)
+    messages = [
+        f"{name}: unknown field; accepted: {accepted}"
+        if e["type"] == "extra_forbidden"
+        else f"{name}: {e['msg']} (got {e.get('input')!r})"
+        for name, e in zip(fields, errors, strict=True)
+    ]
+    return _error(422, "; ".join(messages), fields)
+
+
+def _check_request(request: GenerateRequest, model: dict) -> JSONResponse | None:
+    """The limits that depend on the served model and configuration (the rest are `GenerateRequest`'s)."""
+    if request.class_label >= model["num_classes"]:
+        n = model["num_classes"]
+        return _error(
+            422, f"class_label: {request.class_label} is not a class of this model (0..{n - 1})", ["class_label"]
+        )
+    if request.steps > model["max_steps"]:
+        return _error(422, f"steps: {request.steps} is above this server's max_steps {model['max_steps']}", ["steps"])
+    if request.num_images > model["max_batch"]:
+        message = f"num_images: {request.num_images} is above this server's batch of {model['max_batch']} images"
+        return _error(422, message, ["num_images"])
+    return None
+
+
+# serve.ingress copies `api` when the class is defined: what its routes call must be defined above this line
+@serve.deployment(name=INGRESS_NAME, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class TokenCacheIngress:
+    """The HTTP front: checks requests, sends them to `TokenCacheServer` replicas, retries those whose replica
+    died, refuses work beyond the queue (503) and answers 504 past the deadline."""
+
+    def __init__(self, server, deploy: DeployConfig) -> None:
+        self.server = server  # a DeploymentHandle to TokenCacheServer
+        self.deploy = deploy
+        self._model: dict | None = None  # `TokenCacheServer.describe`, fetched on the first request
+
+    async def _answer(self, method: str, *args) -> tuple[object, int] | JSONResponse:
+        """`call_with_retries` of the server's ``method`` within the request deadline; the deadline, a full queue
+        and lost replicas as HTTP errors (504, 503, 500)."""
+        timeout = self.deploy.request_timeout_s
+        try:
+            call = call_with_retries(getattr(self.server, method), *args, max_retries=self.deploy.max_retries)
+            return await asyncio.wait_for(call, timeout)
+        except asyncio.TimeoutError:
+            message = f"not answered within request_timeout_s = {timeout:g} s (waiting, retries and generation)"
+            return _error(504, message, [])
+        except BackPressureError as e:
+            retry_after = str(math.ceil(self.deploy.retry_after_s))
+            message = (
+                f"server busy: every replica is full and {self.deploy.max_queued_requests} requests are queued "
+                f"(max_queued_requests); retry after {retry_after} s ({e})"
+            )
+            return _error(503, message, [], headers={"Retry-After": retry_after})
+        except DeploymentUnavailableError as e:
+            return _error(503, f"the model replicas are unavailable: {e.message}", [])
+        except ReplicaLost as e:
+            return _error(500, str(e), [])
+
+    async def _model_info(self) -> dict | JSONResponse:
+        if self._model is None:
+            answer = await self._answer("describe")
+            if isinstance(answer, JSONResponse):
+                return answer
+            self._model = answer[0]
+        return self._model
+
+    async def _generate(self, request: GenerateRequest) -> tuple[Done, int] | JSONResponse:
+        model = await self._model_info()
+        if isinstance(model, JSONResponse):
+            return model
+        problem = _check_request(request, model)
+        if problem is not None:
+            return problem
+        job = Job(request.class_label, request.seed, request.steps, request.guidance, request.num_images)
+        answer = await self._answer("generate", job)
+        if isinstance(answer, tuple) and isinstance(answer[0], Failed):
+            return _error(500, answer[0].error, [])
+        return answer
+
+    @api.post("/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def generate_png(self, request: GenerateRequest) -> Response:
+        answer = await self._generate(request)
+        if isinstance(answer, JSONResponse):
+            return answer
+        return Response(content=to_png(answer[0].samples), media_type="image/png")
+
+    @api.post("/generate/json")
+    async def generate_json(self, request: GenerateRequest):
+        answer = await self._generate(request)
+        if isinstance(answer, JSONResponse):
+            return answer
+        result, attempts = answer
+        return {
+            "request_id": request.request_id,
+            "seeds": [request.seed + i for i in range(request.num_images)],
+            "images": [base64.b64encode(png).decode("ascii") for png in result.pngs],
+            "timings": result.timings,
+            "batch": result.batch,
+            "replica_pid": result.replica_pid,
+            "attempts": attempts,
+        }
+
+    @api.get("/health")
+    async def health(self):
+        answer = await self._answer("describe")
+        if isinstance(answer, JSONResponse):
+            return answer
+        return {**answer[0], "deploy": asdict(self.deploy)}
+
+
+def deployment_options(config: ServeConfig, deploy: DeployConfig, env: dict | None = None) -> tuple[dict, dict]:
+    """The Ray Serve options (`Deployment.options` keywords) of `TokenCacheServer` and of `TokenCacheIngress`.
+
+    ``env``: environment variables for the model replicas (``runtime_env``); thread counts are always set from
+    ``config.threads``.
     """
+    if deploy.replica_gpus and config.runtime != "torch":
+        raise ValueError(
+            f"replica_gpus = {deploy.replica_gpus:g}: the ort runtime runs on CPU; GPUs serve runtime torch."
+        )
+    if deploy.replica_gpus and config.device == "cpu":
+        raise ValueError(
+            f"replica_gpus = {deploy.replica_gpus:g} with device 'cpu': the model would not use them; set "
+            "ServeConfig(device='cuda') (the CLI's --replica-gpus sets both)."
+        )
+    if config.device != "cpu" and not deploy.replica_gpus:
+        raise ValueError(
+            f"device {config.device!r} with replica_gpus = 0: Ray shows a replica only the GPUs it reserves; "
+            "set replica_gpus (--replica-gpus)."
+        )
     env_vars = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads), **(env or {})}
-    options = {"num_cpus": replica_cpus, "runtime_env": {"env_vars": env_vars}}
-    return TokenCacheServer.options(num_replicas=replicas, ray_actor_options=options).bind(config)
+    actor = {"num_cpus": deploy.replica_cpus or config.threads, "runtime_env": {"env_vars": env_vars}}
+    if deploy.replica_gpus:
+        actor["num_gpus"] = deploy.replica_gpus
+    server = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": deploy.max_ongoing_requests,
+        "max_queued_requests": deploy.max_queued_requests,  # the ingress answers 503 + Retry-After past it
+    }
+    if deploy.autoscaling:
+        server["num_replicas"] = "auto"
+        server["autoscaling_config"] = {
+            "min_replicas": deploy.min_replicas or 1,
+            "initial_replicas": deploy.min_replicas or 1,
+            "max_replicas": deploy.max_replicas,
+            "target_ongoing_requests": deploy.target_ongoing_requests or 4.0,
+        }
+    else:
+        server["num_replicas"] = deploy.replicas or 1
+    # the ingress only awaits: it takes every request the replicas and their queue hold and more (health checks, bad
+    # requests, requests being refused), so that requests wait in the replicas' queue, which answers 503 when full
+    held = deploy.most_replicas * deploy.max_ongoing_requests + max(deploy.max_queued_requests, 0) + 256
+    ingress = {"max_ongoing_requests": held if deploy.max_queued_requests >= 0 else 100_000}
+    return server, ingress
+
+
+def build_app(config: ServeConfig, deploy: DeployConfig | None = None, env: dict | None = None):
+    """The Ray Serve application: `TokenCacheIngress` in front of `TokenCacheServer` replicas serving ``config``."""
+    deploy = deploy or DeployConfig()
+    server, ingress = deployment_options(config, deploy, env)
+    return TokenCacheIngress.options(**ingress).bind(TokenCacheServer.options(**server).bind(config), deploy)
 
 
 def start(
     config: ServeConfig,
-    replicas: int = 1,
-    replica_cpus: float | None = None,
+    deploy: DeployConfig | None = None,
     address: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    request_timeout_s: float = 300.0,
 ) -> str:
     """Deploy the app and return its URL; without ``address``, on a new local Ray instance on this machine.
 
     ``address`` (``ray://head:10001`` or ``auto``) connects to a running cluster instead; every node must have
     tcpass with the serve extra installed (and the model directory at the same path). A local instance gets
     this process's ``tcpass`` on the replicas' ``PYTHONPATH``. Refuses, instead of waiting forever, when the
-    local instance has fewer CPUs than ``replicas * replica_cpus``.
+    local instance has fewer CPUs (or GPUs) than the most replicas ``deploy`` may run need.
     """
     import ray
 
-    replica_cpus = config.threads if replica_cpus is None else replica_cpus
+    deploy = deploy or DeployConfig()
+    deployment_options(config, deploy)  # a bad combination fails before Ray starts
     env = None
     if address is None:
         # "local": a new instance; address None would join the cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster
         # names, and hung here on the stale record a stopped `ray start --head` had left
         ray.init(address="local", include_dashboard=False, configure_logging=False)
-        available = ray.cluster_resources().get("CPU", 0)
-        if replicas * replica_cpus > available:
-            ray.shutdown()
-            raise ValueError(
-                f"--replicas {replicas} x {replica_cpus} CPUs each > the {available:g} CPUs of this machine's Ray "
-                "instance: lower --replicas or --replica-cpus (a fraction is allowed), or use a cluster (--address)."
-            )
+        resources = ray.cluster_resources()
+        for resource, each, option in (
+            ("CPU", deploy.replica_cpus or config.threads, "--replica-cpus"),
+            ("GPU", deploy.replica_gpus, "--replica-gpus"),
+        ):
+            if deploy.most_replicas * each > resources.get(resource, 0):
+                ray.shutdown()
+                raise ValueError(
+                    f"{deploy.most_replicas} replicas x {each:g} {resource}s each > the "
+                    f"{resources.get(resource, 0):g} {resource}s of this machine's Ray instance: lower --replicas "
+                    f"(--max-replicas) or {option} (a fraction is allowed), or use a cluster (--address)."
+                )
         env = local_replica_env()
     else:
         ray.init(address=address)
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
-    serve.run(build_app(config, replicas, replica_cpus, env), name=APP_NAME, route_prefix="/")
+    # Ray's own HTTP timeout (408) only backs up the ingress's deadline (504), which comes first
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": deploy.request_timeout_s + 30})
+    serve.run(build_app(config, deploy, env), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 
