@@ -496,6 +496,19 @@ def _replica_names() -> set[str]:
     return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#")}
 
 
+def _busy_replica(names: set[str]) -> tuple[str, int]:
+    """The first of the replicas ``names`` seen holding requests (running or waiting in it), and how many."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for name in sorted(names):
+            # Ray Serve's own queue-length probe (the router's): answered on its own thread, never blocked
+            held = ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote(), timeout=TIMEOUT)
+            if held > 0:
+                return name, held
+        time.sleep(0.02)
+    raise AssertionError(f"no replica of {sorted(names)} held a request for {TIMEOUT} s under load")
+
+
 def _running_replicas() -> int:
     deployment = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
     return deployment.replica_states.get("RUNNING", 0)
@@ -533,7 +546,7 @@ def test_a_replica_killed_under_load_loses_no_request_and_the_service_recovers(s
         futures = [pool.submit(client, c) for c in range(clients)]
         for _ in range(8):  # mid-load: after 8 answers, while the others are queued or running
             assert answered.acquire(timeout=TIMEOUT)
-        victim = sorted(before)[0]
+        victim, held = _busy_replica(before)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         for future in futures:
             future.result(timeout=clients * per_client * TIMEOUT)
@@ -545,9 +558,11 @@ def test_a_replica_killed_under_load_loses_no_request_and_the_service_recovers(s
     retried = [rid for rid, [(status, body, _)] in outcomes.items() if status == 200 and body["attempts"] > 1]
     total = clients * per_client
     errors = sorted({f"{status}: {str(body)[:160]}" for status, body, _ in failed.values()})
-    print(f"\n{total} requests from {clients} clients in {seconds:.1f} s, replica {victim} killed after 8 answers: ")
+    print(f"\n{total} requests from {clients} clients in {seconds:.1f} s; after 8 answers replica {victim} was")
+    print(f"killed holding {held} requests:")
     print(f"{total - len(failed)} answered 200 ({len(retried)} of them retried), {len(failed)} failed {errors}")
     assert not failed, f"{len(failed)} of {total} requests failed: {errors}"
+    assert retried, f"the killed replica held {held} requests, yet none was retried"
     pngs: dict[int, set[str]] = {}
     for request_id, [(_, body, seed)] in outcomes.items():
         assert body["request_id"] == request_id and body["seeds"] == [seed]
