@@ -4,12 +4,15 @@
     python bench/peers.py --model digits --plan bench/plans/digits_2x.json --plan bench/plans/digits_3x.json
     python bench/peers.py --model digits --seeds 1 --per-class 1 --steps 20 --settings-per-method 2   # smoke run
 
-Methods (``--methods`` takes a comma list of these keys), each with a knob sweep spanning about 1.5x-4x:
+Methods (``--methods`` takes a comma list of these keys), each with a knob sweep spanning about 1.5x-4x
+(the step-count sweeps: 0.7 down to 0.14 of the bench's steps, at 50 steps 35 down to 7, about 1.4x-7x):
 
 - ``steps``: the uncached model with fewer DDIM steps, the baseline every method must beat;
 - ``steps_split``: the same with split guidance (``guidance_reuse``: the unconditional rows run only at
   guided steps, exact on the uncached model), from all 50 steps down; what a sampler that skips the
   unconditional half outside a guidance interval gets for free, so a split-guidance plan is compared with it;
+- ``dpmpp`` / ``dpmpp_split``: the same two with DPM-Solver++(2M) (`tcpass.sampling.make_scheduler`'s
+  ``"dpmpp"``) instead of DDIM at the fewer steps, the solver users switch to before they try caching;
 - ``magcache``: diffusers MagCache; ``mag_ratios`` from its calibration mode on other noise and labels
   than the test seeds, at the bench's step count; threshold (and max skipped steps) swept;
 - ``fbc``: diffusers FirstBlockCache, threshold swept;
@@ -19,20 +22,21 @@ Methods (``--methods`` takes a comma list of these keys), each with a knob sweep
 - ``fastercache``: diffusers FasterCache (attention reuse + unconditional-branch skipping), skip ranges swept;
 - ``dbcache`` / ``dbcache_taylorseer``: cache-dit DBCache (F1B0) without / with its TaylorSeer calibrator;
 - ``tcpass``: the plans given with ``--plan`` (a plan's ``sampler_steps`` is its sampler step count, its
-  ``guidance_reuse`` whether the sampler splits the guidance halves).
+  ``guidance_reuse`` whether the sampler splits the guidance halves; plans run under DDIM, the sampler they
+  are calibrated on: a plan records no sampler).
 
 DiT has neither ``enable_cache`` nor ``cache_context``: `HookedDenoiser` gives the diffusers hooks what a
 pipeline would (a cache context around every call, the current timestep for PAB and FasterCache, a reset
 between generations, FasterCache's [uncond; cond] batch order). See docs/benchmarks.md, "The peers".
 
-Every arm runs from the same noise per seed (DDIM, CFG batched [cond; uncond] unless split), generations clamped to
-[-1, 1]. Proof that each peer fires: the bench counts, per generation, the rows entering each transformer
-block's body (``norm1``), its self-attention (``attn1.to_q``) and its MLP (first Linear of ``ff``); a
+Every arm runs from the same noise per seed (DDIM unless DPM-Solver++, CFG batched [cond; uncond] unless split),
+generations clamped to [-1, 1]. Proof that each peer fires: the bench counts, per generation, the rows entering
+each transformer block's body (``norm1``), its self-attention (``attn1.to_q``) and its MLP (first Linear of ``ff``); a
 setting that computes as much as full compute is a configuration bug and raises (``--allow-noop`` records
 it instead). Timing: arms warmed up once (on seed 0's noise: the timed seed-0 generation must then be
 bit-identical, which proves the reset between generations), then per seed every arm in a fixed order;
 speedup = median over rounds of (full time of that round / arm time). Writes bench/results/<out>.json
-and <out>.png (PSNR vs measured speedup, one line per method) and prints the frontier at 2x and 3x.
+and <out>.png (PSNR vs measured speedup, one line per method) and prints the frontier at 2x, 3x, 4x and 6x.
 """
 
 from __future__ import annotations
@@ -82,10 +86,12 @@ from tcpass.schedule import StepKind  # noqa: E402
 from tcpass.zoo import reference  # noqa: E402
 
 CALIBRATION_SEED = 1234  # MagCache's ratios come from this noise and these labels, never from a test seed
-FRONTIER_SPEEDUPS = (2.0, 3.0)
+FRONTIER_SPEEDUPS = (2.0, 3.0, 4.0, 6.0)
 PEER_METHODS = (
     "steps",
     "steps_split",
+    "dpmpp",
+    "dpmpp_split",
     "magcache",
     "fbc",
     "taylorseer",
@@ -214,6 +220,7 @@ class Arm:
     peer_stats: Callable[[], dict] = dict  # the peer's own account of what it skipped, read after a generation
     record: dict = field(default_factory=dict)
     guidance_reuse: bool | None = None  # split guidance (`tcpass.sampling.guided_sample`); None: the plan's own
+    sampler: str = "ddim"  # `tcpass.sampling.make_scheduler`: "ddim", or "dpmpp" for the DPM-Solver++ step arms
 
     @property
     def name(self) -> str:
@@ -280,18 +287,31 @@ class NotApplicable(Exception):
     """A method that means nothing on this model or sampler (recorded as unavailable, with the reason)."""
 
 
-def _steps_arms(ctx: Context, split: bool = False) -> list[Arm]:
+# Step counts of the fewer-steps sweeps, as fractions of the bench's steps (50: 35, 25, 20, 17, 12, 10, 8, 7):
+# 7 steps brackets a measured 6x, which 8 steps (6.25x before overheads) may fall short of
+STEP_FRACTIONS = (0.7, 0.5, 0.4, 0.34, 0.24, 0.2, 0.16, 0.14)
+SOLVER_NAMES = {"ddim": "fewer steps", "dpmpp": "DPM-Solver++(2M)"}
+
+
+def _steps_arms(ctx: Context, split: bool = False, sampler: str = "ddim") -> list[Arm]:
     if split and ctx.guidance_interval is None:
         raise NotApplicable("guidance at every step: split guidance computes what batched guidance does")
+    fractions = STEP_FRACTIONS[1:] if split else STEP_FRACTIONS
+    if split and sampler == "ddim":
+        fractions = (1.0, *fractions)  # all steps: exact, what the split alone buys
     arms = []
-    for fraction in (1.0, 0.5, 0.4, 0.34, 0.26) if split else (0.7, 0.5, 0.4, 0.34, 0.26):
-        steps = max(2, round(ctx.steps * fraction))
-        method = "fewer steps, split guidance" if split else "fewer steps"
-        if steps == ctx.steps:  # exact (about 130 dB): its own method, never interpolated with the lossy settings
+    for steps in sorted({max(2, round(ctx.steps * f)) for f in fractions}, reverse=True):
+        method = SOLVER_NAMES[sampler] + (", split guidance" if split else "")
+        if split and sampler == "ddim" and steps == ctx.steps:  # exact (about 130 dB): never interpolated as lossy
             method = "full, split guidance"
         model, counter = _counted_copy(ctx.model)
-        knobs = {"num_inference_steps": steps, **({"guidance_reuse": True} if split else {})}
-        arms.append(Arm(method, f"{steps} steps", model, steps, knobs, counter, guidance_reuse=split or None))
+        knobs = {
+            "num_inference_steps": steps,
+            **({"sampler": sampler} if sampler != "ddim" else {}),
+            **({"guidance_reuse": True} if split else {}),
+        }
+        arm = Arm(method, f"{steps} steps", model, steps, knobs, counter, guidance_reuse=split or None, sampler=sampler)
+        arms.append(arm)
     return arms
 
 
@@ -514,6 +534,8 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
     builders: dict[str, Callable[[], list[Arm]]] = {
         "steps": lambda: _steps_arms(ctx),
         "steps_split": lambda: _steps_arms(ctx, split=True),
+        "dpmpp": lambda: _steps_arms(ctx, sampler="dpmpp"),
+        "dpmpp_split": lambda: _steps_arms(ctx, split=True, sampler="dpmpp"),
         "magcache": lambda: _magcache_arms(ctx),
         "fbc": lambda: _fbc_arms(ctx),
         "taylorseer": lambda: _taylorseer_arms(ctx, 1),
@@ -575,7 +597,7 @@ def psnr_at_speed(points: list[tuple[float, float]], speedup: float) -> float | 
 
 
 def frontier(rows: list[dict]) -> dict:
-    """Each method's interpolated PSNR at 2x and 3x, and the best peer (not tcpass) at each."""
+    """Each method's interpolated PSNR at each of `FRONTIER_SPEEDUPS`, and the best peer (not tcpass) at each."""
     methods: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["method"] != "full":
@@ -675,7 +697,7 @@ def main() -> None:
     def noise_for(seed: int) -> torch.Tensor:
         return torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(seed))
 
-    def generate(denoiser, noise, steps, class_labels=None, guidance_reuse=None):
+    def generate(denoiser, noise, steps, class_labels=None, guidance_reuse=None, sampler="ddim"):
         class_labels = labels if class_labels is None else class_labels
         return ddim_sample(
             denoiser,
@@ -686,6 +708,7 @@ def main() -> None:
             args.guidance,
             guidance_interval=interval,
             guidance_reuse=guidance_reuse,
+            sampler=sampler,
         ).clamp(-1, 1)
 
     calibration = torch.Generator().manual_seed(CALIBRATION_SEED)
@@ -716,7 +739,7 @@ def main() -> None:
         """One whole timed generation (reset included: a pipeline resets before each call)."""
         start = time.perf_counter()
         arm.reset()
-        images = generate(arm.denoiser, noise, arm.steps, guidance_reuse=arm.guidance_reuse)
+        images = generate(arm.denoiser, noise, arm.steps, guidance_reuse=arm.guidance_reuse, sampler=arm.sampler)
         seconds = time.perf_counter() - start
         counts = arm.counter.take() if arm.counter else {}
         return images, seconds, {**counts, **arm.peer_stats()}
@@ -865,10 +888,11 @@ def print_table(rows, front, samples, args, batch, real_vs_real, unavailable) ->
         print(f"{u['method']:52} not run: {u['reason']}")
     print("\nblocks: block bodies run / full compute's; work: attention+MLP rows computed / full compute's")
     print("frontier (PSNR dB interpolated between measured settings; '-' = outside the measured range):")
-    print(f"{'method':32}" + "".join(f"{s:>10.1f}x" for s in FRONTIER_SPEEDUPS))
+    width = max([32, *map(len, front["psnr_db_at_speedup"])])
+    print(f"{'method':{width}}" + "".join(f"{s:>10.1f}x" for s in FRONTIER_SPEEDUPS))
     for method, at in front["psnr_db_at_speedup"].items():
         cells = "".join(f"{'-' if at[str(s)] is None else f'{at[str(s)]:.2f}':>11}" for s in FRONTIER_SPEEDUPS)
-        print(f"{method:32}{cells}")
+        print(f"{method:{width}}{cells}")
     for s in FRONTIER_SPEEDUPS:
         best = front["best_peer"][str(s)]
         print(

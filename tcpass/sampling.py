@@ -1,5 +1,6 @@
 """The sampler with classifier-free guidance shared by calibration, demo, benchmarks and tests: DDIM
-(epsilon prediction, DiT and PixArt) or flow matching (Euler, velocity prediction, SD3 and Flux).
+(epsilon prediction, DiT and PixArt), DPM-Solver++(2M) (the same training schedule, the better solver
+at few steps) or flow matching (Euler, velocity prediction, SD3 and Flux).
 
 The model is called once per step on the batch ``[conditional rows; unconditional rows]``, as
 diffusers' pipelines do, so CFG halves are rows like any other for the transformed model. A plan with
@@ -14,36 +15,41 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from tcpass.controller import GuidanceSteps
 from tcpass.schedule import StepKind
 
-SAMPLERS = ("ddim", "flow")
+SAMPLERS = ("ddim", "dpmpp", "flow")
 
 
 def make_scheduler(
     num_train_timesteps: int = 1000, sampler: str = "ddim", shift: float = 1.0
-) -> DDIMScheduler | FlowMatchEulerDiscreteScheduler:
-    """``"ddim"``: DDIM over DiT's training schedule (linear betas 1e-4..0.02, epsilon prediction).
+) -> DDIMScheduler | DPMSolverMultistepScheduler | FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler (multistep solvers keep their history in it: one per generation).
+
+    ``"ddim"``: DDIM over DiT's training schedule (linear betas 1e-4..0.02, epsilon prediction).
+    ``"dpmpp"``: DPM-Solver++(2M) over the same schedule, with diffusers' defaults for few steps
+    (second order, first order at the last steps below 15 steps, timesteps spaced from 999 down).
     ``"flow"``: flow-matching Euler (velocity prediction, as SD3 and Flux are trained) with the sigma
     schedule shifted by ``shift`` (SD3: 3.0; Flux at 512x512: 1.88, its dynamic shift for 1024 tokens)."""
     if sampler == "flow":
         if not shift > 0:
             raise ValueError(f"shift = {shift!r}: the flow-matching schedule shift must be positive (SD3: 3.0).")
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    schedule = {
+        "num_train_timesteps": num_train_timesteps,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "prediction_type": "epsilon",
+    }
+    if sampler == "dpmpp":
+        return DPMSolverMultistepScheduler(**schedule, algorithm_type="dpmsolver++", solver_order=2)
     if sampler != "ddim":
         raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}.")
-    return DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule="linear",
-        beta_start=0.0001,
-        beta_end=0.02,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        prediction_type="epsilon",
-    )
+    return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False)
 
 
 def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, float] | None) -> str:
@@ -124,10 +130,11 @@ def guided_sample(
     last ``cond - uncond`` difference. On an uncached model it is exact and skips the unconditional rows
     outside ``guidance_interval``.
 
-    ``sampler``, ``shift``: the scheduler (`make_scheduler`): ``"ddim"`` or ``"flow"`` (flow matching,
-    SD3 and Flux). ``timestep_scale``: the model is called with ``t / timestep_scale`` (Flux takes
-    ``t / 1000``); ``guidance_interval`` and plans stay on the 0..1000 scale. ``shared``: keyword
-    arguments passed whole at every call, not split into rows (Flux's ``img_ids`` and ``txt_ids``).
+    ``sampler``, ``shift``: the scheduler (`make_scheduler`): ``"ddim"``, ``"dpmpp"`` (DPM-Solver++(2M),
+    a fresh solver history per call) or ``"flow"`` (flow matching, SD3 and Flux). ``timestep_scale``:
+    the model is called with ``t / timestep_scale`` (Flux takes ``t / 1000``); ``guidance_interval``
+    and plans stay on the 0..1000 scale. ``shared``: keyword arguments passed whole at every call, not
+    split into rows (Flux's ``img_ids`` and ``txt_ids``).
     """
     scheduler = make_scheduler(sampler=sampler, shift=shift)
     scheduler.set_timesteps(num_steps)
@@ -177,10 +184,22 @@ def ddim_sample(
     progress: bool = False,
     guidance_interval: tuple[float, float] | None = None,
     guidance_reuse: bool | None = None,
+    *,
+    sampler: str = "ddim",
 ) -> torch.Tensor:
-    """Class-conditional `guided_sample`: ``class_labels`` [B], and ``null_label`` for the unconditional rows."""
+    """Class-conditional `guided_sample`: ``class_labels`` [B], and ``null_label`` for the unconditional rows;
+    ``sampler``: ``"ddim"`` or ``"dpmpp"`` (`make_scheduler`)."""
     cond = {"class_labels": class_labels}
     uncond = {"class_labels": torch.full_like(class_labels, null_label)}
     return guided_sample(
-        model, noise, cond, uncond, num_steps, guidance_scale, progress, guidance_interval, guidance_reuse
+        model,
+        noise,
+        cond,
+        uncond,
+        num_steps,
+        guidance_scale,
+        progress,
+        guidance_interval,
+        guidance_reuse,
+        sampler=sampler,
     )
