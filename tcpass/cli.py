@@ -597,6 +597,30 @@ def calibrate_steps(
         click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
 
 
+def _batch_sizes(text: str, largest: int) -> tuple[int, ...]:
+    """``--batch-sizes`` ("1,2,4") as integers in 1..``largest`` (``--max-batch``)."""
+    try:
+        sizes = tuple(int(size) for size in text.split(",") if size.strip())
+    except ValueError as e:
+        raise click.BadParameter(
+            f"{text!r}: expected integers separated by commas.", param_hint="'--batch-sizes'"
+        ) from e
+    if any(not 1 <= size <= largest for size in sizes):
+        raise click.BadParameter(
+            f"{text!r}: sizes must be in 1..{largest} (--max-batch).", param_hint="'--batch-sizes'"
+        )
+    return sizes
+
+
+def _as_options(error: ValueError, config: type) -> str:
+    """An error naming ``config``'s dataclass fields, with the fields written as the CLI's options."""
+    import dataclasses
+    import re
+
+    names = "|".join(f.name for f in dataclasses.fields(config))
+    return re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), str(error))
+
+
 @main.command("serve")
 @click.option(
     "--model",
@@ -747,27 +771,11 @@ def serve_command(
     replica dies, a bounded queue (503) and a deadline (504) (needs the serve extra)."""
     if runtime == "ort" and model_path is None:
         raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
-    try:
-        sizes = tuple(int(size) for size in batch_sizes.split(",") if size.strip())
-    except ValueError as e:
-        raise click.BadParameter(
-            f"{batch_sizes!r}: expected integers separated by commas.", param_hint="'--batch-sizes'"
-        ) from e
-    largest = max_batch or 4
-    if any(not 1 <= size <= largest for size in sizes):
-        raise click.BadParameter(
-            f"{batch_sizes!r}: sizes must be in 1..{largest} (--max-batch).", param_hint="'--batch-sizes'"
-        )
+    sizes = _batch_sizes(batch_sizes, max_batch or 4)
     try:
         from tcpass.serve import DeployConfig, ServeConfig, start
     except ImportError as e:
         raise click.ClickException(str(e)) from e
-    import dataclasses
-    import re
-
-    def as_options(error: ValueError) -> str:  # DeployConfig's field names in an error message, as options
-        names = "|".join(f.name for f in dataclasses.fields(DeployConfig))
-        return re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), str(error))
 
     try:
         deploy = DeployConfig(
@@ -784,7 +792,7 @@ def serve_command(
             max_retries=max_retries,
         )
     except ValueError as e:
-        raise click.UsageError(as_options(e)) from e
+        raise click.UsageError(_as_options(e, DeployConfig)) from e
     config = ServeConfig(
         model=None if model_path is None else str(model_path.resolve()),
         plan=None if plan_path is None else str(plan_path.resolve()),
@@ -800,7 +808,7 @@ def serve_command(
     try:
         url = start(config, deploy, address, host, port)
     except ValueError as e:
-        raise click.ClickException(as_options(e)) from e
+        raise click.ClickException(_as_options(e, DeployConfig)) from e
     except RuntimeError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"serving at {url}: POST /generate (PNG), POST /generate/json, GET /health")
