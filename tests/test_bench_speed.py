@@ -56,3 +56,26 @@ def test_list_options_name_the_bad_item():
     assert parse_list(parser, "--batches", "2,16", convert=int) == [2, 16]
     with pytest.raises(SystemExit):
         parse_list(parser, "--executors", "eager,cudagraphs", ("eager", "inductor"))
+
+
+def test_video_speed_tiny_times_every_arm_and_proves_the_peers_fired():
+    """bench/video_speed.py end to end on the 2-layer narrow Wan, eagerly (behaviour, not timing)."""
+    from bench.video_speed import make_parser, run
+
+    args = make_parser().parse_args(["--tiny", "--steps", "8", "--executors", "eager"])
+    payload = run(args, write=lambda _payload: None)
+    rows = {r["arm"]: r for r in payload["rows"]}
+    timed = [r for r in rows.values() if r["status"] != "ok" or "speedup" in r]
+    assert len(timed) == 7 and rows["uncached"]["speedup"] == 1.0
+    calls = {name: sum(k["calls"] for k in r["step_kinds"].values()) for name, r in rows.items() if "step_kinds" in r}
+    assert set(calls.values()) == {8}  # every arm ran the whole generation
+    assert rows["tcpass token"]["step_kinds"]["cached, phase 0"]["calls"] > 0
+    assert rows["tcpass step"]["step_kinds"]["skip"]["calls"] == 4  # every other step
+    assert {"full", "skip"} <= set(rows["tcpass composed"]["step_kinds"])
+    for name in ("tcpass token", "tcpass step", "tcpass composed", "FirstBlockCache", "TaylorSeer"):
+        assert rows[name]["status"] == "ok" and rows[name]["flop_ideal_speedup"] > 1.0, name
+    assert rows["FirstBlockCache"]["computed_block_fraction"] < 1.0  # whole blocks skipped
+    assert rows["TaylorSeer"]["computed_block_fraction"] == 1.0  # blocks run, their modules forecast
+    assert rows["TaylorSeer"]["computed_module_fraction"] < 1.0
+    dbcache = rows.get("cache-dit DBCache") or rows["dbcache"]  # the peers extra (cache-dit) may not be installed
+    assert dbcache["status"] == "ok" or dbcache["status"].startswith("unavailable")
