@@ -283,9 +283,53 @@ def render_ort_memory(path: str) -> str:
     return _table(header, rows) + "\n\n" + provenance(path, data)
 
 
+def render_video_speed(path: str) -> str:
+    """Whole generations of a published-width video DiT, tcpass and peers in lockstep (`bench/video_speed.py`)."""
+    data = load(path)
+    model, sampler = data["model"], data["sampler"]
+    rows = []
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            rows.append([r["arm"], r["executor"], r.get("status", "?"), "", "", "", ""])
+            continue
+        # tcpass: FULL / CACHED phase / SKIP; peers: "30 blocks, 30 self-attn, ..." (blocks computed) -> "30 blocks"
+        kinds = [k.split(",")[0] if "blocks" in k else k for k in r["step_kinds"]]
+        kinds = kinds if len(set(kinds)) == len(kinds) else list(r["step_kinds"])  # TaylorSeer: modules differ
+        mix = "; ".join(f"{k}: {v['calls']}" for k, v in zip(kinds, r["step_kinds"].values(), strict=True))
+        seconds = {k: v["median_s"] for k, v in r["step_kinds"].items()}
+        rows.append(
+            [
+                r["arm"],
+                r["executor"],
+                f"{r['generation_s']:.0f}",
+                mix,
+                " / ".join(f"{v:.2f}" for v in seconds.values()),
+                f"**{r['speedup']:.2f}x**" + ("" if r["baseline"] == "uncached" else f" (vs {r['baseline']})"),
+                f"{r['flop_ideal_speedup']:.2f}x ({r['measured_over_ideal']:.2f})",
+            ]
+        )
+    f, h, w = model["latent_frames_height_width"]
+    head = (
+        f"{model['class']} at {model['config']} ({model['parameters_m']:.0f}M, random weights, {model['dtype']}), "
+        f"latent {f} x {h} x {w} = {model['video_tokens']} video + {model['text_tokens']} text tokens, "
+        f"batch {model['batch']}, {sampler['steps']} {sampler['kind']} steps (shift {sampler['shift']:g})."
+    )
+    header = [
+        "arm",
+        "executor",
+        "generation s",
+        "calls by kind",
+        "s/call by kind",
+        "speedup",
+        "FLOP-ideal (measured/ideal)",
+    ]
+    return head + "\n\n" + _table(header, rows) + "\n\n" + provenance(path, data)
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "speed": render_speed,
     "families": render_families,
+    "video-speed": render_video_speed,
     "quality": render_quality,
     "peers": render_peers,
     "frontier": render_frontier,
