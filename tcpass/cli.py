@@ -627,8 +627,9 @@ def _as_options(error: ValueError, config: type) -> str:
     "model_path",
     type=click.Path(path_type=Path, exists=True, file_okay=False),
     default=None,
-    help="torch: a class-conditional DiT directory (default: the shipped digits model); "
-    "ort: a directory written by `tcpass export` (required).",
+    help="torch: a class-conditional DiT directory (default: the shipped digits model) or a saved text-to-image "
+    "pipeline (PixArt, SD3, Flux: the directory with model_index.json); ort: a directory written by "
+    "`tcpass export` (required).",
 )
 @click.option(
     "--plan",
@@ -636,9 +637,22 @@ def _as_options(error: ValueError, config: type) -> str:
     type=click.Path(path_type=Path, exists=True, dir_okay=False),
     callback=_plan_file,
     default=None,
-    help="torch: the plan (default: the shipped digits plan); ort: checked against the export's plan.",
+    help="torch: the plan (default: the shipped digits plan; a pipeline: the default plan); ort: checked against "
+    "the export's plan.",
 )
 @click.option("--runtime", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
+@click.option(
+    "--pipeline",
+    "pipeline_path",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="ort: the saved PixArt pipeline whose text encoder and VAE run around a text-conditioned export.",
+)
+@click.option("--height", type=POSITIVE, default=None, help="Text-to-image: image height, pixels (pipeline default).")
+@click.option("--width", type=POSITIVE, default=None, help="Text-to-image: image width, pixels (pipeline default).")
+@click.option(
+    "--max-sequence-length", type=POSITIVE, default=None, help="Text-to-image: prompt tokens (pipeline default)."
+)
 @click.option("--uncached", is_flag=True, help="torch: serve the untransformed model (full compute), the baseline.")
 @click.option(
     "--replicas",
@@ -746,6 +760,10 @@ def serve_command(
     model_path,
     plan_path,
     runtime,
+    pipeline_path,
+    height,
+    width,
+    max_sequence_length,
     uncached,
     replicas,
     min_replicas,
@@ -767,8 +785,8 @@ def serve_command(
     port,
     request_timeout_s,
 ) -> None:
-    """Serve a class-conditional DiT over HTTP with Ray Serve: batching, replicas, autoscaling, retries when a
-    replica dies, a bounded queue (503) and a deadline (504) (needs the serve extra)."""
+    """Serve a class-conditional DiT or a text-to-image pipeline over HTTP with Ray Serve: batching, replicas,
+    autoscaling, retries when a replica dies, a bounded queue (503) and a deadline (504) (needs the serve extra)."""
     if runtime == "ort" and model_path is None:
         raise click.BadParameter("--runtime ort needs the directory `tcpass export` wrote.", param_hint="'--model'")
     sizes = _batch_sizes(batch_sizes, max_batch or 4)
@@ -804,6 +822,10 @@ def serve_command(
         threads=threads,
         max_steps=max_steps,
         device="cuda" if replica_gpus else "cpu",
+        height=height,
+        width=width,
+        max_sequence_length=max_sequence_length,
+        pipeline=None if pipeline_path is None else str(pipeline_path.resolve()),
     )
     try:
         url = start(config, deploy, address, host, port)

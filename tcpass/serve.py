@@ -1,7 +1,15 @@
-"""`tcpass serve`: a class-conditional DiT behind Ray Serve, with Ray Serve's own request batching.
+"""`tcpass serve`: a class-conditional DiT or a text-to-image pipeline behind Ray Serve, with its request batching.
 
     tcpass serve                                 # the shipped digits model and plan, torch, a local Ray
     curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"class_label": 7, "seed": 1}' -o 7.png
+    tcpass serve --model saved-pixart-pipeline --plan plan.json   # PixArt-alpha/Sigma, SD3, Flux: prompts
+    curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"prompt": "a red car"}' -o car.png
+
+What a replica serves: a class-conditional DiT directory (``class_label`` requests), or a saved diffusers
+text-to-image pipeline (a directory with ``model_index.json``: PixArt-alpha/Sigma, SD3, Flux; ``prompt`` and
+``negative_prompt`` requests), its transformer TokenCache-transformed (`PipelineSampler`); with ``--runtime ort``,
+a `tcpass export` directory, and for a PixArt export the pipeline whose text encoder and VAE run around it
+(`OrtPipelineSampler`).
 
 Two deployments: ``TokenCacheIngress`` (one replica, no CPU reserved) takes the HTTP requests, validates them and
 calls ``TokenCacheServer`` through a deployment handle; each ``TokenCacheServer`` replica holds one sampler: the
@@ -19,7 +27,8 @@ Endpoints (POST bodies are `GenerateRequest` JSON):
 
 - ``POST /generate``: ``image/png`` (``num_images`` > 1: the images side by side, seeds ``seed``, ``seed+1``, ...)
 - ``POST /generate/json``: ``{"images": [base64 PNG, ...], "seeds", "request_id", "timings", "batch", "attempts"}``
-- ``GET /health``: the served model (runtime, plan, classes, image shape, batch size) and the deployment's limits
+- ``GET /health``: the served model (runtime, plan, conditioning ``class`` or ``text``, classes, image shape,
+  batch size) and the deployment's limits
 
 Statuses (every error body is ``{"error": ..., "fields": [...]}``): 400 malformed JSON, 415 not JSON, 422 an
 invalid field (named), all before the request reaches a replica; 503 with ``Retry-After`` when the queue is full
@@ -83,6 +92,11 @@ class ServeConfig:
         max_steps: the largest ``steps`` a request may ask for.
         device: torch only: where the model runs, ``"cpu"`` or ``"cuda"`` (a replica then needs
             `DeployConfig.replica_gpus`; Ray shows a replica only the GPUs it reserved).
+        height, width: text-to-image pipelines: the image size in pixels every request gets (``None``: the
+            pipeline's default). PixArt runs at exactly this size (no resolution binning).
+        max_sequence_length: text-to-image pipelines: prompt tokens (``None``: the pipeline's default).
+        pipeline: ort only: the saved PixArt pipeline (``model_index.json``) whose tokenizer, text encoder and VAE
+            run around a text-conditioned export (the export stands in for its transformer).
     """
 
     model: str | None = None
@@ -95,6 +109,10 @@ class ServeConfig:
     threads: int = 1
     max_steps: int = 250
     device: str = "cpu"
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+    pipeline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,11 +206,14 @@ def _check(name: str, value, valid, expected: str) -> None:
 
 
 class GenerateRequest(BaseModel):
-    """One request: ``num_images`` images of class ``class_label``, image i from seed ``seed + i``."""
+    """One request: ``num_images`` images of class ``class_label`` (a class-conditional model) or of ``prompt``
+    (a text-to-image pipeline), image i from seed ``seed + i``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    class_label: int = Field(ge=0, description="class id, 0..num_classes-1 (GET /health)")
+    class_label: int | None = Field(default=None, ge=0, description="class-conditional models: 0..num_classes-1")
+    prompt: str | None = Field(default=None, max_length=4000, description="text-to-image pipelines: the prompt")
+    negative_prompt: str = Field(default="", max_length=4000, description="text-to-image: the unconditional text")
     seed: int = Field(default=0, ge=0, le=MAX_SEED - 1024, description="noise seed of the first image")
     steps: int = Field(default=50, ge=1, description="DDIM steps (at most the server's max_steps)")
     guidance: float = Field(default=4.0, ge=1.0, le=50.0, allow_inf_nan=False, description="CFG scale; 1: none")
@@ -202,13 +223,17 @@ class GenerateRequest(BaseModel):
 
 @dataclass
 class Job:
-    """A validated request waiting for a batch; ``received`` is ``time.perf_counter()`` at arrival."""
+    """A validated request waiting for a batch; ``received`` is ``time.perf_counter()`` at arrival.
 
-    class_label: int
+    A class-conditional model's jobs have ``class_label``, a text-to-image pipeline's ``prompt``."""
+
+    class_label: int | None
     seed: int
     steps: int
     guidance: float
     num_images: int
+    prompt: str | None = None
+    negative_prompt: str = ""
     received: float = field(default_factory=time.perf_counter)
     started: bool = False  # set when its batch starts (see `BatchGate`)
 
@@ -218,7 +243,7 @@ class Done:
     """A job's result: one PNG per image, in seed order."""
 
     pngs: list[bytes]
-    samples: np.ndarray  # [num_images, C, H, W] float32, unclamped model samples
+    samples: np.ndarray  # [num_images, C, H, W] float32: model samples (unclamped), a pipeline's images in [-1, 1]
     timings: dict  # seconds: queued (arrival at its replica to its model batch), generate (its model batch)
     batch: dict  # its model batch: requests, images, padding rows
     replica_pid: int = field(default_factory=os.getpid)  # the replica process that generated it
@@ -229,7 +254,23 @@ class Failed:
     error: str
 
 
-class TorchSampler:
+class ClassSampler:
+    """A class-conditional sampler: a batch's noise from the images' seeds (`tcpass.noise.seeded_noise`)."""
+
+    conditioning = "class"
+    image_shape: tuple[int, ...]
+
+    def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, seeds: list[int], jobs: list[Job | None], steps: int, guidance: float) -> np.ndarray:
+        """Samples [len(seeds), C, H, W] of a model batch: row i from ``seeds[i]`` and ``jobs[i]`` (``None``: a
+        padding row, class 0)."""
+        labels = np.array([0 if job is None else job.class_label for job in jobs], dtype=np.int64)
+        return self.sample(seeded_noise(seeds, self.image_shape), labels, steps, guidance)
+
+
+class TorchSampler(ClassSampler):
     """DDIM + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless ``uncached``; a shipped
     reference model's weights sample with its guidance interval (`tcpass.zoo.ReferenceModel.guidance_interval`)."""
 
@@ -241,12 +282,7 @@ class TorchSampler:
         from tcpass.zoo import reference, sampler_for
 
         torch.set_num_threads(config.threads)
-        self.device = torch.device(config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {config.device!r}: no CUDA device is visible to this replica; reserve one with "
-                "--replica-gpus (DeployConfig.replica_gpus) on a node that has one."
-            )
+        self.device = _torch_device(config)
         digits = reference("digits")
         shipped = sampler_for(config.model)  # a shipped reference model samples with its own guidance interval
         self.guidance_interval = None if shipped is None else shipped.guidance_interval
@@ -254,8 +290,9 @@ class TorchSampler:
         cfg = model.config
         if getattr(cfg, "num_embeds_ada_norm", None) is None or type(model).__name__ != "DiTTransformer2DModel":
             raise ValueError(
-                f"--model {config.model}: tcpass serve serves class-conditional DiTs (DiTTransformer2DModel with "
-                f"num_embeds_ada_norm); got {type(model).__name__}."
+                f"--model {config.model}: a transformer directory must hold a class-conditional DiT "
+                f"(DiTTransformer2DModel with num_embeds_ada_norm); got {type(model).__name__}. Serve a text-to-image "
+                "model as its saved pipeline (the directory with model_index.json)."
             )
         self.num_classes = int(cfg.num_embeds_ada_norm)
         self.null_label = self.num_classes  # DiT's label table reserves row num_classes for CFG
@@ -292,24 +329,13 @@ class TorchSampler:
         return out.cpu().numpy()
 
 
-class OrtSampler:
+class OrtSampler(ClassSampler):
     """numpy DDIM + CFG (`tcpass.export.runtime.generate`) on an exported model; no torch."""
 
     def __init__(self, config: ServeConfig) -> None:
-        from tcpass.export.runtime import OrtTokenCacheRuntime
-        from tcpass.plan import load_plan
-
-        if config.model is None:
-            raise ValueError("--runtime ort needs --model: a directory written by `tcpass export`.")
-        if config.uncached:
-            raise ValueError("--uncached is for --runtime torch; for ort, export a plan that caches nothing.")
-        if config.batch_sizes:
-            raise ValueError("--batch-sizes is for --runtime torch; an export runs at the one batch it was made for.")
-        if config.device != "cpu":
-            raise ValueError(f"device {config.device!r}: the ort runtime runs on CPU (onnxruntime's CPU provider).")
-        expected = load_plan(config.plan) if config.plan else None
-        self.runtime = OrtTokenCacheRuntime(config.model, expected_plan=expected, threads=config.threads)
-        manifest = self.runtime.manifest
+        if config.pipeline is not None:
+            raise ValueError("--pipeline is for a text-conditioned export; this sampler serves class labels.")
+        self.runtime, manifest = _ort_runtime(config)
         inputs = {i["name"]: i["shape"] for i in manifest["conditioning_inputs"]}
         if self.runtime.null_label is None or "class_labels" not in inputs:
             raise ValueError(f"--model {config.model}: not a class-conditional export (no class_labels input).")
@@ -342,6 +368,200 @@ class OrtSampler:
         return generate(self.runtime, noise, labels, num_steps=steps, guidance_scale=guidance)
 
 
+def _unwrap(transformer):
+    from tcpass.runtime import TokenCacheTransformer
+
+    return transformer.transformer if isinstance(transformer, TokenCacheTransformer) else transformer
+
+
+class PipelineSampler:
+    """A saved text-to-image diffusers pipeline (PixArt-alpha/Sigma, SD3, Flux) whose transformer runs the plan
+    (``ServeConfig.plan``; default `tcpass.CachePlan()`; ``uncached``: the pipeline as loaded), with the pipeline's
+    own scheduler, text encoders and VAE.
+
+    Image i of a model batch comes from ``torch.Generator().manual_seed(seeds[i])`` (diffusers' per-image
+    generators), so a served image equals ``pipe(prompt, generator=torch.Generator().manual_seed(seed))`` with
+    the same plan, at the same model batch (padding rows: the empty prompt, seed 0).
+    """
+
+    conditioning = "text"
+
+    def __init__(self, config: ServeConfig) -> None:
+        import inspect
+
+        import torch
+
+        import tcpass
+        from tcpass.generate import is_video_pipeline, load_pipeline
+
+        torch.set_num_threads(config.threads)
+        self.device = _torch_device(config)
+        pipe = load_pipeline(config.model)
+        base = _unwrap(pipe.transformer)
+        if is_video_pipeline(pipe) or type(base).__name__ == "DiTTransformer2DModel":
+            kind = "a video pipeline" if is_video_pipeline(pipe) else "a class-conditional DiT pipeline"
+            raise ValueError(
+                f"--model {config.model}: {type(pipe).__name__} is {kind}; tcpass serve serves text-to-image "
+                "pipelines (PixArt-alpha/Sigma, SD3, Flux) and class-conditional DiT transformer directories."
+            )
+        self.plan = None
+        if config.uncached:
+            pipe.transformer = base
+        else:
+            self.plan = tcpass.load_plan(config.plan) if config.plan else tcpass.CachePlan()
+            plan_dir = Path(config.plan).parent if config.plan else None
+            pipe.transformer = tcpass.transform(base, self.plan, plan_dir=plan_dir)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.pipeline = type(pipe).__name__
+        size = getattr(pipe, "default_sample_size", None) or base.config.sample_size
+        self.height = config.height or int(size * pipe.vae_scale_factor)
+        self.width = config.width or int(size * pipe.vae_scale_factor)
+        self.image_shape = (3, self.height, self.width)
+        parameters = inspect.signature(type(pipe).__call__).parameters
+        self.call_kwargs = {"height": self.height, "width": self.width, "output_type": "np"}
+        if "use_resolution_binning" in parameters:
+            self.call_kwargs["use_resolution_binning"] = False  # exactly height x width
+        if config.max_sequence_length is not None:
+            self.call_kwargs["max_sequence_length"] = config.max_sequence_length
+        self.max_batch = config.max_batch or 4
+        self.batch_sizes = sorted(set(config.batch_sizes) | {self.max_batch})
+        if self.batch_sizes[-1] != self.max_batch or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({self.max_batch}).")
+
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        """The model batch (in images) ``images`` images run at: the smallest of ``batch_sizes`` that holds them."""
+        return next((size for size in self.batch_sizes if size >= images), self.max_batch)
+
+    def generate(self, seeds: list[int], jobs: list[Job | None], steps: int, guidance: float) -> np.ndarray:
+        """Images [len(seeds), 3, H, W] in [-1, 1]: row i from ``seeds[i]`` and ``jobs[i]``'s prompts."""
+        import torch
+
+        output = self.pipe(
+            prompt=["" if job is None else job.prompt for job in jobs],
+            negative_prompt=["" if job is None else job.negative_prompt for job in jobs],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(int(seed)) for seed in seeds],
+            **self.call_kwargs,
+        )
+        return np.moveaxis(np.asarray(output.images, dtype=np.float32), -1, 1) * 2.0 - 1.0
+
+
+class OrtPipelineSampler:
+    """A text-conditioned PixArt export on ONNX Runtime (`tcpass.export.runtime.generate`: numpy DDIM + CFG), the
+    prompts encoded and the latents decoded by a saved PixArt pipeline's text encoder and VAE (torch).
+
+    Image i's latent noise comes from ``seeds[i]`` (`tcpass.noise.seeded_noise`); the export fixes the model
+    batch (exported batch / 2 images with CFG) and the prompt length (its ``encoder_hidden_states`` tokens).
+    """
+
+    conditioning = "text"
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        from tcpass.generate import load_pipeline
+
+        self.runtime, manifest = _ort_runtime(config)
+        inputs = {i["name"]: i["shape"] for i in manifest["conditioning_inputs"]}
+        names = set(self.runtime.conditioning_names)
+        if "encoder_hidden_states" not in names or not names <= {"encoder_hidden_states", "encoder_attention_mask"}:
+            raise ValueError(
+                f"--model {config.model}: the export takes {sorted(names)}; --pipeline serves text-conditioned "
+                "PixArt exports (encoder_hidden_states and encoder_attention_mask)."
+            )
+        torch.set_num_threads(config.threads)
+        pipe = load_pipeline(config.pipeline)
+        if not type(pipe).__name__.startswith("PixArt"):
+            raise ValueError(
+                f"--pipeline {config.pipeline}: {type(pipe).__name__}; the ort runtime serves PixArt-alpha/Sigma "
+                "exports with their pipeline's text encoder and VAE (torch serves SD3 and Flux pipelines)."
+            )
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.pipeline = type(pipe).__name__
+        self.model_batch = int(inputs["hidden_states"][0])
+        if self.model_batch % 2 or self.runtime.plan.guidance_reuse:
+            raise ValueError(
+                f"--model {config.model}: exported for model batch {self.model_batch}"
+                f"{' with split guidance' if self.runtime.plan.guidance_reuse else ''}; serving a text export "
+                "needs batched CFG at an even batch (2 x images): export again with an even --batch."
+            )
+        self.max_batch = self.model_batch // 2
+        if config.max_batch not in (None, self.max_batch):
+            raise ValueError(
+                f"--max-batch {config.max_batch}: {config.model} was exported for model batch {self.model_batch}, "
+                f"{self.max_batch} images with CFG; leave --max-batch unset."
+            )
+        self.batch_sizes = [self.max_batch]
+        self.latent_shape = tuple(int(d) for d in inputs["hidden_states"][1:])
+        self.text_tokens = int(inputs["encoder_hidden_states"][1])
+        scale = pipe.vae_scale_factor
+        self.image_shape = (3, self.latent_shape[1] * scale, self.latent_shape[2] * scale)
+        self.plan = manifest["plan"]
+
+    def images_per_batch(self, guided: bool, images: int) -> int:
+        return self.max_batch if guided else self.model_batch
+
+    def generate(self, seeds: list[int], jobs: list[Job | None], steps: int, guidance: float) -> np.ndarray:
+        """Images [len(seeds), 3, H, W] in [-1, 1]."""
+        import torch
+
+        from tcpass.export.runtime import generate
+
+        names = self.runtime.conditioning_names
+        with torch.no_grad():
+            embeds, mask, negative, negative_mask = self.pipe.encode_prompt(
+                ["" if job is None else job.prompt for job in jobs],
+                do_classifier_free_guidance=True,
+                negative_prompt=["" if job is None else job.negative_prompt for job in jobs],
+                device="cpu",
+                max_sequence_length=self.text_tokens,
+            )
+        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+        uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
+        cond, uncond = ({k: v.float().numpy() for k, v in rows.items() if k in names} for rows in (cond, uncond))
+        noise = seeded_noise(seeds, self.latent_shape)
+        latents = generate(self.runtime, noise, cond, num_steps=steps, guidance_scale=guidance, uncond=uncond)
+        vae = self.pipe.vae
+        with torch.no_grad():
+            images = vae.decode(torch.from_numpy(latents).to(vae.dtype) / vae.config.scaling_factor).sample
+        return images.float().clamp(-1.0, 1.0).numpy()
+
+
+def _torch_device(config: ServeConfig):
+    import torch
+
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {config.device!r}: no CUDA device is visible to this replica; reserve one with "
+            "--replica-gpus (DeployConfig.replica_gpus) on a node that has one."
+        )
+    return device
+
+
+def _ort_runtime(config: ServeConfig):
+    """The `OrtTokenCacheRuntime` of ``config.model`` (an export) and its manifest, after the checks every ort
+    sampler makes."""
+    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.plan import load_plan
+
+    if config.model is None:
+        raise ValueError("--runtime ort needs --model: a directory written by `tcpass export`.")
+    if config.uncached:
+        raise ValueError("--uncached is for --runtime torch; for ort, export a plan that caches nothing.")
+    if config.batch_sizes:
+        raise ValueError("--batch-sizes is for --runtime torch; an export runs at the one batch it was made for.")
+    if config.device != "cpu":
+        raise ValueError(f"device {config.device!r}: the ort runtime runs on CPU (onnxruntime's CPU provider).")
+    expected = load_plan(config.plan) if config.plan else None
+    runtime = OrtTokenCacheRuntime(config.model, expected_plan=expected, threads=config.threads)
+    return runtime, runtime.manifest
+
+
 def _pixel_shape(config: ServeConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
     """``shape`` (C, H, W) if the model generates pixels (1 channel: grey, 3: RGB); latents need a VAE, not served."""
     if len(shape) != 3 or shape[0] not in (1, 3):
@@ -358,19 +578,31 @@ def _digits_dir() -> Path:
     return reference_model_dir()
 
 
-def make_sampler(config: ServeConfig) -> TorchSampler | OrtSampler:
+Sampler = TorchSampler | OrtSampler | PipelineSampler | OrtPipelineSampler
+
+
+def make_sampler(config: ServeConfig) -> Sampler:
+    """The sampler ``config`` names: torch, a DiT directory (`TorchSampler`) or a pipeline with
+    ``model_index.json`` (`PipelineSampler`); ort, a class-conditional export (`OrtSampler`) or, with
+    ``pipeline``, a PixArt export (`OrtPipelineSampler`)."""
     if config.runtime == "torch":
+        if config.pipeline is not None:
+            raise ValueError("--pipeline is for --runtime ort; for torch, pass the pipeline directory as --model.")
+        if config.model is not None and (Path(config.model) / "model_index.json").is_file():
+            return PipelineSampler(config)
+        if (config.height, config.width, config.max_sequence_length) != (None, None, None):
+            raise ValueError("--height, --width and --max-sequence-length are for text-to-image pipelines.")
         return TorchSampler(config)
     if config.runtime == "ort":
-        return OrtSampler(config)
+        return OrtPipelineSampler(config) if config.pipeline is not None else OrtSampler(config)
     raise ValueError(f"runtime {config.runtime!r}: expected 'torch' or 'ort'.")
 
 
-def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done | Failed]:
+def run_batch(sampler: Sampler, jobs: list[Job]) -> list[Done | Failed]:
     """Run ``jobs`` as padded model batches, one per (steps, guidance) group; one result per job, in order.
 
     A group's images fill one model batch of ``sampler.images_per_batch(guided, images)`` rows; the rest are padding
-    rows (noise from seed 0, class 0) whose outputs are dropped. A group that fails fails only its own jobs.
+    rows (seed 0, class 0 or the empty prompt) whose outputs are dropped. A group that fails fails only its own jobs.
     """
     results: list[Done | Failed | None] = [None] * len(jobs)
     groups: dict[tuple[int, float], list[int]] = {}
@@ -379,7 +611,7 @@ def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done 
     for (steps, guidance), members in groups.items():
         seeds = [jobs[i].seed + k for i in members for k in range(jobs[i].num_images)]
         capacity = sampler.images_per_batch(guidance != 1.0, len(seeds))
-        labels = [jobs[i].class_label for i in members for _ in range(jobs[i].num_images)]
+        rows: list[Job | None] = [jobs[i] for i in members for _ in range(jobs[i].num_images)]
         if len(seeds) > capacity:
             for i in members:
                 results[i] = Failed(f"{len(seeds)} images in one group; the model batch holds {capacity}.")
@@ -387,8 +619,7 @@ def run_batch(sampler: TorchSampler | OrtSampler, jobs: list[Job]) -> list[Done 
         padding = capacity - len(seeds)
         start = time.perf_counter()
         try:
-            noise = seeded_noise(seeds + [0] * padding, sampler.image_shape)
-            samples = sampler.sample(noise, np.array(labels + [0] * padding, dtype=np.int64), steps, guidance)
+            samples = sampler.generate(seeds + [0] * padding, rows + [None] * padding, steps, guidance)
         except Exception as e:  # any failure is this group's, reported to its own requests
             for i in members:
                 results[i] = Failed(f"generation failed: {type(e).__name__}: {e}")
@@ -486,7 +717,8 @@ class TokenCacheServer:
         self.generate_batch.set_max_batch_size(self.sampler.max_batch)
         self._gate = BatchGate(self.sampler.max_batch)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
-        warm = [Job(class_label=0, seed=0, steps=2, guidance=4.0, num_images=n) for n in self.sampler.batch_sizes]
+        label, prompt = (None, "") if self.sampler.conditioning == "text" else (0, None)
+        warm = [Job(label, 0, steps=2, guidance=4.0, num_images=n, prompt=prompt) for n in self.sampler.batch_sizes]
         failed = [r for job in warm for r in run_batch(self.sampler, [job]) if isinstance(r, Failed)]  # traces
         if failed:
             raise RuntimeError(f"warm-up generation failed: {failed[0].error}")
@@ -517,7 +749,9 @@ class TokenCacheServer:
             "runtime": self.config.runtime,
             "cached": plan is not None,
             "plan": plan if plan is None or isinstance(plan, dict) else plan.to_dict(),
-            "num_classes": self.sampler.num_classes,
+            "conditioning": self.sampler.conditioning,
+            "pipeline": getattr(self.sampler, "pipeline", None),
+            "num_classes": getattr(self.sampler, "num_classes", None),
             "image_shape": list(self.sampler.image_shape),
             "max_batch": self.sampler.max_batch,
             "batch_sizes": self.sampler.batch_sizes,
@@ -585,7 +819,22 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 def _check_request(request: GenerateRequest, model: dict) -> JSONResponse | None:
     """The limits that depend on the served model and configuration (the rest are `GenerateRequest`'s)."""
-    if request.class_label >= model["num_classes"]:
+    if model["conditioning"] == "text":
+        if request.class_label is not None:
+            message = f"class_label: this server's model ({model['pipeline']}) takes a prompt, not a class label"
+            return _error(422, message, ["class_label"])
+        if request.prompt is None:
+            message = f"prompt: required by this server's text-to-image model ({model['pipeline']})"
+            return _error(422, message, ["prompt"])
+    else:
+        fields = [name for name in ("prompt", "negative_prompt") if getattr(request, name)]
+        if fields:
+            message = f"{fields[0]}: this server's model is class-conditional; send class_label instead"
+            return _error(422, message, fields)
+        if request.class_label is None:
+            n = model["num_classes"]
+            return _error(422, f"class_label: required by this class-conditional model (0..{n - 1})", ["class_label"])
+    if model["conditioning"] == "class" and request.class_label >= model["num_classes"]:
         n = model["num_classes"]
         return _error(
             422, f"class_label: {request.class_label} is not a class of this model (0..{n - 1})", ["class_label"]
@@ -647,7 +896,15 @@ class TokenCacheIngress:
         problem = _check_request(request, model)
         if problem is not None:
             return problem
-        job = Job(request.class_label, request.seed, request.steps, request.guidance, request.num_images)
+        job = Job(
+            request.class_label,
+            request.seed,
+            request.steps,
+            request.guidance,
+            request.num_images,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+        )
         answer = await self._answer("generate", job)
         if isinstance(answer, tuple) and isinstance(answer[0], Failed):
             return _error(500, answer[0].error, [])

@@ -37,6 +37,7 @@ from tcpass.serve import (
     BatchGate,
     DeployConfig,
     Job,
+    PipelineSampler,
     ReplicaLost,
     ServeConfig,
     TokenCacheServer,
@@ -48,6 +49,7 @@ from tcpass.serve import (
     replica_lost,
     run_batch,
     start,
+    to_uint8,
 )
 from tcpass.zoo import reference
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
@@ -314,6 +316,33 @@ def test_ort_runtime_serves_the_images_its_runtime_generates(service, tmp_path):
     too_many = _post(url, {"class_label": 1, "num_images": 3})
     assert too_many.status_code == 422 and too_many.json()["fields"] == ["num_images"]
     serve.delete("tcpass-ort")
+
+
+def test_a_text_to_image_pipeline_is_served_with_prompts(service, tmp_path):
+    """A saved tiny PixArt pipeline (default plan): a prompt's image is the one its sampler makes here, whatever
+    the requests beside it; a class label is refused naming the field (tests/test_serve_text.py: the rest)."""
+    from tests.pipelines import build
+
+    build("pixart_alpha").save_pretrained(tmp_path / "pixart")
+    config = ServeConfig(
+        model=str(tmp_path / "pixart"), max_batch=2, height=8, width=8, max_sequence_length=12, batch_wait_s=0.3
+    )
+    serve.run(build_app(config, DeployConfig(replica_cpus=0.5)), name="tcpass-pixart", route_prefix="/pixart")
+    url = service + "/pixart"
+
+    health = requests.get(url + "/health", timeout=TIMEOUT).json()
+    assert (health["conditioning"], health["pipeline"]) == ("text", "PixArtAlphaPipeline")
+    assert health["image_shape"] == [3, 8, 8] and health["num_classes"] is None
+    car = {"prompt": "a red car", "negative_prompt": "blue", "seed": 3, "steps": STEPS}
+    pair = _together(url, [car, {"prompt": "a photo of a dog", "seed": 1, "steps": STEPS}])
+    job = Job(None, 3, STEPS, 4.0, 1, prompt="a red car", negative_prompt="blue")
+    [want] = run_batch(PipelineSampler(config), [job])
+    got = _pixels(pair[0]["images"][0]).astype(int)
+    assert np.abs(got - to_uint8(want.samples[0]).astype(int)).max() <= 1  # float rounding: one level at most
+    assert pair[0]["images"] != pair[1]["images"]
+    refused = _post(url, {"class_label": 3})
+    assert refused.status_code == 422 and refused.json()["fields"] == ["class_label"]
+    serve.delete("tcpass-pixart")
 
 
 class FakeResponse:
