@@ -244,12 +244,16 @@ def render_serve(path: str) -> str:
             f"{p['images_per_s']:.2f}",
             f"{p['p50_s']:.2f} s",
             f"{p['p95_s']:.2f} s",
+            f"{p['p99_s']:.2f} s" if "p99_s" in p else "—",
             f"{p['mean_batch_images']:.2f}",
         ]
         for p in data["points"]
     ]
-    header = ["model", "batching", "clients", "images/s", "p50 latency", "p95 latency", "images per batch"]
-    return _table(header, rows) + "\n\n" + provenance(path, data)
+    header = ["model", "batching", "clients", "images/s", "p50 latency", "p95 latency", "p99 latency"]
+    header.append("images per batch")
+    ratios = ", ".join(f"{k}: {v:.2f}x" for k, v in data.get("throughput_speedup_tcpass_vs_uncached", {}).items())
+    ratios = f"\n\ntcpass / uncached images/s: {ratios}." if ratios else ""
+    return _table(header, rows) + ratios + "\n\n" + provenance(path, data)
 
 
 def render_ort_memory(path: str) -> str:
