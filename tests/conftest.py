@@ -9,6 +9,27 @@ from diffusers import DiTTransformer2DModel
 # TCPASS_TEST_THREADS overrides both (tests/kernel_sets.sh: the numerics under another thread count).
 torch.set_num_threads(int(os.environ.get("TCPASS_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
+# CI's workers take whole files (`--dist loadfile --no-loadscope-reorder`) in collection order; the longest go
+# first so that the short ones even out the end (longest-processing-time-first). Seconds per file, both workers
+# busy (pytest --junitxml, 2026-12-04); the other files follow, in name order.
+FILE_SECONDS = {
+    "test_serve.py": 190,
+    "test_calibrate.py": 135,
+    "test_export.py": 100,
+    "test_skip.py": 87,
+    "test_families.py": 85,
+    "test_conformance.py": 81,
+    "test_changes.py": 73,
+    "test_video.py": 72,
+    "test_dtypes.py": 64,
+    "test_golden.py": 56,
+    "test_docs.py": 50,
+}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file keeps its order
+
 
 def make_dit(num_layers: int = 3, sample_size: int = 16, seed: int = 0) -> DiTTransformer2DModel:
     """A tiny class-conditional DiT: hidden 32, 2 heads, (sample_size/2)^2 tokens."""
