@@ -297,10 +297,7 @@ class TorchSampler(ClassSampler):
         self.num_classes = int(cfg.num_embeds_ada_norm)
         self.null_label = self.num_classes  # DiT's label table reserves row num_classes for CFG
         self.image_shape = _pixel_shape(config, (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)))
-        self.max_batch = config.max_batch or 4
-        self.batch_sizes = sorted(set(config.batch_sizes) | {self.max_batch})
-        if self.batch_sizes[-1] != self.max_batch or self.batch_sizes[0] < 1:
-            raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({self.max_batch}).")
+        self.max_batch, self.batch_sizes = _torch_batch_sizes(config)
         self.plan = None
         if not config.uncached:
             plan_path = Path(config.plan) if config.plan else digits.default_plan
@@ -310,7 +307,7 @@ class TorchSampler(ClassSampler):
 
     def images_per_batch(self, guided: bool, images: int) -> int:
         """The model batch (in images) ``images`` images run at: the smallest traced size that holds them."""
-        return next((size for size in self.batch_sizes if size >= images), self.max_batch)
+        return _smallest_holding(self.batch_sizes, images)
 
     def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
         import torch
@@ -425,14 +422,11 @@ class PipelineSampler:
             self.call_kwargs["use_resolution_binning"] = False  # exactly height x width
         if config.max_sequence_length is not None:
             self.call_kwargs["max_sequence_length"] = config.max_sequence_length
-        self.max_batch = config.max_batch or 4
-        self.batch_sizes = sorted(set(config.batch_sizes) | {self.max_batch})
-        if self.batch_sizes[-1] != self.max_batch or self.batch_sizes[0] < 1:
-            raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({self.max_batch}).")
+        self.max_batch, self.batch_sizes = _torch_batch_sizes(config)
 
     def images_per_batch(self, guided: bool, images: int) -> int:
-        """The model batch (in images) ``images`` images run at: the smallest of ``batch_sizes`` that holds them."""
-        return next((size for size in self.batch_sizes if size >= images), self.max_batch)
+        """The model batch (in images) ``images`` images run at: the smallest traced size that holds them."""
+        return _smallest_holding(self.batch_sizes, images)
 
     def generate(self, seeds: list[int], jobs: list[Job | None], steps: int, guidance: float) -> np.ndarray:
         """Images [len(seeds), 3, H, W] in [-1, 1]: row i from ``seeds[i]`` and ``jobs[i]``'s prompts."""
@@ -529,6 +523,20 @@ class OrtPipelineSampler:
         with torch.no_grad():
             images = vae.decode(torch.from_numpy(latents).to(vae.dtype) / vae.config.scaling_factor).sample
         return images.float().clamp(-1.0, 1.0).numpy()
+
+
+def _torch_batch_sizes(config: ServeConfig) -> tuple[int, list[int]]:
+    """A torch sampler's ``max_batch`` (default 4) and the sizes it runs, ``batch_sizes`` and ``max_batch``."""
+    largest = config.max_batch or 4
+    sizes = sorted(set(config.batch_sizes) | {largest})
+    if sizes[-1] != largest or sizes[0] < 1:
+        raise ValueError(f"batch sizes {config.batch_sizes}: expected 1..max_batch ({largest}).")
+    return largest, sizes
+
+
+def _smallest_holding(sizes: list[int], images: int) -> int:
+    """The smallest of ``sizes`` (ascending) that holds ``images`` images, else the largest."""
+    return next((size for size in sizes if size >= images), sizes[-1])
 
 
 def _torch_device(config: ServeConfig):
