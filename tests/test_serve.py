@@ -525,17 +525,24 @@ def _replica_names() -> set[str]:
     return {a["name"] for a in actors if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#")}
 
 
-def _busy_replica(names: set[str]) -> tuple[str, int]:
-    """The first of the replicas ``names`` seen holding requests (running or waiting in it), and how many."""
-    deadline = time.monotonic() + TIMEOUT
+def _replica_taking_requests(names: set[str]) -> tuple[str, int]:
+    """The first of the replicas ``names`` seen receiving a request, and how many it then holds.
+
+    A replica whose count of held requests (running or waiting for its batch) rose since the last probe, 20 ms
+    before, has just taken a request that needs a whole batch (about a second) before it can be answered, so a
+    kill right after this returns finds it unanswered. (A replica merely seen holding requests may be answering
+    them in the very millisecond of the kill.)
+    """
+    deadline, last = time.monotonic() + TIMEOUT, {}
     while time.monotonic() < deadline:
         for name in sorted(names):
             # Ray Serve's own queue-length probe (the router's): answered on its own thread, never blocked
             held = ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote(), timeout=TIMEOUT)
-            if held > 0:
+            if name in last and held > last[name]:
                 return name, held
+            last[name] = held
         time.sleep(0.02)
-    raise AssertionError(f"no replica of {sorted(names)} held a request for {TIMEOUT} s under load")
+    raise AssertionError(f"no replica of {sorted(names)} took a request for {TIMEOUT} s under load")
 
 
 def _running_replicas() -> int:
@@ -575,7 +582,7 @@ def test_a_replica_killed_under_load_loses_no_request_and_the_service_recovers(s
         futures = [pool.submit(client, c) for c in range(clients)]
         for _ in range(8):  # mid-load: after 8 answers, while the others are queued or running
             assert answered.acquire(timeout=TIMEOUT)
-        victim, held = _busy_replica(before)
+        victim, held = _replica_taking_requests(before)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         for future in futures:
             future.result(timeout=clients * per_client * TIMEOUT)
