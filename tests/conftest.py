@@ -9,6 +9,26 @@ from diffusers import DiTTransformer2DModel
 # TCPASS_TEST_THREADS overrides both (tests/kernel_sets.sh: the numerics under another thread count).
 torch.set_num_threads(int(os.environ.get("TCPASS_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
+@pytest.fixture(scope="session", autouse=True)
+def one_onnx_registry():
+    """Every ONNX export in the session shares one op registry (per opset): ``torch.onnx.export`` builds it
+    from onnxscript's torchlib on every call (about 0.85 s here, a sixth of a tiny model's export), and only a
+    ``custom_translation_table``, which tcpass never passes, writes into it. The exported graphs are the same."""
+    from torch.onnx._internal.exporter import _registration
+
+    build = _registration.ONNXRegistry.from_torchlib.__func__
+    built: dict = {}
+
+    def from_torchlib(cls, opset_version=_registration._constants.TORCHLIB_OPSET):
+        if opset_version not in built:
+            built[opset_version] = build(cls, opset_version)
+        return built[opset_version]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    yield
+    _registration.ONNXRegistry.from_torchlib = classmethod(build)
+
+
 # CI's workers take whole files (`--dist loadfile --no-loadscope-reorder`) in collection order; the longest go
 # first so that the short ones even out the end (longest-processing-time-first). Seconds per file, both workers
 # busy (pytest --junitxml, 2026-12-04); the other files follow, in name order.
