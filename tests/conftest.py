@@ -9,6 +9,7 @@ from diffusers import DiTTransformer2DModel
 # TCPASS_TEST_THREADS overrides both (tests/kernel_sets.sh: the numerics under another thread count).
 torch.set_num_threads(int(os.environ.get("TCPASS_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
+
 @pytest.fixture(scope="session", autouse=True)
 def one_onnx_registry():
     """Every ONNX export in the session shares one op registry (per opset): ``torch.onnx.export`` builds it

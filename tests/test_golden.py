@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tcpass
-from tcpass import CachePlan, SelectorSpec, StepKind, TPRRSchedule
+from tcpass import CachePlan, ForecastSpec, SelectorSpec, StepKind, StepSkip, TPRRSchedule
 from tcpass.policies import StaticScoreSelector
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import ReferenceTokenCache, dynamic_predictor_reference, topk_input_change
@@ -349,3 +349,78 @@ def test_write_back_refuses_a_cache_updated_to_a_view_of_another_cache():
     specs = [TensorSpec(name, 0, "delta", (4,), torch.float32) for name in ("a", "b")]
     with pytest.raises(NotImplementedError, match="cache a is updated to a view of the cache input b"):
         write_caches_back(gm, specs)
+
+
+def _layouts_and_storages(gm) -> tuple[dict, dict]:
+    """Per node name: its value's tensors' layouts, and the first node (by name) whose value shares each storage."""
+    layouts, owner, shares = {}, {}, {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        tensors = [v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor)]
+        layouts[node.name] = [(tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, v.device) for v in tensors]
+        shares[node.name] = [owner.setdefault(v.untyped_storage()._cdata, node.name) for v in tensors]
+    return layouts, shares
+
+
+@pytest.mark.parametrize(
+    "family,plan",
+    [
+        ("dit", CachePlan(keep_ratio=0.25, attention="cached_kv", block_keep_ratio={1: 0.0})),
+        ("dit", CachePlan(keep_ratio=0.25, attention="kept_only", selector=SelectorSpec(kind="toca"))),
+        ("dit", CachePlan(keep_ratio=0.25, attention="full_kv", selector=SelectorSpec(kind="random"))),
+        ("dit", CachePlan(keep_ratio=0.25, forecast=ForecastSpec(kind="taylor", order=2))),
+        ("dit", CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=[700, 500], weights=[[1.5, -0.5], [1.2, -0.2]]))),
+        ("dit", CachePlan(blocks=(), skip=StepSkip(timesteps=[700], level="output"))),
+        ("sd3", CachePlan(keep_ratio=0.5, attention="cached_kv")),
+        ("cogvideox", CachePlan(keep_ratio=0.5, attention="cached_kv")),  # rotates a slice of its keys in place
+        ("wan", CachePlan(keep_ratio=0.5, skip=StepSkip(timesteps=[0.7]))),  # writes into an empty_like
+    ],
+    ids=[
+        "cached_kv-block_reuse",
+        "kept_only-toca",
+        "full_kv-random",
+        "taylor",
+        "skip_stack",
+        "skip_output",
+        "sd3",
+        "cogvideox",
+        "wan",
+    ],  # fmt: skip
+)
+def test_step_graph_values_are_what_a_full_fake_propagation_gives(family, plan, monkeypatch):
+    """`finalize` propagates only the nodes a pass changed: every node's value has the layout, and shares its
+    storage with the same nodes, as after a fresh ``FakeTensorProp`` of the whole graph, which only the trace got."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from tcpass.passes import layout, pipeline
+    from tcpass.passes.cleanup import strip_export_artifacts
+    from tcpass.trace import copy_graph_module
+    from tests.families import MAKERS, family_inputs
+
+    model = make_dit() if family == "dit" else MAKERS[family]()
+    inputs = dit_inputs() if family == "dit" else family_inputs(family)
+
+    full, traces = [], []
+
+    def counted(gm, mode):
+        full.append(gm)
+        return FakeTensorProp(gm, mode)
+
+    def cleaned(gm, names):
+        traces.append(gm)
+        return strip_export_artifacts(gm, names)
+
+    monkeypatch.setattr(layout, "FakeTensorProp", counted)
+    monkeypatch.setattr(pipeline, "strip_export_artifacts", cleaned)
+    graphs = tcpass.transform(model, plan).step_graphs(inputs)
+    monkeypatch.undo()
+    assert full == traces, "only traces are propagated in full"
+    steps = [graphs.full, *graphs.cached.values(), *([graphs.skip] if graphs.skip else [])]
+    assert len(steps) >= 2
+    for step in steps:
+        fresh = copy_graph_module(step.gm)
+        placeholders = [n.meta["val"] for n in fresh.graph.nodes if n.op == "placeholder"]
+        examples = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device) for v in placeholders]
+        FakeTensorProp(fresh, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*examples)
+        assert _layouts_and_storages(step.gm) == _layouts_and_storages(fresh)

@@ -14,6 +14,9 @@ from torch import fx
 
 aten = torch.ops.aten
 
+SIGNATURE = "tcpass_val_from"
+"""``node.meta`` key: what its ``val`` was computed from (`tcpass.passes.layout.stamp`); never copied."""
+
 
 class Emitter:
     """Appends call_function nodes one after another, starting after ``after``."""
@@ -27,7 +30,7 @@ class Emitter:
         with self.graph.inserting_after(self.cursor):
             node = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
         source = meta_from.meta if meta_from is not None else self.meta
-        node.meta.update({k: copy.copy(v) for k, v in source.items() if k != "val"})
+        node.meta.update({k: copy.copy(v) for k, v in source.items() if k not in ("val", SIGNATURE)})
         self.cursor = node
         return node
 

@@ -27,14 +27,18 @@ the same order, after the model inputs.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import snapshot_fake
+from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tcpass.contracts import TensorSpec, block_cache
+from tcpass.passes.emit import SIGNATURE
 from tcpass.passes.token_axis import SDPA, TokenAxes
 from tcpass.trace import BlockSpan
 
@@ -84,13 +88,143 @@ def append_outputs(graph: fx.Graph, extra: list[fx.Node]) -> None:
 
 
 def finalize(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> fx.GraphModule:
-    """Dead-code-eliminate, lint, recompile and fill ``meta["val"]`` of every node by fake propagation."""
+    """Dead-code-eliminate, lint, recompile and fill ``meta["val"]`` of every node by fake propagation.
+
+    The trace is propagated in full; the passes' copies of it keep their nodes' values, and only the nodes a
+    pass emitted or rewired, and what their values reach, are propagated again (`stamp`). The values are
+    those a full ``FakeTensorProp`` gives (``tests/test_golden.py`` compares them on the step graphs of
+    several plans and families).
+    """
     gm.graph.eliminate_dead_code(is_impure_node=mutates)
     gm.graph.lint()
     gm.recompile()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*example_inputs)
+    with _PROPAGATING:
+        if not (SIGNATURE in gm.meta and _propagate_changed(gm, example_inputs)):
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+            stamp(gm)
     return gm
+
+
+_PROPAGATING = threading.Lock()  # step graphs of one trace share its fake tensor mode
+
+
+def stamp(gm: fx.GraphModule) -> None:
+    """Record, per node with a value, what it was computed from: its target, its non-tensor arguments, and
+    the shape, stride, dtype, device and storage of each tensor argument. `finalize` propagates a node again
+    only when that changed (or it has no value), so a pass's copies of a stamped trace re-propagate only
+    what the pass changed. `finalize` stamps each graph it propagated in full (the trace, first)."""
+    gm.meta[SIGNATURE] = True  # copies of ``gm`` (`tcpass.trace.copy_graph_module`) carry it
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "val" in node.meta:
+            signature = _signature(node)
+            if signature is not None:
+                node.meta[SIGNATURE] = signature
+
+
+def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -> bool:
+    """Fake-propagate the nodes whose signature changed, in the fake mode of the values the graph holds;
+    False (having changed nothing that a full propagation does not redo) where that cannot be done."""
+    graph = gm.graph
+    modes = {id(v.fake_mode): v.fake_mode for n in graph.nodes for v in _tensors(n.meta.get("val"))}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(modes) != 1 or len(placeholders) != len(example_inputs):
+        return False
+    (mode,) = modes.values()
+    for node, example in zip(placeholders, example_inputs, strict=True):
+        _refresh(node, example, mode)
+    with mode:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                attribute = _attribute(gm, node.target)
+                if not isinstance(attribute, torch.Tensor):  # a submodule (a higher-order op's graph)
+                    return False
+                _refresh(node, attribute, mode)
+            elif node.op == "call_function":
+                signature = _signature(node)
+                if signature is None:
+                    return False
+                if node.meta.get(SIGNATURE) != signature or "val" not in node.meta:
+                    _propagate(node, mode)
+                    node.meta[SIGNATURE] = signature
+            elif node.op == "output":  # as FakeTensorProp leaves it: the returned values
+                returned = map_arg(node.args[0], lambda a: a.meta["val"])
+                node.meta["val"] = map_aggregate(returned, _snapshot)
+            elif node.op != "placeholder":
+                return False
+    return True
+
+
+def _propagate(node: fx.Node, mode: FakeTensorMode) -> None:
+    """Fake-run ``node`` on its arguments' values. A stamped node keeps its old value where the new one has
+    its layout and aliases no argument (a fresh tensor): users' signatures, which name storages, then hold."""
+    args, kwargs = map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+    result = node.target(*args, **kwargs)
+    new = map_aggregate(result, _snapshot)
+    old = node.meta.get("val")
+    inputs = {_storage_id(v) for a in node.all_input_nodes for v in _tensors(a.meta["val"])}
+    keep = (
+        SIGNATURE in node.meta
+        and _layout(old) == _layout(new)
+        and all(v.fake_mode is mode for v in _tensors(old))
+        and not any(_storage_id(v) in inputs for v in _tensors(new))
+    )
+    if not keep:
+        node.meta["val"] = new
+
+
+def _snapshot(value):
+    return snapshot_fake(value) if isinstance(value, FakeTensor) else value
+
+
+def _refresh(node: fx.Node, value: torch.Tensor, mode: FakeTensorMode) -> None:
+    """A placeholder's or attribute's value, made anew unless the one it has is in ``mode`` and laid out alike."""
+    val = node.meta.get("val")
+    if not (isinstance(val, FakeTensor) and val.fake_mode is mode and _layout(val) == _layout(value)):
+        node.meta["val"] = mode.from_tensor(value, static_shapes=True)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _signature(node: fx.Node) -> tuple | None:
+    """``(target, args, kwargs)`` with each node argument as its value's layout and storages; None if one has
+    no value."""
+    missing = []
+
+    def describe(a: fx.Node):
+        if "val" not in a.meta:
+            missing.append(a)
+            return None
+        val = a.meta["val"]
+        return (_layout(val), tuple(_storage_id(v) for v in _tensors(val)))
+
+    args, kwargs = map_arg((node.args, node.kwargs), describe)
+    return None if missing else (node.target, args, kwargs)
+
+
+def _layout(value) -> object:
+    """Shape, stride, offset, dtype and device of each tensor in ``value``; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        return tuple(_layout(v) for v in value)
+    return value
+
+
+def _tensors(value) -> list[FakeTensor]:
+    if isinstance(value, FakeTensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _storage_id(value: torch.Tensor) -> int:
+    return value.untyped_storage()._cdata
 
 
 _ALLOCATIONS = {

@@ -96,6 +96,9 @@ Pass = Callable[[Build], None]
 
 def clean(build: Build) -> None:
     strip_export_artifacts(build.traced, build.input_names)
+    # values as FakeTensorProp gives them (the trace's own do not share storage with what they view), stamped:
+    # `finalize` then re-propagates only what later passes change
+    finalize(build.traced, build.example)
 
 
 def locate_blocks(build: Build) -> None:
