@@ -30,6 +30,50 @@ def one_onnx_registry():
     _registration.ONNXRegistry.from_torchlib = classmethod(build)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_onnx_export_per_graph():
+    """``torch.onnx.export`` runs once per distinct graph in the session: a call with the same graph code,
+    the same weights (names and bytes), the same input layouts and the same options gets the program the first
+    call made (tcpass only reads its ``model_proto``, serialized anew on each read). Tests export one
+    transformed model several times (other null labels, opsets, re-exports); each export costs seconds."""
+    import hashlib
+
+    export = torch.onnx.export
+    programs: dict = {}
+
+    def key(model, args, kwargs):
+        graphs = [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+        if len(graphs) != 1 or not all(isinstance(a, torch.Tensor) for a in args):
+            return None
+        gm = graphs[0]
+        digest = hashlib.sha256(gm.code.encode())
+        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+        for node in gm.graph.nodes:  # constants the graph reads besides parameters and buffers
+            if node.op == "get_attr":
+                value = gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    tensors[node.target] = value
+        for name, t in sorted(tensors.items()):
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.device}".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        layouts = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        return digest.hexdigest(), layouts, repr(sorted(kwargs.items()))
+
+    def cached(model, args=(), **kwargs):
+        k = key(model, args, kwargs)
+        if k is None:
+            return export(model, args, **kwargs)
+        if k not in programs:
+            programs[k] = export(model, args, **kwargs)
+        return programs[k]
+
+    torch.onnx.export = cached
+    yield
+    torch.onnx.export = export
+
+
 # CI's workers take whole files (`--dist loadfile --no-loadscope-reorder`) in collection order; the longest go
 # first so that the short ones even out the end (longest-processing-time-first). Seconds per file, both workers
 # busy (pytest --junitxml, 2026-12-04); the other files follow, in name order.
