@@ -37,6 +37,7 @@ def one_onnx_export_per_graph():
     call made (tcpass only reads its ``model_proto``, serialized anew on each read). Tests export one
     transformed model several times (other null labels, opsets, re-exports); each export costs seconds."""
     import hashlib
+    import operator
 
     export = torch.onnx.export
     programs: dict = {}
@@ -49,12 +50,8 @@ def one_onnx_export_per_graph():
         digest = hashlib.sha256(gm.code.encode())
         tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
         for node in gm.graph.nodes:  # constants the graph reads besides parameters and buffers
-            if node.op == "get_attr":
-                value = gm
-                for part in node.target.split("."):
-                    value = getattr(value, part)
-                if isinstance(value, torch.Tensor):
-                    tensors[node.target] = value
+            if node.op == "get_attr" and isinstance(value := operator.attrgetter(node.target)(gm), torch.Tensor):
+                tensors[node.target] = value
         for name, t in sorted(tensors.items()):
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.device}".encode())
             digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -27,6 +27,7 @@ the same order, after the model inputs.
 
 from __future__ import annotations
 
+import operator
 import threading
 from typing import TYPE_CHECKING
 
@@ -135,7 +136,7 @@ def _propagate_changed(gm: fx.GraphModule, example_inputs: list[torch.Tensor]) -
     with mode:
         for node in graph.nodes:
             if node.op == "get_attr":
-                attribute = _attribute(gm, node.target)
+                attribute = operator.attrgetter(node.target)(gm)
                 if not isinstance(attribute, torch.Tensor):  # a submodule (a higher-order op's graph)
                     return False
                 _refresh(node, attribute, mode)
@@ -181,13 +182,6 @@ def _refresh(node: fx.Node, value: torch.Tensor, mode: FakeTensorMode) -> None:
     val = node.meta.get("val")
     if not (isinstance(val, FakeTensor) and val.fake_mode is mode and _layout(val) == _layout(value)):
         node.meta["val"] = mode.from_tensor(value, static_shapes=True)
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _signature(node: fx.Node) -> tuple | None:
