@@ -107,12 +107,7 @@ def _value_key(value, depth: int = 0):
 
 
 _MODULE_STATE = {"_parameters", "_buffers", "_modules", "training"}
-_FORWARD_HOOKS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-)
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 def _structure_key(model: torch.nn.Module) -> tuple:
@@ -205,6 +200,7 @@ def one_trace_per_model_structure():
         except _Uncacheable:
             return export(model, args, kwargs, **options)
         with lock:
+            gm = None
             if key not in traces:
                 gm = export(model, args, kwargs, **options).module()
                 names = []
@@ -215,11 +211,11 @@ def one_trace_per_model_structure():
                     except AttributeError:
                         pass  # a constant the trace made: equal for every model of this key
                 traces[key] = (len(traces), copy_graph_module(gm), names)
-            else:
-                trace_id, pristine, names = traces[key]
-                gm = _bind(copy_graph_module(pristine), {n: operator.attrgetter(n)(model) for n in names})
-            trace_id, _, names = traces[key]
-            gm.meta[TRACE] = (trace_id, {n: operator.attrgetter(n)(model) for n in names})
+            trace_id, pristine, names = traces[key]
+            tensors = {n: operator.attrgetter(n)(model) for n in names}
+            if gm is None:
+                gm = _bind(copy_graph_module(pristine), tensors)
+            gm.meta[TRACE] = (trace_id, tensors)
             return Program(gm)
 
     def cached_clean(build) -> None:
