@@ -22,8 +22,8 @@ Methods (``--methods`` takes a comma list of these keys), each with a knob sweep
 - ``fastercache``: diffusers FasterCache (attention reuse + unconditional-branch skipping), skip ranges swept;
 - ``dbcache`` / ``dbcache_taylorseer``: cache-dit DBCache (F1B0) without / with its TaylorSeer calibrator;
 - ``tcpass``: the plans given with ``--plan`` (a plan's ``sampler_steps`` is its sampler step count, its
-  ``guidance_reuse`` whether the sampler splits the guidance halves; plans run under DDIM, the sampler they
-  are calibrated on: a plan records no sampler).
+  ``guidance_reuse`` whether the sampler splits the guidance halves, its ``sampler`` the sampler it was
+  calibrated under, DDIM when it records none).
 
 DiT has neither ``enable_cache`` nor ``cache_context``: `HookedDenoiser` gives the diffusers hooks what a
 pipeline would (a cache context around every call, the current timestep for PAB and FasterCache, a reset
@@ -525,7 +525,9 @@ def _plan_arms(ctx: Context, paths: list[Path]) -> list[Arm]:
         method = (plan.notes or {}).get("method", "tcpass")
         knobs = {"plan": str(path), "sampler_steps": steps, "plan_fields": plan.to_dict()}
         # the step graphs are traced (torch.export): module hooks never fire, the peer's own counts prove it
-        arms.append(Arm(method, path.stem, transformed, steps, knobs, None, transformed.reset, stats))
+        sampler = plan.sampler or "ddim"
+        arm = Arm(method, path.stem, transformed, steps, knobs, None, transformed.reset, stats, sampler=sampler)
+        arms.append(arm)
     return arms
 
 

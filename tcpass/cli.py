@@ -412,9 +412,10 @@ def _calibration_options(function):
 
 def _calibration_setup(
     model_path, target_speedup, min_psnr, batch, samples, steps, sample_range, verify_rounds, guidance,
-    guidance_interval, threads,
+    guidance_interval, threads, sampler=None,
 ):  # fmt: skip
-    """Check the common options, load the model, print the sampler; returns the model and the common arguments."""
+    """Check the common options, load the model, print the sampler (``sampler``: the one chosen, else the family's);
+    returns the model and the common arguments."""
     import torch
 
     from tcpass.adapters import adapter_for, load_transformer
@@ -437,8 +438,10 @@ def _calibration_setup(
     if guidance_interval is None:
         guidance_interval = _shipped_interval(model_path)
     family = adapter_for(model)
-    sampler = "DDIM" if family.sampler == "ddim" else f"flow matching (shift {family.flow_shift:g})"
-    click.echo(f"calibration sampler: {steps}-step {sampler}, {describe_guidance(guidance, guidance_interval)}")
+    sampler = sampler or family.sampler
+    shift = family.flow_shift if sampler == family.sampler else 1.0
+    name = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}.get(sampler, f"flow matching (shift {shift:g})")
+    click.echo(f"calibration sampler: {steps}-step {name}, {describe_guidance(guidance, guidance_interval)}")
     common = {
         "target_speedup": target_speedup,
         "min_psnr": min_psnr,
@@ -568,14 +571,22 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
     help="Choose only plans that keep --steps sampler steps (skip tables, forecasts, "
     "compositions), for pipelines whose step count is fixed; fewer-steps plans are still scored and reported.",
 )
+@click.option(
+    "--sampler",
+    type=click.Choice(["ddim", "dpmpp", "flow"]),
+    default=None,
+    help="Sampler of the calibration generations and of the plan (dpmpp: DPM-Solver++(2M)); the plan records it "
+    "and --steps, so e.g. 25 DPM-Solver++ steps with skips on top is one plan. Default: the model family's own, "
+    "not recorded.",
+)
 def calibrate_steps(
-    forecast, forecast_history, compose, max_composed, speed_tolerance, keep_steps, out, **common_options
+    forecast, forecast_history, compose, max_composed, speed_tolerance, keep_steps, sampler, out, **common_options
 ):
     """Whole-step skipping: a timestep-keyed skip table (reuse or fitted forecast, optionally with token
     caching composed) or fewer sampler steps, whichever keeps the most PSNR (tcpass.calibrate.steps)."""
     from tcpass.calibrate.steps import calibrate_steps as run
 
-    model, common = _calibration_setup(**common_options)
+    model, common = _calibration_setup(sampler=sampler, **common_options)
     report = run(
         model,
         out,
@@ -585,6 +596,7 @@ def calibrate_steps(
         max_composed=max_composed,
         speed_tolerance=speed_tolerance,
         keep_steps=keep_steps,
+        sampler=sampler,
         **common,
     )
     click.echo(report.format())

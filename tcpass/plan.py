@@ -23,6 +23,7 @@ from tcpass.policies import POLICIES, policy_class
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
 SKIP_LEVELS = ("stack", "output")
+SAMPLERS = ("ddim", "dpmpp", "flow")  # `tcpass.sampling.make_scheduler`
 MAX_SKIP_HISTORY = 4  # a SKIP step forecasts from at most this many computed steps' residuals
 AttentionMode = Literal["full_kv", "cached_kv", "kept_only"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -364,6 +365,11 @@ class CachePlan:
             computed ``cond - uncond`` difference, and outside a guidance interval the
             unconditional rows never run (`tcpass.schedule.runs_uncond`). The transformed model
             itself ignores it; the ONNX export does not support it yet (it refuses such plans).
+        sampler: the sampler the plan was calibrated under, for samplers driven by tcpass (`tcpass demo`,
+            the benchmarks): ``"ddim"``, ``"dpmpp"`` (DPM-Solver++(2M)) or ``"flow"`` (flow-matching
+            Euler); ``None``: the model family's own (DDIM for DiT and PixArt). A skip table is keyed by
+            the timesteps of the sampler and step count it was calibrated on, so `tcpass calibrate steps
+            --sampler` records both (``sampler_steps``). The transformed model itself ignores it.
         notes: free-form provenance (what `tcpass calibrate` measured); never read by tcpass.
     """
 
@@ -378,6 +384,7 @@ class CachePlan:
     forecast: ForecastSpec | None = None
     sampler_steps: int | None = None
     guidance_reuse: bool = False
+    sampler: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -388,6 +395,14 @@ class CachePlan:
                 raise _type_error("sampler_steps", self.sampler_steps, "a positive integer or null")
             if self.sampler_steps < 1:
                 raise ValueError(f"sampler_steps = {self.sampler_steps!r}: expected a positive integer or null.")
+        if self.sampler is not None:
+            if not isinstance(self.sampler, str):
+                raise _type_error("sampler", self.sampler, f"one of {SAMPLERS} or null")
+            if self.sampler not in SAMPLERS:
+                raise ValueError(
+                    f"sampler = {self.sampler!r} is unknown; expected one of {SAMPLERS}, or null for the "
+                    "model family's own."
+                )
         if not isinstance(self.notes, dict):
             raise _type_error("notes", self.notes, "a JSON object")
         if isinstance(self.blocks, str):

@@ -19,9 +19,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from tqdm.auto import tqdm
 
 from tcpass.controller import GuidanceSteps
+from tcpass.plan import SAMPLERS
 from tcpass.schedule import StepKind
-
-SAMPLERS = ("ddim", "dpmpp", "flow")
 
 
 def make_scheduler(

@@ -127,6 +127,29 @@ def test_keep_steps_chooses_only_plans_at_the_sampler_step_count(tmp_path, monke
         assert plan.sampler_steps is not None and report.chosen.psnr_db == 40.0
 
 
+def test_a_plan_calibrated_under_dpm_solver_records_it_and_reproduces_its_score_there(tmp_path, monkeypatch):
+    from tcpass.calibrate import steps as cs
+    from tcpass.calibrate.search import sample_psnr
+    from tcpass.sampling import sampler_timesteps
+
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    model = make_dit()
+    report = calibrate_steps(
+        model, tmp_path / "plan.json", target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4,
+        verify_reps=0, progress=False, max_forecast=1, max_composed=0, keep_steps=True, sampler="dpmpp",
+    )  # fmt: skip
+    plan = tcpass.load_plan(tmp_path / "plan.json")
+    assert plan.sampler == "dpmpp" and plan.sampler_steps == 8 and plan.notes["sampler"] == "dpmpp"
+    grid = sampler_timesteps(8, "dpmpp")
+    assert set(plan.skip.timesteps) <= set(grid) and not set(plan.skip.timesteps) <= set(ddim_timesteps(8))
+    # the plan's score is what it gives under DPM-Solver++ at 8 steps, against full compute there
+    data = collect(model, num_samples=2, steps=8, progress=False, sampler="dpmpp")
+    tm = tcpass.transform(model, plan, example_inputs=data.call_inputs())
+    assert sample_psnr(data.sample(tm, plan.sampler_steps), data) == pytest.approx(report.chosen.psnr_db, abs=0.05)
+    assert tm.step_counts[StepKind.SKIP] == len(plan.skip.timesteps) > 0
+
+
 def test_the_window_is_drawn_around_the_target_corrected_by_the_measured_bias(tmp_path, monkeypatch):
     from tcpass.calibrate import steps as cs
 

@@ -16,6 +16,8 @@ def test_json_round_trip(tmp_path):
         schedule=TPRRSchedule(boundary_timestep=420.0, intervals=(5, 3), warmup_full_steps=2, full_below_timestep=80),
         selector=SelectorSpec(kind="random", seed=11),
         model=ModelFingerprint("DiTTransformer2DModel", 28, 1152),
+        sampler_steps=25,
+        sampler="dpmpp",
     )
     save_plan(plan, tmp_path / "plan.json")
     loaded = load_plan(tmp_path / "plan.json")
@@ -51,6 +53,7 @@ def test_keep_ratio_zero_is_whole_block_reuse():
         ({"blocks": "some"}, "expected 'all'"),
         ({"block_keep_ratio": {3: (0.5, 1.5)}}, r"block_keep_ratio\[3\]\[1\] = 1.5"),
         ({"schedule": TPRRSchedule}, "schedule must be a TPRRSchedule"),
+        ({"sampler": "euler"}, r"sampler = 'euler' is unknown; expected one of \('ddim', 'dpmpp', 'flow'\)"),
     ],
 )
 def test_bad_fields_name_the_field(kwargs, match):
@@ -136,6 +139,7 @@ def test_load_plan_rejects_non_json(tmp_path):
             "string",
         ),
         (lambda d: d.update(sampler_steps="10"), "sampler_steps", "string"),
+        (lambda d: d.update(sampler=2), "sampler", "number"),
         (lambda d: d.update(notes=[]), "notes", "list"),
     ],
 )

@@ -303,6 +303,7 @@ def calibrate_steps(
     max_composed: int = 6,
     speed_tolerance: float = 0.03,
     keep_steps: bool = False,
+    sampler: str | None = None,
 ) -> StepCalibrationReport:
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -337,6 +338,10 @@ def calibrate_steps(
         keep_steps: choose only plans that keep the sampler's ``steps`` (skip tables, forecasts, compositions),
             for pipelines whose step count is fixed. Fewer-steps baselines are still evaluated and reported,
             so the report shows what keeping the step count costs.
+        sampler: the sampler of the calibration generations and of the plan (`tcpass.sampling.make_scheduler`:
+            ``"ddim"``, ``"dpmpp"``, ``"flow"``); ``None``: the model family's own. When given, the plan records
+            it and its step count (``sampler``, ``sampler_steps``: a skip table fits only the timesteps it was
+            calibrated on), so 25 DPM-Solver++ steps with a skip table on top is one plan.
     """
     if not 0 <= speed_tolerance < 0.5:
         raise ValueError(f"speed_tolerance = {speed_tolerance!r}: expected a fraction in [0, 0.5), e.g. 0.03.")
@@ -353,6 +358,7 @@ def calibrate_steps(
         sample_range=sample_range,
         conditioning=conditioning,
         guidance_interval=guidance_interval,
+        sampler=sampler,
     )
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
@@ -394,6 +400,8 @@ def calibrate_steps(
         model, choosable, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
     )
     plan = dataclasses.replace(chosen.plan, notes=_notes(chosen, data, batch, keep_steps))
+    if sampler is not None:  # the table is keyed by this sampler's timesteps at this step count
+        plan = dataclasses.replace(plan, sampler=sampler, sampler_steps=plan.sampler_steps or steps)
     report = StepCalibrationReport(
         plan,
         chosen,

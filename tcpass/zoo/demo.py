@@ -79,9 +79,9 @@ def run_demo(
     warn_sampler_mismatch(plan, guidance_scale, interval)
     cached_model = tcpass.transform(dit, plan, example_inputs=example)
 
-    def generate(m, show):
-        n = steps if m is dit else plan.sampler_steps or steps
-        return ddim_sample(m, noise, labels, ref.null_label, n, guidance_scale, show, interval)
+    def generate(m, show):  # tcpass runs the plan's own sampler and step count when it records them
+        n, sampler = (steps, "ddim") if m is dit else (plan.sampler_steps or steps, plan.sampler or "ddim")
+        return ddim_sample(m, noise, labels, ref.null_label, n, guidance_scale, show, interval, sampler=sampler)
 
     seconds: dict[str, list[float]] = {"full": [], "cached": []}
     images = {}
@@ -136,13 +136,14 @@ def warn_sampler_mismatch(
 
 
 def describe_plan(plan: tcpass.CachePlan, steps: int) -> str:
-    """What ``plan`` does over a ``steps``-step DDIM generation, in one line."""
-    from tcpass.sampling import ddim_timesteps
+    """What ``plan`` does over a ``steps``-step DDIM generation (or its own sampler and step count), in one line."""
+    from tcpass.sampling import sampler_timesteps
     from tcpass.schedule import StepKind, simulate
 
-    n = plan.sampler_steps or steps
-    kinds = [s.kind for s in simulate(plan.schedule, ddim_timesteps(n), plan.skip)]
-    parts = [f"{n} sampler steps" if plan.sampler_steps else f"{n} DDIM steps"]
+    n, sampler = plan.sampler_steps or steps, plan.sampler or "ddim"
+    kinds = [s.kind for s in simulate(plan.schedule, sampler_timesteps(n, sampler), plan.skip)]
+    name = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}.get(sampler, "flow-matching")
+    parts = [f"{n} {name} steps" if plan.sampler else f"{n} sampler steps" if plan.sampler_steps else f"{n} DDIM steps"]
     if kinds.count(StepKind.SKIP):
         how = "reused, scaled" if plan.skip.scales else "reused"
         if plan.skip.weights:
