@@ -49,7 +49,7 @@ def _inputs(runtime, t: int) -> dict[str, np.ndarray]:
 
 def measure_memory(directory: str, share: bool, threads: int) -> dict:
     """In this process: load, then one FULL and one CACHED call; RSS at each point (MiB)."""
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
     before = _status()["VmRSS"]
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def measure_memory(directory: str, share: bool, threads: int) -> dict:
 
 def measure_speed(directory: str, threads: int, steps: int, rounds: int) -> dict:
     """Both runtimes in one process, whole generations interleaved; median ms per FULL / CACHED call."""
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
     from tcpass.schedule import StepKind
 
     runtimes = {s: OrtTokenCacheRuntime(directory, threads=threads, share_weights=s) for s in (False, True)}

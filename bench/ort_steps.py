@@ -58,7 +58,7 @@ def main() -> None:
     apply_allocator_option(args)
     import onnxruntime as ort
 
-    from tcpass.export.runtime import OrtTokenCacheRuntime, ddim_schedule
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime, ddim_schedule
 
     torch.set_num_threads(args.threads)
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN

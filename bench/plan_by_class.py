@@ -26,8 +26,8 @@ from bench.common import add_guidance_options, guidance_interval_of, machine, wr
 from tcpass.adapters import adapter_for  # noqa: E402
 from tcpass.metrics import psnr  # noqa: E402
 from tcpass.plan import CachePlan, load_plan  # noqa: E402
-from tcpass.runtime import transform  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
+from tcpass.torch_runtime import transform  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
 
 

@@ -105,14 +105,14 @@ class OrtGenerator:
     """A whole generation on ONNX Runtime (numpy DDIM + CFG), from an exported directory."""
 
     def __init__(self, directory: Path, steps: int, threads: int, providers: list[str] | None = None) -> None:
-        from tcpass.export.runtime import OrtTokenCacheRuntime
+        from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
         self.runtime = OrtTokenCacheRuntime(directory, threads=threads, providers=providers)
         self.steps = steps
         self.step_counts = self.runtime.step_counts
 
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor, runtime=None) -> torch.Tensor:
-        from tcpass.export.runtime import generate
+        from tcpass.export.ort_runtime import generate
 
         out = generate(runtime or self.runtime, noise.cpu().numpy(), labels.cpu().numpy(), self.steps, 4.0)
         return torch.from_numpy(out)

@@ -35,17 +35,10 @@ from bench.common import (  # noqa: E402
     machine,
     write_json,
 )
+from tcpass.calibrate.recipe import parse_forecast  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
-
-
-def forecast_of(text: str) -> tcpass.ForecastSpec | None:
-    """``reuse``, or ``kind:order`` (``taylor:2``)."""
-    if text == "reuse":
-        return None
-    kind, _, order = text.partition(":")
-    return tcpass.ForecastSpec(kind=kind, order=int(order or 1))
 
 
 def main() -> None:
@@ -53,7 +46,10 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(REFERENCE_MODELS), default="digits", help="reference model")
     parser.add_argument("--plan", type=Path, action="append", required=True, help="plan JSON (repeatable)")
     parser.add_argument(
-        "--forecast", default="anchored:1,anchored:2,taylor:1", help="comma list of kind:order besides reuse"
+        "--forecast",
+        default="anchored:1,anchored:2,taylor:1",
+        help="comma list of kind:order besides reuse, each optionally +W for cluster propagation of weight W "
+        "(taylor:1+0.5, reuse+1: `tcpass.forecasters.propagation`)",
     )
     parser.add_argument(
         "--intervals",
@@ -92,7 +88,7 @@ def main() -> None:
                 plan = dataclasses.replace(shipped, schedule=dataclasses.replace(shipped.schedule, intervals=pair))
                 label = f"{path.stem} intervals {pair}"
             for text in forecasts:
-                p = dataclasses.replace(plan, forecast=forecast_of(text))
+                p = dataclasses.replace(plan, forecast=parse_forecast(text))
                 steps = plan.sampler_steps or args.steps
                 variants[f"{label} {text}"] = (tcpass.transform(model, p), steps, p.to_dict())
 

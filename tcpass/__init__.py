@@ -4,7 +4,7 @@
     pipe.transformer = tcpass.transform(pipe.transformer, tcpass.CachePlan())
 
 Importing ``tcpass`` itself does not import torch (plans and schedules are plain Python), so the
-ONNX Runtime deployment (`tcpass.export.runtime`) runs with numpy and onnxruntime alone.
+ONNX Runtime deployment (`tcpass.export.ort_runtime`) runs with numpy and onnxruntime alone.
 """
 
 from tcpass.plan import (
@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("transform", "TokenCacheTransformer"):
-        from tcpass import runtime
+        from tcpass import torch_runtime
 
-        return getattr(runtime, name)
+        return getattr(torch_runtime, name)
     raise AttributeError(f"module 'tcpass' has no attribute {name!r}")

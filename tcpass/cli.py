@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -280,7 +281,7 @@ def export_command(model_path, plan_path, batch, null_label, guidance_interval, 
         raise click.ClickException(str(e)) from e
     from tcpass.adapters import adapter_for, load_transformer
     from tcpass.plan import load_plan
-    from tcpass.runtime import transform
+    from tcpass.torch_runtime import transform
 
     try:
         model = load_transformer(model_path)
@@ -456,6 +457,19 @@ def _calibration_setup(
     return model, common
 
 
+def _echo_report(report, out: Path) -> None:
+    """Print a calibration's report and the files it wrote; draw its frontier beside the plan."""
+    click.echo(report.format())
+    weights = report.plan.selector.path
+    click.echo(f"wrote {Path(out).resolve()}" + (f" and {weights}" if weights else ""))
+    try:
+        from tcpass.calibrate import plot_frontier
+
+        click.echo(f"wrote {plot_frontier(report, Path(out).with_suffix('.frontier.png')).resolve()}")
+    except ImportError:
+        click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
+
+
 @calibrate.command("tokens")
 @_calibration_options
 @click.option(
@@ -480,7 +494,8 @@ def _calibration_setup(
     default=("reuse",),
     show_default=True,
     help="What pruned tokens get, searched like the attention modes (repeatable): reuse, or kind:order of a "
-    "forecaster (anchored:1, anchored:2, taylor:1, taylor:2). Each one searched costs about one more search.",
+    "forecaster (anchored:1, anchored:2, taylor:1, taylor:2), each optionally +W: cluster propagation of weight W "
+    "(taylor:1+0.5, reuse+1). Each one searched costs about one more search.",
 )
 @click.option(
     "--iterations", type=click.IntRange(min=0), default=120, show_default=True, help="Predictor training iterations."
@@ -515,10 +530,7 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
         ratios=tuple(sorted(set(keep_ratios))),
         **common,
     )
-    click.echo(report.format())
-    click.echo(
-        f"wrote {Path(out).resolve()}" + (f" and {report.plan.selector.path}" if report.plan.selector.path else "")
-    )
+    _echo_report(report, out)
 
 
 @calibrate.command("steps")
@@ -599,14 +611,7 @@ def calibrate_steps(
         sampler=sampler,
         **common,
     )
-    click.echo(report.format())
-    click.echo(f"wrote {Path(out).resolve()}")
-    try:
-        from tcpass.calibrate.steps import plot_frontier
-
-        click.echo(f"wrote {plot_frontier(report, Path(out).with_suffix('.frontier.png')).resolve()}")
-    except ImportError:
-        click.echo("(no frontier plot: matplotlib is not installed; pip install 'tcpass[plots]')")
+    _echo_report(report, out)
 
 
 def _batch_sizes(text: str, largest: int) -> tuple[int, ...]:
@@ -626,11 +631,37 @@ def _batch_sizes(text: str, largest: int) -> tuple[int, ...]:
 
 def _as_options(error: ValueError, config: type) -> str:
     """An error naming ``config``'s dataclass fields, with the fields written as the CLI's options."""
-    import dataclasses
     import re
 
     names = "|".join(f.name for f in dataclasses.fields(config))
     return re.sub(rf"\b({names})\b", lambda m: "--" + m[1].replace("_", "-"), str(error))
+
+
+def _serve_until_stopped(address: str | None) -> None:
+    """A local instance runs until Ctrl-C or SIGTERM, then shuts Ray down; on a cluster the application stays."""
+    if address is not None:
+        click.echo(
+            "the application keeps running on the cluster; stop it with "
+            f"`python -c \"import ray; from ray import serve; ray.init('{address}'); serve.shutdown()\"`."
+        )
+        return
+    import signal
+    import sys
+    import time
+
+    import ray
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the local instance like Ctrl-C
+    click.echo("Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @main.command("serve")
@@ -769,34 +800,9 @@ def _as_options(error: ValueError, config: type) -> str:
     help="A request not answered by then (waiting, retries and generation) gets 504.",
 )
 def serve_command(
-    model_path,
-    plan_path,
-    runtime,
-    pipeline_path,
-    height,
-    width,
-    max_sequence_length,
-    uncached,
-    replicas,
-    min_replicas,
-    max_replicas,
-    target_ongoing_requests,
-    max_batch,
-    batch_sizes,
-    batch_wait_ms,
-    threads,
-    replica_cpus,
-    replica_gpus,
-    max_ongoing_requests,
-    max_queued_requests,
-    retry_after_s,
-    max_retries,
-    max_steps,
-    address,
-    host,
-    port,
-    request_timeout_s,
-) -> None:
+    model_path, plan_path, runtime, pipeline_path, max_batch, batch_sizes, batch_wait_ms, replica_gpus, address, host,
+    port, **options,
+) -> None:  # fmt: skip
     """Serve a class-conditional DiT or a text-to-image pipeline over HTTP with Ray Serve: batching, replicas,
     autoscaling, retries when a replica dies, a bounded queue (503) and a deadline (504) (needs the serve extra)."""
     if runtime == "ort" and model_path is None:
@@ -807,19 +813,11 @@ def serve_command(
     except ImportError as e:
         raise click.ClickException(str(e)) from e
 
+    # the options named as DeployConfig's fields configure the deployment, the others the sampler (ServeConfig)
+    deploy_names = {f.name for f in dataclasses.fields(DeployConfig)}
     try:
         deploy = DeployConfig(
-            replicas=replicas,
-            min_replicas=min_replicas,
-            max_replicas=max_replicas,
-            target_ongoing_requests=target_ongoing_requests,
-            replica_cpus=replica_cpus,
-            replica_gpus=replica_gpus or 0.0,
-            max_ongoing_requests=max_ongoing_requests,
-            max_queued_requests=max_queued_requests,
-            retry_after_s=retry_after_s,
-            request_timeout_s=request_timeout_s,
-            max_retries=max_retries,
+            replica_gpus=replica_gpus or 0.0, **{k: v for k, v in options.items() if k in deploy_names}
         )
     except ValueError as e:
         raise click.UsageError(_as_options(e, DeployConfig)) from e
@@ -827,17 +825,12 @@ def serve_command(
         model=None if model_path is None else str(model_path.resolve()),
         plan=None if plan_path is None else str(plan_path.resolve()),
         runtime=runtime,
-        uncached=uncached,
         max_batch=max_batch,
         batch_sizes=sizes,
         batch_wait_s=batch_wait_ms / 1000,
-        threads=threads,
-        max_steps=max_steps,
         device="cuda" if replica_gpus else "cpu",
-        height=height,
-        width=width,
-        max_sequence_length=max_sequence_length,
         pipeline=None if pipeline_path is None else str(pipeline_path.resolve()),
+        **{k: v for k, v in options.items() if k not in deploy_names},
     )
     try:
         url = start(config, deploy, address, host, port)
@@ -846,29 +839,7 @@ def serve_command(
     except RuntimeError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"serving at {url}: POST /generate (PNG), POST /generate/json, GET /health")
-    if address is not None:
-        click.echo(
-            "the application keeps running on the cluster; stop it with "
-            f"`python -c \"import ray; from ray import serve; ray.init('{address}'); serve.shutdown()\"`."
-        )
-        return
-    import signal
-    import sys
-    import time
-
-    import ray
-    from ray import serve
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the local instance like Ctrl-C
-    click.echo("Ctrl-C stops it.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    _serve_until_stopped(address)
 
 
 if __name__ == "__main__":

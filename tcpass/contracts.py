@@ -3,7 +3,7 @@
 - `TensorSpec`: a graph input or output that is not a model input (a cache buffer, a kept-index
   tensor, a SKIP step's scale). The FULL, CACHED and SKIP graphs, both runtimes, the ONNX manifest
   and the cache policies (`tcpass.policies`) all name caches through it.
-- `MANIFEST_VERSION`: the format of what `tcpass export` writes and `tcpass.export.runtime` reads.
+- `MANIFEST_VERSION`: the format of what `tcpass export` writes and `tcpass.export.ort_runtime` reads.
 
 The cache layout (the order of the caches, `tcpass.passes.layout`): first ``stack.residual`` when the
 plan skips steps (a forecasting SKIP graph also reads ``stack.residual.1``.., the residuals of

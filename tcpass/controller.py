@@ -1,7 +1,7 @@
 """One step controller for every executor: what each model call runs, decided without torch.
 
-The torch runtime (`tcpass.runtime`), the ONNX Runtime one (`tcpass.export.runtime`) and both samplers
-(`tcpass.sampling.guided_sample`, `tcpass.export.runtime.generate`) ask it, so every executor runs every
+The torch runtime (`tcpass.torch_runtime`), the ONNX Runtime one (`tcpass.export.ort_runtime`) and both samplers
+(`tcpass.sampling.guided_sample`, `tcpass.export.ort_runtime.generate`) ask it, so every executor runs every
 plan the same way:
 
 - `StepController.decide`, once per model call: the step kind the plan's schedule gives the timestep

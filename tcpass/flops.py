@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from tcpass.runtime import TokenCacheTransformer
 from tcpass.schedule import StepKind, simulate
+from tcpass.torch_runtime import TokenCacheTransformer
 from tcpass.trace import flatten_inputs
 
 

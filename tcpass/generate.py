@@ -42,7 +42,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
     """
     import diffusers
 
-    from tcpass.runtime import TokenCacheTransformer  # imported so diffusers can load saved transforms
+    from tcpass.torch_runtime import TokenCacheTransformer  # imported so diffusers can load saved transforms
 
     root = Path(model)
     if root.exists() and not (root / "model_index.json").is_file():
@@ -69,7 +69,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32):
 
 def is_video_pipeline(pipe) -> bool:
     """Whether ``pipe``'s transformer (transformed or not) is one of `VIDEO_TRANSFORMERS`."""
-    from tcpass.runtime import TokenCacheTransformer
+    from tcpass.torch_runtime import TokenCacheTransformer
 
     transformer = pipe.transformer
     if isinstance(transformer, TokenCacheTransformer):
@@ -162,7 +162,7 @@ def generate(
     plan, or ``plan`` in its place. A video pipeline (`is_video_pipeline`) makes ``frames`` frames
     (its ``num_frames``; default: the pipeline's) and returns them in ``Generated.frames``.
     """
-    from tcpass.runtime import TokenCacheTransformer, transform
+    from tcpass.torch_runtime import TokenCacheTransformer, transform
 
     original = pipe.transformer
     tm = original if isinstance(original, TokenCacheTransformer) else None

@@ -173,11 +173,14 @@ class ForecastSpec:
     ``forecast`` does) or a forecaster that extrapolates each token's own history (each module of
     `tcpass.forecasters` documents its kind). ``order``: the forecast's order, for forecasters that
     read a history (order p reads the last p + 1 steps at which each token was computed); each order
-    costs the history one more cached residual [B, N, D] per cached block.
+    costs the history one more cached residual [B, N, D] per cached block. ``propagate``: cluster
+    propagation, in [0, 1]: each pruned token also gets this fraction of the correction (fresh minus
+    forecast residual) of the kept token most like it (`tcpass.forecasters.propagation`); 0: none.
     """
 
     kind: str
     order: int = 1
+    propagate: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str):
@@ -185,6 +188,11 @@ class ForecastSpec:
         forecaster = forecaster_class(self.kind)
         if not _is_integer(self.order):
             raise _type_error("forecast.order", self.order, "an integer")
+        if not _is_number(self.propagate):
+            raise _type_error("forecast.propagate", self.propagate, "a fraction in [0, 1]")
+        if not 0 <= self.propagate <= 1:
+            raise ValueError(f"forecast.propagate = {self.propagate!r}: expected a fraction in [0, 1] (0: none).")
+        object.__setattr__(self, "propagate", float(self.propagate))
         forecaster.check(self)
 
 

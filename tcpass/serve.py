@@ -327,7 +327,7 @@ class TorchSampler(ClassSampler):
 
 
 class OrtSampler(ClassSampler):
-    """numpy DDIM + CFG (`tcpass.export.runtime.generate`) on an exported model; no torch."""
+    """numpy DDIM + CFG (`tcpass.export.ort_runtime.generate`) on an exported model; no torch."""
 
     def __init__(self, config: ServeConfig) -> None:
         if config.pipeline is not None:
@@ -360,13 +360,13 @@ class OrtSampler(ClassSampler):
         return self.max_batch if guided and not self.split else self.model_batch
 
     def sample(self, noise: np.ndarray, labels: np.ndarray, steps: int, guidance: float) -> np.ndarray:
-        from tcpass.export.runtime import generate
+        from tcpass.export.ort_runtime import generate
 
         return generate(self.runtime, noise, labels, num_steps=steps, guidance_scale=guidance)
 
 
 def _unwrap(transformer):
-    from tcpass.runtime import TokenCacheTransformer
+    from tcpass.torch_runtime import TokenCacheTransformer
 
     return transformer.transformer if isinstance(transformer, TokenCacheTransformer) else transformer
 
@@ -444,7 +444,7 @@ class PipelineSampler:
 
 
 class OrtPipelineSampler:
-    """A text-conditioned PixArt export on ONNX Runtime (`tcpass.export.runtime.generate`: numpy DDIM + CFG), the
+    """A text-conditioned PixArt export on ONNX Runtime (`tcpass.export.ort_runtime.generate`: numpy DDIM + CFG), the
     prompts encoded and the latents decoded by a saved PixArt pipeline's text encoder and VAE (torch).
 
     Image i's latent noise comes from ``seeds[i]`` (`tcpass.noise.seeded_noise`); the export fixes the model
@@ -503,7 +503,7 @@ class OrtPipelineSampler:
         """Images [len(seeds), 3, H, W] in [-1, 1]."""
         import torch
 
-        from tcpass.export.runtime import generate
+        from tcpass.export.ort_runtime import generate
 
         names = self.runtime.conditioning_names
         with torch.no_grad():
@@ -554,7 +554,7 @@ def _torch_device(config: ServeConfig):
 def _ort_runtime(config: ServeConfig):
     """The `OrtTokenCacheRuntime` of ``config.model`` (an export) and its manifest, after the checks every ort
     sampler makes."""
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
     from tcpass.plan import load_plan
 
     if config.model is None:

@@ -94,7 +94,7 @@ def test_calibrated_plan_round_trips_and_guards_its_weights(tiny, tmp_path):
         ratios=(0.5,),
         progress=False,
     )
-    assert "dynamic trained" in report.format() and "measured speedup" in report.format()
+    assert "dynamic trained" in report.format() and "measured on whole generations" in report.format()
     assert report.measured_speedup > 0 and report.plan.notes["measured_speedup"] == round(report.measured_speedup, 3)
     assert re.fullmatch(r"plan\.predictor\.[0-9a-f]{12}\.safetensors", report.plan.selector.path)
     assert report.plan.selector.sha256.startswith(report.plan.selector.path.split(".")[2])
@@ -104,6 +104,10 @@ def test_calibrated_plan_round_trips_and_guards_its_weights(tiny, tmp_path):
     assert tcpass.CachePlan.from_json(report.plan.to_json()) == report.plan
     tm = tcpass.transform(tiny, plan)  # the weights next to the plan are found and used
     assert tm.predictor is not None
+    # the sidecar is the one report's, as step calibration writes it
+    sidecar = json.loads((tmp_path / "plan.calibration.json").read_text())
+    assert sidecar["method"] == "tokens" and sidecar["chosen"] in [c["name"] for c in sidecar["candidates"]]
+    assert sidecar["frontier"] and sidecar["train_losses"] == report.details["train_losses"]
 
     weights = tmp_path / report.plan.selector.path
     blob = bytearray(weights.read_bytes())
@@ -272,7 +276,7 @@ def test_a_pixart_model_calibrates_through_its_adapter(tmp_path):
     )
     plan = load_plan(tmp_path / "plan.json")
     assert plan.model.model_class == "PixArtTransformer2DModel" and plan.selector.kind == "dynamic"
-    assert report.train_losses and report.measured_speedup > 0
+    assert report.details["train_losses"] and report.measured_speedup > 0
     tm = tcpass.transform(model, plan)
     samples = data.sample(tm)
     assert torch.isfinite(samples).all() and tm.step_counts[tcpass.StepKind.CACHED] > 0

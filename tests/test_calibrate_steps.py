@@ -430,12 +430,12 @@ def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_r
 
 
 def test_the_frontier_keeps_what_nothing_beats_on_speed_and_psnr(tmp_path):
-    from tcpass.calibrate import steps as cs
+    from tcpass.calibrate.report import CalibrationReport, Candidate, frontier, plot_frontier
 
     rows = (("a", 1.5, 33.0), ("b", 2.0, 31.0), ("c", 2.0, 30.0), ("d", 2.5, 31.5), ("e", 3.0, 25.0), ("f", 1.2, 32.0))
-    candidates = [cs.Candidate(CachePlan(), pred, psnr, name=n) for n, pred, psnr in rows]
-    candidates.append(cs.Candidate(CachePlan(), 4.0, name="unscored"))
-    assert [c.name for c in cs.frontier(candidates)] == ["e", "d", "a"]
-    report = cs.StepCalibrationReport(CachePlan(), candidates[3], candidates, [1.0], {}, target_speedup=2.0)
-    png = cs.plot_frontier(report, tmp_path / "plan.frontier.png")
+    candidates = [Candidate(CachePlan(), pred, psnr, name=n) for n, pred, psnr in rows]
+    candidates.append(Candidate(CachePlan(), 4.0, name="unscored"))
+    assert [c.name for c in frontier(candidates)] == ["e", "d", "a"]
+    report = CalibrationReport("steps", CachePlan(), candidates[3], candidates, target_speedup=2.0)
+    png = plot_frontier(report, tmp_path / "plan.frontier.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == [png.name]

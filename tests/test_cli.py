@@ -107,9 +107,9 @@ def test_export_without_the_onnx_extra_names_the_extra(plan_file, monkeypatch):
 
 def test_onnx_runtime_without_the_onnx_extra_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.delitem(sys.modules, "tcpass.export.runtime", raising=False)
+    monkeypatch.delitem(sys.modules, "tcpass.export.ort_runtime", raising=False)
     with pytest.raises(ImportError, match=r"onnx extra \(onnxruntime is missing\): pip install \"tcpass\[onnx\]\""):
-        import tcpass.export.runtime  # noqa: F401
+        import tcpass.export.ort_runtime  # noqa: F401
 
 
 def test_export_errors_are_one_line(tmp_path, plan_file):

@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline
 
 import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
-from tcpass.runtime import TokenCacheTransformer
+from tcpass.torch_runtime import TokenCacheTransformer
 from tests.pipelines import CALL, build
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
@@ -191,7 +191,7 @@ def test_loading_needs_tcpass_imported_and_says_so(tmp_path):
     pipe.save_pretrained(tmp_path)
     code = f"import diffusers; diffusers.DiffusionPipeline.from_pretrained({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "import tcpass.runtime" in result.stderr
+    assert result.returncode != 0 and "import tcpass.torch_runtime" in result.stderr
 
 
 def test_a_directory_without_a_saved_plan_is_refused(tmp_path, dit):

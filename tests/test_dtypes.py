@@ -236,7 +236,7 @@ def fp16_export(tmp_path_factory):
 
 
 def test_float16_export_matches_eager_every_step(fp16_export):
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
     model, plan, out = fp16_export
     runtime = OrtTokenCacheRuntime(out)
@@ -259,7 +259,7 @@ def test_float16_export_matches_eager_every_step(fp16_export):
 
 
 def test_float16_generation_on_onnx_runtime_matches_torch(fp16_export):
-    from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
 
     model, plan, out = fp16_export
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))

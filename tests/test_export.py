@@ -19,7 +19,7 @@ import tcpass
 from tcpass import CachePlan, StepKind
 from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.export.onnx_export import export_onnx
-from tcpass.export.runtime import ManifestError, OrtTokenCacheRuntime, ddim_schedule, generate
+from tcpass.export.ort_runtime import ManifestError, OrtTokenCacheRuntime, ddim_schedule, generate
 from tcpass.sampling import ddim_sample, make_scheduler
 from tests.conftest import make_dit
 from tests.tolerance import OTHER_KERNELS, assert_close
@@ -316,7 +316,7 @@ def test_runtime_generates_where_torch_cannot_be_imported(exported):
         sys.modules["torch"] = None      # any `import torch` now raises ImportError
         sys.modules["diffusers"] = None
         import numpy as np
-        from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+        from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
         images = generate(OrtTokenCacheRuntime({str(out)!r}), np.zeros((1, 4, 16, 16), np.float32), np.array([1]), 10)
         assert "torch" not in [m for m, v in sys.modules.items() if v is not None]
         print("generated", images.shape, bool(np.isfinite(images).all()))

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 import tcpass
 from tcpass import CachePlan, ForecastSpec, StepKind
 from tcpass.export.onnx_export import export_onnx
-from tcpass.export.runtime import OrtTokenCacheRuntime
+from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import _put_rows, _rows, dit_block_on_kept
 from tests.test_forecast_taylor import BLOCKS, EVERY_THIRD, KEEP, REUSED_BLOCK, TIMESTEPS, _run, _static_plan, _steps

@@ -126,7 +126,7 @@ def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_doe
     stream's rows) and gives torch's samples; the unconditional stream runs at the same steps."""
     import numpy as np
 
-    from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
 
     ts = ddim_timesteps(STEPS)
     skip = StepSkip(timesteps=[ts[1], ts[2], ts[4], ts[6], ts[8]], weights=[[1.5, -0.5]] * 5)
@@ -157,7 +157,7 @@ def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_doe
 
 
 def test_an_export_made_before_the_field_still_matches_its_plan():
-    from tcpass.export.runtime import plan_differences
+    from tcpass.export.ort_runtime import plan_differences
 
     plan = CachePlan(blocks=(1,)).to_dict()
     older = {k: v for k, v in plan.items() if k != "guidance_reuse"}  # a manifest written before the field

@@ -21,7 +21,7 @@ LAYERS = [
     ["tcpass.controller"],  # one step controller for every executor
     ["tcpass.passes", "tcpass.adapters"],  # the rewrites; the model families
     ["tcpass.graphs", "tcpass.compile"],
-    ["tcpass.runtime", "tcpass.sampling", "tcpass.generate", "tcpass.flops"],  # the torch executor
+    ["tcpass.torch_runtime", "tcpass.sampling", "tcpass.generate", "tcpass.flops"],  # the torch executor
     ["tcpass.export", "tcpass.calibrate", "tcpass.zoo"],  # ONNX, calibration, reference models
     ["tcpass.serve", "tcpass.cli", "tcpass"],  # entry points
 ]  # fmt: skip
@@ -103,28 +103,25 @@ def test_no_import_cycles():
 
 
 def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
-    modules = {"tcpass.plan", "tcpass.runtime"}
+    modules = {"tcpass.plan", "tcpass.torch_runtime"}
     lower = tmp_path / "plan.py"
-    lower.write_text("def f():\n    from tcpass.runtime import transform\n")
-    assert imports_of(lower, modules) == {"tcpass.runtime"}
-    assert layer_of("tcpass.runtime") > layer_of("tcpass.plan")
+    lower.write_text("def f():\n    from tcpass.torch_runtime import transform\n")
+    assert imports_of(lower, modules) == {"tcpass.torch_runtime"}
+    assert layer_of("tcpass.torch_runtime") > layer_of("tcpass.plan")
     guarded = tmp_path / "guarded.py"
-    guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tcpass.runtime import x\n")
+    guarded.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from tcpass.torch_runtime import x\n")
     assert imports_of(guarded, modules) == set()
 
 
-MAX_FUNCTION_LINES = 80  # a function's code, from its first statement after the docstring to its last line
+MAX_FUNCTION_LINES = 80  # a whole function: signature, docstring and code (decorators aside)
 
 
 def long_functions(source: str, max_lines: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
-    """``(name, lines)`` of the functions in ``source`` whose code (docstring excluded) exceeds ``max_lines``."""
+    """``(name, lines)`` of the functions in ``source`` longer than ``max_lines``, ``def`` to last line."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            body = node.body
-            has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-            first = body[1] if has_doc and len(body) > 1 else body[0]
-            lines = node.end_lineno - first.lineno + 1
+            lines = node.end_lineno - node.lineno + 1
             if lines > max_lines:
                 out.append((node.name, lines))
     return out
@@ -136,6 +133,6 @@ def test_no_function_is_longer_than_80_lines():
         for path in sorted(PACKAGE.rglob("*.py"))
         for name, lines in long_functions(path.read_text())
     }
-    assert not found, f"functions over {MAX_FUNCTION_LINES} lines of code (split them): {found}"
-    long = "def f():\n    '''doc'''\n" + "    x = 1\n" * 81
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them): {found}"
+    long = '@decorated\ndef f(\n    x,\n):\n    """doc\n    more doc"""\n' + "    x = 1\n" * 76
     assert long_functions(long) == [("f", 81)] and long_functions(long.replace("    x = 1\n", "", 1)) == []

@@ -115,7 +115,7 @@ def test_in_graph_toy_policy_matches_an_independent_reference(registered):
 
 def test_out_of_graph_toy_policy_matches_reference_and_runs_on_onnx_runtime(registered, tmp_path):
     from tcpass.export.onnx_export import export_onnx
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
     dit, inputs, blocks = make_dit(), dit_inputs(), (0, 1)
     plan = CachePlan(blocks=blocks, keep_ratio=0.25, schedule=ALL_PHASE0, selector=SelectorSpec(kind="strided"))

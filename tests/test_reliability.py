@@ -53,12 +53,12 @@ def test_a_bad_timestep_is_refused_and_changes_nothing(bad):
 
 
 def test_two_threads_at_once_on_one_model_are_refused(monkeypatch):
-    import tcpass.runtime
+    import tcpass.torch_runtime
 
     tm = tcpass.transform(make_dit(), PLAN)
     inputs = dit_inputs()
     inside, release = threading.Event(), threading.Event()
-    flatten = tcpass.runtime.flatten_inputs
+    flatten = tcpass.torch_runtime.flatten_inputs
 
     def blocking_flatten(values):  # holds the first caller inside forward
         if threading.current_thread() is not threading.main_thread():
@@ -66,7 +66,7 @@ def test_two_threads_at_once_on_one_model_are_refused(monkeypatch):
             assert release.wait(30)
         return flatten(values)
 
-    monkeypatch.setattr(tcpass.runtime, "flatten_inputs", blocking_flatten)
+    monkeypatch.setattr(tcpass.torch_runtime, "flatten_inputs", blocking_flatten)
     result = {}
     worker = threading.Thread(target=lambda: result.setdefault("out", tm(**inputs).sample))
     worker.start()

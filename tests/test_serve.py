@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError
 
 import tcpass
 from tcpass.export.onnx_export import export_onnx
-from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
 from tcpass.noise import seeded_noise
 from tcpass.sampling import ddim_sample
 from tcpass.serve import (

@@ -11,7 +11,7 @@ import torch
 
 import tcpass
 from tcpass.export.onnx_export import export_onnx
-from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
 from tcpass.noise import seeded_noise
 from tcpass.schedule import StepKind
 from tcpass.serve import (

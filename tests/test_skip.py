@@ -177,7 +177,7 @@ def export_and_compare_every_step(tmp_path, plan, generations):
     """Export ``plan`` on a tiny DiT and run ``generations`` of calls on ONNX Runtime and eagerly:
     every step within the ONNX Runtime budget, the same step kinds. Returns the ONNX runtime."""
     from tcpass.export.onnx_export import export_onnx
-    from tcpass.export.runtime import OrtTokenCacheRuntime
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
     model = make_dit()
     export_onnx(tcpass.transform(model, plan), tmp_path, null_label=1000)

@@ -12,7 +12,7 @@ import torch
 import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
 from tcpass.export.onnx_export import export_onnx
-from tcpass.export.runtime import OrtTokenCacheRuntime
+from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 from tcpass.trace import flatten_inputs
 from tests.families import MAKERS, family_inputs
 from tests.tolerance import OTHER_KERNELS, assert_close

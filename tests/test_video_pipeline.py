@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 
 import tcpass
 from tcpass import CachePlan, StepKind, TPRRSchedule
-from tcpass.runtime import TokenCacheTransformer
+from tcpass.torch_runtime import TokenCacheTransformer
 from tests.pipelines import CALL, build
 from tests.tolerance import REGROUPED, assert_close
 

@@ -8,7 +8,6 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ from torch import nn
 from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import collect, sampler_notes
 from tcpass.calibrate.mixing import block_sensitivity, predictor_scorer, topk_error, train_predictor
-from tcpass.calibrate.search import Candidate, search_schedule, verify_speedup, write_calibration
+from tcpass.calibrate.report import CalibrationReport, write_calibration
+from tcpass.calibrate.search import search_schedule, verify_speedup
 from tcpass.calibrate.speed import StepTimes, measure_plausible_step_times
 from tcpass.files import plain_file_mode
 from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec
@@ -25,76 +25,16 @@ from tcpass.predictor import StaticPredictor, save_predictor
 from tcpass.trace import reusing_traces
 
 
-# The whole recipe ---------------------------------------------------------------------------------
-@dataclass
-class CalibrationReport:
-    plan: CachePlan
-    sensitivity: list[float]
-    block_order: list[int]
-    times: StepTimes
-    predicted_speedup: float
-    psnr_db: float
-    candidates: list[Candidate]
-    train_losses: list[float] = field(default_factory=list)
-    selection_error: dict[str, float | str] = field(default_factory=dict)  # `topk_error` per selector
-    seconds: float = 0.0
-    measured_speedup: float | None = None  # whole generations, interleaved with full compute
-
-    def format(self) -> str:
-        s = self.plan.schedule
-        blocks = "all" if self.plan.blocks == "all" else list(self.plan.blocks)
-        lines = [
-            f"blocks cached      : {blocks} (least sensitive first: {self.block_order})",
-            "block sensitivity  : " + ", ".join(f"{b}:{v:.4f}" for b, v in enumerate(self.sensitivity)),
-            f"selector           : {self.plan.selector.kind}   attention: {self.plan.attention}   "
-            f"pruned tokens: {forecast_name(self.plan.forecast)}",
-            f"keep ratio         : phase 0 {self.plan.keep_ratio[0]:.2f}, phase 1 {self.plan.keep_ratio[1]:.2f}",
-            f"TPRR schedule      : boundary t={s.boundary_timestep:g}, intervals {s.intervals}",
-            f"step times         : eager {self.times.eager * 1e3:.1f} ms, FULL {self.times.full * 1e3:.1f} ms, "
-            + ", ".join(f"CACHED@{r:g} {t * 1e3:.1f} ms" for r, t in sorted(self.times.cached.items())),
-            f"predicted speedup  : {self.predicted_speedup:.2f}x (wall clock, from measured step times)",
-            *(
-                [f"measured speedup   : {self.measured_speedup:.2f}x (whole generations vs full compute)"]
-                if self.measured_speedup is not None
-                else []
-            ),
-            f"calibration PSNR   : {self.psnr_db:.2f} dB vs full compute ({len(self.candidates)} candidates run)",
-        ]
-        if self.selection_error:
-            lines.append(
-                "top-K error @0.25  : "
-                + ", ".join(
-                    f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in self.selection_error.items()
-                )
-                + "  (output error left vs caching every token; lower is better)"
-            )
-        lines.append(f"calibration time   : {self.seconds:.0f} s")
-        return "\n".join(lines)
-
-
 @reusing_traces()
 def calibrate(
-    model: nn.Module,
-    out: str | Path,
-    *,
-    target_speedup: float | None = None,
-    min_psnr: float | None = None,
-    predictor: str = "dynamic",
-    attention: str | tuple[str, ...] = ("cached_kv", "full_kv"),
-    forecasts: tuple[ForecastSpec | None, ...] = (None,),
-    batch: int = 2,
-    num_samples: int = 16,
-    steps: int = 50,
-    iterations: int = 150,
-    ratios: tuple[float, ...] = (0.1, 0.15, 0.25, 0.35, 0.5),
-    seed: int = 1234,
-    verify_reps: int = 2,
-    sample_range: tuple[float, float] | None = None,
-    progress: bool = True,
-    conditioning: tuple[dict, dict | None] | None = None,
-    guidance_scale: float = 4.0,
+    model: nn.Module, out: str | Path, *, target_speedup: float | None = None, min_psnr: float | None = None,
+    predictor: str = "dynamic", attention: str | tuple[str, ...] = ("cached_kv", "full_kv"),
+    forecasts: tuple[ForecastSpec | None, ...] = (None,), batch: int = 2, num_samples: int = 16, steps: int = 50,
+    iterations: int = 150, ratios: tuple[float, ...] = (0.1, 0.15, 0.25, 0.35, 0.5), seed: int = 1234,
+    verify_reps: int = 2, sample_range: tuple[float, float] | None = None, progress: bool = True,
+    conditioning: tuple[dict, dict | None] | None = None, guidance_scale: float = 4.0,
     guidance_interval: tuple[float, float] | None = None,
-) -> CalibrationReport:
+) -> CalibrationReport:  # fmt: skip
     """Calibrate a plan for ``model`` and write it to ``out`` (JSON) with its predictor weights beside it.
 
     The weights file is named by its content (``<plan stem>.predictor.<sha256[:12]>.safetensors``, or
@@ -102,66 +42,42 @@ def calibrate(
     previous plan at ``out`` references; the plan is written last, atomically. An interrupted run
     leaves the previous plan and its weights loadable; a finished one deletes the previous weights.
 
+    The calibration generations (``num_samples`` of them, ``steps`` steps, ``guidance_scale``,
+    ``guidance_interval``, ``conditioning``, noise from ``seed``, scored clamped to ``sample_range``, default
+    their 0.1-99.9 percentile range) are `tcpass.calibrate.collect`'s: the sampler the plan will run under.
+
     Args:
-        target_speedup: wall-clock speedup to reach (within +8%), measured on this machine at ``batch``.
-        min_psnr: alternatively, a quality floor in dB (PSNR of final samples vs full compute).
+        target_speedup: wall-clock speedup to reach (within +8%), measured on this machine at ``batch``
+            model rows (classifier-free guidance included); or ``min_psnr``, a quality floor in dB (PSNR
+            of final samples vs full compute).
         predictor: ``"dynamic"`` (in-graph network), ``"static"`` (per block/timestep table) or
-            ``"input_change"`` (training-free).
-        attention: attention mode(s) to search; each is timed and searched, the best plan wins.
-        forecasts: what pruned tokens get (`tcpass.plan.ForecastSpec`; None: reuse), searched like the
-            attention modes: every (mode, forecast) pair is timed and searched on the real graphs.
-        batch: model batch the speedup is timed at (rows, classifier-free guidance included).
-        num_samples: calibration samples generated with full compute.
-        steps: DDIM steps of the calibration generations.
-        iterations: predictor training iterations.
-        sample_range: the range a viewer sees (pixel-space models: ``(-1, 1)``); calibration samples are
-            scored clamped to it (default: their 0.1-99.9 percentile range).
+            ``"input_change"`` (training-free); trained for ``iterations`` iterations.
+        attention: attention mode(s) to search; ``forecasts``: what pruned tokens get
+            (`tcpass.plan.ForecastSpec`; None: reuse). Every (mode, forecast) pair is timed and searched
+            on the real graphs at keep ratios ``ratios``; the best plan wins.
         verify_reps: the chosen plan's speedup is measured on whole calibration generations,
             interleaved with full compute, this many rounds after a warm-up (0: not measured).
-        conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
-            default: the model family's own.
-        guidance_scale: classifier-free guidance scale of the calibration generations
-            (`tcpass.sampling.guided_sample`): the sampler the plan will run under.
-        guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step).
     """
     start = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous_weights = _own_weights_file(out)
-    adapter = adapter_for(model)
-    fingerprint = adapter.fingerprint(model)
     data = collect(
-        model,
-        num_samples,
-        steps,
-        guidance_scale,
-        seed=seed,
-        progress=progress,
-        sample_range=sample_range,
-        conditioning=conditioning,
-        guidance_interval=guidance_interval,
-    )
+        model, num_samples, steps, guidance_scale, seed=seed, progress=progress, sample_range=sample_range,
+        conditioning=conditioning, guidance_interval=guidance_interval,
+    )  # fmt: skip
     sens = block_sensitivity(model, data, progress=progress)
     order = [int(b) for b in sens.argsort()]
     selector, losses, selection = _train_selector(model, data, predictor, iterations, out, progress)
     modes = (attention,) if isinstance(attention, str) else tuple(attention)
+    fingerprint = adapter_for(model).fingerprint(model)
     bases = [CachePlan(selector=selector, model=fingerprint, attention=m, forecast=f) for m in modes for f in forecasts]
     winner, candidates, times, problems = _search_modes(
         model, data, bases, ratios, batch, order, target_speedup, min_psnr, out, progress
     )
+    if verify_reps > 0:
+        winner.measured_speedup, _ = verify_speedup(model, winner.plan, data, verify_reps, plan_dir=out.parent)
     seconds = time.perf_counter() - start
-    report = CalibrationReport(
-        plan=winner.plan,
-        sensitivity=sens.tolist(),
-        block_order=order,
-        times=times,
-        predicted_speedup=winner.predicted_speedup,
-        psnr_db=winner.psnr_db,
-        candidates=candidates,
-        train_losses=losses,
-        selection_error=selection,
-        seconds=seconds,
-    )
     notes = {
         "calibrated_by": "tcpass calibrate",
         "target_speedup": target_speedup,
@@ -171,17 +87,47 @@ def calibrate(
         "calibration_psnr_db": round(winner.psnr_db, 2),
         "block_sensitivity": [round(v, 5) for v in sens.tolist()],
         "topk_error": {k: round(v, 4) if isinstance(v, float) else v for k, v in selection.items()},
-        "seconds": round(seconds, 1),
         **sampler_notes(data),
+        **({"timing_problems": problems} if problems else {}),  # still implausible after re-measuring: busy?
+        **({"measured_speedup": round(winner.measured_speedup, 3)} if verify_reps > 0 else {}),
+        "seconds": round(seconds, 1),
     }
-    if problems:
-        notes["timing_problems"] = problems  # still implausible after re-measuring: other jobs running?
-    if verify_reps > 0:
-        report.measured_speedup, _ = verify_speedup(model, winner.plan, data, verify_reps, plan_dir=out.parent)
-        notes["measured_speedup"] = round(report.measured_speedup, 3)
-    report.plan = dataclasses.replace(winner.plan, notes=notes)
-    _write_calibration(report, out, previous_weights, candidates, losses)
+    details = {"block_sensitivity": sens.tolist(), "block_order": order, "step_times_s": dataclasses.asdict(times)}
+    report = CalibrationReport(
+        "tokens", dataclasses.replace(winner.plan, notes=notes), winner, candidates,
+        measured_speedup=winner.measured_speedup, target_speedup=target_speedup,
+        details={**details, "train_losses": losses, "topk_error": selection},
+        summary=_summary(winner.plan, sens.tolist(), order, times, selection), seconds=seconds,
+    )  # fmt: skip
+    write_calibration(out, report)
+    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
+        previous_weights.unlink(missing_ok=True)  # the previous plan's own weights, now unreferenced
     return report
+
+
+def _summary(
+    plan: CachePlan, sensitivity: list[float], order: list[int], times: StepTimes, selection: dict
+) -> list[str]:
+    """The token calibration's report lines above its candidates: the chosen plan and what it measured."""
+    s = plan.schedule
+    blocks = "all" if plan.blocks == "all" else list(plan.blocks)
+    lines = [
+        f"blocks cached      : {blocks} (least sensitive first: {order})",
+        "block sensitivity  : " + ", ".join(f"{b}:{v:.4f}" for b, v in enumerate(sensitivity)),
+        f"selector           : {plan.selector.kind}   attention: {plan.attention}   "
+        f"pruned tokens: {forecast_name(plan.forecast)}",
+        f"keep ratio         : phase 0 {plan.keep_ratio[0]:.2f}, phase 1 {plan.keep_ratio[1]:.2f}",
+        f"TPRR schedule      : boundary t={s.boundary_timestep:g}, intervals {s.intervals}",
+        f"step times         : eager {times.eager * 1e3:.1f} ms, FULL {times.full * 1e3:.1f} ms, "
+        + ", ".join(f"CACHED@{r:g} {t * 1e3:.1f} ms" for r, t in sorted(times.cached.items())),
+    ]
+    if selection:
+        lines.append(
+            "top-K error @0.25  : "
+            + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in selection.items())
+            + "  (output error left vs caching every token; lower is better)"
+        )
+    return lines
 
 
 def _train_selector(
@@ -236,35 +182,31 @@ def _search_modes(model, data, bases, ratios, batch, order, target_speedup, min_
 
 
 def forecast_name(spec: ForecastSpec | None) -> str:
-    """``reuse``, or ``kind:order`` (``anchored:1``): how the CLI and reports name a forecaster."""
-    return "reuse" if spec is None or spec.kind == "reuse" else f"{spec.kind}:{spec.order}"
+    """``reuse``, or ``kind:order`` (``anchored:1``), with ``+W`` for cluster propagation of weight W
+    (``taylor:1+0.5``, ``reuse+1``): how the CLI, the benches and reports name what pruned tokens get."""
+    if spec is None:
+        return "reuse"
+    name = "reuse" if spec.kind == "reuse" else f"{spec.kind}:{spec.order}"
+    return name + (f"+{spec.propagate:g}" if spec.propagate else "")
 
 
 def parse_forecast(text: str) -> ForecastSpec | None:
-    """The inverse of `forecast_name`: ``reuse`` is None; ``ValueError`` names a bad kind or order."""
+    """The inverse of `forecast_name`: ``reuse`` is None; ``ValueError`` names a bad kind, order or weight."""
     text = text.strip()
-    if text == "reuse":
+    base, plus, weight = text.partition("+")
+    if base == "reuse" and not plus:
         return None
-    kind, _, order = text.partition(":")
-    if order and not order.isdigit():
-        raise ValueError(f"forecast {text!r}: expected reuse or kind:order, e.g. anchored:1.")
-    return ForecastSpec(kind=kind, order=int(order or 1))
-
-
-def _write_calibration(report, out: Path, previous_weights: Path | None, candidates, losses) -> None:
-    """`write_calibration`: the sidecar (every candidate, the step times, the training losses), then the
-    plan; then the previous plan's own weights file is removed once no plan refers to it."""
-    sidecar = {
-        "candidates": [
-            {"predicted_speedup": c.predicted_speedup, "psnr_db": c.psnr_db, "plan": c.plan.to_dict()}
-            for c in sorted(candidates, key=lambda c: -c.psnr_db)
-        ],
-        "step_times_s": dataclasses.asdict(report.times),
-        "train_losses": losses,
-    }
-    write_calibration(out, report.plan, sidecar)
-    if previous_weights is not None and previous_weights.name != report.plan.selector.path:
-        previous_weights.unlink(missing_ok=True)
+    kind, _, order = base.partition(":")
+    try:
+        propagate = float(weight) if plus else 0.0
+    except ValueError:
+        propagate = None
+    if (order and not order.isdigit()) or propagate is None:
+        raise ValueError(
+            f"forecast {text!r}: expected reuse or kind:order, each optionally +W for cluster propagation of "
+            "weight W in [0, 1], e.g. anchored:1, taylor:1+0.5, reuse+1."
+        )
+    return ForecastSpec(kind=kind, order=int(order or 1), propagate=propagate)
 
 
 def _weights_name(out: Path, role: str, digest: str) -> str:

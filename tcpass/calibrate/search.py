@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,41 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.calibrate.data import CalibrationData
+from tcpass.calibrate.report import Candidate
 from tcpass.calibrate.speed import StepTimes
-from tcpass.files import write_atomic
-from tcpass.plan import CachePlan, TPRRSchedule, save_plan
+from tcpass.plan import CachePlan, TPRRSchedule
 from tcpass.schedule import StepKind, simulate
-
-
-@dataclass
-class Candidate:
-    """One plan a calibrator considered (token search, step search, forecasts, compositions).
-
-    ``predicted_speedup``: the one speed model's figure (`tcpass.calibrate.speed.predict_speedup`);
-    ``psnr_db``: its calibration samples vs full compute (None: not generated); ``family``: what kind of
-    plan it is, for reports and plots (``"token caching"``, ``"fewer steps"``, ``"spread stack"``,
-    ``"spread output"``, ``"skip, reuse"``, ``"skip, scaled reuse"``, ``"skip, forecast"``, ``"skip + token
-    caching"``); ``rule``: ``(retention, max_skip_steps)`` of a MagCache-rule skip table and what derives
-    from it; ``measured_speedup``: whole generations, interleaved with full compute.
-    """
-
-    plan: CachePlan
-    predicted_speedup: float
-    psnr_db: float | None = None
-    name: str = ""
-    family: str = "token caching"
-    rule: tuple[float, int] | None = None
-    measured_speedup: float | None = None
-
-
-def write_calibration(out: Path, plan: CachePlan, sidecar: dict) -> None:
-    """A calibration's files, each written atomically (temp + rename): the sidecar
-    ``<out stem>.calibration.json`` (every candidate, the timings) first, the plan last, so a plan on disk
-    always has the sidecar of its own calibration beside it and an interrupted run leaves the previous
-    plan in place."""
-    out = Path(out)
-    write_atomic(out.with_name(out.stem + ".calibration.json"), json.dumps(sidecar, indent=1) + "\n")
-    save_plan(plan, out)
 
 
 @torch.no_grad()
@@ -63,7 +30,7 @@ def fidelity(model: nn.Module, plan: CachePlan, data: CalibrationData, plan_dir:
     unclamped values let errors nobody sees rank the candidates (the chosen 2x table scored 28.4 dB
     unclamped but 29.8 clamped, below two tables that score 30.6 and 31.0 clamped).
     """
-    from tcpass.runtime import transform
+    from tcpass.torch_runtime import transform
 
     tm = transform(model, plan, example_inputs=data.call_inputs(), plan_dir=plan_dir)
     steps = plan.sampler_steps or data.steps
@@ -93,7 +60,7 @@ def verify_speedup(
     model: nn.Module, plan: CachePlan, data: CalibrationData, reps: int, plan_dir: Path | None = None
 ) -> tuple[float, dict[str, list[float]]]:
     """Median over interleaved rounds of full-compute / plan seconds per whole calibration generation."""
-    from tcpass.runtime import transform
+    from tcpass.torch_runtime import transform
 
     tm = transform(model, plan, example_inputs=data.call_inputs(), plan_dir=plan_dir)
     arms = {"full": (model, data.steps), "plan": (tm, plan.sampler_steps or data.steps)}

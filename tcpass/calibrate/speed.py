@@ -103,7 +103,7 @@ def measure_step_times(
     progress: bool = True,
 ) -> StepTimes:
     """Time the uncached model and ``plan``'s FULL/CACHED graphs (every block cached) per keep ratio."""
-    from tcpass.runtime import transform
+    from tcpass.torch_runtime import transform
 
     adapter = adapter_for(model)
     inputs = adapter.example_inputs(model, batch)

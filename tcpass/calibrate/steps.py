@@ -1,6 +1,6 @@
 """Step-level calibration: a skip table (which calls skip the block stack) for a speed or quality target.
 
-    tcpass calibrate --policy steps --target-speedup 2.0 -o plan.json
+    tcpass calibrate steps --target-speedup 2.0 -o plan.json
 
 Works on the model's own full-compute generations (`tcpass.calibrate.collect`, calibration noise):
 
@@ -29,17 +29,16 @@ Works on the model's own full-compute generations (`tcpass.calibrate.collect`, c
    none does, the fastest verified one is written and the report says the target was missed.
    (``min_psnr``: the fastest predicted candidate that holds the floor, then measured.)
 5. **Frontier**: the report lists the candidates no other beats on both predicted speed and PSNR
-   (`StepCalibrationReport.frontier`, `plot_frontier`), so a user sees what each speed costs.
+   (`tcpass.calibrate.report.CalibrationReport.frontier`, `plot_frontier`), so a user sees what each speed costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import statistics
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,8 @@ from tcpass.adapters import adapter_for
 from tcpass.calibrate.data import CalibrationData, collect, model_call, sampler_notes
 from tcpass.calibrate.forecast import fit_forecast
 from tcpass.calibrate.mixing import block_sensitivity
-from tcpass.calibrate.search import Candidate, fidelity, sample_psnr, verify_speedup, write_calibration
+from tcpass.calibrate.report import CalibrationReport, Candidate, write_calibration
+from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.speed import best_seconds, measure_step_times, predict_speedup
 from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule
 from tcpass.sampling import sampler_timesteps
@@ -114,95 +114,10 @@ def spread_table(timesteps: list[float], computed: int, level: str) -> StepSkip:
     return StepSkip(timesteps=[t for j, t in enumerate(timesteps) if j not in keep], level=level)
 
 
-def frontier(candidates: list[Candidate]) -> list[Candidate]:
-    """The scored candidates no other beats on both predicted speed and PSNR, fastest first."""
-    scored = sorted((c for c in candidates if c.psnr_db is not None), key=lambda c: (-c.predicted_speedup, -c.psnr_db))
-    out, best = [], -math.inf
-    for c in scored:
-        if c.psnr_db > best:
-            out.append(c)
-            best = c.psnr_db
-    return out
-
-
-@dataclass
-class StepCalibrationReport:
-    plan: CachePlan
-    chosen: Candidate
-    candidates: list[Candidate]
-    ratios: list[float]
-    call_seconds: dict[str, float]
-    measured_speedup: float | None = None
-    measured_seconds: dict[str, list[float]] = field(default_factory=dict)
-    target_speedup: float | None = None
-    tolerance: float = 0.0  # a measured speedup of (1 - tolerance) x the target reaches it
-    speed_bias: float = 1.0  # measured / predicted speedup of one whole generation, before the window was drawn
-
-    def frontier(self) -> list[Candidate]:
-        """The candidates no other beats on both predicted speed and calibration PSNR, fastest first."""
-        return frontier(self.candidates)
-
-    def format(self) -> str:
-        front = {id(c) for c in self.frontier()}
-        rows = [f"{'candidate (* on the frontier)':62} {'predicted':>9} {'measured':>9} {'PSNR dB':>8}"]
-        for c in sorted(self.candidates, key=lambda c: c.predicted_speedup):
-            mark = "  <- chosen" if c is self.chosen else ""
-            psnr = "-" if c.psnr_db is None else f"{c.psnr_db:8.2f}"
-            measured = "-" if c.measured_speedup is None else f"{c.measured_speedup:8.2f}x"
-            name = ("* " if id(c) in front else "  ") + c.name
-            rows.append(f"{name:62} {c.predicted_speedup:8.2f}x {measured:>9} {psnr:>8}{mark}")
-        families = {}
-        for c in self.candidates:
-            if c.psnr_db is not None:
-                families.setdefault(c.family, []).append(c)
-        rows.append(
-            "best per kind: "
-            + "; ".join(f"{f} {max(cs, key=lambda c: c.psnr_db).psnr_db:.2f} dB" for f, cs in sorted(families.items()))
-            + " (in the window evaluated)"
-        )
-        if self.target_speedup is not None and self.speed_bias != 1.0:
-            rows.append(
-                f"speed bias (measured / predicted, one whole generation): {self.speed_bias:.3f}; candidates "
-                f"evaluated around {self.target_speedup / self.speed_bias:.2f}x predicted"
-            )
-        if self.measured_speedup is not None:
-            rows.append(f"chosen plan, measured on whole generations: {self.measured_speedup:.2f}x")
-            if self.target_speedup is not None and self.measured_speedup < (1 - self.tolerance) * self.target_speedup:
-                rows.append(
-                    f"TARGET MISSED: no verified candidate reached {self.target_speedup}x (less "
-                    f"{self.tolerance:.0%}); wrote the fastest verified."
-                )
-        return "\n".join(rows)
-
-    def to_dict(self) -> dict:
-        return {
-            "chosen": self.chosen.name,
-            "target_speedup": self.target_speedup,
-            "speed_tolerance": self.tolerance,
-            "speed_bias": self.speed_bias,
-            "measured_speedup": self.measured_speedup,
-            "measured_seconds": self.measured_seconds,
-            "call_seconds": self.call_seconds,
-            "magnitude_ratios": self.ratios,
-            "frontier": [c.name for c in self.frontier()],
-            "candidates": [
-                {
-                    "name": c.name,
-                    "family": c.family,
-                    "predicted_speedup": c.predicted_speedup,
-                    "psnr_db": c.psnr_db,
-                    "measured_speedup": c.measured_speedup,
-                    "plan": c.plan.to_dict(),
-                }
-                for c in self.candidates
-            ],
-        }
-
-
 @torch.no_grad()
 def measure_call_seconds(model: nn.Module, batch: int, reps: int = 5) -> dict[str, float]:
     """Seconds per call of the uncached model, the FULL graph and the SKIP graph (both levels) at ``batch``."""
-    from tcpass.runtime import transform
+    from tcpass.torch_runtime import transform
 
     inputs = adapter_for(model).example_inputs(model, batch)
     values = list(flatten_inputs(inputs).values())  # the graphs take the flattened tensors
@@ -281,118 +196,64 @@ def step_candidates(
 
 @reusing_traces()
 def calibrate_steps(
-    model: nn.Module,
-    out: str | Path,
-    target_speedup: float | None = None,
-    min_psnr: float | None = None,
-    batch: int = 2,
-    num_samples: int = 16,
-    steps: int = 50,
-    guidance_scale: float = 4.0,
-    guidance_interval: tuple[float, float] | None = None,
-    window: float = 1.12,
-    max_evaluated: int = 32,
-    verify_reps: int = 2,
-    max_verified: int = 4,
-    sample_range: tuple[float, float] | None = None,
-    progress: bool = True,
-    conditioning: tuple[dict, dict | None] | None = None,
-    max_forecast: int = 12,
-    forecast_histories: tuple[int, ...] = (3,),
-    compose: tuple[tuple[float, int], ...] = ((0.25, 2),),
-    max_composed: int = 6,
-    speed_tolerance: float = 0.03,
-    keep_steps: bool = False,
-    sampler: str | None = None,
-) -> StepCalibrationReport:
+    model: nn.Module, out: str | Path, target_speedup: float | None = None, min_psnr: float | None = None,
+    batch: int = 2, num_samples: int = 16, steps: int = 50, guidance_scale: float = 4.0,
+    guidance_interval: tuple[float, float] | None = None, window: float = 1.12, max_evaluated: int = 32,
+    verify_reps: int = 2, max_verified: int = 4, sample_range: tuple[float, float] | None = None,
+    progress: bool = True, conditioning: tuple[dict, dict | None] | None = None, max_forecast: int = 12,
+    forecast_histories: tuple[int, ...] = (3,), compose: tuple[tuple[float, int], ...] = ((0.25, 2),),
+    max_composed: int = 6, speed_tolerance: float = 0.03, keep_steps: bool = False, sampler: str | None = None,
+) -> CalibrationReport:  # fmt: skip
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
+
+    The calibration generations (``num_samples`` of them, ``steps`` steps, ``guidance_scale``,
+    ``guidance_interval``, ``conditioning``, scored clamped to ``sample_range``) are `tcpass.calibrate.collect`'s;
+    ``sampler``: theirs and the plan's (``"ddim"``, ``"dpmpp"``, ``"flow"``; None: the family's own). When given,
+    the plan records it and its step count (a skip table fits only the timesteps it was calibrated on), so
+    25 DPM-Solver++ steps with a skip table on top is one plan. Speeds are timed at ``batch`` model rows.
 
     Args:
         target_speedup: wall-clock speedup to reach (x, > 1); or ``min_psnr`` (dB vs full compute).
-        batch: the model batch speeds are timed at (2 = one image with classifier-free guidance).
-        num_samples: calibration generations (DDIM, full compute), one sample each.
-        steps: DDIM steps of those generations.
-        guidance_scale: their classifier-free guidance scale.
-        guidance_interval: model timesteps ``(lo, hi)`` guided in those generations (None: every step;
-            `tcpass.sampling.guided_sample`): the sampler the plan will run under.
         window: candidates predicted within [target / window, window * target] are evaluated.
         max_evaluated: at most this many candidates are generated (evenly over predicted speed).
         verify_reps: interleaved whole-generation timings of a candidate vs full compute (after a warm-up round).
-        sample_range: the range a viewer sees (pixel-space models: ``(-1, 1)``); samples are scored clamped
-            to it (`tcpass.calibrate.fidelity`).
         max_verified: at most this many candidates are timed on whole generations (``verify_reps`` 0: none;
             the best predicted-at-target PSNR is then chosen unmeasured).
-        conditioning: ``(cond, uncond)`` for the calibration samples (see `tcpass.calibrate.collect`);
-            default: the model family's own.
-        max_forecast: up to this many MagCache-rule tables (0: none; see `forecast_candidates`) are
-            also tried with forecast weights fitted on the calibration data (`tcpass.calibrate.forecast`);
-            each fit costs about one full-compute generation.
-        forecast_histories: the numbers of computed steps those forecasts read (one fit per history).
+        max_forecast: up to this many MagCache-rule tables (0: none; `forecast_candidates`) also get forecast
+            weights fitted on the calibration data, each fit about one full-compute generation;
+            ``forecast_histories``: the numbers of computed steps those forecasts read (one fit per history).
         compose: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed with MagCache-rule
-            tables, each on every block and on the least sensitive half of them
-            (`tcpass.calibrate.block_sensitivity`). Their CACHED graphs are timed first.
-        max_composed: up to this many compositions near the target are generated
-            (`composed_candidates`; 0: none).
+            tables, each on every block and on the least sensitive half of them; up to ``max_composed`` of
+            them near the target are generated (`composed_candidates`; 0: none).
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
-        keep_steps: choose only plans that keep the sampler's ``steps`` (skip tables, forecasts, compositions),
-            for pipelines whose step count is fixed. Fewer-steps baselines are still evaluated and reported,
-            so the report shows what keeping the step count costs.
-        sampler: the sampler of the calibration generations and of the plan (`tcpass.sampling.make_scheduler`:
-            ``"ddim"``, ``"dpmpp"``, ``"flow"``); ``None``: the model family's own. When given, the plan records
-            it and its step count (``sampler``, ``sampler_steps``: a skip table fits only the timesteps it was
-            calibrated on), so 25 DPM-Solver++ steps with a skip table on top is one plan.
+        keep_steps: choose only plans that keep the sampler's ``steps``, for pipelines whose step count is
+            fixed (fewer-steps baselines are still evaluated and reported: the report shows what it costs).
     """
-    if not 0 <= speed_tolerance < 0.5:
-        raise ValueError(f"speed_tolerance = {speed_tolerance!r}: expected a fraction in [0, 0.5), e.g. 0.03.")
-    if (target_speedup is None) == (min_psnr is None):
-        raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
-    if target_speedup is not None and not target_speedup > 1:
-        raise ValueError(f"target_speedup = {target_speedup!r}: expected a speedup above 1 (e.g. 2.0).")
+    start = time.perf_counter()
+    _check_target(target_speedup, min_psnr, speed_tolerance)
     data = collect(
-        model,
-        num_samples=num_samples,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        progress=progress,
-        sample_range=sample_range,
-        conditioning=conditioning,
-        guidance_interval=guidance_interval,
-        sampler=sampler,
-    )
+        model, num_samples=num_samples, steps=steps, guidance_scale=guidance_scale, progress=progress,
+        sample_range=sample_range, conditioning=conditioning, guidance_interval=guidance_interval, sampler=sampler,
+    )  # fmt: skip
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
-    if compose and max_composed > 0:
+    if compose and max_composed > 0:  # the CACHED graphs the compositions use are timed too
         seconds.update(measure_token_seconds(model, batch, tuple(sorted({keep for keep, _ in compose}))))
-    timesteps = [float(t) for t in data.timesteps]
-    base = CachePlan(blocks=(), model=adapter_for(model).fingerprint(model))
-
-    def speed(plan: CachePlan) -> float:
-        return predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)
-
-    every = step_candidates(timesteps, ratios, base, speed)
+    every = step_candidates(
+        [float(t) for t in data.timesteps],
+        ratios,
+        CachePlan(blocks=(), model=adapter_for(model).fingerprint(model)),
+        lambda plan: predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift),
+    )
     bias = 1.0  # measured / predicted speedup, measured before the window is drawn (its edges are predicted)
     if target_speedup is not None and verify_reps > 0:
         bias = _measured_bias(model, every, data, target_speedup, verify_reps)
     reach = None if target_speedup is None else target_speedup / bias  # what a table must be predicted at
-    in_window = _in_window(every, reach, window)
-    pool = _thinned(in_window, max_evaluated)
-    for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
-        c.psnr_db = fidelity(model, c.plan, data)
-    composing = max_composed > 0 and len(compose) > 0
-    overlays = []
-    if composing:  # each overlay on every block, and on the least sensitive half of them
-        order = block_sensitivity(model, data, progress=progress).argsort().tolist()
-        half = tuple(sorted(order[: max(1, len(order) // 2)]))
-        overlays = [(keep, interval, blocks) for keep, interval in compose for blocks in ("all", half)]
-    tolerant = None if reach is None else reach * (1 - speed_tolerance)  # what verification would accept
-    pool += forecast_candidates(
-        model, pool, in_window, data, steps, seconds, tolerant, min_psnr, max_forecast, forecast_histories, progress
-    )
-    if composing:
-        pool += composed_candidates(
-            model, every, data, steps, seconds, reach, min_psnr, tuple(overlays), max_composed, progress
-        )
+    pool = _evaluated_pool(
+        model, data, every, steps, seconds, reach, min_psnr, window, max_evaluated, speed_tolerance, max_forecast,
+        forecast_histories, compose, max_composed, progress,
+    )  # fmt: skip
     choosable = [c for c in pool if c.plan.sampler_steps is None] if keep_steps else pool
     if not choosable:
         raise ValueError("keep_steps: every candidate evaluated changes the step count; widen the window.")
@@ -402,26 +263,54 @@ def calibrate_steps(
     plan = dataclasses.replace(chosen.plan, notes=_notes(chosen, data, batch, keep_steps))
     if sampler is not None:  # the table is keyed by this sampler's timesteps at this step count
         plan = dataclasses.replace(plan, sampler=sampler, sampler_steps=plan.sampler_steps or steps)
-    report = StepCalibrationReport(
-        plan,
-        chosen,
-        pool,
-        ratios,
-        seconds,
-        measured_speedup=chosen.measured_speedup,
-        target_speedup=target_speedup,
-        tolerance=speed_tolerance,
-        speed_bias=bias,
-    )
-    write_calibration(out, plan, report.to_dict())
+    report = CalibrationReport(
+        "steps", plan, chosen, pool, measured_speedup=chosen.measured_speedup, target_speedup=target_speedup,
+        tolerance=speed_tolerance, speed_bias=bias, details={"call_seconds": seconds, "magnitude_ratios": ratios},
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    write_calibration(out, report)
     return report
+
+
+def _check_target(target_speedup: float | None, min_psnr: float | None, speed_tolerance: float) -> None:
+    """``ValueError`` naming the value unless exactly one target is given and it and the tolerance make sense."""
+    if not 0 <= speed_tolerance < 0.5:
+        raise ValueError(f"speed_tolerance = {speed_tolerance!r}: expected a fraction in [0, 0.5), e.g. 0.03.")
+    if (target_speedup is None) == (min_psnr is None):
+        raise ValueError("give exactly one of target_speedup (e.g. 2.0) or min_psnr (e.g. 30).")
+    if target_speedup is not None and not target_speedup > 1:
+        raise ValueError(f"target_speedup = {target_speedup!r}: expected a speedup above 1 (e.g. 2.0).")
+
+
+def _evaluated_pool(
+    model, data, every, steps, seconds, reach, min_psnr, window, max_evaluated, speed_tolerance, max_forecast,
+    forecast_histories, compose, max_composed, progress,
+) -> list[Candidate]:  # fmt: skip
+    """The candidates generated and scored: tables and fewer-steps baselines predicted near ``reach`` (the
+    target corrected by the measured bias), forecasts fitted on tables near it, and token compositions."""
+    in_window = _in_window(every, reach, window)
+    pool = _thinned(in_window, max_evaluated)
+    for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
+        c.psnr_db = fidelity(model, c.plan, data)
+    tolerant = None if reach is None else reach * (1 - speed_tolerance)  # what verification would accept
+    pool += forecast_candidates(
+        model, pool, in_window, data, steps, seconds, tolerant, min_psnr, max_forecast, forecast_histories, progress
+    )
+    if max_composed > 0 and len(compose) > 0:  # each overlay on every block, and on the least sensitive half
+        order = block_sensitivity(model, data, progress=progress).argsort().tolist()
+        half = tuple(sorted(order[: max(1, len(order) // 2)]))
+        overlays = tuple((keep, interval, blocks) for keep, interval in compose for blocks in ("all", half))
+        pool += composed_candidates(
+            model, every, data, steps, seconds, reach, min_psnr, overlays, max_composed, progress
+        )
+    return pool
 
 
 def _notes(chosen: Candidate, data: CalibrationData, batch: int, keep_steps: bool) -> dict:
     """What a step plan records of its calibration: the candidate, its predicted and measured speed,
     its calibration PSNR, and the sampler it was calibrated under."""
     notes = {
-        "calibrated_by": "tcpass calibrate --policy steps",
+        "calibrated_by": "tcpass calibrate steps",
         "candidate": chosen.name,
         "predicted_speedup": round(chosen.predicted_speedup, 3),
         "calibration_psnr_db": round(chosen.psnr_db, 3),
@@ -654,43 +543,3 @@ def verified_choice(
         c.measured_speedup, _ = verify_speedup(model, c.plan, data, reps)
         verified.append(c)
     return max(verified, key=lambda c: c.measured_speedup)
-
-
-def plot_frontier(report: StepCalibrationReport, path: str | Path) -> Path:
-    """Draw every scored candidate (predicted speedup vs calibration PSNR, one colour per kind), the
-    frontier, the chosen plan and the measured speeds to ``path`` (PNG; needs matplotlib). Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    families: dict[str, list[Candidate]] = {}
-    for c in report.candidates:
-        if c.psnr_db is not None and math.isfinite(c.psnr_db):
-            families.setdefault(c.family, []).append(c)
-    for family, cs in sorted(families.items()):
-        ax.scatter([c.predicted_speedup for c in cs], [c.psnr_db for c in cs], s=14, label=family, alpha=0.8)
-    front = [c for c in report.frontier() if math.isfinite(c.psnr_db)]
-    ax.plot([c.predicted_speedup for c in front], [c.psnr_db for c in front], "k-", lw=1, label="frontier")
-    measured = [c for c in report.candidates if c.measured_speedup is not None and c.psnr_db is not None]
-    ax.scatter(
-        [c.measured_speedup for c in measured], [c.psnr_db for c in measured], marker="x", c="k", label="measured"
-    )
-    if report.chosen.psnr_db is not None and math.isfinite(report.chosen.psnr_db):
-        ax.scatter([report.chosen.predicted_speedup], [report.chosen.psnr_db], marker="*", s=160, c="red",
-                   label=f"chosen: {report.chosen.name}")  # fmt: skip
-    if report.target_speedup is not None:
-        ax.axvline(report.target_speedup, color="grey", ls=":", lw=1)
-    ax.set_xlabel("speedup vs full compute (predicted from per-call times; x: measured)")
-    ax.set_ylabel("PSNR vs full compute, calibration samples (dB)")
-    ax.set_title("tcpass calibrate steps: candidates and frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

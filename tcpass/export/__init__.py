@@ -1,4 +1,4 @@
-"""Step-specialized ONNX export (`onnx_export`) and the torch-free ONNX Runtime TPRR runtime (`runtime`).
+"""Step-specialized ONNX export (`onnx_export`) and the torch-free ONNX Runtime TPRR runtime (`ort_runtime`).
 
 Both need the ``onnx`` extra; this module itself imports neither torch nor onnx.
 """

@@ -44,8 +44,8 @@ except ImportError as e:
 from tcpass.contracts import MANIFEST_VERSION, TensorSpec
 from tcpass.export.index_ops import in_place_updates, rows_as_slices
 from tcpass.graphs import StepGraph, StepGraphs
-from tcpass.runtime import TokenCacheTransformer
 from tcpass.schedule import check_guidance_interval
+from tcpass.torch_runtime import TokenCacheTransformer
 
 WEIGHTS_FILE = "weights.bin"
 MANIFEST_METADATA = "tcpass.manifest"  # ONNX metadata key of the manifest copy inside each graph
@@ -114,7 +114,7 @@ def _externalize(model: onnx.ModelProto, weights: dict[str, tuple[int, int]], bl
 
 def _external_initializers(model: onnx.ModelProto) -> list[list]:
     """The graph's initializers stored in the weights file, ``[name, offset, bytes, dtype, shape]`` each: what
-    the runtime needs to give every session views of one mapping of the file (`tcpass.export.runtime`)."""
+    the runtime needs to give every session views of one mapping of the file (`tcpass.export.ort_runtime`)."""
     table = []
     for tensor in model.graph.initializer:
         if external_data_helper.uses_external_data(tensor):
@@ -296,7 +296,7 @@ def export_onnx(
     ``null_label`` (class-conditional models) is recorded for classifier-free guidance at runtime;
     default: the label the model's config reserves for it (DiT: ``num_embeds_ada_norm``), and any
     other value is refused. ``guidance_interval`` (model timesteps ``(lo, hi)``) is recorded as the
-    sampler's: `tcpass.export.runtime.generate` guides only there unless told otherwise (None: every step).
+    sampler's: `tcpass.export.ort_runtime.generate` guides only there unless told otherwise (None: every step).
     ``row_slices``: rewrite per-row token gathers/scatters into row copies (GatherND/ScatterND, caches
     updated in place by the runtime); same results, faster CACHED steps. False keeps the exporter's
     element-wise GatherElements/ScatterElements (for comparison).
@@ -306,7 +306,7 @@ def export_onnx(
 
     A plan with ``guidance_reuse`` (split guidance) runs the conditional and unconditional rows as two
     streams of B rows each: export it at the batch of one stream (``inputs`` with B rows), as the torch
-    sampler calls it; `tcpass.export.runtime.generate` then runs the split.
+    sampler calls it; `tcpass.export.ort_runtime.generate` then runs the split.
 
     Raises:
         ValueError: a bad ``opset`` or ``guidance_interval``; nothing is written.

@@ -12,8 +12,9 @@ A forecaster owns, in one class:
   the block's caches the FULL graph reads as inputs (their values before the call) to shift a
   history: a FULL graph then takes those caches as inputs after the model inputs.
 - FULL graph: ``full_values``, the nodes its caches are filled from.
-- CACHED graph: ``predict`` (every token's residual, read before any cache is updated) and
-  ``after_keep`` (its caches' updates for the kept tokens).
+- CACHED graph: ``predict`` (every token's residual, read before any cache is updated),
+  ``after_keep`` (its caches' updates for the kept tokens) and ``refine`` (the pruned tokens' residuals once
+  the kept ones are computed: cluster propagation, `tcpass.forecasters.propagation`).
 
 Every graph hook gets ``timestep``, the model's timestep input node: histories are stamped in the
 model's own timestep units (an extrapolation is the same in any affine rescaling of them).
@@ -85,6 +86,27 @@ class TokenForecaster:
     ) -> None:
         """CACHED graph, after block ``block`` computed ``fresh_kept`` [B, K, D] for tokens ``idx`` [B, K]:
         write this forecaster's cache updates into ``updated`` (a cache left out keeps its value)."""
+
+    def refine(
+        self,
+        em: Emitter,
+        block: int,
+        forecast: fx.Node,
+        cached: fx.Node,
+        idx: fx.Node,
+        k: int,
+        fresh_kept: fx.Node,
+        shape: list[int],
+    ) -> fx.Node:
+        """CACHED graph, once block ``block`` computed ``fresh_kept`` [B, K, D] for tokens ``idx``: every token's
+        residual before the kept rows are written (``forecast``; with ``spec.propagate`` > 0, cluster
+        propagation, `tcpass.forecasters.propagation`). ``cached``: the block's ``delta`` cache before this step."""
+        weight = 0.0 if self.spec is None else self.spec.propagate
+        if weight == 0 or k == 0:
+            return forecast
+        from tcpass.forecasters.propagation import propagate
+
+        return propagate(em, forecast, cached, idx, fresh_kept, shape, k, weight)
 
 
 @register_forecaster

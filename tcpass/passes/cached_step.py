@@ -242,6 +242,7 @@ class _KeptTokens:
         cached = placeholders[block_cache(b, "delta")]
         forecast = forecaster.predict(em, b, placeholders, timestep)  # reads the caches before any update
         forecaster.after_keep(em, b, self.idx, self.k, delta_kept, placeholders, updated, timestep)
+        forecast = forecaster.refine(em, b, forecast, cached, self.idx, self.k, delta_kept, full_shape)
         delta = em.scatter(cached, 1, self.idx, delta_kept, full_shape, self.k)
         if forecast is not cached:
             delta_out = em.scatter(forecast, 1, self.idx, delta_kept, full_shape, self.k)

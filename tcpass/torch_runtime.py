@@ -26,7 +26,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import ModelMixin  # also how diffusers finds our loader (model_index.json: "tcpass.runtime")
+from diffusers import ModelMixin  # also how diffusers finds our loader (model_index.json: "tcpass.torch_runtime")
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
@@ -223,7 +223,7 @@ class TokenCacheTransformer(ModelMixin):
     It is a diffusers ``ModelMixin``, so pipelines save, load and move it like their own models:
     ``pipe.save_pretrained(d)`` writes the original model in diffusers' format plus the plan
     (`save_pretrained`), and ``DiffusionPipeline.from_pretrained(d)`` gives the transformed model
-    back (`from_pretrained`) once ``tcpass.runtime`` is imported (``from tcpass import transform``).
+    back (`from_pretrained`) once ``tcpass.torch_runtime`` is imported (``from tcpass import transform``).
     ``.to(device/dtype)`` re-traces on the next call. So do the wrapped model's own methods that
     change what it computes, called here: attention processors and backends
     (``set_attn_processor``, ``set_attention_backend``, ``fuse_qkv_projections``, ...) and LoRA

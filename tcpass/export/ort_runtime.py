@@ -1,6 +1,6 @@
 """Run an exported tcpass model on ONNX Runtime with numpy alone: no torch, no diffusers.
 
-    from tcpass.export.runtime import OrtTokenCacheRuntime, generate
+    from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
     runtime = OrtTokenCacheRuntime("exported/")                     # CPU provider by default
     images = generate(runtime, noise, class_labels, num_steps=50, guidance_scale=4.0)
 
