@@ -527,4 +527,5 @@ def test_token_calibration_searches_what_pruned_tokens_get(tiny, tmp_path):
     assert report.plan.forecast in searched and load_plan(tmp_path / "plan.json").forecast == report.plan.forecast
     assert "pruned tokens: " in report.format()
     sidecar = json.loads((tmp_path / "plan.calibration.json").read_text())
-    assert any(c["plan"]["forecast"] == {"kind": "anchored", "order": 1} for c in sidecar["candidates"])
+    anchored_dict = {"kind": "anchored", "order": 1, "propagate": 0.0}
+    assert any(c["plan"]["forecast"] == anchored_dict for c in sidecar["candidates"])
