@@ -233,6 +233,41 @@ def render_at_speed(path: str) -> str:
     return _table(header, rows) + f"\n\n{note}\n\n" + provenance(path, data)
 
 
+def render_granularity(*paths: str) -> str:
+    """Per calibration (`tcpass calibrate steps` sidecars): the chosen plan, and the best calibration PSNR of
+    each kind of candidate among those predicted to reach the target (predicted speed corrected by the
+    calibration's measured bias, less its speed tolerance): what each granularity could do at that speed."""
+    sidecars = [(path, load(path)) for path in paths]
+    families = sorted({c["family"] for _, d in sidecars for c in d["candidates"] if c["psnr_db"] is not None})
+    rows, captions = [], []
+    for path, d in sidecars:
+        captions.append(provenance(path, d))
+        reach = d["target_speedup"] / d.get("speed_bias", 1.0) * (1 - d.get("speed_tolerance", 0.0))
+        chosen = next(c for c in d["candidates"] if c["name"] == d["chosen"])
+        best = {}
+        for c in d["candidates"]:
+            if c["psnr_db"] is not None and c["predicted_speedup"] >= reach:
+                best[c["family"]] = max(best.get(c["family"], -math.inf), c["psnr_db"])
+        sampler = chosen["plan"].get("sampler") or "ddim"
+        steps = chosen["plan"].get("sampler_steps") or "all"
+        rows.append(
+            [
+                Path(path).name.removesuffix(".calibration.json"),
+                f"{d['target_speedup']:g}x",
+                f"{chosen['family']} ({_cell(d.get('measured_speedup'), '.2f')}x measured)",
+                f"{chosen['psnr_db']:.2f}",
+            ]
+            + [_cell(best.get(f), ".2f") for f in families]
+            + [f"{sampler}, {steps} steps" if sampler != "ddim" else "ddim"]
+        )
+    header = ["calibration", "target", "chosen", "its PSNR dB", *families, "sampler"]
+    note = (
+        "PSNR: calibration samples vs full compute under the calibration's own sampler; — : no candidate of "
+        "that kind was predicted to reach the target."
+    )
+    return _table(header, rows) + f"\n\n{note}\n\n" + "\n".join(captions)
+
+
 def render_serve(path: str) -> str:
     """Throughput and latency behind `tcpass serve` (`bench/serve.py`)."""
     data = load(path)
@@ -337,6 +372,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "quality": render_quality,
     "peers": render_peers,
     "frontier": render_frontier,
+    "granularity": render_granularity,
     "serve": render_serve,
     "at-speed": render_at_speed,
     "ort-memory": render_ort_memory,

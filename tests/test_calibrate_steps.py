@@ -331,10 +331,14 @@ def test_forecast_candidates_take_per_rule_the_table_nearest_the_target():
         pool.append(
             cs.Candidate(plan, speed, name=f"magcache thr {thr} ret {ret} K {k}", family="skip, reuse", rule=(ret, k))
         )
+    for computed, speed in ((6, 2.0), (5, 2.4), (7, 1.7)):  # evenly spread tables: one more group, last
+        plan = CachePlan(blocks=(), skip=cs.spread_table(timesteps, computed, "stack"))
+        pool.append(cs.Candidate(plan, speed, name=f"spread stack ({computed})", family="spread stack"))
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.1}
     out = cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 4, (2, 3))
-    # per (retention, K): the table predicted nearest at or above 2.0x; longest skip runs first
-    expected = ["magcache thr 0.5 ret 0.2 K 3", "magcache thr 2.0 ret 0.1 K 2"]
+    # per (retention, K), and for the spread tables: the table predicted nearest at or above 2.0x; longest
+    # skip runs first, the spread table last
+    expected = ["magcache thr 0.5 ret 0.2 K 3", "magcache thr 2.0 ret 0.1 K 2", "spread stack (6)"]
     assert [c.name for c in out] == [f"{n} forecast {h}" for n in expected for h in (2, 3)]
     assert all(c.plan.skip.history == int(c.name[-1]) and c.psnr_db is not None for c in out)
     assert cs.forecast_candidates(model, [], pool, data, STEPS, seconds, 2.0, None, 1, (2,))[0].name == (

@@ -394,11 +394,11 @@ def forecast_tables(tables: list[Candidate], reach: float) -> list[Candidate]:
     runs, and a strict cut once left the best rule's table (predicted 2.95x for a 3x target) without
     a forecast in one calibration and gave it one in the next (3.09x, chosen, 28.3 dB).
     """
-    nearest: dict[tuple, Candidate] = {}
+    nearest: dict[tuple | None, Candidate] = {}
     for c in sorted(tables, key=lambda c: -c.predicted_speedup):
         if c.predicted_speedup >= reach:
-            nearest[c.rule] = c  # the slowest reaching the target wins
-    return sorted(nearest.values(), key=lambda c: (-c.rule[1], c.rule[0]))
+            nearest[c.rule] = c  # the slowest reaching the target wins (evenly spread tables: rule None)
+    return sorted(nearest.values(), key=lambda c: (c.rule is None, *((-c.rule[1], c.rule[0]) if c.rule else ())))
 
 
 def forecast_candidates(
@@ -414,15 +414,17 @@ def forecast_candidates(
     histories: tuple[int, ...],
     progress: bool = False,
 ) -> list[Candidate]:
-    """Forecasting variants of MagCache-rule tables (plain reuse), scored by their fitting run.
+    """Forecasting variants of MagCache-rule tables (plain reuse) and evenly spread stack tables, scored by
+    their fitting run.
 
     ``target_speedup`` (the predicted speedup a table needs, lowered by the speed tolerance): per
-    (retention, max_skip_steps) pair, the table of ``in_window`` predicted nearest at or above it (the
-    least skipping that reaches it), most consecutive skips first (a forecast gains most on long runs
-    of skipped calls; `forecast_tables`): at most ``max_forecast`` tables.
+    (retention, max_skip_steps) pair, and for the spread tables, the table of ``in_window`` predicted nearest
+    at or above it (the least skipping that reaches it), most consecutive skips first (a forecast gains most
+    on long runs of skipped calls; `forecast_tables`), the spread table last: at most ``max_forecast`` tables.
+    (At 4x on digits only one MagCache rule reaches the window; the evenly spread tables scored as well.)
     ``min_psnr``: the fastest ``evaluated`` tables within 3 dB of the floor (a forecast only adds quality).
     """
-    tables = [c for c in in_window if c.family == "skip, reuse"]
+    tables = [c for c in in_window if c.family in ("skip, reuse", "spread stack")]
     if target_speedup is not None:
         chosen = forecast_tables(tables, target_speedup)
     else:
