@@ -59,6 +59,21 @@ LEGACY = {
         "--plan bench/plans/emoji_interval_3x_split.json --out peers_emoji_split",
         "2026-11-26",
     ),
+    # step calibrations of 2026-12-04 (calibration seed 1234, 20 stratified labels; sidecars of that day's code
+    # recorded no command): written to /tmp/cal and copied to bench/plans under these names
+    **{
+        f"{name}.calibration.json": (
+            f"tcpass calibrate steps --batch 40 --samples 20 {args} -o bench/plans/{name}.json",
+            "2026-12-04",
+        )
+        for name, args in (
+            ("digits_forecast_4x", "--target-speedup 4"),
+            ("digits_forecast_4x_spread", "--target-speedup 4"),
+            ("digits_dpm25_4x", "--target-speedup 2.2 --sampler dpmpp --steps 25"),
+            ("digits_forecast_6x", "--target-speedup 6"),
+            ("digits_dpm25_6x", "--target-speedup 3.3 --sampler dpmpp --steps 25"),
+        )
+    },
 }
 
 
@@ -75,7 +90,9 @@ def provenance(path: str, data: dict) -> str:
     m = data.get("machine", {})
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "diffusers", "onnxruntime") if m.get(k))
     where = f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads" + (f"; {versions}" if versions else "")
-    return f"*`{command or 'command not recorded'}` · {where} · {date or 'date not recorded'} · [`{path}`]({path})*"
+    where = f" · {where}" if m else ""  # calibration sidecars record no machine
+    link = f"[`{path}`]({path})" if path.startswith("bench/results/") else f"`{path}`"  # the docs reach results/ only
+    return f"*`{command or 'command not recorded'}`{where} · {date or 'date not recorded'} · {link}*"
 
 
 def _cell(value, fmt: str) -> str:
@@ -248,8 +265,10 @@ def render_granularity(*paths: str) -> str:
         for c in d["candidates"]:
             if c["psnr_db"] is not None and c["predicted_speedup"] >= reach:
                 best[c["family"]] = max(best.get(c["family"], -math.inf), c["psnr_db"])
-        sampler = chosen["plan"].get("sampler") or "ddim"
-        steps = chosen["plan"].get("sampler_steps") or "all"
+        written = ROOT / path.replace(".calibration.json", ".json")  # the plan: its sampler is set after the choice
+        plan = json.loads(written.read_text()) if written.exists() else chosen["plan"]
+        sampler = plan.get("sampler") or "ddim"
+        steps = plan.get("sampler_steps") or (plan.get("notes") or {}).get("steps", "?")
         rows.append(
             [
                 Path(path).name.removesuffix(".calibration.json"),
@@ -258,7 +277,7 @@ def render_granularity(*paths: str) -> str:
                 f"{chosen['psnr_db']:.2f}",
             ]
             + [_cell(best.get(f), ".2f") for f in families]
-            + [f"{sampler}, {steps} steps" if sampler != "ddim" else "ddim"]
+            + [f"{sampler}, {steps} steps"]
         )
     header = ["calibration", "target", "chosen", "its PSNR dB", *families, "sampler"]
     note = (
