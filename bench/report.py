@@ -265,8 +265,10 @@ def render_granularity(*paths: str) -> str:
         for c in d["candidates"]:
             if c["psnr_db"] is not None and c["predicted_speedup"] >= reach:
                 best[c["family"]] = max(best.get(c["family"], -math.inf), c["psnr_db"])
-        written = ROOT / path.replace(".calibration.json", ".json")  # the plan: its sampler is set after the choice
-        plan = json.loads(written.read_text()) if written.exists() else chosen["plan"]
+        try:  # the plan written: its sampler is set after the choice
+            plan = load(path.replace(".calibration.json", ".json"))
+        except FileNotFoundError:
+            plan = chosen["plan"]
         sampler = plan.get("sampler") or "ddim"
         steps = plan.get("sampler_steps") or (plan.get("notes") or {}).get("steps", "?")
         rows.append(
