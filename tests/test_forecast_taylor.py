@@ -80,6 +80,14 @@ class ForecastReference:
             rows.append(torch.stack(out))
         return torch.stack(rows).float()
 
+    def latest(self, b):
+        """Every token's newest residual [B, N, D]: what the graph's ``delta`` cache holds before the step."""
+        return torch.stack([torch.stack([tokens[0][1] for tokens in row]) for row in self.history[b]])
+
+    def refine(self, forecast, latest, idx, fresh):
+        """The pruned tokens' residuals once the kept ones are computed (`tests.test_propagation` spreads)."""
+        return forecast
+
     def remember(self, b, t, residual, idx=None):
         for row, tokens in enumerate(self.history[b]):
             for j, token in enumerate(range(residual.shape[1]) if idx is None else idx[row].tolist()):
@@ -96,7 +104,7 @@ class ForecastReference:
                     self.history.setdefault(b, [[[] for _ in range(x.shape[1])] for _ in range(x.shape[0])])
                     self.remember(b, t, output - x)
                     return output
-                forecast = self.forecast(b, t)
+                forecast, latest = self.forecast(b, t), self.latest(b)
                 idx = self.select(b, step, x.shape[0])
                 if idx is None:
                     return x + forecast
@@ -104,8 +112,9 @@ class ForecastReference:
                 y_kept = dit_block_on_kept(
                     block, x_kept, lambda _n: block.norm1(x, *_tl(kwargs), hidden_dtype=x.dtype)[0], *_tl(kwargs)
                 )
-                self.remember(b, t, y_kept - x_kept, idx)
-                return x + _put_rows(forecast, idx, y_kept - x_kept)
+                fresh = y_kept - x_kept
+                self.remember(b, t, fresh, idx)
+                return x + _put_rows(self.refine(forecast, latest, idx, fresh), idx, fresh)
 
             return hook
 

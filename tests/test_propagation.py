@@ -8,7 +8,6 @@ lists, the nearest kept token by `torch.nn.functional.cosine_similarity` in floa
 import copy
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -20,35 +19,29 @@ from tcpass import CachePlan, ForecastSpec, StepKind
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 from tests.conftest import dit_inputs, make_dit
-from tests.reference import _put_rows, _rows, dit_block_on_kept
-from tests.test_forecast_taylor import BLOCKS, EVERY_THIRD, KEEP, REUSED_BLOCK, TIMESTEPS, _run, _static_plan, _steps
+from tests.test_forecast_taylor import (
+    BLOCKS,
+    EVERY_THIRD,
+    KEEP,
+    REUSED_BLOCK,
+    TIMESTEPS,
+    ForecastReference,
+    _run,
+    _static_plan,
+    _steps,
+)
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
 
-class PropagationReference:
-    """Eager TokenCache (``full_kv``) whose pruned tokens get a polynomial forecast through their last
-    ``order + 1`` computed residuals, plus ``weight`` x the correction of their nearest kept token."""
+class PropagationReference(ForecastReference):
+    """`ForecastReference` (polynomial forecasts through each token's last ``order + 1`` computed residuals)
+    whose pruned tokens also get ``weight`` x the correction of their nearest kept token."""
 
     def __init__(self, model, order, weight, select):
-        self.model, self.order, self.weight, self.select = model, order, weight, select
-        self.history: dict[int, list[list[list]]] = {}  # block -> [batch row][token] -> [(t, residual)], newest first
+        super().__init__(model, order, select)
+        self.weight = weight
 
-    def forecast(self, b, t):
-        rows = []
-        for tokens in self.history[b]:
-            out = []
-            for entries in tokens:
-                stamps = np.array([s for s, _ in entries], dtype=np.float64) - t
-                values = np.stack([r.double().numpy() for _, r in entries])
-                out.append(torch.from_numpy(np.polyfit(stamps, values, len(entries) - 1)[-1]))
-            rows.append(torch.stack(out))
-        return torch.stack(rows).float()
-
-    def latest(self, b):
-        """Every token's newest residual [B, N, D]: what the graph's ``delta`` cache holds."""
-        return torch.stack([torch.stack([tokens[0][1] for tokens in row]) for row in self.history[b]])
-
-    def spread(self, forecast, latest, idx, fresh):
+    def refine(self, forecast, latest, idx, fresh):
         out = forecast.clone()
         for row in range(forecast.shape[0]):
             kept = idx[row].tolist()
@@ -58,45 +51,6 @@ class PropagationReference:
             correction = fresh[row] - forecast[row, kept]
             out[row] += self.weight * correction[nearest]
         return out
-
-    def remember(self, b, t, residual, idx=None):
-        for row, tokens in enumerate(self.history[b]):
-            for j, token in enumerate(range(residual.shape[1]) if idx is None else idx[row].tolist()):
-                tokens[token] = [(float(t), residual[row, j].clone()), *tokens[token]][: self.order + 1]
-
-    def __call__(self, inputs, full, step):
-        t = int(inputs["timestep"][0])
-        labels = (inputs["timestep"], inputs["class_labels"])
-
-        def hook_for(b):
-            def hook(block, args, kwargs, output):
-                x = args[0] if args else kwargs["hidden_states"]
-                if full:
-                    self.history.setdefault(b, [[[] for _ in range(x.shape[1])] for _ in range(x.shape[0])])
-                    self.remember(b, t, output - x)
-                    return output
-                forecast, latest = self.forecast(b, t), self.latest(b)
-                idx = self.select(b, step, x.shape[0])
-                if idx is None:  # K = 0: nothing kept, nothing to spread
-                    return x + forecast
-                x_kept = _rows(x, idx)
-                fresh = dit_block_on_kept(
-                    block, x_kept, lambda _n: block.norm1(x, *labels, hidden_dtype=x.dtype)[0], *labels
-                ) - x_kept  # fmt: skip
-                self.remember(b, t, fresh, idx)
-                return x + _put_rows(self.spread(forecast, latest, idx, fresh), idx, fresh)
-
-            return hook
-
-        handles = [
-            self.model.transformer_blocks[b].register_forward_hook(hook_for(b), with_kwargs=True) for b in BLOCKS
-        ]
-        try:
-            with torch.no_grad():
-                return self.model(**inputs).sample
-        finally:
-            for h in handles:
-                h.remove()
 
 
 @pytest.mark.parametrize(("kind", "order", "weight"), [("reuse", 0, 1.0), ("taylor", 1, 0.5)])
