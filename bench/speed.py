@@ -39,6 +39,7 @@ them adaptive; see tcpass.timing.pin_allocator).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import copy
 import logging
@@ -386,6 +387,12 @@ def main() -> None:
     parser.add_argument("--models", default="dit-s,dit-xl", help=f"comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--batches", default="2", help="comma-separated model batch sizes (even: CFG doubles)")
     parser.add_argument("--plan", type=Path, help="plan JSON (default: the built-in ~2.5x plan)")
+    parser.add_argument(
+        "--plan-structure",
+        action="store_true",
+        help="run --plan on models it was not calibrated for: its schedule, skip table and forecast weights "
+        "as they are, its model fingerprint dropped (speed of a plan's structure at another size)",
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--executors", default="eager", help=f"comma-separated, from {', '.join(EXECUTORS)}")
@@ -409,6 +416,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     plan = tcpass.load_plan(args.plan) if args.plan else DEFAULT_PLAN
+    if args.plan_structure:
+        plan = dataclasses.replace(plan, model=None)
     plan_dir = args.plan.parent if args.plan else None
     skips = watch_cudagraph_skips() if device.type == "cuda" and "reduce-overhead" in executors else None
     started = time.perf_counter()
