@@ -39,9 +39,9 @@ them adaptive; see tcpass.timing.pin_allocator).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
 import copy
+import dataclasses
 import logging
 import statistics
 import sys
