@@ -35,8 +35,8 @@ from bench.common import (  # noqa: E402
     machine,
     write_json,
 )
-from tcpass.calibrate.recipe import parse_forecast  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
+from tcpass.plan import parse_forecast  # noqa: E402
 from tcpass.sampling import ddim_sample  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
 

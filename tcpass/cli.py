@@ -513,7 +513,7 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
     """Token caching: train a token selector, pick the blocks, the TPRR schedule and what pruned tokens get
     (tcpass.calibrate)."""
     from tcpass.calibrate import calibrate as run
-    from tcpass.calibrate.recipe import parse_forecast
+    from tcpass.plan import parse_forecast
 
     try:
         specs = tuple(dict.fromkeys(parse_forecast(f) for f in forecasts))
@@ -556,18 +556,28 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
     "compose",
     type=(click.FloatRange(0, 1), click.IntRange(min=2)),
     multiple=True,
-    default=((0.25, 2),),
+    default=((0.25, 2), (0.0, 2)),
     show_default=True,
     help="Token caching composed with skip tables, KEEP INTERVAL: of every INTERVAL computed "
     "calls one is FULL, the others recompute KEEP of the tokens in every block, or in the least sensitive half "
-    "of them (both are tried; repeatable).",
+    "of them (both are tried; repeatable). KEEP 0 is block-level: the least sensitive half of the blocks do not "
+    "run at those calls.",
+)
+@click.option(
+    "--compose-forecast",
+    "compose_forecasts",
+    multiple=True,
+    default=("reuse", "anchored:1"),
+    show_default=True,
+    help="What the tokens or blocks a composition does not compute get (repeatable; each one tried with every "
+    "--compose): reuse, or kind:order of a forecaster (anchored:1 forecasts a whole block as TaylorSeer does).",
 )
 @click.option(
     "--max-composed",
     type=click.IntRange(min=0),
-    default=6,
+    default=12,
     show_default=True,
-    help="At most this many skip + token compositions near the target are generated (0: none).",
+    help="At most this many skip + token/block compositions near the target are generated (0: none).",
 )
 @click.option(
     "--speed-tolerance",
@@ -592,12 +602,18 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
     "not recorded.",
 )
 def calibrate_steps(
-    forecast, forecast_history, compose, max_composed, speed_tolerance, keep_steps, sampler, out, **common_options
-):
-    """Whole-step skipping: a timestep-keyed skip table (reuse or fitted forecast, optionally with token
-    caching composed) or fewer sampler steps, whichever keeps the most PSNR (tcpass.calibrate.steps)."""
+    forecast, forecast_history, compose, compose_forecasts, max_composed, speed_tolerance, keep_steps, sampler, out,
+    **common_options,
+):  # fmt: skip
+    """Whole-step skipping: a timestep-keyed skip table (reuse or fitted forecast, optionally with token or
+    block caching composed) or fewer sampler steps, whichever keeps the most PSNR (tcpass.calibrate.steps)."""
     from tcpass.calibrate.steps import calibrate_steps as run
+    from tcpass.plan import parse_forecast
 
+    try:
+        specs = tuple(dict.fromkeys(parse_forecast(f) for f in compose_forecasts))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--compose-forecast") from e
     model, common = _calibration_setup(sampler=sampler, **common_options)
     report = run(
         model,
@@ -605,6 +621,7 @@ def calibrate_steps(
         max_forecast=forecast,
         forecast_histories=tuple(forecast_history),
         compose=tuple(compose),
+        compose_forecasts=specs,
         max_composed=max_composed,
         speed_tolerance=speed_tolerance,
         keep_steps=keep_steps,

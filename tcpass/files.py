@@ -30,10 +30,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
 
     A reader sees the old file or the new one, never a partial write: an interrupted write leaves
     at most a ``.tmp`` file that nothing loads. The file gets the permissions of a plain write
-    (`plain_file_mode`), so a plan shared in a team directory stays readable.
+    (`plain_file_mode`), so a plan shared in a team directory stays readable. Missing parent
+    directories are created (a calibration does not fail at its last step over ``-o new_dir/plan.json``).
     """
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

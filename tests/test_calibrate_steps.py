@@ -11,7 +11,7 @@ import torch
 
 import tcpass
 from bench.peers import HookedDenoiser
-from tcpass import CachePlan, StepKind
+from tcpass import CachePlan, ForecastSpec, StepKind
 from tcpass.calibrate import collect
 from tcpass.calibrate.steps import calibrate_steps, magcache_table, magnitude_ratios, spread_table
 from tcpass.sampling import ddim_sample, ddim_timesteps
@@ -82,12 +82,12 @@ def test_calibrate_steps_writes_a_loadable_plan_and_reports_its_measured_speed(t
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
     monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
     token_seconds = {"full tokens": 1.05, "cached 0.25": 0.5, "num_blocks": 3}
-    monkeypatch.setattr(cs, "measure_token_seconds", lambda *a: dict(token_seconds))
+    monkeypatch.setattr(cs, "measure_token_seconds", lambda *a, **k: dict(token_seconds))
     monkeypatch.setattr(cs, "_measured_bias", lambda *a: 1.0)
     out = tmp_path / "plan.json"
     report = calibrate_steps(
         make_dit(), out, target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4, verify_reps=1,
-        progress=False, max_forecast=1, compose=((0.25, 2),), max_composed=1,
+        progress=False, max_forecast=1, compose=((0.25, 2),), compose_forecasts=(None,), max_composed=1,
     )  # fmt: skip
     plan = tcpass.load_plan(out)
     assert plan == report.plan and plan.skip is not None or plan.sampler_steps is not None
@@ -412,25 +412,48 @@ def test_composed_candidates_take_per_overlay_and_rule_the_least_skipping_that_r
             name = f"magcache thr {thr} ret {ret} K {k}"
             tables.append(cs.Candidate(plan, 0.0, name=name, family="skip, reuse", rule=(ret, k)))
     seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "full tokens": 1.0, "cached 0.25": 0.5, "cached 0.5": 0.7}
+    anchored = ForecastSpec("anchored", 1)  # its graphs cost more: the speed model reads their own times
+    seconds |= {"full tokens anchored:1": 1.1, "cached 0 anchored:1": 0.3, "num_blocks": 3}
     target = 1.6
-    overlays = ((0.25, 2, "all"), (0.5, 3, (0, 2)))
-    out = cs.composed_candidates(model, tables, data, STEPS, {**seconds, "num_blocks": 3}, target, None, overlays, 8)
-    assert out and all(c.family == "skip + token caching" and c.predicted_speedup >= target for c in out)
+    overlays = ((0.25, 2, "all", None), (0.5, 3, (0, 2), None), (0.0, 2, (1,), anchored))
+    out = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, overlays, 8)
+    families = {"skip + token caching": None, "skip + block forecast": anchored}
+    assert out and all(c.family in families and c.predicted_speedup >= target for c in out)
     assert all(c.psnr_db == cs.fidelity(model, c.plan, data) for c in out[:1])  # the same call, the same graphs
     for c in out:  # the least skipping of its rule that reaches the target
         keep, interval, blocks = c.plan.keep_ratio[0], c.plan.schedule.intervals[0], c.plan.blocks
-        assert (keep, interval, blocks) in overlays and c.plan.keep_ratio == (keep, keep)
+        assert (keep, interval, blocks, c.plan.forecast) in overlays and c.plan.keep_ratio == (keep, keep)
+        assert c.plan.forecast == families[c.family]
         rule = c.name.split(" + ")[0].split(" ret ")[1]
         same = [
-            cs.predicted_speedup(cs.token_overlay(t.plan, keep, interval, blocks), STEPS, {**seconds, "num_blocks": 3})
+            cs.predicted_speedup(cs.token_overlay(t.plan, keep, interval, blocks, c.plan.forecast), STEPS, seconds)
             for t in tables
             if t.name.endswith(rule)
         ]
         assert c.predicted_speedup == min(s for s in same if s >= target)
     overlay_names = [c.name.split(" + ")[1] for c in out]
-    assert overlay_names[:2] == ["tokens 0.25 every 2", "tokens 0.5 every 3 blocks 0,2"]  # in turn from each overlay
-    capped = cs.composed_candidates(model, tables, data, STEPS, {**seconds, "num_blocks": 3}, target, None, overlays, 1)
+    # in turn from each overlay; block-level: block 1 does not run at CACHED calls, its residual forecast
+    assert overlay_names[:3] == ["tokens 0.25 every 2", "tokens 0.5 every 3 blocks 0,2", "blocks 1 every 2 anchored:1"]
+    capped = cs.composed_candidates(model, tables, data, STEPS, seconds, target, None, overlays, 1)
     assert [c.name for c in capped] == [out[0].name]
+    # a fitted forecast's table (here: a reuse table relabelled) is composed first: alone it is the stronger
+    forecast = [
+        cs.Candidate(t.plan, 0.0, name=t.name + " forecast 3", family="skip, forecast", rule=t.rule) for t in tables
+    ]
+    first = cs.composed_candidates(model, tables + forecast, data, STEPS, seconds, target, None, overlays[:1], 1)
+    assert first[0].name.split(" + ")[0].endswith("forecast 3")
+
+
+def test_token_seconds_are_measured_per_forecast_under_the_names_the_speed_model_reads():
+    from tcpass.calibrate import steps as cs
+
+    anchored = ForecastSpec("anchored", 1)
+    seconds = cs.measure_token_seconds(make_dit(), 2, (0.0, 0.25), reps=1, forecasts=(None, anchored))
+    names = {"full tokens", "cached 0", "cached 0.25", "num_blocks"}
+    assert set(seconds) == names | {f"{n} anchored:1" for n in names - {"num_blocks"}}
+    table = tcpass.StepSkip(timesteps=ddim_timesteps(STEPS)[3:5])
+    plan = cs.token_overlay(CachePlan(blocks=(), skip=table), 0.0, 2, (1,), anchored)
+    assert cs.predicted_speedup(plan, STEPS, {**seconds, "eager": 1.0, "skip_stack": 0.1}) > 0
 
 
 def test_the_frontier_keeps_what_nothing_beats_on_speed_and_psnr(tmp_path):

@@ -173,3 +173,10 @@ def test_a_saved_plan_gets_the_permissions_of_a_plain_write(tmp_path, umask):
         os.umask(previous)
     mode = stat.S_IMODE((tmp_path / "plan.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_plan_saved_into_a_new_directory_creates_it(tmp_path):
+    """A calibration writes its plan last: `-o new_dir/plan.json` must not fail after the whole search."""
+    save_plan(CachePlan(keep_ratio=0.3), tmp_path / "new" / "dir" / "plan.json")
+    assert load_plan(tmp_path / "new" / "dir" / "plan.json") == CachePlan(keep_ratio=0.3)
+    assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["plan.json"]  # no temporary file left

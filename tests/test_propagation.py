@@ -128,7 +128,7 @@ def test_propagation_settings_are_checked():
 
 @pytest.mark.parametrize("text", ["reuse", "taylor:1", "taylor:2+0.5", "reuse+1", "anchored:1+0.25"])
 def test_the_cli_names_propagation_and_reads_its_names_back(text):
-    from tcpass.calibrate.recipe import forecast_name, parse_forecast
+    from tcpass.plan import forecast_name, parse_forecast
 
     spec = parse_forecast(text)
     assert forecast_name(spec) == text and (spec is None or spec.propagate == float(text.partition("+")[2] or 0))

@@ -20,7 +20,7 @@ from tcpass.calibrate.report import CalibrationReport, write_calibration
 from tcpass.calibrate.search import search_schedule, verify_speedup
 from tcpass.calibrate.speed import StepTimes, measure_plausible_step_times
 from tcpass.files import plain_file_mode
-from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec
+from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec, forecast_name
 from tcpass.predictor import StaticPredictor, save_predictor
 from tcpass.trace import reusing_traces
 
@@ -179,34 +179,6 @@ def _search_modes(model, data, bases, ratios, batch, order, target_speedup, min_
     if winner is None:
         raise ValueError("; ".join(errors))
     return winner, candidates, times, problems
-
-
-def forecast_name(spec: ForecastSpec | None) -> str:
-    """``reuse``, or ``kind:order`` (``anchored:1``), with ``+W`` for cluster propagation of weight W
-    (``taylor:1+0.5``, ``reuse+1``): how the CLI, the benches and reports name what pruned tokens get."""
-    if spec is None:
-        return "reuse"
-    name = "reuse" if spec.kind == "reuse" else f"{spec.kind}:{spec.order}"
-    return name + (f"+{spec.propagate:g}" if spec.propagate else "")
-
-
-def parse_forecast(text: str) -> ForecastSpec | None:
-    """The inverse of `forecast_name`: ``reuse`` is None; ``ValueError`` names a bad kind, order or weight."""
-    text = text.strip()
-    base, plus, weight = text.partition("+")
-    if base == "reuse" and not plus:
-        return None
-    kind, _, order = base.partition(":")
-    try:
-        propagate = float(weight) if plus else 0.0
-    except ValueError:
-        propagate = None
-    if (order and not order.isdigit()) or propagate is None:
-        raise ValueError(
-            f"forecast {text!r}: expected reuse or kind:order, each optionally +W for cluster propagation of "
-            "weight W in [0, 1], e.g. anchored:1, taylor:1+0.5, reuse+1."
-        )
-    return ForecastSpec(kind=kind, order=int(order or 1), propagate=propagate)
 
 
 def _weights_name(out: Path, role: str, digest: str) -> str:

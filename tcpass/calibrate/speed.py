@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tcpass.adapters import adapter_for
-from tcpass.plan import CachePlan
+from tcpass.plan import CachePlan, ForecastSpec, forecast_name
 from tcpass.schedule import StepKind, simulate
 from tcpass.trace import flatten_inputs
 
@@ -38,20 +38,30 @@ class StepTimes:
         """CACHED call with ``n_blocks`` of ``num_blocks`` cached at ``ratio`` (linear in blocks)."""
         return self.full + n_blocks / self.num_blocks * (self.cached[ratio] - self.full)
 
-    def seconds(self) -> dict[str, float]:
-        """These times under the names `predict_speedup` reads (the token graphs' FULL is ``full tokens``)."""
-        cached = {f"cached {k:g}": v for k, v in self.cached.items()}
+    def seconds(self, forecast: ForecastSpec | None = None) -> dict[str, float]:
+        """These times under the names `predict_speedup` reads for plans whose pruned tokens get ``forecast``
+        (the graphs these times were measured on; `token_key`). The token graphs' FULL is ``full tokens``."""
+        cached = {token_key(f"cached {k:g}", forecast): v for k, v in self.cached.items()}
         return {
             "eager": self.eager,
             "full": self.full,
-            "full tokens": self.full,
+            token_key("full tokens", forecast): self.full,
             "num_blocks": self.num_blocks,
             **cached,
         }
 
     def speedup(self, plan: CachePlan, timesteps: list[float]) -> float:
-        """`predict_speedup` of ``plan`` over ``timesteps`` with these times."""
-        return predict_speedup(plan, timesteps, self.seconds())
+        """`predict_speedup` of ``plan`` over ``timesteps`` with these times (measured on graphs that
+        forecast as ``plan`` does)."""
+        return predict_speedup(plan, timesteps, self.seconds(plan.forecast))
+
+
+def token_key(name: str, forecast: ForecastSpec | None) -> str:
+    """The ``seconds`` key of a token-caching graph (``full tokens``, ``cached 0.25``) whose pruned tokens get
+    ``forecast``: ``name`` for reuse, else ``name`` and the forecast's name (``cached 0.25 anchored:1``), since
+    a forecast's history caches cost time of their own."""
+    fc = forecast_name(forecast)
+    return name if fc == "reuse" else f"{name} {fc}"
 
 
 def predict_speedup(
@@ -64,8 +74,10 @@ def predict_speedup(
     nothing) and ``skip_<level>`` (a SKIP call), from `tcpass.calibrate.steps.measure_call_seconds`; a
     plan that token-caches also needs ``full tokens`` (its FULL graph), ``cached <keep>`` (a CACHED call
     with every block cached) per keep ratio it uses and ``num_blocks``: caching fewer blocks saves
-    proportionally less (`StepTimes`, `tcpass.calibrate.steps.measure_token_seconds`).
+    proportionally less (`StepTimes`, `tcpass.calibrate.steps.measure_token_seconds`); a plan whose pruned
+    tokens are forecast reads these under `token_key`'s names.
     """
+    full_tokens = token_key("full tokens", plan.forecast)
     total = 0.0
     for step in simulate(plan.schedule, timesteps, plan.skip):
         if step.kind is StepKind.SKIP:
@@ -73,11 +85,11 @@ def predict_speedup(
         elif plan.blocks == ():  # nothing token-cached: a CACHED call computes everything
             total += seconds["full"]
         elif step.kind is StepKind.FULL:
-            total += seconds["full tokens"]
+            total += seconds[full_tokens]
         else:  # CACHED: every block cached costs "cached <keep>"; fewer blocks, linearly less saving
             fraction = 1.0 if plan.blocks == "all" else len(plan.blocks) / seconds["num_blocks"]
-            cached = seconds[f"cached {plan.keep_ratio[step.phase]:g}"]
-            total += seconds["full tokens"] + fraction * (cached - seconds["full tokens"])
+            cached = seconds[token_key(f"cached {plan.keep_ratio[step.phase]:g}", plan.forecast)]
+            total += seconds[full_tokens] + fraction * (cached - seconds[full_tokens])
     return seconds["eager"] * (full_compute_calls or len(timesteps)) / total
 
 

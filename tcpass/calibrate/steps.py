@@ -53,7 +53,7 @@ from tcpass.calibrate.mixing import block_sensitivity
 from tcpass.calibrate.report import CalibrationReport, Candidate, write_calibration
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.speed import best_seconds, measure_step_times, predict_speedup
-from tcpass.plan import CachePlan, SelectorSpec, StepSkip, TPRRSchedule
+from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec, StepSkip, TPRRSchedule, forecast_name
 from tcpass.sampling import sampler_timesteps
 from tcpass.trace import flatten_inputs, reusing_traces
 
@@ -142,10 +142,18 @@ def predicted_speedup(
     return predict_speedup(plan, sampler_timesteps(plan.sampler_steps or steps, sampler, shift), seconds, steps)
 
 
-def token_overlay(base: CachePlan, keep: float, interval: int, blocks: tuple[int, ...] | str = "all") -> CachePlan:
+def token_overlay(
+    base: CachePlan,
+    keep: float,
+    interval: int,
+    blocks: tuple[int, ...] | str = "all",
+    forecast: ForecastSpec | None = None,
+) -> CachePlan:
     """``base`` with token caching on the calls it computes: of every ``interval`` computed calls one is
     FULL and the others CACHED, where each of ``blocks`` recomputes ``keep`` of the tokens (training-free
-    ``input_change`` selector, cached keys/values). SKIP calls do not count in the cycle (`TPRRState`)."""
+    ``input_change`` selector, cached keys/values) and the others get ``forecast`` (None: reuse). ``keep``
+    0 is block-level: those blocks do not run at CACHED calls, their whole residual is reused or forecast
+    (TaylorSeer's per-module forecast with ``anchored``). SKIP calls do not count in the cycle (`TPRRState`)."""
     return dataclasses.replace(
         base,
         blocks=blocks,
@@ -153,18 +161,25 @@ def token_overlay(base: CachePlan, keep: float, interval: int, blocks: tuple[int
         attention="cached_kv",
         selector=SelectorSpec(kind="input_change"),
         schedule=TPRRSchedule(intervals=(interval, interval)),
+        forecast=forecast,
     )
 
 
-def measure_token_seconds(model: nn.Module, batch: int, keeps: tuple[float, ...], reps: int = 5) -> dict[str, float]:
-    """Seconds per call of `token_overlay`'s FULL graph (``full tokens``) and CACHED graphs (``cached <keep>``)."""
-    base = token_overlay(CachePlan(blocks=()), keeps[0], 2)
-    times = measure_step_times(model, tuple(keeps), base, batch, reps=reps, progress=False)
-    return {
-        "full tokens": times.full,
-        "num_blocks": times.num_blocks,
-        **{f"cached {k:g}": times.cached[k] for k in keeps},
-    }
+def measure_token_seconds(
+    model: nn.Module,
+    batch: int,
+    keeps: tuple[float, ...],
+    reps: int = 5,
+    forecasts: tuple[ForecastSpec | None, ...] = (None,),
+) -> dict[str, float]:
+    """Seconds per call of `token_overlay`'s FULL graph (``full tokens``) and CACHED graphs (``cached <keep>``),
+    per forecast of ``forecasts`` (under `token_key`'s names: a forecast's history caches cost time)."""
+    out: dict[str, float] = {}
+    for forecast in forecasts:
+        base = token_overlay(CachePlan(blocks=()), keeps[0], 2, forecast=forecast)
+        times = measure_step_times(model, tuple(keeps), base, batch, reps=reps, progress=False)
+        out.update({k: v for k, v in times.seconds(forecast).items() if k not in ("eager", "full")})
+    return out
 
 
 def step_candidates(
@@ -201,8 +216,9 @@ def calibrate_steps(
     guidance_interval: tuple[float, float] | None = None, window: float = 1.12, max_evaluated: int = 32,
     verify_reps: int = 2, max_verified: int = 4, sample_range: tuple[float, float] | None = None,
     progress: bool = True, conditioning: tuple[dict, dict | None] | None = None, max_forecast: int = 12,
-    forecast_histories: tuple[int, ...] = (3,), compose: tuple[tuple[float, int], ...] = ((0.25, 2),),
-    max_composed: int = 6, speed_tolerance: float = 0.03, keep_steps: bool = False, sampler: str | None = None,
+    forecast_histories: tuple[int, ...] = (3,), compose: tuple[tuple[float, int], ...] = ((0.25, 2), (0.0, 2)),
+    compose_forecasts: tuple[ForecastSpec | None, ...] = (None, ForecastSpec("anchored", 1)), max_composed: int = 12,
+    speed_tolerance: float = 0.03, keep_steps: bool = False, sampler: str | None = None,
 ) -> CalibrationReport:  # fmt: skip
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -223,8 +239,10 @@ def calibrate_steps(
             weights fitted on the calibration data, each fit about one full-compute generation;
             ``forecast_histories``: the numbers of computed steps those forecasts read (one fit per history).
         compose: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed with MagCache-rule
-            tables, each on every block and on the least sensitive half of them; up to ``max_composed`` of
-            them near the target are generated (`composed_candidates`; 0: none).
+            tables (plain reuse and fitted forecasts), each on every block and on the least sensitive half of
+            them (keep 0, block-level: on that half only), with each of ``compose_forecasts`` for what the
+            tokens or blocks not computed get (None: reuse); up to ``max_composed`` of them near the target
+            are generated (`composed_candidates`; 0: none).
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
         keep_steps: choose only plans that keep the sampler's ``steps``, for pipelines whose step count is
@@ -239,7 +257,8 @@ def calibrate_steps(
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
     if compose and max_composed > 0:  # the CACHED graphs the compositions use are timed too
-        seconds.update(measure_token_seconds(model, batch, tuple(sorted({keep for keep, _ in compose}))))
+        keeps = tuple(sorted({keep for keep, _ in compose}))
+        seconds.update(measure_token_seconds(model, batch, keeps, forecasts=compose_forecasts))
     every = step_candidates(
         [float(t) for t in data.timesteps],
         ratios,
@@ -252,7 +271,7 @@ def calibrate_steps(
     reach = None if target_speedup is None else target_speedup / bias  # what a table must be predicted at
     pool = _evaluated_pool(
         model, data, every, steps, seconds, reach, min_psnr, window, max_evaluated, speed_tolerance, max_forecast,
-        forecast_histories, compose, max_composed, progress,
+        forecast_histories, (compose, compose_forecasts), max_composed, progress,
     )  # fmt: skip
     choosable = [c for c in pool if c.plan.sampler_steps is None] if keep_steps else pool
     if not choosable:
@@ -287,7 +306,8 @@ def _evaluated_pool(
     forecast_histories, compose, max_composed, progress,
 ) -> list[Candidate]:  # fmt: skip
     """The candidates generated and scored: tables and fewer-steps baselines predicted near ``reach`` (the
-    target corrected by the measured bias), forecasts fitted on tables near it, and token compositions."""
+    target corrected by the measured bias), forecasts fitted on tables near it, and token and block
+    compositions (``compose``: the overlays and the forecasts they are tried with)."""
     in_window = _in_window(every, reach, window)
     pool = _thinned(in_window, max_evaluated)
     for c in tqdm(pool, desc="evaluating step candidates", disable=not progress):
@@ -296,12 +316,19 @@ def _evaluated_pool(
     pool += forecast_candidates(
         model, pool, in_window, data, steps, seconds, tolerant, min_psnr, max_forecast, forecast_histories, progress
     )
-    if max_composed > 0 and len(compose) > 0:  # each overlay on every block, and on the least sensitive half
+    overlays_given, forecasts = compose
+    if max_composed > 0 and len(overlays_given) > 0:  # each on every block, and on the least sensitive half
         order = block_sensitivity(model, data, progress=progress).argsort().tolist()
         half = tuple(sorted(order[: max(1, len(order) // 2)]))
-        overlays = tuple((keep, interval, blocks) for keep, interval in compose for blocks in ("all", half))
+        overlays = tuple(
+            (keep, interval, blocks, forecast)
+            for keep, interval in overlays_given
+            for forecast in forecasts
+            for blocks in (("all", half) if keep > 0 else (half,))  # keep 0 on every block: a skipped step
+        )
+        tables = every + [c for c in pool if c.family == "skip, forecast"]
         pool += composed_candidates(
-            model, every, data, steps, seconds, reach, min_psnr, overlays, max_composed, progress
+            model, tables, data, steps, seconds, reach, min_psnr, overlays, max_composed, progress
         )
     return pool
 
@@ -456,49 +483,70 @@ def composed_candidates(
     seconds: dict[str, float],
     target_speedup: float | None,
     min_psnr: float | None,
-    overlays: tuple[tuple[float, int, tuple[int, ...] | str], ...],
+    overlays: tuple[tuple[float, int, tuple[int, ...] | str, ForecastSpec | None], ...],
     max_composed: int,
     progress: bool = False,
 ) -> list[Candidate]:
-    """Skip tables composed with token caching on their computed calls (`token_overlay`), scored on ``data``.
+    """Skip tables composed with token or block caching on their computed calls (`token_overlay`), scored on
+    ``data``.
 
     ``tables``: skip-only candidates, whatever their own speed (a composition skips fewer calls than a
-    table alone for the same speed); their MagCache-rule tables with plain reuse are composed (scaled
-    reuse scored within 0.1 dB of it composed on digits). ``overlays``: ``(keep, interval, blocks)``
-    (`token_overlay`).
-    ``target_speedup``: per overlay and per rule (retention, max_skip_steps), the composed plan
-    predicted nearest at or above the target (the least skipping that reaches it), fewest consecutive
-    skips first (token caching already spends the error budget; on digits the K = 6 compositions
-    scored 6 dB below forecasts at the same predicted speed). ``min_psnr``: per overlay, the fastest
-    compositions of tables that hold the floor alone by 0.5 dB (token caching only adds error). At most
-    ``max_composed`` are generated, taken in turn from each overlay.
+    table alone for the same speed); their MagCache-rule tables with plain reuse and with fitted forecasts
+    are composed (scaled reuse scored within 0.1 dB of plain reuse composed on digits; a forecast's
+    weights stay those fitted on the table alone). ``overlays``: ``(keep, interval, blocks, forecast)``
+    (`token_overlay`; ``keep`` 0: block-level).
+    ``target_speedup``: per overlay, per table kind (forecast first: the stronger alone) and per rule
+    (retention, max_skip_steps), the composed plan predicted nearest at or above the target (the least
+    skipping that reaches it), fewest consecutive skips first (token caching already spends the error
+    budget; on digits the K = 6 compositions scored 6 dB below forecasts at the same predicted speed).
+    ``min_psnr``: per overlay, the fastest compositions of tables that hold the floor alone by 0.5 dB
+    (token caching only adds error). At most ``max_composed`` are generated, taken in turn from each overlay.
     """
     per_overlay = []
-    for keep, interval, blocks in overlays:
+    for keep, interval, blocks, forecast in overlays:
         composed = []
         for c in tables:
-            if c.family != "skip, reuse":
+            if c.family not in ("skip, reuse", "skip, forecast") or c.rule is None:
                 continue
-            plan = token_overlay(c.plan, keep, interval, blocks)
-            name = f"{c.name} + tokens {keep:g} every {interval}"
-            if blocks != "all":
-                name += f" blocks {','.join(map(str, blocks))}"
+            plan = token_overlay(c.plan, keep, interval, blocks, forecast)
             speed = predicted_speedup(plan, steps, seconds, data.sampler, data.flow_shift)
-            composed.append((c, Candidate(plan, speed, name=name, family="skip + token caching", rule=c.rule)))
+            name, family = composition_name(c.name, keep, interval, blocks, forecast)
+            composed.append((c, Candidate(plan, speed, name=name, family=family, rule=c.rule)))
         if target_speedup is not None:
             nearest: dict[tuple, Candidate] = {}
             for c, k in sorted(composed, key=lambda ck: -ck[1].predicted_speedup):
                 if k.predicted_speedup >= target_speedup:
-                    nearest[c.rule] = k  # the slowest reaching it wins
-            picks = [nearest[r] for r in sorted(nearest, key=lambda r: (r[1], r[0]))]
+                    nearest[(c.family != "skip, forecast", c.rule[1], c.rule[0])] = k  # the slowest reaching it
+            picks = [nearest[key] for key in sorted(nearest)]
         else:
             holding = [k for c, k in composed if c.psnr_db is not None and c.psnr_db >= min_psnr + 0.5]
             picks = sorted(holding, key=lambda k: -k.predicted_speedup)
         per_overlay.append(picks)
     chosen = [k for group in itertools.zip_longest(*per_overlay) for k in group if k is not None][:max_composed]
-    for k in tqdm(chosen, desc="evaluating skip + token compositions", disable=not progress):
+    for k in tqdm(chosen, desc="evaluating skip + token/block compositions", disable=not progress):
         k.psnr_db = fidelity(model, k.plan, data)
     return chosen
+
+
+def composition_name(
+    table: str, keep: float, interval: int, blocks: tuple[int, ...] | str, forecast: ForecastSpec | None
+) -> tuple[str, str]:
+    """Name and family of ``table`` composed with `token_overlay` ``(keep, interval, blocks, forecast)``:
+    family ``skip + token caching`` (reuse), ``skip + token forecast``, ``skip + block reuse`` or ``skip +
+    block forecast`` (``keep`` 0: whole blocks)."""
+    level = "block" if keep == 0 else "token"
+    which = "" if blocks == "all" else f" blocks {','.join(map(str, blocks))}"
+    if keep == 0:  # e.g. "... + blocks 0,3 every 2": those blocks do not run at the CACHED calls
+        name = f"{table} +{which or ' all blocks'} every {interval}"
+    else:
+        name = f"{table} + tokens {keep:g} every {interval}{which}"
+    if forecast is not None:
+        name += f" {forecast_name(forecast)}"
+    if forecast is None:
+        family = "skip + token caching" if level == "token" else "skip + block reuse"
+    else:
+        family = f"skip + {level} forecast"
+    return name, family
 
 
 def _evenly(items: list, n: int) -> list:
