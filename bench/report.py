@@ -250,21 +250,48 @@ def render_at_speed(path: str) -> str:
     return _table(header, rows) + f"\n\n{note}\n\n" + provenance(path, data)
 
 
+GRANULARITIES = {  # column of the granularity table -> {candidate family: what the cell says of it}
+    "fewer steps": {"fewer steps": ""},
+    "skip tables (steps only)": {
+        "skip, reuse": "reuse",
+        "skip, scaled reuse": "scaled",
+        "skip, forecast": "forecast",
+        "spread output": "spread output",
+        "spread stack": "spread stack",
+    },
+    "skip + blocks": {"skip + block reuse": "reuse", "skip + block forecast": "forecast"},
+    "skip + tokens": {"skip + token caching": "reuse", "skip + token forecast": "forecast"},
+}
+
+
+def _best_per_granularity(candidates: list[dict], reach: float) -> dict[str, str]:
+    """Per `GRANULARITIES` column, the best calibration PSNR among ``candidates`` predicted at ``reach`` or
+    faster, and which kind of that granularity scored it."""
+    cells = {}
+    for column, kinds in GRANULARITIES.items():
+        scored = [
+            (c["psnr_db"], kinds[c["family"]])
+            for c in candidates
+            if c["family"] in kinds and c["psnr_db"] is not None and c["predicted_speedup"] >= reach
+        ]
+        if scored:
+            psnr, kind = max(scored)
+            cells[column] = f"{psnr:.2f}" + (f" ({kind})" if kind else "")
+    return cells
+
+
 def render_granularity(*paths: str) -> str:
-    """Per calibration (`tcpass calibrate steps` sidecars): the chosen plan, and the best calibration PSNR of
-    each kind of candidate among those predicted to reach the target (predicted speed corrected by the
+    """Per calibration (`tcpass calibrate steps` sidecars): the chosen plan, and per granularity (fewer sampler
+    steps; skip tables alone; skip tables with whole blocks or with tokens cached at the computed calls) the
+    best calibration PSNR among candidates predicted to reach the target (predicted speed corrected by the
     calibration's measured bias, less its speed tolerance): what each granularity could do at that speed."""
-    sidecars = [(path, load(path)) for path in paths]
-    families = sorted({c["family"] for _, d in sidecars for c in d["candidates"] if c["psnr_db"] is not None})
     rows, captions = [], []
-    for path, d in sidecars:
+    for path in paths:
+        d = load(path)
         captions.append(provenance(path, d))
         reach = d["target_speedup"] / d.get("speed_bias", 1.0) * (1 - d.get("speed_tolerance", 0.0))
         chosen = next(c for c in d["candidates"] if c["name"] == d["chosen"])
-        best = {}
-        for c in d["candidates"]:
-            if c["psnr_db"] is not None and c["predicted_speedup"] >= reach:
-                best[c["family"]] = max(best.get(c["family"], -math.inf), c["psnr_db"])
+        best = _best_per_granularity(d["candidates"], reach)
         try:  # the plan written: its sampler is set after the choice
             plan = load(path.replace(".calibration.json", ".json"))
         except FileNotFoundError:
@@ -278,13 +305,15 @@ def render_granularity(*paths: str) -> str:
                 f"{chosen['family']} ({_cell(d.get('measured_speedup'), '.2f')}x measured)",
                 f"{chosen['psnr_db']:.2f}",
             ]
-            + [_cell(best.get(f), ".2f") for f in families]
+            + [best.get(column, "—") for column in GRANULARITIES]
             + [f"{sampler}, {steps} steps"]
         )
-    header = ["calibration", "target", "chosen", "its PSNR dB", *families, "sampler"]
+    header = ["calibration", "target", "chosen", "its PSNR dB", *GRANULARITIES, "sampler"]
     note = (
-        "PSNR: calibration samples vs full compute under the calibration's own sampler; — : no candidate of "
-        "that kind was predicted to reach the target."
+        "PSNR: calibration samples vs full compute under the calibration's own sampler, best of each granularity "
+        "(which kind in brackets: plain or scaled reuse, a fitted forecast, evenly spread skips); skip + blocks: "
+        "the least sensitive half of the blocks not run at CACHED calls; skip + tokens: a quarter of the tokens "
+        "recomputed at CACHED calls; — : no candidate of that granularity was predicted to reach the target."
     )
     return _table(header, rows) + f"\n\n{note}\n\n" + "\n".join(captions)
 

@@ -87,3 +87,29 @@ def test_the_readme_is_short_and_links_into_the_docs():
     assert len(readme.splitlines()) <= 200
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / link).is_file(), link
+
+
+def test_the_granularity_table_takes_the_best_of_each_granularity_that_reaches_the_target(monkeypatch):
+    def cand(name, family, speed, psnr):
+        return {"name": name, "family": family, "predicted_speedup": speed, "psnr_db": psnr, "plan": {}}
+
+    sidecar = {
+        "chosen": "f",
+        "target_speedup": 2.0,
+        "speed_bias": 1.0,
+        "speed_tolerance": 0.0,
+        "candidates": [
+            cand("s", "fewer steps", 2.1, 20.0),
+            cand("r", "skip, reuse", 2.2, 21.0),
+            cand("f", "skip, forecast", 2.0, 23.5),
+            cand("slow", "skip, scaled reuse", 1.9, 30.0),  # below the target: not counted
+            cand("b", "skip + block forecast", 2.3, 22.25),
+            cand("b2", "skip + block reuse", 2.3, 21.0),
+            cand("t", "skip + token caching", 2.4, None),  # not generated
+        ],
+    }
+    monkeypatch.setattr(report, "load", lambda path: sidecar if path.endswith("calibration.json") else {})
+    table = report.render_granularity("x.calibration.json")
+    row = table.splitlines()[2].split(" | ")
+    assert row[1:] == ["2x", "skip, forecast (—x measured)", "23.50", "20.00", "23.50 (forecast)", "22.25 (forecast)",
+                       "—", "ddim, ? steps |"]  # fmt: skip
