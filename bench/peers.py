@@ -100,6 +100,8 @@ PEER_METHODS = (
     "fastercache",
     "dbcache",
     "dbcache_taylorseer",
+    "dbcache_dmd",
+    "dbcache_foca",
 )
 
 
@@ -466,11 +468,36 @@ def _fastercache_arms(ctx: Context) -> list[Arm]:
     return arms
 
 
-def _dbcache_arms(ctx: Context, taylorseer: bool) -> list[Arm]:
+DBCACHE_CALIBRATORS = {  # cache-dit's forecasting calibrators: --methods name -> (config class, its settings)
+    "taylorseer": ("TaylorSeerCalibratorConfig", {"taylorseer_order": 1}),
+    "dmd": ("DMDCalibratorConfig", {}),  # Dynamic Mode Decomposition (Prony), its default history 6
+    "foca": ("FoCaCalibratorConfig", {}),
+}
+
+
+def _dbcache_calibrator(name: str | None):
+    """cache-dit's calibrator config ``name`` (None: plain DBCache), or `NotApplicable` when this cache-dit
+    does not implement it (1.5.3's ``FoCaCalibratorConfig`` is a placeholder its contexts reject)."""
+    if name is None:
+        return None
     import cache_dit
-    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    cls_name, settings = DBCACHE_CALIBRATORS[name]
+    cls = getattr(cache_dit, cls_name, None)
+    if cls is None:
+        raise NotApplicable(f"cache-dit {cache_dit.__version__} has no {cls_name}")
+    config = cls(**settings)
+    if "placeholder" in (cls.__doc__ or "").lower():
+        raise NotApplicable(f"cache-dit {cache_dit.__version__}: {cls_name} is {cls.__doc__.strip()!r}")
+    return config
+
+
+def _dbcache_arms(ctx: Context, calibrator: str | None = None) -> list[Arm]:
+    import cache_dit
+    from cache_dit import DBCacheConfig
 
     warmup = max(1, round(8 * ctx.steps / 50))  # cache-dit's default 8 warmup steps, scaled to the step count
+    _dbcache_calibrator(calibrator)  # NotApplicable before any model is built
 
     def configs(threshold: float) -> dict:
         cache_config = DBCacheConfig(
@@ -481,8 +508,8 @@ def _dbcache_arms(ctx: Context, taylorseer: bool) -> list[Arm]:
             enable_separate_cfg=False,  # CFG is batched into one forward
             num_inference_steps=ctx.steps,
         )
-        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
-        return {k: v for k, v in {"cache_config": cache_config, "calibrator_config": calibrator}.items() if v}
+        config = {"cache_config": cache_config, "calibrator_config": _dbcache_calibrator(calibrator)}
+        return {k: v for k, v in config.items() if v}
 
     def make(knobs: dict) -> Arm:
         threshold = knobs["residual_diff_threshold"]
@@ -500,9 +527,11 @@ def _dbcache_arms(ctx: Context, taylorseer: bool) -> list[Arm]:
             "Fn_compute_blocks": 1,
             "Bn_compute_blocks": 0,
             "max_warmup_steps": warmup,
-            "taylorseer_order": 1 if taylorseer else None,
+            "calibrator": calibrator,
+            **(DBCACHE_CALIBRATORS[calibrator][1] if calibrator else {}),
         }
-        method = "cache-dit DBCache+TaylorSeer" if taylorseer else "cache-dit DBCache"
+        suffix = {None: "", "taylorseer": "+TaylorSeer", "dmd": "+DMD", "foca": "+FoCa"}[calibrator]
+        method = f"cache-dit DBCache{suffix}"
         return Arm(method, f"thr {threshold}", model, ctx.steps, knobs, counter, reset, stats)
 
     return _probed(ctx, make, [{"residual_diff_threshold": t} for t in (0.08, 0.12, 0.18, 0.27, 0.4, 0.6, 0.9, 1.4)])
@@ -544,8 +573,10 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
         "taylorseer2": lambda: _taylorseer_arms(ctx, 2),
         "pab": lambda: _pab_arms(ctx),
         "fastercache": lambda: _fastercache_arms(ctx),
-        "dbcache": lambda: _dbcache_arms(ctx, taylorseer=False),
-        "dbcache_taylorseer": lambda: _dbcache_arms(ctx, taylorseer=True),
+        "dbcache": lambda: _dbcache_arms(ctx),
+        "dbcache_taylorseer": lambda: _dbcache_arms(ctx, "taylorseer"),
+        "dbcache_dmd": lambda: _dbcache_arms(ctx, "dmd"),
+        "dbcache_foca": lambda: _dbcache_arms(ctx, "foca"),
         "tcpass": lambda: _plan_arms(ctx, plans),
     }
     arms, unavailable = [], []

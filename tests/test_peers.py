@@ -112,3 +112,32 @@ def test_the_plot_draws_exact_settings_apart_from_the_lossy_lines():
     assert [r["speedup_median"] for r in lossy["fewer steps"]] == [2.0, 3.0]  # by speed, the line's order
     assert set(lossy) == {"fewer steps"}
     assert [(r["method"], r["speedup_median"]) for r in exact] == [("full, split guidance", 1.2), ("fewer steps", 1.4)]
+
+
+def test_cache_dit_calibrators_build_firing_arms_or_say_why_not():
+    """DBCache with DMD forecasting is probed like every data-dependent peer (a kept setting skips blocks);
+    a calibrator this cache-dit only declares (FoCa in 1.5.3) is recorded as unavailable, with the reason."""
+    pytest.importorskip("cache_dit")
+    import torch
+
+    from bench.peers import Context, build_arms
+    from tcpass.sampling import ddim_sample
+    from tests.conftest import make_dit
+
+    model = make_dit()
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+
+    def generate(denoiser, noise, steps, labels=None, guidance_reuse=None, sampler="ddim"):
+        return ddim_sample(denoiser, noise, labels, 0, steps, 4.0, sampler=sampler)
+
+    ctx = Context(
+        model=model, steps=10, generate=generate, calibration_noise=torch.randn(2, *shape),
+        calibration_labels=torch.tensor([1, 2]), example_inputs={}, probe_samples=2,
+    )  # fmt: skip
+    arms, unavailable = build_arms(ctx, ["dbcache_dmd", "dbcache_foca"], [])
+    assert arms and {a.method for a in arms} == {"cache-dit DBCache+DMD"}
+    assert all(a.record["probe_block_call_fraction"] < 1.0 for a in arms)
+    import cache_dit
+
+    if "placeholder" in (cache_dit.FoCaCalibratorConfig.__doc__ or "").lower():
+        assert [u["method"] for u in unavailable] == ["dbcache_foca"] and "placeholder" in unavailable[0]["reason"]
