@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tcpass  # noqa: E402
 from bench.common import machine, write_json  # noqa: E402
 from bench.speed import example_inputs, load_model  # noqa: E402
-from tcpass.policies import StaticScoreSelector  # noqa: E402
 from tcpass.predictor import DynamicPredictor, save_predictor  # noqa: E402
+from tcpass.selectors import StaticScoreSelector  # noqa: E402
 
 
 def bench(name: str, images: int, keep: float, rounds: int) -> dict:
@@ -66,7 +66,7 @@ def bench(name: str, images: int, keep: float, rounds: int) -> dict:
         with torch.no_grad():
             graphs.full(*values, *caches)
         g = graphs.cached[0]
-        indices = [torch.from_numpy(tm.policy.indices(s.block, s.shape, n_tokens, 500.0)) for s in g.index_specs]
+        indices = [torch.from_numpy(tm.selector.indices(s.block, s.shape, n_tokens, 500.0)) for s in g.index_specs]
         calls[kind] = lambda g=g, caches=caches, indices=indices: g(*values, *caches, *indices)
     x0 = torch.randn(2 * images, n_tokens, hidden)
     t = inputs["timestep"]

@@ -52,8 +52,8 @@ from bench.common import (  # noqa: E402
 from tcpass import calibrate as cal  # noqa: E402
 from tcpass.files import sha256_of  # noqa: E402
 from tcpass.metrics import class_accuracy, classifier_features, frechet_distance, psnr, ssim  # noqa: E402
-from tcpass.policies import StaticScoreSelector  # noqa: E402
 from tcpass.sampling import ddim_sample, ddim_timesteps  # noqa: E402
+from tcpass.selectors import StaticScoreSelector  # noqa: E402
 from tcpass.zoo import REFERENCE_MODELS, reference  # noqa: E402
 
 PLANS_DIR = Path(__file__).parent / "plans"

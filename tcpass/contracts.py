@@ -2,14 +2,14 @@
 
 - `TensorSpec`: a graph input or output that is not a model input (a cache buffer, a kept-index
   tensor, a SKIP step's scale). The FULL, CACHED and SKIP graphs, both runtimes, the ONNX manifest
-  and the cache policies (`tcpass.policies`) all name caches through it.
+  and the cache selectors (`tcpass.selectors`) all name caches through it.
 - `MANIFEST_VERSION`: the format of what `tcpass export` writes and `tcpass.export.ort_runtime` reads.
 
 The cache layout (the order of the caches, `tcpass.passes.layout`): first ``stack.residual`` when the
 plan skips steps (a forecasting SKIP graph also reads ``stack.residual.1``.., the residuals of
 earlier computed steps, which executors keep by `history_moves`), then per cached block
 ``block{b}.delta`` and, with ``attention="cached_kv"``, ``block{b}.attn{j}.key``/``.value``, then
-the caches the token policy adds per block (its ``block_caches``), then the policy's graph-wide
+the caches the token selector adds per block (its ``block_caches``), then the selector's graph-wide
 caches (its ``graph_caches``).
 """
 
@@ -79,7 +79,7 @@ def history_moves(names: list[str]) -> list[tuple[str, str]]:
 
 
 def register_into(registry: dict[str, type], what: str) -> Callable[[type], type]:
-    """A class decorator that registers a class under its ``kind`` in ``registry`` (token policies,
+    """A class decorator that registers a class under its ``kind`` in ``registry`` (token selectors,
     forecasters); ``what`` names the registry in errors. A kind registered twice is an error."""
 
     def register(cls: type) -> type:

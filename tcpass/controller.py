@@ -83,7 +83,7 @@ class Decision:
     ``step``: what the schedule gave the timestep. ``kind``: what runs, the schedule's kind, or FULL while
     the caches hold nothing of this generation (or the plan caches no block). ``fresh``: the caches were
     emptied by this call (a new generation or input signature): executors reset what they keep beside
-    them (a token policy's random generator). ``history_moves``: ``(destination, source)`` cache moves to
+    them (a token selector's random generator). ``history_moves``: ``(destination, source)`` cache moves to
     apply before a FULL or CACHED call writes the newest residual (`tcpass.contracts.history_moves`).
     """
 

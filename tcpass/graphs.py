@@ -20,7 +20,7 @@ from tcpass.forecasters import make_forecaster
 from tcpass.passes import pipeline
 from tcpass.passes.pipeline import StepGraph
 from tcpass.plan import CachePlan
-from tcpass.policies import TokenPolicy
+from tcpass.selectors import TokenSelector
 from tcpass.trace import constant_inputs, export_graph, flatten_inputs
 
 __all__ = ["StepGraph", "StepGraphs", "build_step_graphs", "check_dtypes"]
@@ -129,13 +129,13 @@ def build_step_graphs(
     adapter: ModelAdapter,
     plan: CachePlan,
     inputs: dict,
-    policy: TokenPolicy,
+    selector: TokenSelector,
     module: torch.nn.Module | None = None,
 ) -> StepGraphs:
     """Trace ``model`` on ``inputs`` (``forward`` keyword arguments) and build every step graph ``plan`` needs.
 
-    The graphs take the tensors of ``flatten_inputs(inputs)`` positionally. ``policy``: the plan's
-    token policy (`tcpass.policies.make_policy(plan.selector)`); ``module``: the module its CACHED
+    The graphs take the tensors of ``flatten_inputs(inputs)`` positionally. ``selector``: the plan's
+    token selector (`tcpass.selectors.make_selector(plan.selector)`); ``module``: the module its CACHED
     graphs call (the dynamic predictor), cast here to the model's device and dtype.
     """
     check_dtypes(model)
@@ -148,7 +148,7 @@ def build_step_graphs(
         pipeline.Build(
             model_name=type(model).__name__,
             plan=plan,
-            policy=policy,
+            selector=selector,
             block_prefixes=adapter.block_prefixes,
             timestep_input=adapter.timestep_input,
             traced=traced,

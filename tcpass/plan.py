@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from tcpass.files import check_sha256, resolve_path, write_atomic
 from tcpass.forecasters import FORECASTERS, forecaster_class
-from tcpass.policies import POLICIES, policy_class
+from tcpass.selectors import SELECTORS, selector_class
 
 ATTENTION_MODES = ("full_kv", "cached_kv", "kept_only")
 SKIP_LEVELS = ("stack", "output")
@@ -137,13 +137,13 @@ class TPRRSchedule:
 
 @dataclass(frozen=True)
 class SelectorSpec:
-    """Which tokens a cached block recomputes at a CACHED step: a token policy and its settings.
+    """Which tokens a cached block recomputes at a CACHED step: a token selector and its settings.
 
-    ``kind`` names a policy of `tcpass.policies` (each module there documents its own): ``input_change``
+    ``kind`` names a selector of `tcpass.selectors` (each module there documents its own): ``input_change``
     (default; training-free, in the graph), ``random`` (the baseline), ``static`` (a score table per
     block and timestep), ``dynamic`` (the dynamic Cache Predictor, in the graph) or ``toca``.
-    ``seed``: the ``random`` policy's generator seed, reset at every generation. ``path``/``sha256``:
-    the file a policy reads (``static``: token scores; ``dynamic``: predictor weights), relative to the
+    ``seed``: the ``random`` selector's generator seed, reset at every generation. ``path``/``sha256``:
+    the file a selector reads (``static``: token scores; ``dynamic``: predictor weights), relative to the
     plan's directory, and its required checksum.
     """
 
@@ -154,15 +154,15 @@ class SelectorSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str):
-            raise _type_error("selector.kind", self.kind, f"one of {tuple(POLICIES)}")
-        policy = policy_class(self.kind)
+            raise _type_error("selector.kind", self.kind, f"one of {tuple(SELECTORS)}")
+        selector = selector_class(self.kind)
         if not _is_integer(self.seed):
             raise _type_error("selector.seed", self.seed, "an integer")
         if self.path is not None and not isinstance(self.path, str):
             raise _type_error("selector.path", self.path, "a file path (string) or null")
         if self.sha256 is not None and not (isinstance(self.sha256, str) and _SHA256.fullmatch(self.sha256)):
             raise ValueError(f"selector.sha256 = {self.sha256!r}: expected 64 lowercase hex digits or null.")
-        policy.check(self)
+        selector.check(self)
 
 
 @dataclass(frozen=True)
@@ -607,7 +607,7 @@ def load_plan(path: str | Path) -> CachePlan:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
     selector = plan.selector
-    role = policy_class(selector.kind).file_role
+    role = selector_class(selector.kind).file_role
     if role:
         weights = resolve_path(selector.path, path.parent)
         if not weights.is_file():

@@ -67,7 +67,7 @@ class StaticPredictor(nn.Module):
 
     @torch.no_grad()
     def table(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Scores [num_blocks, len(timesteps), N] for `tcpass.policies.StaticScoreSelector`."""
+        """Scores [num_blocks, len(timesteps), N] for `tcpass.selectors.StaticScoreSelector`."""
         return self.forward(None, timesteps).permute(2, 0, 1).contiguous()
 
 

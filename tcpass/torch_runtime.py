@@ -37,8 +37,8 @@ from tcpass.controller import StepController
 from tcpass.files import resolve_path, sha256_of, write_atomic
 from tcpass.graphs import StepGraphs, build_step_graphs, check_dtypes
 from tcpass.plan import CachePlan, load_plan
-from tcpass.policies import TokenPolicy, make_policy
 from tcpass.schedule import Step, StepKind, check_timestep
+from tcpass.selectors import TokenSelector, make_selector
 from tcpass.trace import constant_inputs, flatten_inputs
 
 logger = logging.getLogger("tcpass")
@@ -246,15 +246,15 @@ class TokenCacheTransformer(ModelMixin):
         adapter: ModelAdapter,
         graphs: StepGraphs,
         plan_dir: Path | None,
-        policy: TokenPolicy,
+        selector: TokenSelector,
         compile_options: dict | None = None,
         predictor: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.transformer = model
-        self.predictor = predictor  # the module the policy's CACHED graphs call (dynamic), or None
+        self.predictor = predictor  # the module the selector's CACHED graphs call (dynamic), or None
         self.plan = plan
-        self.policy = policy  # the plan's token policy (`tcpass.policies`), its files loaded
+        self.selector = selector  # the plan's token selector (`tcpass.selectors`), its files loaded
         self.model_adapter = adapter  # the model family's `tcpass.adapters.ModelAdapter`
         self._compile_options = compile_options
         self._graphs: dict[Signature, StepGraphs] = {}
@@ -452,7 +452,7 @@ class TokenCacheTransformer(ModelMixin):
         automatically); useful when a new generation starts at a lower timestep (img2img).
         """
         self._controller.reset()
-        self.policy.reset()
+        self.selector.reset()
 
     @property
     def _active(self) -> Signature | None:
@@ -491,7 +491,7 @@ class TokenCacheTransformer(ModelMixin):
             logger.info("tcpass: tracing %s for a new input signature", type(self.transformer).__name__)
             with _TRACE_LOCK.tracing():
                 graphs = build_step_graphs(
-                    self.transformer, self.model_adapter, self.plan, inputs, self.policy, self.predictor
+                    self.transformer, self.model_adapter, self.plan, inputs, self.selector, self.predictor
                 )
             self._add_graphs(key, graphs)
         return self._graphs[key]
@@ -562,7 +562,7 @@ class TokenCacheTransformer(ModelMixin):
         graphs = self._graphs_for(key, inputs)
         decision = self._controller.decide(me, timestep, key, can_cache=bool(graphs.blocks))
         if decision.fresh:
-            self.policy.reset()
+            self.selector.reset()
         values = list(flat.values())
         # Inference only: caches must not carry autograd history from step to step.
         with torch.no_grad(), _TRACE_LOCK.running():
@@ -581,7 +581,9 @@ class TokenCacheTransformer(ModelMixin):
                     graph = graphs.cached[decision.step.phase]
                     device = values[0].device
                     indices = [
-                        torch.from_numpy(self.policy.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(device)
+                        torch.from_numpy(self.selector.indices(s.block, s.shape, graphs.num_tokens, timestep)).to(
+                            device
+                        )
                         for s in graph.index_specs
                     ]
                     sample = graph(*values, *graphs.step_caches(buffers), *indices)
@@ -683,8 +685,8 @@ def transform(
         )
     plan.resolve_blocks(fingerprint.num_blocks)
     plan_dir = Path(plan_dir) if plan_dir else None
-    policy = make_policy(plan.selector, plan_dir)  # loads and checks the policy's file, if any
-    predictor = policy.module(fingerprint.hidden_size, fingerprint.num_blocks)
+    selector = make_selector(plan.selector, plan_dir)  # loads and checks the selector's file, if any
+    predictor = selector.module(fingerprint.hidden_size, fingerprint.num_blocks)
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model, 2)
     unknown = sorted(set(example_inputs) - set(adapter.input_names))
@@ -696,6 +698,6 @@ def transform(
     # in the order calls bind them (`TokenCacheTransformer._bind`), so the first call reuses this trace
     example_inputs = {n: example_inputs[n] for n in adapter.input_names if example_inputs.get(n) is not None}
     with _TRACE_LOCK.tracing():
-        graphs = build_step_graphs(model, adapter, plan, example_inputs, policy, predictor)
+        graphs = build_step_graphs(model, adapter, plan, example_inputs, selector, predictor)
     compile_options = None if backend is None else {"backend": backend, "mode": compile_mode}
-    return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, policy, compile_options, predictor)
+    return TokenCacheTransformer(model, plan, adapter, graphs, plan_dir, selector, compile_options, predictor)

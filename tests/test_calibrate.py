@@ -251,7 +251,7 @@ def test_a_plan_that_caches_nothing_is_never_chosen_for_a_speedup_target():
 
 def test_a_pixart_model_calibrates_through_its_adapter(tmp_path):
     """Model specifics (blocks, sizes, conditioning for its own samples) come from the adapter: a tiny
-    PixArt-alpha (text cross-attention, ada_norm_single) calibrates end to end, both policies."""
+    PixArt-alpha (text cross-attention, ada_norm_single) calibrates end to end, both selectors."""
     from tcpass.calibrate.steps import calibrate_steps
     from tests.families import make_pixart
 

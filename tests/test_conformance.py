@@ -227,7 +227,7 @@ def test_transforming_a_transformed_model_is_refused(dit):
 def test_a_plan_with_a_selector_file_round_trips(dit, tmp_path):
     """The selector's file is copied next to the saved plan with its sha256; a tampered copy is refused."""
     from tcpass import SelectorSpec
-    from tcpass.policies import StaticScoreSelector
+    from tcpass.selectors import StaticScoreSelector
     from tests.conftest import dit_inputs
 
     scores = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(3))

@@ -134,7 +134,7 @@ def test_dynamic_predictor_runs_in_the_model_dtype_and_matches_reference(dtype, 
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_whole_block_reuse_and_static_scores_match_reference(dtype, tmp_path):
-    from tcpass.policies import StaticScoreSelector
+    from tcpass.selectors import StaticScoreSelector
 
     model, inputs = half_dit(dtype), half_inputs(dtype)
     scores = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))  # float32 table, 2 blocks

@@ -62,7 +62,7 @@ def test_missing_static_scores_file(dit, tmp_path):
 
 
 def test_tampered_static_scores_are_rejected(dit, tmp_path):
-    from tcpass.policies import StaticScoreSelector
+    from tcpass.selectors import StaticScoreSelector
 
     path = tmp_path / "s.safetensors"
     StaticScoreSelector(torch.randn(3, 2, 64), torch.tensor([900.0, 100.0]), torch.arange(3)).save(path)

@@ -406,7 +406,7 @@ def test_cli_export_from_a_saved_model_directory(tmp_path):
 @pytest.mark.parametrize("kind", ["dynamic", "toca", "random"])
 def test_selectors_export_and_match_eager(tmp_path, kind):
     """The learned dynamic predictor and the ToCa-style scores run inside the exported graphs too; the
-    random policy draws the same tokens in both runtimes (one numpy definition)."""
+    random selector draws the same tokens in both runtimes (one numpy definition)."""
     from tcpass.predictor import DynamicPredictor, save_predictor
 
     model = make_dit()
@@ -424,7 +424,7 @@ def test_selectors_export_and_match_eager(tmp_path, kind):
 
 
 def test_static_selector_export_matches_eager_and_guards_its_tables(tmp_path):
-    from tcpass.policies import StaticScoreSelector
+    from tcpass.selectors import StaticScoreSelector
 
     model = make_dit()
     scores = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))

@@ -18,7 +18,7 @@ import tcpass
 from tcpass import CachePlan, ForecastSpec, SelectorSpec, StepKind, TPRRSchedule
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.ort_runtime import OrtTokenCacheRuntime
-from tcpass.policies import StaticScoreSelector
+from tcpass.selectors import StaticScoreSelector
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import _put_rows, _rows, dit_block_on_kept
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close

@@ -8,7 +8,7 @@ import torch
 
 import tcpass
 from tcpass import CachePlan, ForecastSpec, SelectorSpec, StepKind, StepSkip, TPRRSchedule
-from tcpass.policies import StaticScoreSelector
+from tcpass.selectors import StaticScoreSelector
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import ReferenceTokenCache, dynamic_predictor_reference, topk_input_change
 from tests.tolerance import REGROUPED, assert_close

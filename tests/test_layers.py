@@ -15,8 +15,8 @@ LAYERS = [
     ["tcpass.contracts", "tcpass.files", "tcpass.timing", "tcpass.noise", "tcpass.metrics", "tcpass.predictor",
      "tcpass.trace", "tcpass.export.index_ops", "tcpass.passes.emit", "tcpass.passes.token_axis",
      "tcpass.passes.cleanup"],
-    ["tcpass.policies", "tcpass.forecasters"],  # token policies and forecasters (torch-free at import)
-    ["tcpass.plan"],  # plans validate their policies
+    ["tcpass.selectors", "tcpass.forecasters"],  # token selectors and forecasters (torch-free at import)
+    ["tcpass.plan"],  # plans validate their selectors
     ["tcpass.schedule"],
     ["tcpass.controller"],  # one step controller for every executor
     ["tcpass.passes", "tcpass.adapters"],  # the rewrites; the model families

@@ -198,7 +198,7 @@ def _own_weights_file(out: Path) -> Path | None:
 def _write_predictor(predictor: nn.Module, out: Path) -> SelectorSpec:
     """Write the selector's file beside ``out`` under a content-addressed name; never overwrites another's."""
     if isinstance(predictor, StaticPredictor):
-        from tcpass.policies import StaticScoreSelector
+        from tcpass.selectors import StaticScoreSelector
 
         grid = torch.arange(0, 1000, 10, dtype=torch.float32, device=predictor.bias.device)
         table = StaticScoreSelector(predictor.table(grid), grid, range(predictor.num_blocks))

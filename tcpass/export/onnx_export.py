@@ -369,7 +369,7 @@ def _write_export(
         export(graphs.skip, "skip")
     (out_dir / WEIGHTS_FILE).write_bytes(bytes(blob))
     plan = model.plan
-    selector = {"kind": plan.selector.kind, "seed": plan.selector.seed, **model.policy.export(out_dir, _file_entry)}
+    selector = {"kind": plan.selector.kind, "seed": plan.selector.seed, **model.selector.export(out_dir, _file_entry)}
     manifest = {
         "format_version": MANIFEST_VERSION,
         "model": {

@@ -23,8 +23,8 @@ from tcpass.controller import GuidanceSteps, StepController
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
 from tcpass.plan import CachePlan
-from tcpass.policies import policy_class
 from tcpass.schedule import Step, StepKind, check_guidance_interval
+from tcpass.selectors import selector_class
 
 try:
     import onnxruntime as ort
@@ -106,7 +106,7 @@ class OrtTokenCacheRuntime:
         graphs = m["graphs"].values()
         shared = share_weights and self.providers[0] == "CPUExecutionProvider"
         shared = shared and all("initializers" in entry for entry in graphs)  # exports before the table: no
-        data_files = {"weights": m["weights"]}  # + the files the token policy exported (static: its table)
+        data_files = {"weights": m["weights"]}  # + the files the token selector exported (static: its table)
         data_files.update({f"selector.{k}": v for k, v in m["selector"].items() if isinstance(v, dict) and "file" in v})
         for field, entry in data_files.items():
             _check_file(self.directory, field, entry, verify_checksums)
@@ -129,10 +129,10 @@ class OrtTokenCacheRuntime:
         history = [s["name"] for s in skip_inputs if s.get("kind") == "residual"]  # newest first
         self._controller = StepController(self.plan.schedule, self.plan.skip, "OrtTokenCacheRuntime", history)
         self._context_caches: dict[str | None, dict[str, ort.OrtValue]] = {}  # per cache context
-        policy = policy_class(self.plan.selector.kind)
-        # out-of-graph policies choose kept tokens here, with the same numpy definition as the torch runtime
-        self._policy = (
-            None if policy.in_graph else policy.from_manifest(self.plan.selector, m["selector"], self.directory)
+        selector = selector_class(self.plan.selector.kind)
+        # out-of-graph selectors choose kept tokens here, with the same numpy definition as the torch runtime
+        self._selector = (
+            None if selector.in_graph else selector.from_manifest(self.plan.selector, m["selector"], self.directory)
         )
         self.reset()
 
@@ -198,8 +198,8 @@ class OrtTokenCacheRuntime:
         """Drop the caches of every context; the next call of each is FULL and starts a new generation."""
         self._controller.reset()
         self._context_caches.clear()
-        if self._policy is not None:
-            self._policy.reset()
+        if self._selector is not None:
+            self._selector.reset()
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         """One model call; ``inputs`` are the conditioning inputs by name. Returns the model output.
@@ -216,8 +216,8 @@ class OrtTokenCacheRuntime:
         decision = self._controller.decide(me, timestep, can_cache=bool(self.manifest["phase_graphs"]))
         if decision.fresh:
             self._caches = None
-            if self._policy is not None:
-                self._policy.reset()
+            if self._selector is not None:
+                self._selector.reset()
         step, kind = decision.step, decision.kind
         name = {StepKind.FULL: "full", StepKind.SKIP: "skip"}.get(kind)
         name = name or self.manifest["phase_graphs"][str(step.phase)]
@@ -265,7 +265,7 @@ class OrtTokenCacheRuntime:
 
     def _kept_indices(self, spec: dict, timestep: float) -> np.ndarray:
         num_tokens = self.manifest["model"]["num_tokens"]
-        return self._policy.indices(spec["block"], tuple(spec["shape"]), num_tokens, timestep)
+        return self._selector.indices(spec["block"], tuple(spec["shape"]), num_tokens, timestep)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         constants = _numbers(inputs)

@@ -8,7 +8,7 @@ with K = 0 is not run: all its tokens take the forecast (block-level forecasting
 A forecaster owns, in one class:
 
 - ``check(spec)``: what its `tcpass.plan.ForecastSpec` fields must hold.
-- Caches: ``block_caches`` (per cached block, after the token policy's) and ``carried``, the names of
+- Caches: ``block_caches`` (per cached block, after the token selector's) and ``carried``, the names of
   the block's caches the FULL graph reads as inputs (their values before the call) to shift a
   history: a FULL graph then takes those caches as inputs after the model inputs.
 - FULL graph: ``full_values``, the nodes its caches are filled from.

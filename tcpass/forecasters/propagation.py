@@ -12,7 +12,7 @@ cached residual (``block{b}.delta``, each token's residual when last computed) i
     forecast = forecast + w * gather(fresh_kept - forecast[idx], nearest)
 
 This is ClusCa's propagation (Zheng et al., 2025: tokens clustered, about one per cluster recomputed, its update
-given to the cluster) with the clusters drawn around the tokens the policy keeps, so no clustering step runs
+given to the cluster) with the clusters drawn around the tokens the selector keeps, so no clustering step runs
 and every shape is static: one [B, N, K] similarity per block (N * K * D multiply-adds per row, against the
 block's ~12 * N * D^2), one argmax, two gathers; 0 graph breaks under torch.compile, ONNX ArgMax/GatherElements.
 The kept tokens' own rows are then replaced by their fresh residuals as without propagation.

@@ -10,6 +10,6 @@
 - `writeback`: executor-side: caches written into static buffers instead of returned.
 - `pipeline`: the ordered list of passes, each ``(build: Build) -> None``.
 
-The token policy (`tcpass.policies`) contributes its caches and kept-token choice to `full_step`
+The token selector (`tcpass.selectors`) contributes its caches and kept-token choice to `full_step`
 and `cached_step`.
 """

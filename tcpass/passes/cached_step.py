@@ -20,9 +20,9 @@ After (``attention="full_kv"``; ``idx`` [B, K] per batch row)::
 
 ``cached_kv`` computes k/v for the K kept tokens only and scatters them into the K/V caches the
 attention then reads; ``kept_only`` runs the whole block, attention included, on the K tokens.
-Kept indices are always a fixed-K top-k, so shapes stay static. The token policy
-(`tcpass.policies`) gives each block's [B, N] score in the graph (``kept_score``) and updates its
-own caches (``after_keep``); a policy that chooses outside the graph (``random``, ``static``) makes
+Kept indices are always a fixed-K top-k, so shapes stay static. The token selector
+(`tcpass.selectors`) gives each block's [B, N] score in the graph (``kept_score``) and updates its
+own caches (``after_keep``); a selector that chooses outside the graph (``random``, ``static``) makes
 the indices graph inputs ``block{b}.kept_indices`` [B, K] instead.
 
 K = 0 (``keep_ratio`` 0) is whole-block reuse (FORA-style): the block is not run at all and its
@@ -57,7 +57,7 @@ from tcpass.passes.layout import (
     timestep_node,
 )
 from tcpass.passes.token_axis import RESHAPES, TokenAxes, UnsupportedBlockError, analyze
-from tcpass.policies import TokenPolicy
+from tcpass.selectors import TokenSelector
 from tcpass.trace import BlockSpan, copy_graph_module, find_blocks
 
 aten = torch.ops.aten
@@ -68,14 +68,14 @@ def emit_cached_step(
     block_prefixes: tuple[str, ...],
     keep: dict[int, int],
     attention: str,
-    policy: TokenPolicy,
+    selector: TokenSelector,
     module: torch.nn.Module | None = None,
     timestep_input: str | None = None,
     forecaster: TokenForecaster | None = None,
 ) -> tuple[fx.GraphModule, list[TensorSpec], list[TensorSpec]]:
     """A copy of ``gm`` where block ``b`` recomputes ``keep[b]`` tokens, for every ``b`` in ``keep``.
 
-    ``policy`` chooses the tokens; ``module`` is the module its graph calls, if any (the dynamic
+    ``selector`` chooses the tokens; ``module`` is the module its graph calls, if any (the dynamic
     predictor, given the name of the timestep input); ``forecaster`` gives the other tokens' residuals
     (None: ``reuse``). Returns the graph, its cache layout (inputs and, updated, outputs) and its
     kept-index inputs.
@@ -85,10 +85,10 @@ def emit_cached_step(
     graph = gm.graph
     spans = find_blocks(graph, block_prefixes)
     analyses = {b: analyze(spans[b].nodes, spans[b].hidden_in, f"block {b} ({spans[b].path})") for b in keep}
-    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, policy, forecaster)]
-    cache_specs += policy.graph_caches(spans)
+    cache_specs = [s for b in keep for s in block_caches(spans[b], analyses[b], attention, selector, forecaster)]
+    cache_specs += selector.graph_caches(spans)
     index_specs = []
-    if not policy.in_graph:
+    if not selector.in_graph:
         batch = int(spans[0].hidden_in.meta["val"].shape[0])
         index_specs = [
             TensorSpec(block_cache(b, "kept_indices"), b, "kept_indices", (batch, k), torch.long)
@@ -104,14 +104,14 @@ def emit_cached_step(
         "forecaster": forecaster,
         "timestep": timestep_node(graph, timestep_input),
     }
-    policy.begin_cached(gm, spans, placeholders, updated, ctx)
+    selector.begin_cached(gm, spans, placeholders, updated, ctx)
     renamed: dict[fx.Node, fx.Node] = {}
     for b, k in keep.items():
         if k == 0:
             _reuse_block(graph, spans[b], placeholders, updated, renamed, ctx)
         else:
-            _rewrite_block(graph, spans[b], analyses[b], k, attention, policy, placeholders, updated, renamed, ctx)
-    # a cache nothing updated at this step keeps its value (e.g. a policy's FULL-step-only cache)
+            _rewrite_block(graph, spans[b], analyses[b], k, attention, selector, placeholders, updated, renamed, ctx)
+    # a cache nothing updated at this step keeps its value (e.g. a selector's FULL-step-only cache)
     append_outputs(graph, [updated.get(s.name, placeholders[s.name]) for s in cache_specs])
     return gm, cache_specs, index_specs
 
@@ -224,7 +224,7 @@ class _KeptTokens:
 
     def write_residual(
         self,
-        policy: TokenPolicy,
+        selector: TokenSelector,
         placeholders: dict[str, fx.Node],
         updated: dict[str, fx.Node],
         renamed: dict[fx.Node, fx.Node],
@@ -250,7 +250,7 @@ class _KeptTokens:
             delta_out = delta
         out = em(aten.add.Tensor, (self.x_in, delta_out))
         updated[block_cache(b, "delta")] = delta
-        policy.after_keep(em, span, self.idx, x_kept, placeholders, updated, ctx)
+        selector.after_keep(em, span, self.idx, x_kept, placeholders, updated, ctx)
         inside = set(span.nodes)
         span.hidden_out.replace_all_uses_with(out, delete_user_cb=lambda user: user not in inside)
         renamed[span.hidden_out] = out
@@ -270,7 +270,7 @@ def _rewrite_block(
     ta: TokenAxes,
     k: int,
     attention: str,
-    policy: TokenPolicy,
+    selector: TokenSelector,
     placeholders: dict[str, fx.Node],
     updated: dict[str, fx.Node],
     renamed: dict[fx.Node, fx.Node],
@@ -280,7 +280,7 @@ def _rewrite_block(
     b = span.index
     x_in = renamed.get(span.hidden_in, span.hidden_in)  # the previous block may have been rewritten
     em = Emitter(graph, span.nodes[-1], span.hidden_out)
-    score = policy.kept_score(em, span, x_in, placeholders, ctx)
+    score = selector.kept_score(em, span, x_in, placeholders, ctx)
     if score is None:
         idx = placeholders[block_cache(b, "kept_indices")]
     else:
@@ -298,7 +298,7 @@ def _rewrite_block(
             attn_index += 1
         else:
             tokens.recompute(node, original)
-    tokens.write_residual(policy, placeholders, updated, renamed, ctx)
+    tokens.write_residual(selector, placeholders, updated, renamed, ctx)
 
 
 def _resize_token_args(node: fx.Node, args: tuple, ta: TokenAxes, k: int) -> tuple:

@@ -12,12 +12,12 @@ then, per cached block:
 - ``block{b}.delta``    [B, N, D]: residual update ``block_out - block_in`` of every token.
 - ``block{b}.attn{j}.key`` / ``.value`` [B, H, N, d]: keys/values of self-attention ``j``
   (``attention="cached_kv"`` only).
-- the token policy's caches of the block (`tcpass.policies`: ``block{b}.input`` for
+- the token selector's caches of the block (`tcpass.selectors`: ``block{b}.input`` for
   ``input_change``, ``block{b}.score`` for ``toca``),
 - the forecaster's caches of the block (`tcpass.forecasters`: ``taylor`` keeps older residuals and
   per-token timestamps),
 
-then the policy's graph-wide caches (``predictor.input`` for ``dynamic``).
+then the selector's graph-wide caches (``predictor.input`` for ``dynamic``).
 
 The FULL graph returns them after the model output; the CACHED graph takes them as inputs (after
 the model inputs, before any kept-index inputs) and returns their updated values in the same order.
@@ -45,13 +45,13 @@ from tcpass.trace import BlockSpan
 
 if TYPE_CHECKING:
     from tcpass.forecasters import TokenForecaster
-    from tcpass.policies import TokenPolicy
+    from tcpass.selectors import TokenSelector
 
 
 def block_caches(
-    span: BlockSpan, ta: TokenAxes, attention: str, policy: TokenPolicy, forecaster: TokenForecaster | None = None
+    span: BlockSpan, ta: TokenAxes, attention: str, selector: TokenSelector, forecaster: TokenForecaster | None = None
 ) -> list[TensorSpec]:
-    """The caches of one block, in layout order: its delta, its K/V (``cached_kv``), the policy's, then
+    """The caches of one block, in layout order: its delta, its K/V (``cached_kv``), the selector's, then
     the forecaster's."""
     b = span.index
     val = span.hidden_out.meta["val"]
@@ -61,7 +61,7 @@ def block_caches(
             for kind, arg in (("key", node.args[1]), ("value", node.args[2])):
                 v = arg.meta["val"]
                 specs.append(TensorSpec(block_cache(b, f"attn{j}.{kind}"), b, kind, tuple(v.shape), v.dtype, node.name))
-    specs += policy.block_caches(span, ta)
+    specs += selector.block_caches(span, ta)
     return specs + (forecaster.block_caches(specs[0]) if forecaster is not None else [])
 
 

@@ -11,8 +11,8 @@ left in ``build`` and adds its own results. `tcpass.graphs.build_step_graphs` tr
 5. ``cached_steps``: one CACHED graph per distinct per-block K (`cached_step`), executor form with
    in-place cache updates (`reinplace`, `writeback`).
 
-The caching semantics live in these passes and the token policy and forecaster they are given
-(`tcpass.policies`, `tcpass.forecasters`); executors only run the graphs.
+The caching semantics live in these passes and the token selector and forecaster they are given
+(`tcpass.selectors`, `tcpass.forecasters`); executors only run the graphs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tcpass.passes.reinplace import reinplace_cache_updates
 from tcpass.passes.skip_step import add_stack_residual, emit_skip_step
 from tcpass.passes.writeback import write_caches_back
 from tcpass.plan import CachePlan
-from tcpass.policies import TokenPolicy
+from tcpass.selectors import TokenSelector
 from tcpass.trace import BlockSpan, copy_graph_module, find_blocks
 
 
@@ -71,13 +71,13 @@ class Build:
 
     model_name: str
     plan: CachePlan
-    policy: TokenPolicy
+    selector: TokenSelector
     block_prefixes: tuple[str, ...]
     timestep_input: str
     traced: fx.GraphModule  # the exported model; passes replace it with their rewritten copy
     input_names: list[str]  # the model inputs' names (`tcpass.trace.flatten_inputs`), in graph order
     example: list[torch.Tensor]  # the model inputs, in that order
-    module: nn.Module | None = None  # what the policy's CACHED graphs call (in the model's dtype)
+    module: nn.Module | None = None  # what the selector's CACHED graphs call (in the model's dtype)
     forecaster: TokenForecaster | None = None  # what pruned tokens get (None: reuse)
     spans: list[BlockSpan] = field(default_factory=list)
     blocks: tuple[int, ...] = ()  # cached blocks
@@ -130,7 +130,7 @@ def full_step(build: Build) -> None:
         build.block_prefixes,
         build.blocks,
         plan.attention,
-        build.policy,
+        build.selector,
         build.forecaster,
         build.timestep_input,
     )
@@ -158,7 +158,7 @@ def cached_steps(build: Build) -> None:
                 build.block_prefixes,
                 keep,
                 build.plan.attention,
-                build.policy,
+                build.selector,
                 build.module,
                 build.timestep_input,
                 build.forecaster,

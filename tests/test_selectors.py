@@ -1,6 +1,6 @@
-"""Token policies (`tcpass.policies`): adding one is one module and one registry entry.
+"""Token selectors (`tcpass.selectors`): adding one is one module and one registry entry.
 
-Two toy policies, each written here as a new policy module would be, registered, and run through the
+Two toy selectors, each written here as a new selector module would be, registered, and run through the
 whole machinery with nothing else changed: transform (FULL/CACHED graphs, caches), golden outputs
 against an independent reference, torch.compile, ONNX export and the numpy runtime.
 """
@@ -14,7 +14,7 @@ import torch
 import tcpass
 from tcpass import CachePlan, SelectorSpec, StepKind, TPRRSchedule
 from tcpass.contracts import TensorSpec, block_cache
-from tcpass.policies import POLICIES, StaticScoreSelector, TokenPolicy
+from tcpass.selectors import SELECTORS, StaticScoreSelector, TokenSelector
 from tests.conftest import dit_inputs, make_dit
 from tests.reference import ReferenceTokenCache
 from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
@@ -23,7 +23,7 @@ ALL_PHASE0 = TPRRSchedule(boundary_timestep=0, intervals=(3, 3))
 TIMESTEPS = (900, 800, 700)
 
 
-class LargestUpdatePolicy(TokenPolicy):
+class LargestUpdateSelector(TokenSelector):
     """In the graph, with a cache of its own: keep the tokens whose last computed residual update
     (``block{b}.delta``'s companion ``block{b}.norm``, [B, N], filled at FULL steps) was largest."""
 
@@ -42,7 +42,7 @@ class LargestUpdatePolicy(TokenPolicy):
         return caches[block_cache(span.index, "norm")]
 
 
-class StridedPolicy(TokenPolicy):
+class StridedSelector(TokenSelector):
     """Outside the graph: every (N/K)-th token, the offset advancing at each CACHED call."""
 
     kind = "strided"
@@ -65,8 +65,8 @@ class StridedPolicy(TokenPolicy):
 
 @pytest.fixture
 def registered(monkeypatch):
-    for policy in (LargestUpdatePolicy, StridedPolicy):
-        monkeypatch.setitem(POLICIES, policy.kind, policy)  # what @register_policy does, undone after the test
+    for selector in (LargestUpdateSelector, StridedSelector):
+        monkeypatch.setitem(SELECTORS, selector.kind, selector)  # what @register_selector does, undone after the test
 
 
 def run(model, inputs):
@@ -87,7 +87,7 @@ def test_unregistered_kind_is_refused_naming_the_known_ones():
         SelectorSpec(kind="largest_update")
 
 
-def test_in_graph_toy_policy_matches_an_independent_reference(registered):
+def test_in_graph_toy_selector_matches_an_independent_reference(registered):
     dit, inputs, blocks = make_dit(), dit_inputs(), (0, 2)
     plan = CachePlan(blocks=blocks, keep_ratio=0.25, schedule=ALL_PHASE0, selector=SelectorSpec(kind="largest_update"))
     tm = tcpass.transform(dit, plan)
@@ -113,7 +113,7 @@ def test_in_graph_toy_policy_matches_an_independent_reference(registered):
     assert tm.step_counts[StepKind.CACHED] == 2
 
 
-def test_out_of_graph_toy_policy_matches_reference_and_runs_on_onnx_runtime(registered, tmp_path):
+def test_out_of_graph_toy_selector_matches_reference_and_runs_on_onnx_runtime(registered, tmp_path):
     from tcpass.export.onnx_export import export_onnx
     from tcpass.export.ort_runtime import OrtTokenCacheRuntime
 
@@ -141,7 +141,7 @@ def test_out_of_graph_toy_policy_matches_reference_and_runs_on_onnx_runtime(regi
     assert runtime.step_counts[StepKind.CACHED] == 2
 
 
-def test_in_graph_toy_policy_compiles_without_graph_breaks(registered):
+def test_in_graph_toy_selector_compiles_without_graph_breaks(registered):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -162,3 +162,16 @@ def test_static_top_k_is_one_stable_definition_ties_keep_the_lower_token():
     table = StaticScoreSelector(scores, np.array([500.0]), np.array([0]))
     got = table.indices(0, (2, 4), 8, 480.0)
     assert got.tolist() == [[5, 6, 0, 1], [5, 6, 0, 1]] and got.dtype == np.int64
+
+
+def test_the_old_policy_names_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    import tcpass.selectors as selectors
+
+    sys.modules.pop("tcpass.policies", None)
+    with pytest.warns(DeprecationWarning, match="tcpass.policies is deprecated: import tcpass.selectors"):
+        old = importlib.import_module("tcpass.policies")
+    assert old.TokenPolicy is selectors.TokenSelector and old.POLICIES is selectors.SELECTORS
+    assert old.register_policy is selectors.register_selector

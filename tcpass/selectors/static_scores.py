@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tcpass.files import check_sha256
-from tcpass.policies.base import TokenPolicy, register_policy
+from tcpass.selectors.base import TokenSelector, register_selector
 
 
 def _numpy(x, dtype) -> np.ndarray:
@@ -86,8 +86,8 @@ class StaticScoreSelector:
         return self._memo[key]
 
 
-@register_policy
-class StaticPolicy(TokenPolicy):
+@register_selector
+class StaticSelector(TokenSelector):
     kind = "static"
     file_role = "token scores"
     in_graph = False

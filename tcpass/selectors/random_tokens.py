@@ -1,4 +1,4 @@
-"""``random``: K tokens drawn uniformly per batch row, outside the graph (the baseline every policy
+"""``random``: K tokens drawn uniformly per batch row, outside the graph (the baseline every selector
 must beat).
 
 The generator (numpy's, seeded with ``selector.seed``) is reseeded at every new generation; each
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tcpass.policies.base import TokenPolicy, register_policy
+from tcpass.selectors.base import TokenSelector, register_selector
 
 
-@register_policy
-class RandomPolicy(TokenPolicy):
+@register_selector
+class RandomSelector(TokenSelector):
     kind = "random"
     in_graph = False
 

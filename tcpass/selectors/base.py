@@ -1,6 +1,6 @@
-"""`TokenPolicy`: everything one way of choosing kept tokens contributes, in one class.
+"""`TokenSelector`: everything one way of choosing kept tokens contributes, in one class.
 
-A CACHED step recomputes K of a cached block's N tokens. A policy decides which, and owns all that
+A CACHED step recomputes K of a cached block's N tokens. A selector decides which, and owns all that
 this takes:
 
 - ``check(spec)``: what its `SelectorSpec` fields must hold (a file and its sha256, a seed...).
@@ -36,18 +36,18 @@ if TYPE_CHECKING:
     from tcpass.trace import BlockSpan
 
 
-POLICIES: dict[str, type[TokenPolicy]] = {}
+SELECTORS: dict[str, type[TokenSelector]] = {}
 
 
-register_policy = register_into(POLICIES, "token policy")
+register_selector = register_into(SELECTORS, "token selector")
 """Class decorator: registers a class under its ``kind`` (a kind registered twice is an error)."""
 
 
-class TokenPolicy:
-    """Base policy: every hook does nothing. Subclasses set ``kind`` and override what they need."""
+class TokenSelector:
+    """Base selector: every hook does nothing. Subclasses set ``kind`` and override what they need."""
 
     kind: ClassVar[str]
-    # a selector.path + selector.sha256 the policy reads ("token scores", "predictor weights"), or None
+    # a selector.path + selector.sha256 the selector reads ("token scores", "predictor weights"), or None
     file_role: ClassVar[str | None] = None
     # True: kept indices are chosen inside the CACHED graph; False: by ``indices`` outside it
     in_graph: ClassVar[bool] = True
@@ -58,7 +58,7 @@ class TokenPolicy:
 
     @classmethod
     def check(cls, spec: SelectorSpec) -> None:
-        """Raise ``ValueError`` naming the field if ``spec`` does not configure this policy."""
+        """Raise ``ValueError`` naming the field if ``spec`` does not configure this selector."""
         if cls.file_role and not spec.path:
             raise ValueError(
                 f"selector.kind = {spec.kind!r} needs selector.path: a safetensors file of {cls.file_role} "
@@ -72,7 +72,7 @@ class TokenPolicy:
 
     @property
     def path(self) -> Path | None:
-        """The policy's file, resolved against the plan's directory (None without one)."""
+        """The selector's file, resolved against the plan's directory (None without one)."""
         return None if not self.spec.path else resolve_path(self.spec.path, self.plan_dir)
 
     # Graph build ------------------------------------------------------------------------------
@@ -81,11 +81,11 @@ class TokenPolicy:
         return None
 
     def block_caches(self, span: BlockSpan, ta: TokenAxes) -> list[TensorSpec]:
-        """Caches this policy adds to cached block ``span`` (after its delta and K/V caches)."""
+        """Caches this selector adds to cached block ``span`` (after its delta and K/V caches)."""
         return []
 
     def graph_caches(self, spans: list[BlockSpan]) -> list[TensorSpec]:
-        """Caches this policy adds once per graph, after every block's caches."""
+        """Caches this selector adds once per graph, after every block's caches."""
         return []
 
     def full_values(self, em: Emitter, span: BlockSpan, ta: TokenAxes) -> dict[str, fx.Node]:
@@ -110,7 +110,7 @@ class TokenPolicy:
         self, em: Emitter, span: BlockSpan, idx: fx.Node, x_kept: fx.Node, caches: dict, updated: dict, ctx: dict
     ) -> None:
         """CACHED graph, after block ``span`` ran on kept tokens ``idx`` [B, K] (``x_kept``: their
-        input rows [B, K, D]): write this policy's cache updates into ``updated`` (a cache left out
+        input rows [B, K, D]): write this selector's cache updates into ``updated`` (a cache left out
         keeps its value)."""
 
     # Outside the graph (in_graph False) -------------------------------------------------------
@@ -123,11 +123,11 @@ class TokenPolicy:
         raise NotImplementedError(f"selector {self.kind!r} chooses its tokens inside the graph.")
 
     def export(self, out_dir: Path, file_entry) -> dict[str, Any]:
-        """Fields this policy adds to the manifest's ``selector`` entry; may write files into ``out_dir``
+        """Fields this selector adds to the manifest's ``selector`` entry; may write files into ``out_dir``
         (``file_entry(path)`` records one with its size and sha256)."""
         return {}
 
     @classmethod
-    def from_manifest(cls, spec: SelectorSpec, entry: dict, directory: Path) -> TokenPolicy:
-        """The policy for the numpy runtime, from the manifest's ``selector`` entry."""
+    def from_manifest(cls, spec: SelectorSpec, entry: dict, directory: Path) -> TokenSelector:
+        """The selector for the numpy runtime, from the manifest's ``selector`` entry."""
         return cls(spec, directory)

@@ -11,14 +11,14 @@ keeps): ``scores = tc_predictor(x0, t, x0_ref)`` [B, N, L]; block ``b`` keeps th
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec
-from tcpass.policies.base import TokenPolicy, register_policy
+from tcpass.selectors.base import TokenSelector, register_selector
 
 PREDICTOR_INPUT = "predictor.input"
 PREDICTOR_MODULE = "tc_predictor"
 
 
-@register_policy
-class DynamicPolicy(TokenPolicy):
+@register_selector
+class DynamicSelector(TokenSelector):
     kind = "dynamic"
     file_role = "predictor weights"
 

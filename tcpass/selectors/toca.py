@@ -9,7 +9,7 @@ successive CACHED steps cover the next most-attended ones. Cache ``block{b}.scor
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec, block_cache
-from tcpass.policies.base import TokenPolicy, register_policy
+from tcpass.selectors.base import TokenSelector, register_selector
 
 
 def _self_attention(span, ta):
@@ -32,8 +32,8 @@ def attention_received(em, sdpa):
     return em(aten.mean.dim, (probs, [1, 2]))
 
 
-@register_policy
-class TocaPolicy(TokenPolicy):
+@register_selector
+class TocaSelector(TokenSelector):
     kind = "toca"
 
     def block_caches(self, span, ta):

@@ -8,11 +8,11 @@ computed (filled at FULL steps; the kept rows refreshed at CACHED steps).
 from __future__ import annotations
 
 from tcpass.contracts import TensorSpec, block_cache
-from tcpass.policies.base import TokenPolicy, register_policy
+from tcpass.selectors.base import TokenSelector, register_selector
 
 
-@register_policy
-class InputChangePolicy(TokenPolicy):
+@register_selector
+class InputChangeSelector(TokenSelector):
     kind = "input_change"
 
     def block_caches(self, span, ta):
