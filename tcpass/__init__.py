@@ -12,9 +12,11 @@ from tcpass.plan import (
     ForecastSpec,
     ModelFingerprint,
     SelectorSpec,
+    SkipRule,
     StepSkip,
     TPRRSchedule,
     load_plan,
+    register_skip_rule,
     save_plan,
 )
 from tcpass.schedule import StepKind
@@ -24,11 +26,13 @@ __all__ = [
     "ForecastSpec",
     "ModelFingerprint",
     "SelectorSpec",
+    "SkipRule",
     "StepKind",
     "StepSkip",
     "TPRRSchedule",
     "TokenCacheTransformer",
     "load_plan",
+    "register_skip_rule",
     "save_plan",
     "transform",
 ]

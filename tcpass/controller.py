@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 from tcpass.contracts import history_moves
-from tcpass.plan import StepSkip, TPRRSchedule
+from tcpass.plan import SkipRule, TPRRSchedule
 from tcpass.schedule import (
     Step,
     StepKind,
@@ -114,7 +114,7 @@ class StepController:
     """
 
     def __init__(
-        self, schedule: TPRRSchedule, skip: StepSkip | None, what: str, residual_history: list[str] | None = None
+        self, schedule: TPRRSchedule, skip: SkipRule | None, what: str, residual_history: list[str] | None = None
     ) -> None:
         self.schedule, self.skip = schedule, skip
         self.guard = ThreadGuard(what)

@@ -15,8 +15,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from tcpass.contracts import register_into
 from tcpass.files import check_sha256, resolve_path, write_atomic
 from tcpass.forecasters import FORECASTERS, forecaster_class
 from tcpass.selectors import SELECTORS, selector_class
@@ -224,9 +225,73 @@ def parse_forecast(text: str) -> ForecastSpec | None:
     return ForecastSpec(kind=kind, order=int(order or 1), propagate=propagate)
 
 
+SKIP_RULES: dict[str, type[SkipRule]] = {}
+
+register_skip_rule = register_into(SKIP_RULES, "skip rule")
+"""Class decorator: registers a `SkipRule` dataclass under its ``kind`` (a kind registered twice is an error)."""
+
+
+class SkipRule:
+    """Which whole steps a plan skips and what their block stack's residual is predicted from: a step
+    caching method, one registered frozen dataclass (``CachePlan.skip``). Torch-free: the step controller
+    (`tcpass.schedule.TPRRState`) asks it about each call, and everything downstream reads only
+    ``level`` and ``history`` (the SKIP graph and its caches, both runtimes, the export, FLOPs and the speed
+    model follow from them), so a rule is one class. Its JSON is its dataclass fields plus ``kind`` (omitted
+    for the ``table`` kind, the format before rules were registered), checked by the generic loader.
+
+    Subclasses are frozen dataclasses that set ``kind``, validate in ``__post_init__`` (a ``ValueError`` naming
+    the field), and define:
+
+    - ``level``: ``"stack"`` (embed, add the predicted stack residual, run the output layers) or ``"output"``;
+    - ``history``: how many computed steps' residuals a SKIP step reads (newest first; 1..4);
+    - ``weights_at(timestep)``: the weights on those residuals, newest first, if a call at ``timestep``
+      (0..1000) is skipped, else None. A SKIP is granted only once ``history`` calls were computed in the
+      generation, never at its first call, and SKIP calls do not advance the TPRR cycle.
+    """
+
+    kind: ClassVar[str]
+    level: str
+    history: int
+
+    def weights_at(self, timestep: float) -> tuple[float, ...] | None:
+        raise NotImplementedError
+
+    def scale_at(self, timestep: float) -> float | None:
+        """The residual factor if a call at ``timestep`` is skipped (forecasts: the newest residual's weight)."""
+        w = self.weights_at(timestep)
+        return None if w is None else w[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The rule's JSON object: its fields (tuples as lists), and ``kind`` unless it is ``table``."""
+        d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return d if self.kind == StepSkip.kind else {"kind": self.kind, **d}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> SkipRule:
+        """The registered rule ``d["kind"]`` names (default ``table``), built from the other fields."""
+        if not isinstance(d, Mapping):
+            raise _type_error("plan.skip", d, "a JSON object")
+        d = dict(d)
+        kind = d.pop("kind", StepSkip.kind)
+        if kind not in SKIP_RULES:
+            raise ValueError(f"skip.kind = {kind!r} is unknown; expected one of {tuple(SKIP_RULES)}.")
+        cls = SKIP_RULES[kind]
+        _reject_unknown("plan.skip", d, cls)
+        return cls(**d)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuples (nested) as lists, for JSON."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@register_skip_rule
 @dataclass(frozen=True)
-class StepSkip:
-    """Whole steps whose block stack is not run: a calibrated, irregular table keyed by timestep.
+class StepSkip(SkipRule):
+    """Whole steps whose block stack is not run: a calibrated, irregular table keyed by timestep (the
+    ``table`` `SkipRule`).
 
     A call whose timestep is within ``tolerance`` of ``timesteps[i]`` is a SKIP step (unless it starts
     a generation, or fewer calls than ``history`` have been computed in it): no transformer block
@@ -255,6 +320,7 @@ class StepSkip:
         tolerance: how far (timestep units) a call's timestep may be from a table entry.
     """
 
+    kind: ClassVar[str] = "table"
     timesteps: tuple[float, ...] = ()
     scales: tuple[float, ...] | None = None
     weights: tuple[tuple[float, ...], ...] | None = None
@@ -339,11 +405,6 @@ class StepSkip:
                 return (1.0 if self.scales is None else self.scales[i],)
         return None
 
-    def scale_at(self, timestep: float) -> float | None:
-        """The residual factor if a call at ``timestep`` is skipped (forecasts: the newest residual's weight)."""
-        w = self.weights_at(timestep)
-        return None if w is None else w[0]
-
 
 @dataclass(frozen=True)
 class ModelFingerprint:
@@ -385,7 +446,8 @@ class CachePlan:
         schedule: the TPRR schedule (which calls are FULL and which CACHED).
         selector: which tokens are kept (see `SelectorSpec`).
         model: fingerprint of the model the plan was made for; ``None`` fits any model.
-        skip: whole steps whose block stack is skipped (`StepSkip`); ``None`` skips none.
+        skip: whole steps whose block stack is skipped: a `SkipRule` (the calibrated table `StepSkip`, or any
+            registered rule); ``None`` skips none.
         forecast: what tokens not recomputed at a CACHED step get (`ForecastSpec`); ``None``: the
             residual cached when each was last computed (``reuse``).
         sampler_steps: the "fewer sampler steps" baseline: samplers driven by tcpass (`tcpass demo`,
@@ -416,7 +478,7 @@ class CachePlan:
     schedule: TPRRSchedule = field(default_factory=TPRRSchedule)
     selector: SelectorSpec = field(default_factory=SelectorSpec)
     model: ModelFingerprint | None = None
-    skip: StepSkip | None = None
+    skip: SkipRule | None = None
     forecast: ForecastSpec | None = None
     sampler_steps: int | None = None
     guidance_reuse: bool = False
@@ -473,8 +535,8 @@ class CachePlan:
             raise TypeError(f"schedule must be a TPRRSchedule, got {type(self.schedule).__name__}.")
         if not isinstance(self.selector, SelectorSpec):
             raise TypeError(f"selector must be a SelectorSpec, got {type(self.selector).__name__}.")
-        if self.skip is not None and not isinstance(self.skip, StepSkip):
-            raise TypeError(f"skip must be a StepSkip or None, got {type(self.skip).__name__}.")
+        if self.skip is not None and not isinstance(self.skip, SkipRule):
+            raise TypeError(f"skip must be a SkipRule (e.g. a StepSkip) or None, got {type(self.skip).__name__}.")
         if self.forecast is not None and not isinstance(self.forecast, ForecastSpec):
             raise TypeError(f"forecast must be a ForecastSpec or None, got {type(self.forecast).__name__}.")
 
@@ -513,9 +575,7 @@ class CachePlan:
         d["block_keep_ratio"] = {str(b): list(r) for b, r in self.block_keep_ratio.items()}
         d["schedule"]["intervals"] = list(self.schedule.intervals)
         if self.skip is not None:
-            d["skip"]["timesteps"] = list(self.skip.timesteps)
-            d["skip"]["scales"] = None if self.skip.scales is None else list(self.skip.scales)
-            d["skip"]["weights"] = None if self.skip.weights is None else [list(w) for w in self.skip.weights]
+            d["skip"] = self.skip.to_dict()
         return {"format_version": PLAN_FORMAT_VERSION, **d}
 
     def to_json(self) -> str:
@@ -538,8 +598,7 @@ class CachePlan:
             _reject_unknown("plan.selector", d["selector"], SelectorSpec)
             kwargs["selector"] = SelectorSpec(**d["selector"])
         if d.get("skip") is not None:
-            _reject_unknown("plan.skip", d["skip"], StepSkip)
-            kwargs["skip"] = StepSkip(**d["skip"])
+            kwargs["skip"] = SkipRule.from_dict(d["skip"])
         if d.get("forecast") is not None:
             _reject_unknown("plan.forecast", d["forecast"], ForecastSpec)
             kwargs["forecast"] = ForecastSpec(**d["forecast"])

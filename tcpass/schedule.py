@@ -1,7 +1,7 @@
 """Step scheduling: timestep -> which step-specialized graph runs (SKIP, FULL or CACHED[phase]).
 
-The calibrated skip table (`StepSkip`) is consulted first: a call at a listed timestep skips the
-block stack (once the generation has computed as many calls as the table's forecast reads). Every
+The plan's skip rule (`tcpass.plan.SkipRule`; the calibrated table `StepSkip`) is consulted first: a
+call it skips runs no block (once the generation has computed as many calls as its forecast reads). Every
 other call follows the two-phase round-robin (TPRR). The state lives in the runtime, one per
 transformed model and cache context. It needs no step count: a generation starts at the first
 call, and a call whose timestep is not below the previous one starts a new one (a stray warm-up
@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from tcpass.plan import StepSkip, TPRRSchedule
+from tcpass.plan import SkipRule, TPRRSchedule
 
 logger = logging.getLogger("tcpass")
 
@@ -49,9 +49,9 @@ class Step:
 
 
 class TPRRState:
-    """Walks a `TPRRSchedule` (and an optional `StepSkip` table) one model call at a time."""
+    """Walks a `TPRRSchedule` (and an optional `SkipRule`, e.g. a `StepSkip` table) one model call at a time."""
 
-    def __init__(self, schedule: TPRRSchedule, skip: StepSkip | None = None) -> None:
+    def __init__(self, schedule: TPRRSchedule, skip: SkipRule | None = None) -> None:
         self.schedule = schedule
         self.skip = skip
         self._short_generations = 0
@@ -127,7 +127,7 @@ class TPRRState:
             )
 
 
-def simulate(schedule: TPRRSchedule, timesteps: list[float], skip: StepSkip | None = None) -> list[Step]:
+def simulate(schedule: TPRRSchedule, timesteps: list[float], skip: SkipRule | None = None) -> list[Step]:
     """The steps a whole generation over ``timesteps`` (in call order) would run."""
     state = TPRRState(schedule, skip)
     return [state.step(float(t)) for t in timesteps]

@@ -145,8 +145,8 @@ def describe_plan(plan: tcpass.CachePlan, steps: int) -> str:
     name = {"ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}.get(sampler, "flow-matching")
     parts = [f"{n} {name} steps" if plan.sampler else f"{n} sampler steps" if plan.sampler_steps else f"{n} DDIM steps"]
     if kinds.count(StepKind.SKIP):
-        how = "reused, scaled" if plan.skip.scales else "reused"
-        if plan.skip.weights:
+        how = "reused, scaled" if getattr(plan.skip, "scales", None) else "reused"  # a table's scales
+        if plan.skip.history > 1 or getattr(plan.skip, "weights", None):
             how = f"forecast from the last {plan.skip.history} computed"
         parts.append(f"{kinds.count(StepKind.SKIP)} skipped (block-stack residual {how})")
     if kinds.count(StepKind.CACHED) and plan.blocks != ():
