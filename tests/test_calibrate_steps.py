@@ -466,3 +466,24 @@ def test_the_frontier_keeps_what_nothing_beats_on_speed_and_psnr(tmp_path):
     report = CalibrationReport("steps", CachePlan(), candidates[3], candidates, target_speedup=2.0)
     png = plot_frontier(report, tmp_path / "plan.frontier.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == [png.name]
+
+
+def test_an_implausible_speed_bias_is_timed_again_then_not_applied(monkeypatch, caplog):
+    """A fewer-steps baseline measured at 2.46x its prediction (other jobs ran) drew the window around 0.8x
+    for a 2x target: such a bias is re-timed with one more round, and dropped (1.0) if still implausible."""
+    from tcpass.calibrate import steps as cs
+
+    candidates = [cs.Candidate(CachePlan(sampler_steps=n), 50 / n, name=f"fewer steps ({n})") for n in (20, 25, 30)]
+    readings, rounds = [4.9, 2.2], []
+
+    def verify(model, plan, data, reps):
+        rounds.append(reps)
+        return readings.pop(0), {}
+
+    monkeypatch.setattr(cs, "verify_speedup", verify)
+    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(2.2 / 2.0) and rounds == [2, 3]
+    assert "timing it again" in caplog.text
+    readings[:] = [4.9, 0.4]
+    assert cs._measured_bias(None, candidates, None, 2.0, 2) == 1.0 and "no bias correction" in caplog.text
+    readings[:] = [1.9]
+    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(0.95)  # plausible: timed once
