@@ -74,6 +74,17 @@ LEGACY = {
             ("digits_dpm25_6x", "--target-speedup 3.3 --sampler dpmpp --steps 25"),
         )
     },
+    **{
+        f"{name}.calibration.json": (
+            f"tcpass calibrate steps --model tcpass/zoo/emoji_dit --batch 36 --samples 18 --sample-range -1 1 {args} "
+            f"-o bench/plans/{name}.json",
+            "2026-12-04",
+        )
+        for name, args in (
+            ("emoji_dpm25_4x", "--target-speedup 2.0 --sampler dpmpp --steps 25"),
+            ("emoji_dpm25_6x", "--target-speedup 3.0 --sampler dpmpp --steps 25"),
+        )
+    },
 }
 
 
