@@ -481,9 +481,9 @@ def test_an_implausible_speed_bias_is_timed_again_then_not_applied(monkeypatch, 
         return readings.pop(0), {}
 
     monkeypatch.setattr(cs, "verify_speedup", verify)
-    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(2.2 / 2.0) and rounds == [2, 3]
+    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(2.2 / 2.0, rel=1e-12) and rounds == [2, 3]
     assert "timing it again" in caplog.text
     readings[:] = [4.9, 0.4]
     assert cs._measured_bias(None, candidates, None, 2.0, 2) == 1.0 and "no bias correction" in caplog.text
     readings[:] = [1.9]
-    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(0.95)  # plausible: timed once
+    assert cs._measured_bias(None, candidates, None, 2.0, 2) == pytest.approx(0.95, rel=1e-12)  # plausible: timed once
