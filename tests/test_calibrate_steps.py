@@ -296,6 +296,61 @@ def test_forecast_weights_are_the_least_squares_fit_and_the_plan_generates_the_f
         fit_forecast(model, tcpass.StepSkip(timesteps=[timesteps[4]], level="output"), data, history=2)
 
 
+def test_forecasts_composed_with_token_caching_are_fitted_on_the_residuals_its_cached_calls_leave():
+    from dataclasses import replace
+
+    from tcpass.calibrate.forecast import fit_forecast
+    from tcpass.calibrate.steps import token_overlay
+
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=STEPS, seed=3, progress=False)
+    timesteps = [float(t) for t in data.timesteps]
+    skip = tcpass.StepSkip(timesteps=[timesteps[i] for i in (4, 5, 8, 9)])
+    base = token_overlay(CachePlan(blocks=()), 0.25, 2)  # computed calls alternate FULL and CACHED
+    fit = fit_forecast(model, skip, data, history=2, base=base)
+    # the composed plan with the fitted table generates the fitting run's samples
+    tm = tcpass.transform(model, replace(base, skip=fit.skip))
+    assert_close(data.sample(tm), fit.samples, units=REGROUPED, what="composed fitted plan vs fitting run")
+    assert tm.step_counts[StepKind.SKIP] == 4 and tm.step_counts[StepKind.CACHED] == 4
+    # reference for the first weights, written here: replay the composed plan up to call 4; its history is
+    # what its graphs left at calls 3 and 2 (call 3 CACHED), its truth the eager stack at call 4's input
+    probe = tcpass.transform(model, replace(base, skip=tcpass.StepSkip(timesteps=[timesteps[4]], weights=[[1.0, 0.0]])))
+    seen = {}
+
+    class Replay(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, hidden_states, timestep, **kwargs):
+            if float(timestep[0]) == timesteps[4] and "history" not in seen:
+                graphs = probe.step_graphs()
+                seen["history"] = [r.clone() for r in graphs.skip_caches(graphs.caches)]
+                seen["input"] = (hidden_states, timestep, kwargs)
+            return probe(hidden_states, timestep=timestep, **kwargs)
+
+    data.sample(Replay())
+    assert probe.step_counts[StepKind.CACHED] >= 1
+    stack = {}
+    blocks = model.transformer_blocks
+    h0 = blocks[0].register_forward_pre_hook(
+        lambda m, a, k: stack.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    h1 = blocks[-1].register_forward_hook(lambda m, a, out: stack.update(r=(out - stack["x"]).double().flatten()))
+    try:
+        hidden_states, timestep, kwargs = seen["input"]
+        model(hidden_states, timestep=timestep, **kwargs)
+    finally:
+        h0.remove()
+        h1.remove()
+    basis = torch.stack([r.double().flatten() for r in seen["history"]], dim=1)  # newest first
+    expected = torch.linalg.lstsq(basis, stack["r"][:, None]).solution[:, 0]
+    assert fit.skip.weights[0] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+    # and the check can fail: the weights fitted on the table alone (full-compute history) are others
+    alone = fit_forecast(model, skip, data, history=2)
+    assert alone.skip.weights[0] != pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+    with pytest.raises(ValueError, match="guidance_reuse"):
+        fit_forecast(model, skip, data, history=2, base=replace(base, guidance_reuse=True))
+
+
 def psnr_bounds_db(samples, other, data):
     """The range of the mean PSNR that `sample_psnr` can give ``other`` when it gives ``samples`` what it does.
 

@@ -514,8 +514,9 @@ def composed_candidates(
 
     ``tables``: skip-only candidates, whatever their own speed (a composition skips fewer calls than a
     table alone for the same speed); their MagCache-rule tables with plain reuse and with fitted forecasts
-    are composed (scaled reuse scored within 0.1 dB of plain reuse composed on digits; a forecast's
-    weights stay those fitted on the table alone). ``overlays``: ``(keep, interval, blocks, forecast)``
+    are composed (scaled reuse scored within 0.1 dB of plain reuse composed on digits); a forecast's
+    weights are fitted again on the composed plan (`fit_forecast` with ``base``: the residuals its CACHED
+    calls leave are what the skipped calls forecast from), and its fitting run scores it. ``overlays``: ``(keep, interval, blocks, forecast)``
     (`token_overlay`; ``keep`` 0: block-level).
     ``target_speedup``: per overlay, per table kind (forecast first: the stronger alone) and per rule
     (retention, max_skip_steps), the composed plan predicted nearest at or above the target (the least
@@ -546,7 +547,13 @@ def composed_candidates(
         per_overlay.append(picks)
     chosen = [k for group in itertools.zip_longest(*per_overlay) for k in group if k is not None][:max_composed]
     for k in tqdm(chosen, desc="evaluating skip + token/block compositions", disable=not progress):
-        k.psnr_db = fidelity(model, k.plan, data)
+        skip = k.plan.skip
+        if isinstance(skip, StepSkip) and skip.weights is not None:  # a forecast: fitted again on this plan
+            fit = fit_forecast(model, skip, data, skip.history, base=dataclasses.replace(k.plan, skip=None))
+            k.plan = dataclasses.replace(k.plan, skip=fit.skip)
+            k.psnr_db = sample_psnr(fit.samples, data)
+        else:
+            k.psnr_db = fidelity(model, k.plan, data)
     return chosen
 
 
