@@ -516,8 +516,8 @@ def composed_candidates(
     table alone for the same speed); their MagCache-rule tables with plain reuse and with fitted forecasts
     are composed (scaled reuse scored within 0.1 dB of plain reuse composed on digits); a forecast's
     weights are fitted again on the composed plan (`fit_forecast` with ``base``: the residuals its CACHED
-    calls leave are what the skipped calls forecast from), and its fitting run scores it. ``overlays``: ``(keep, interval, blocks, forecast)``
-    (`token_overlay`; ``keep`` 0: block-level).
+    calls leave are what the skipped calls forecast from), and its fitting run scores it.
+    ``overlays``: ``(keep, interval, blocks, forecast)`` (`token_overlay`; ``keep`` 0: block-level).
     ``target_speedup``: per overlay, per table kind (forecast first: the stronger alone) and per rule
     (retention, max_skip_steps), the composed plan predicted nearest at or above the target (the least
     skipping that reaches it), fewest consecutive skips first (token caching already spends the error
