@@ -601,9 +601,17 @@ def calibrate_tokens(predictor, attention, forecasts, iterations, keep_ratios, o
     "and --steps, so e.g. 25 DPM-Solver++ steps with skips on top is one plan. Default: the model family's own, "
     "not recorded.",
 )
+@click.option(
+    "--reference",
+    type=(click.Choice(["ddim", "dpmpp", "flow"]), click.IntRange(min=2)),
+    default=None,
+    help="SAMPLER STEPS: score every candidate against full compute under this sampler instead of the calibration "
+    "sampler's own (e.g. --sampler dpmpp --steps 25 --reference ddim 50: a plan over 25 DPM-Solver++ steps judged "
+    "by how close it comes to 50 DDIM steps, as the benches judge it). Costs one more full-compute generation.",
+)
 def calibrate_steps(
-    forecast, forecast_history, compose, compose_forecasts, max_composed, speed_tolerance, keep_steps, sampler, out,
-    **common_options,
+    forecast, forecast_history, compose, compose_forecasts, max_composed, speed_tolerance, keep_steps, sampler,
+    reference, out, **common_options,
 ):  # fmt: skip
     """Whole-step skipping: a timestep-keyed skip table (reuse or fitted forecast, optionally with token or
     block caching composed) or fewer sampler steps, whichever keeps the most PSNR (tcpass.calibrate.steps)."""
@@ -626,6 +634,7 @@ def calibrate_steps(
         speed_tolerance=speed_tolerance,
         keep_steps=keep_steps,
         sampler=sampler,
+        reference=reference,
         **common,
     )
     _echo_report(report, out)

@@ -150,6 +150,35 @@ def test_a_plan_calibrated_under_dpm_solver_records_it_and_reproduces_its_score_
     assert tm.step_counts[StepKind.SKIP] == len(plan.skip.timesteps) > 0
 
 
+def test_candidates_can_be_scored_against_the_full_compute_of_another_sampler(tmp_path, monkeypatch):
+    from tcpass.calibrate import steps as cs
+    from tcpass.calibrate.search import sample_psnr
+
+    model = make_dit()
+    data = collect(model, num_samples=2, steps=8, seed=5, progress=False, sampler="dpmpp")
+    scored = cs.reference_data(model, data, "ddim", 16)
+    # the reference is 16 DDIM steps from the same noise and labels, recorded independently by collect
+    ddim = collect(model, num_samples=2, steps=16, seed=5, progress=False)
+    assert_close(scored.final, ddim.final, units=REGROUPED, what="reference vs 16 DDIM steps")
+    assert error_units(scored.final, data.final) > 10 * REGROUPED  # and it is not the calibration's own
+    assert scored.inputs is data.inputs and scored.sampler == "dpmpp"  # the trajectories stay DPM-Solver++'s
+    seconds = {"eager": 1.0, "full": 1.0, "skip_stack": 0.05, "skip_output": 0.01}
+    monkeypatch.setattr(cs, "measure_call_seconds", lambda model, batch: dict(seconds))
+    report = calibrate_steps(
+        model, tmp_path / "plan.json", target_speedup=1.5, num_samples=2, steps=8, window=50, max_evaluated=4,
+        verify_reps=0, progress=False, max_forecast=0, max_composed=0, sampler="dpmpp", reference=("ddim", 16),
+    )  # fmt: skip
+    plan = tcpass.load_plan(tmp_path / "plan.json")
+    assert plan.notes["scored_against"] == {"sampler": "ddim", "steps": 16}
+    assert json.loads((tmp_path / "plan.calibration.json").read_text())["scored_against"]["steps"] == 16
+    calibration = collect(model, num_samples=2, steps=8, progress=False, sampler="dpmpp")
+    tm = tcpass.transform(model, plan, example_inputs=calibration.call_inputs())
+    samples = calibration.sample(tm, plan.sampler_steps)
+    against = cs.reference_data(model, calibration, "ddim", 16)
+    assert sample_psnr(samples, against) == pytest.approx(report.chosen.psnr_db, abs=0.05)
+    assert sample_psnr(samples, calibration) != pytest.approx(report.chosen.psnr_db, abs=0.05)
+
+
 def test_the_window_is_drawn_around_the_target_corrected_by_the_measured_bias(tmp_path, monkeypatch):
     from tcpass.calibrate import steps as cs
 

@@ -55,7 +55,7 @@ from tcpass.calibrate.report import CalibrationReport, Candidate, write_calibrat
 from tcpass.calibrate.search import fidelity, sample_psnr, verify_speedup
 from tcpass.calibrate.speed import best_seconds, measure_step_times, predict_speedup
 from tcpass.plan import CachePlan, ForecastSpec, SelectorSpec, StepSkip, TPRRSchedule, forecast_name
-from tcpass.sampling import sampler_timesteps
+from tcpass.sampling import guided_sample, sampler_timesteps
 from tcpass.trace import flatten_inputs, reusing_traces
 
 logger = logging.getLogger("tcpass")
@@ -222,6 +222,7 @@ def calibrate_steps(
     forecast_histories: tuple[int, ...] = (3,), compose: tuple[tuple[float, int], ...] = ((0.25, 2), (0.0, 2)),
     compose_forecasts: tuple[ForecastSpec | None, ...] = (None, ForecastSpec("anchored", 1)), max_composed: int = 12,
     speed_tolerance: float = 0.03, keep_steps: bool = False, sampler: str | None = None,
+    reference: tuple[str, int] | None = None,
 ) -> CalibrationReport:  # fmt: skip
     """Search skip tables and sampler step counts for ``model``; write the best plan to ``out``.
 
@@ -241,15 +242,14 @@ def calibrate_steps(
         max_forecast: up to this many MagCache-rule tables (0: none; `forecast_candidates`) also get forecast
             weights fitted on the calibration data, each fit about one full-compute generation;
             ``forecast_histories``: the numbers of computed steps those forecasts read (one fit per history).
-        compose: ``(keep, interval)`` token-caching overlays (`token_overlay`) composed with MagCache-rule
-            tables (plain reuse and fitted forecasts), each on every block and on the least sensitive half of
-            them (keep 0, block-level: on that half only), with each of ``compose_forecasts`` for what the
-            tokens or blocks not computed get (None: reuse); up to ``max_composed`` of them near the target
-            are generated (`composed_candidates`; 0: none).
+        compose: ``(keep, interval)`` overlays (`token_overlay`, `composed_candidates`) with MagCache-rule tables,
+            tried with each of ``compose_forecasts`` (None: reuse); up to ``max_composed`` (0: none) are generated.
         speed_tolerance: a candidate measured at ``(1 - speed_tolerance) * target_speedup`` or faster
             reaches the target (0.03: within the few-% spread of whole-generation timings).
         keep_steps: choose only plans that keep the sampler's ``steps``, for pipelines whose step count is
             fixed (fewer-steps baselines are still evaluated and reported: the report shows what it costs).
+        reference: ``(sampler, steps)`` of the full compute every candidate is scored against (`reference_data`;
+            None: the calibration generations' own).
     """
     start = time.perf_counter()
     _check_target(target_speedup, min_psnr, speed_tolerance)
@@ -257,6 +257,7 @@ def calibrate_steps(
         model, num_samples=num_samples, steps=steps, guidance_scale=guidance_scale, progress=progress,
         sample_range=sample_range, conditioning=conditioning, guidance_interval=guidance_interval, sampler=sampler,
     )  # fmt: skip
+    data = data if reference is None else reference_data(model, data, *reference)
     ratios = magnitude_ratios(model, data)
     seconds = measure_call_seconds(model, batch)
     if compose and max_composed > 0:  # the CACHED graphs the compositions use are timed too
@@ -282,16 +283,36 @@ def calibrate_steps(
     chosen = _choose(
         model, choosable, data, target_speedup, min_psnr, verify_reps, max_verified, progress, bias, speed_tolerance
     )
-    plan = dataclasses.replace(chosen.plan, notes=_notes(chosen, data, batch, keep_steps))
+    plan = dataclasses.replace(chosen.plan, notes=_notes(chosen, data, batch, keep_steps, reference))
     if sampler is not None:  # the table is keyed by this sampler's timesteps at this step count
         plan = dataclasses.replace(plan, sampler=sampler, sampler_steps=plan.sampler_steps or steps)
+    details = {"call_seconds": seconds, "magnitude_ratios": ratios, **_scored_against(reference)}
     report = CalibrationReport(
         "steps", plan, chosen, pool, measured_speedup=chosen.measured_speedup, target_speedup=target_speedup,
-        tolerance=speed_tolerance, speed_bias=bias, details={"call_seconds": seconds, "magnitude_ratios": ratios},
-        seconds=time.perf_counter() - start,
+        tolerance=speed_tolerance, speed_bias=bias, details=details, seconds=time.perf_counter() - start,
     )  # fmt: skip
     write_calibration(out, report)
     return report
+
+
+def reference_data(model: nn.Module, data: CalibrationData, sampler: str, steps: int) -> CalibrationData:
+    """``data`` scored against full compute under ``sampler`` at ``steps`` steps (same noise, conditioning and
+    guidance): its ``final`` samples replaced, its trajectories kept (what the forecasts are fitted on).
+
+    A plan over 25 DPM-Solver++ steps calibrated against those 25 steps is judged by how close it stays to
+    them; the benches judge it against 50 DDIM steps, and the distance between the two full computes is not
+    the same for every candidate (fewer DPM-Solver++ steps solve the same ODE; a skip table approximates the
+    25-step trajectory)."""
+    shift = data.flow_shift if sampler == data.sampler else adapter_for(model).flow_shift
+    final = guided_sample(
+        model, data.noise, data.cond, data.uncond, steps, data.guidance_scale, guidance_interval=data.guidance_interval,
+        sampler=sampler, shift=shift, timestep_scale=data.timestep_scale, shared=data.shared,
+    )  # fmt: skip
+    return dataclasses.replace(data, final=final)
+
+
+def _scored_against(reference: tuple[str, int] | None) -> dict:
+    return {} if reference is None else {"scored_against": {"sampler": reference[0], "steps": reference[1]}}
 
 
 def _check_target(target_speedup: float | None, min_psnr: float | None, speed_tolerance: float) -> None:
@@ -336,9 +357,12 @@ def _evaluated_pool(
     return pool
 
 
-def _notes(chosen: Candidate, data: CalibrationData, batch: int, keep_steps: bool) -> dict:
+def _notes(
+    chosen: Candidate, data: CalibrationData, batch: int, keep_steps: bool, reference: tuple[str, int] | None = None
+) -> dict:
     """What a step plan records of its calibration: the candidate, its predicted and measured speed,
-    its calibration PSNR, and the sampler it was calibrated under."""
+    its calibration PSNR (and the full compute it was scored against, when not the sampler's own), and the
+    sampler it was calibrated under."""
     notes = {
         "calibrated_by": "tcpass calibrate steps",
         "candidate": chosen.name,
@@ -351,6 +375,7 @@ def _notes(chosen: Candidate, data: CalibrationData, batch: int, keep_steps: boo
     }
     if keep_steps:
         notes["keep_steps"] = True
+    notes.update(_scored_against(reference))
     if chosen.measured_speedup is not None:
         notes["measured_speedup"] = round(chosen.measured_speedup, 3)
     return notes
