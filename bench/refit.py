@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     gains = sorted(r["composed_fit_psnr_db"] - r["table_fit_psnr_db"] for r in rows)
-    summary = {"n": len(rows), "median_gain_db": gains[len(gains) // 2] if gains else None, "gains_db": gains}
+    summary = {"n": len(rows), "median_gain_db": statistics.median(gains) if gains else None, "gains_db": gains}
     result = {"machine": machine(), "rows": rows, "summary": summary}
     print(f"wrote {write_json(args.out + '.json', result)}")
     print(json.dumps(summary, indent=1))

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -383,6 +384,26 @@ def render_ort_memory(path: str) -> str:
     return _table(header, rows) + "\n\n" + provenance(path, data)
 
 
+def render_refit(path: str) -> str:
+    """Compositions of forecast tables, weights fitted on the table alone vs on the composed plan (`bench/refit.py`)."""
+    data = load(path)
+    rows = [
+        [
+            r["name"],
+            f"{r['predicted_speedup']:.2f}x",
+            f"{r['recorded_psnr_db']:.2f}",
+            f"{r['table_fit_psnr_db']:.2f}",
+            f"{r['composed_fit_psnr_db']:.2f}",
+            f"{r['composed_fit_psnr_db'] - r['table_fit_psnr_db']:+.2f}",
+        ]
+        for r in data["rows"]
+    ]
+    header = ["composition", "predicted", "recorded dB", "fitted alone dB", "fitted composed dB", "gain"]
+    gains = data["summary"]["gains_db"]
+    median = f"median gain {statistics.median(gains):+.2f} dB, range {min(gains):+.2f} to {max(gains):+.2f}"
+    return _table(header, rows) + f"\n\n{median}\n\n" + provenance(path, data)
+
+
 def render_video_speed(path: str) -> str:
     """Whole generations of a published-width video DiT, tcpass and peers in lockstep (`bench/video_speed.py`)."""
     data = load(path)
@@ -437,6 +458,7 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "serve": render_serve,
     "at-speed": render_at_speed,
     "ort-memory": render_ort_memory,
+    "refit": render_refit,
 }
 
 
