@@ -623,6 +623,8 @@ def calibrate_steps(
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--compose-forecast") from e
     model, common = _calibration_setup(sampler=sampler, **common_options)
+    if reference is not None:
+        click.echo(f"candidates scored against full compute with {reference[1]} {reference[0]} steps")
     report = run(
         model,
         out,
