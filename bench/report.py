@@ -292,6 +292,12 @@ def _best_per_granularity(candidates: list[dict], reach: float) -> dict[str, str
     return cells
 
 
+def _scored_against(sidecar: dict) -> str:
+    """``"; scored vs ddim 50"`` for a calibration scored against another full compute (``--reference``)."""
+    ref = sidecar.get("scored_against")
+    return f"; scored vs {ref['sampler']} {ref['steps']}" if ref else ""
+
+
 def render_granularity(*paths: str) -> str:
     """Per calibration (`tcpass calibrate steps` sidecars): the chosen plan, and per granularity (fewer sampler
     steps; skip tables alone; skip tables with whole blocks or with tokens cached at the computed calls) the
@@ -318,11 +324,12 @@ def render_granularity(*paths: str) -> str:
                 f"{chosen['psnr_db']:.2f}",
             ]
             + [best.get(column, "—") for column in GRANULARITIES]
-            + [f"{sampler}, {steps} steps"]
+            + [f"{sampler}, {steps} steps" + _scored_against(d)]
         )
     header = ["calibration", "target", "chosen", "its PSNR dB", *GRANULARITIES, "sampler"]
     note = (
-        "PSNR: calibration samples vs full compute under the calibration's own sampler, best of each granularity "
+        "PSNR: calibration samples vs full compute under the calibration's own sampler (or the one it was scored "
+        "against), best of each granularity "
         "(which kind in brackets: plain or scaled reuse, a fitted forecast, evenly spread skips); skip + blocks: "
         "the least sensitive half of the blocks not run at CACHED calls; skip + tokens: a quarter of the tokens "
         "recomputed at CACHED calls; — : no candidate of that granularity was predicted to reach the target."
