@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"<!-- table: (?P<spec>[^>]*?) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
+EMOJI = "--model tcpass/zoo/emoji_dit --batch 36 --samples 18 --sample-range -1 1 "
 # Results written before the benches recorded their command and date: (command, date of the run's commit).
 LEGACY = {
     "speed_dit_s_executors.json": (
@@ -84,6 +85,20 @@ LEGACY = {
         for name, args in (
             ("emoji_dpm25_4x", "--target-speedup 2.0 --sampler dpmpp --steps 25"),
             ("emoji_dpm25_6x", "--target-speedup 3.0 --sampler dpmpp --steps 25"),
+        )
+    },
+    # 2026-12-05: scored against 50 DDIM steps (--reference)
+    **{
+        f"{name}.calibration.json": (
+            f"tcpass calibrate steps {model}{args} --sampler dpmpp --steps 25 --reference ddim 50 "
+            f"-o bench/plans/{name}.json",
+            "2026-12-05",
+        )
+        for name, model, args in (
+            ("digits_dpm25_4x_ref", "", "--batch 40 --samples 20 --target-speedup 2.2"),
+            ("digits_dpm25_6x_ref", "", "--batch 40 --samples 20 --target-speedup 3.3"),
+            ("emoji_dpm25_4x_ref", EMOJI, "--target-speedup 2.0"),
+            ("emoji_dpm25_6x_ref", EMOJI, "--target-speedup 3.0"),
         )
     },
 }
