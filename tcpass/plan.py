@@ -245,8 +245,10 @@ class SkipRule:
     - ``level``: ``"stack"`` (embed, add the predicted stack residual, run the output layers) or ``"output"``;
     - ``history``: how many computed steps' residuals a SKIP step reads (newest first; 1..4);
     - ``weights_at(timestep)``: the weights on those residuals, newest first, if a call at ``timestep``
-      (0..1000) is skipped, else None. A SKIP is granted only once ``history`` calls were computed in the
-      generation, never at its first call, and SKIP calls do not advance the TPRR cycle.
+      (0..1000) is skipped, else None. A SKIP is granted only once as many calls were computed in the
+      generation as the weights read (up to the last nonzero weight, `tcpass.schedule.reads`: a forecast
+      early in a generation gives the residuals not yet computed weight 0), never at its first call, and
+      SKIP calls do not advance the TPRR cycle.
     """
 
     kind: ClassVar[str]
@@ -294,8 +296,8 @@ class StepSkip(SkipRule):
     ``table`` `SkipRule`).
 
     A call whose timestep is within ``tolerance`` of ``timesteps[i]`` is a SKIP step (unless it starts
-    a generation, or fewer calls than ``history`` have been computed in it): no transformer block
-    runs, and the block stack's residual is predicted from the residuals of the last computed steps:
+    a generation, or fewer calls have been computed in it than its weights read, up to the last nonzero
+    one): no transformer block runs, and the block stack's residual is predicted from the residuals of the last computed steps:
     reused (scaled by ``scales[i]``), or forecast as ``sum_k weights[i][k] * residual_k`` over the last
     ``history`` computed steps, newest first. Every other call runs as the TPRR schedule says (FULL
     or CACHED); SKIP calls do not advance its cycle. The table is keyed by timestep value, so it fits
@@ -312,7 +314,9 @@ class StepSkip(SkipRule):
             computed steps, newest first (all entries the same length, 1..4; ``None``: no forecast).
             ``[1]`` is plain reuse, ``[s]`` a scaled reuse, ``[1 + c, -c]`` a first-order
             extrapolation; `tcpass calibrate` fits them by least squares on the model's own
-            generations. Exclusive with ``scales``.
+            generations. Trailing zeros: an entry early in a generation, skipped before all
+            ``history`` residuals exist (``[w0, w1, 0]`` after two computed steps). Exclusive with
+            ``scales``.
         level: ``"stack"``: the current input is embedded and the output layers run on
             ``embedded + predicted stack residual`` (``last block out - first block in``), as
             MagCache does; ``"output"``: the model output itself is predicted from the last computed

@@ -48,6 +48,15 @@ class Step:
     weights: tuple[float, ...] = (1.0,)  # SKIP: weights on the last computed steps' residuals, newest first
 
 
+def reads(weights: tuple[float, ...]) -> int:
+    """How many computed steps' residuals a SKIP with ``weights`` (newest first) reads: up to its last
+    nonzero weight, at least one. A forecast early in a generation, before ``history`` steps were computed,
+    has zeros for the residuals that do not exist yet (its SKIP graph multiplies the zero-initialized or
+    stale buffers there by exactly 0)."""
+    nonzero = [k for k, w in enumerate(weights) if w != 0.0]
+    return max(1, nonzero[-1] + 1) if nonzero else 1
+
+
 class TPRRState:
     """Walks a `TPRRSchedule` (and an optional `SkipRule`, e.g. a `StepSkip` table) one model call at a time."""
 
@@ -63,8 +72,13 @@ class TPRRState:
         self._prev_timestep: float | None = None
         self._phase: int | None = None
         self._calls = 0
-        self._computed = 0  # FULL and CACHED calls in this generation (a SKIP step needs skip.history of them)
+        self._computed = 0  # FULL and CACHED calls in this generation (a SKIP reads `reads` of them)
         self._cached_since_full = 0
+
+    @property
+    def computed(self) -> int:
+        """FULL and CACHED calls so far in this generation."""
+        return self._computed
 
     def phase_of(self, timestep: float) -> int:
         return 0 if timestep >= self.schedule.boundary_timestep else 1
@@ -87,8 +101,10 @@ class TPRRState:
             self.reset()
         phase = self.phase_of(timestep)
         weights = None
-        if self.skip is not None and not new_generation and self._computed >= self.skip.history:
+        if self.skip is not None and not new_generation:
             weights = self.skip.weights_at(timestep)
+            if weights is not None and self._computed < reads(weights):
+                weights = None
         if weights is not None:  # invisible to the TPRR cycle: the next computed call continues it
             self._prev_timestep = timestep
             self._calls += 1

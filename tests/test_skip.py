@@ -200,7 +200,8 @@ def export_and_compare_every_step(tmp_path, plan, generations):
 class ForecastReference(torch.nn.Module):
     """Forecasting skips on the eager diffusers model (hooks, no passes): remembers every computed
     call's stack residual (or output) and predicts a skipped one as ``sum_k w[k] * history[-1 - k]``,
-    skipping only once the generation has computed ``len(w)`` calls."""
+    skipping only once the generation has computed as many calls as ``w`` reads (up to its last nonzero
+    weight: trailing zeros are residuals not computed yet)."""
 
     def __init__(self, model, skip: StepSkip):
         super().__init__()
@@ -215,7 +216,7 @@ class ForecastReference(torch.nn.Module):
         self.stack_in = args[0] if args else kwargs["hidden_states"]
 
     def _predict(self, values):
-        return sum(w * values[-1 - k] for k, w in enumerate(self.weights))
+        return sum(w * values[-1 - k] for k, w in enumerate(self.weights) if w != 0)  # zeros: not computed yet
 
     def _post(self, module, args, kwargs, output):
         if self.weights is None:
@@ -231,7 +232,8 @@ class ForecastReference(torch.nn.Module):
             self.history, self.outputs, self.computed = [], [], 0
         self.prev_t = t
         w = self.skip.weights_at(t)
-        self.weights = w if w is not None and self.computed >= len(w) else None
+        reads = max((k + 1 for k, v in enumerate(w or ()) if v != 0), default=1)
+        self.weights = w if w is not None and self.computed >= reads else None
         if self.weights is not None and self.skip.level == "output":
             return Transformer2DModelOutput(sample=self._predict(self.outputs))
         out = self.model(hidden_states, timestep=timestep, class_labels=class_labels)
@@ -265,6 +267,33 @@ def test_forecast_generation_matches_reference(level, history):
     assert (generate(reuse, seed=5) - out).abs().max() > 1e-3
     # a new generation forgets the old residuals: same noise, bit-identical result
     assert_close(generate(tm, seed=5), out, units=EXACT)
+
+
+def early_forecast_table():
+    ts = timesteps()
+    # history 3: ts[1] comes after one computed call and ts[3] after two; their zeros stand for the residuals
+    # not computed yet, so both are skipped (under a rule of "history computed calls first" neither would be)
+    rows = [[1.3, 0.0, 0.0], [1.6, -0.6, 0.0], [1.5, -0.8, 0.3], [1.4, -0.6, 0.2]]
+    return StepSkip(timesteps=[ts[1], ts[3], ts[5], ts[7]], weights=rows)
+
+
+def test_a_forecast_early_in_a_generation_reads_only_the_residuals_computed_so_far(tmp_path):
+    skip = early_forecast_table()
+    tm = tcpass.transform(make_dit(), CachePlan(blocks=(), skip=skip))
+    out = generate(tm, seed=5)
+    assert tm.step_counts == {StepKind.FULL: STEPS - 4, StepKind.SKIP: 4}
+    assert_close(out, generate(ForecastReference(make_dit(), skip), seed=5), units=REGROUPED)
+    # the second generation's history buffers hold the first's residuals where its zeros are: weight 0 is
+    # exactly nothing, so the same noise gives a bit-identical result
+    assert_close(generate(tm, seed=5), out, units=EXACT)
+    # a nonzero weight on a residual not computed yet: that call is computed
+    ts = timesteps()
+    needs_two = StepSkip(timesteps=[ts[1], ts[3]], weights=[[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]])
+    skips = [s.kind is StepKind.SKIP for s in simulate(TPRRSchedule(), ts[:4], needs_two)]
+    assert skips == [False, False, False, True]
+    # ONNX Runtime decides and forecasts the same, over two generations
+    runtime = export_and_compare_every_step(tmp_path, CachePlan(keep_ratio=0.5, skip=skip), generations=2)
+    assert runtime.step_counts[StepKind.SKIP] == 8
 
 
 def test_forecast_reads_residuals_written_by_cached_steps_and_rows_are_independent():

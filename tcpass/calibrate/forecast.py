@@ -123,7 +123,10 @@ class _Fitter(nn.Module):
         if skips:
             self.model(hidden_states, timestep=timestep, **kwargs)  # r_true at this input
             graphs = self.runtime.step_graphs()
-            weights, error = _solve(self.truth.residual, graphs.skip_caches(graphs.caches), self.ridge)
+            history = graphs.skip_caches(graphs.caches)
+            available = min(len(history), self.state.computed)  # early in a generation: fewer exist
+            weights, error = _solve(self.truth.residual, history[:available], self.ridge)
+            weights += (0.0,) * (len(history) - available)
             self.rule.fitted[self.rule.index(t)] = weights
             self.forecast.append((t, weights))
             self.errors.append(error)
@@ -146,8 +149,9 @@ def fit_forecast(
     the plan ``base`` with ``skip`` (default: no other caching; e.g. a `tcpass.calibrate.steps.token_overlay`
     plan, whose weights then fit the residuals its CACHED calls leave). ``base.sampler_steps`` steps, if set.
 
-    Calls the table lists that come before ``history`` computed calls are computed, as the runtime
-    does (`tcpass.schedule.TPRRState`); they are dropped from the returned table.
+    A call the table lists before ``history`` calls were computed in the generation forecasts from the
+    residuals there are (its weights on the others 0, `tcpass.schedule.reads`), so a sparse table needs no
+    run of computed calls at its start.
     """
     if skip.level != "stack":
         raise ValueError(f"skip.level = {skip.level!r}: forecast weights are fitted on the block stack ('stack').")

@@ -249,6 +249,9 @@ class OrtTokenCacheRuntime:
             for dst, src in decision.history_moves:  # the residuals a forecast reads
                 if self._caches is not None and src in self._caches:
                     caches[dst] = self._caches[src]
+                else:  # not computed yet in this generation: zeros, as the torch runtime's buffers start
+                    newest = caches[decision.history_moves[-1][1]].numpy()
+                    caches[dst] = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(newest), self.device)
             self._caches = caches
         self._controller.finished(decision)
         return outputs[0].numpy()
