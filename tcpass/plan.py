@@ -299,11 +299,10 @@ class StepSkip(SkipRule):
     a generation, or fewer calls have been computed in it than its weights read, up to the last nonzero
     one): no transformer block runs, and the block stack's residual is predicted from the residuals of
     the last computed steps: reused (scaled by ``scales[i]``), or forecast as ``sum_k weights[i][k] *
-    residual_k`` over the last
-    ``history`` computed steps, newest first. Every other call runs as the TPRR schedule says (FULL
-    or CACHED); SKIP calls do not advance its cycle. The table is keyed by timestep value, so it fits
-    the sampler grid it was calibrated on (`tcpass calibrate` writes it); calls at other timesteps
-    are simply computed.
+    residual_k`` over the last ``history`` computed steps, newest first. Every other call runs as the
+    TPRR schedule says (FULL or CACHED); SKIP calls do not advance its cycle. The table is keyed by
+    timestep value, so it fits the sampler grid it was calibrated on (`tcpass calibrate` writes it);
+    calls at other timesteps are simply computed.
 
     Attributes:
         timesteps: model-scale timesteps (0..1000, the value the model receives) of the skipped calls.
