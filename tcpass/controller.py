@@ -180,12 +180,15 @@ class GuidanceSteps:
     ``scale``: the guidance scale; ``interval``: model timesteps ``(lo, hi)`` it applies at (`guidance_at`;
     None: every step); ``split``: split guidance (``CachePlan.guidance_reuse``), where the unconditional rows
     run as their own stream only at guided steps where the conditional stream computed (or at the first
-    guided step), the others reusing the last ``cond - uncond`` difference.
+    guided step), the others reusing the last ``cond - uncond`` difference; ``every``
+    (``CachePlan.guidance_every``): only at one in every ``every`` of those computed guided steps.
     """
 
-    def __init__(self, scale: float, interval: tuple[float, float] | None, split: bool) -> None:
+    def __init__(self, scale: float, interval: tuple[float, float] | None, split: bool, every: int = 1) -> None:
         self.scale, self.interval, self.split = scale, check_guidance_interval(interval), split
+        self.every = every
         self.have_difference = False
+        self.waited = 0  # computed guided steps of the conditional stream since the last difference
 
     def scale_at(self, timestep: float) -> float:
         """The guidance scale of a step at ``timestep`` (1.0: the conditional prediction alone)."""
@@ -194,6 +197,11 @@ class GuidanceSteps:
     def runs_uncond(self, timestep: float, cond_kind: StepKind) -> bool:
         """Split guidance: whether this step runs the unconditional rows, given what the conditional
         stream ran (`tcpass.schedule.runs_uncond`); a True answer records that a difference exists."""
-        run = runs_uncond(self.scale_at(timestep), cond_kind, self.have_difference)
+        scale = self.scale_at(timestep)
+        run = runs_uncond(scale, cond_kind, self.have_difference, self.waited, self.every)
+        if run:
+            self.waited = 0
+        elif scale != 1.0 and cond_kind is not StepKind.SKIP:
+            self.waited += 1
         self.have_difference = self.have_difference or run
         return run

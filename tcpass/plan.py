@@ -466,7 +466,12 @@ class CachePlan:
             at the first guided step; at the other guided steps the guidance reuses the last
             computed ``cond - uncond`` difference, and outside a guidance interval the
             unconditional rows never run (`tcpass.schedule.runs_uncond`). The transformed model
-            itself ignores it; the ONNX export does not support it yet (it refuses such plans).
+            itself ignores it; export such a plan at one stream's batch (B rows),
+            `tcpass.export.ort_runtime.generate` runs the split.
+        guidance_every: with ``guidance_reuse``, the unconditional rows run at one in every
+            ``guidance_every`` guided steps where the conditional stream computes (and at the first
+            guided step); the others reuse the last ``cond - uncond`` difference, as FasterCache's CFG
+            cache does. 1: at every such step.
         sampler: the sampler the plan was calibrated under, for samplers driven by tcpass (`tcpass demo`,
             the benchmarks): ``"ddim"``, ``"dpmpp"`` (DPM-Solver++(2M)) or ``"flow"`` (flow-matching
             Euler); ``None``: the model family's own (DDIM for DiT and PixArt). A skip table is keyed by
@@ -486,12 +491,20 @@ class CachePlan:
     forecast: ForecastSpec | None = None
     sampler_steps: int | None = None
     guidance_reuse: bool = False
+    guidance_every: int = 1
     sampler: str | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.guidance_reuse, bool):
             raise _type_error("guidance_reuse", self.guidance_reuse, "true or false")
+        if not _is_integer(self.guidance_every):
+            raise _type_error("guidance_every", self.guidance_every, "a positive integer")
+        if self.guidance_every < 1 or (self.guidance_every > 1 and not self.guidance_reuse):
+            raise ValueError(
+                f"guidance_every = {self.guidance_every!r}: expected a positive integer, above 1 only with "
+                "guidance_reuse = true (it spaces the unconditional stream's computed steps)."
+            )
         if self.sampler_steps is not None:
             if not _is_integer(self.sampler_steps):
                 raise _type_error("sampler_steps", self.sampler_steps, "a positive integer or null")

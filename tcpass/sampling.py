@@ -140,9 +140,11 @@ def guided_sample(
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
     model_dtype = getattr(model, "dtype", noise.dtype)
+    plan = getattr(model, "plan", None)
     if guidance_reuse is None:
-        guidance_reuse = bool(getattr(getattr(model, "plan", None), "guidance_reuse", False))
-    guidance = GuidanceSteps(guidance_scale, guidance_interval, split=guidance_reuse)
+        guidance_reuse = bool(getattr(plan, "guidance_reuse", False))
+    every = getattr(plan, "guidance_every", 1) if guidance_reuse else 1
+    guidance = GuidanceSteps(guidance_scale, guidance_interval, split=guidance_reuse, every=every)
     context = getattr(model, "cache_context", None)
 
     def call(latents, t, kwargs, stream=None):

@@ -182,13 +182,18 @@ def guidance_at(t: float, guidance_scale: float, interval: tuple[float, float] |
     return 1.0
 
 
-def runs_uncond(guidance_scale: float, cond_kind: StepKind, have_difference: bool) -> bool:
+def runs_uncond(
+    guidance_scale: float, cond_kind: StepKind, have_difference: bool, waited: int = 0, every: int = 1
+) -> bool:
     """Whether a step runs the unconditional rows under split guidance (``CachePlan.guidance_reuse``).
 
     ``guidance_scale``: the scale at this step (`guidance_at`; 1.0 outside a guidance interval: the
     conditional prediction alone, so the unconditional rows never run). ``cond_kind``: what the
     conditional stream did at this step. ``have_difference``: whether a ``cond - uncond`` difference
-    was computed earlier in this generation. Guided steps the conditional stream skips reuse that
-    difference; every other guided step (and the first) computes both.
+    was computed earlier in this generation. ``waited``: guided steps since it was, where the conditional
+    stream computed; ``every`` (``CachePlan.guidance_every``): run at one in every ``every`` of those.
+    Guided steps the conditional stream skips reuse that difference; the first guided step computes both.
     """
-    return guidance_scale != 1.0 and (cond_kind is not StepKind.SKIP or not have_difference)
+    if guidance_scale == 1.0:
+        return False
+    return not have_difference or (cond_kind is not StepKind.SKIP and waited + 1 >= every)

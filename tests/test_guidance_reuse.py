@@ -62,12 +62,13 @@ def test_split_guidance_on_an_uncached_model_is_exact_and_skips_the_unconditiona
 
 
 @torch.no_grad()
-def reuse_reference(skip, noise, labels, scale, interval):
+def reuse_reference(skip, noise, labels, scale, interval, every=1):
     """Written out: the conditional stream under the skip table (hooks, `SkipReference`), the unconditional
     rows on a plain model at guided steps the conditional stream computes (and the first guided step), and
-    ``cond + (scale - 1) * last difference`` at guided steps it skips."""
+    ``cond + (scale - 1) * last difference`` at guided steps it skips. ``every``: of the guided steps the
+    conditional stream computes after a difference, the ``every``-th computes the next one."""
     cond_model, uncond_model = SkipReference(make_dit(), skip), make_dit()
-    x, difference, uncond_at = noise, None, []
+    x, difference, uncond_at, computed_since = noise, None, [], 0
     null = torch.full_like(labels, NULL)
     sched = reference_scheduler(STEPS)
     for t in sched.timesteps:
@@ -75,9 +76,11 @@ def reuse_reference(skip, noise, labels, scale, interval):
         c = cond_model(x, timestep=tt, class_labels=labels).sample[:, :4]
         skipped = cond_model.scale is not None
         if interval[0] <= float(t) < interval[1]:
-            if not skipped or difference is None:
+            computed_since += not skipped
+            if difference is None or (not skipped and computed_since == every):
                 difference = c - uncond_model(x, timestep=tt, class_labels=null).sample[:, :4]
                 uncond_at.append(float(t))
+                computed_since = 0
             eps = c + (scale - 1) * difference
         else:
             eps = c
@@ -103,6 +106,30 @@ def test_split_guidance_with_a_skip_plan_matches_a_loop_written_here():
     # reuse is an approximation: the batched plan (both halves forecast at skipped steps) differs
     batched = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL, guidance_reuse=False)
     assert (batched - got).abs().max() > 1e-3
+
+
+def test_the_unconditional_rows_can_run_at_one_in_every_few_computed_guided_steps():
+    ts = ddim_timesteps(STEPS)
+    skip = StepSkip(timesteps=[ts[1], ts[2], ts[4], ts[6], ts[8]], scales=[1.0, 0.9, 1.1, 1.0, 0.8])
+    noise, labels = inputs()
+    # guided: 700 (skipped; the first, so both halves run), 600 and 400 (computed), 500 and 300 (skipped)
+    for every, expected in ((2, [700.0, 400.0]), (3, [700.0])):
+        tm = tcpass.transform(make_dit(), CachePlan(blocks=(), skip=skip, guidance_reuse=True, guidance_every=every))
+        counter = RowCounter(tm)
+        got = ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
+        want, uncond_at = reuse_reference(skip, noise, labels, 4.0, INTERVAL, every)
+        assert counter.uncond_timesteps == uncond_at == expected
+        assert_close(got, want, units=REGROUPED)
+    # no skip table: every guided step computes, so 700, 500, 300
+    tm = tcpass.transform(make_dit(), CachePlan(blocks=(), guidance_reuse=True, guidance_every=2))
+    counter = RowCounter(tm)
+    ddim_sample(tm, noise, labels, NULL, STEPS, 4.0, guidance_interval=INTERVAL)
+    assert counter.uncond_timesteps == [700.0, 500.0, 300.0]
+    for bad, match in ((0, "expected a positive integer"), (2.5, "a positive integer"), (True, "positive integer")):
+        with pytest.raises(ValueError, match=f"guidance_every = .*{match}"):
+            CachePlan(guidance_reuse=True, guidance_every=bad)
+    with pytest.raises(ValueError, match="only with guidance_reuse = true"):
+        CachePlan(guidance_every=2)
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])

@@ -521,7 +521,8 @@ def generate(
     cond, uncond = _conditioning(runtime, conditioning, uncond)
     guided = guidance_scale != 1.0 and uncond is not None
     interval = check_guidance_interval(guidance_interval) or runtime.guidance_interval
-    guidance = GuidanceSteps(guidance_scale, interval, split=runtime.plan.guidance_reuse)
+    plan = runtime.plan
+    guidance = GuidanceSteps(guidance_scale, interval, split=plan.guidance_reuse, every=plan.guidance_every)
     x = noise.astype(np.float32)
     channels = x.shape[1]
 
