@@ -148,7 +148,10 @@ def test_guidance_reuse_round_trips_and_bad_values_are_refused(tmp_path, bad):
         tcpass.load_plan(path)
 
 
-def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every,uncond_at", [(1, [700, 600, 400]), (2, [700, 400])])
+def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_does(
+    tmp_path, monkeypatch, every, uncond_at
+):
     """Golden: the numpy sampler runs split guidance on ONNX Runtime (two cache contexts, graphs of one
     stream's rows) and gives torch's samples; the unconditional stream runs at the same steps."""
     import numpy as np
@@ -157,7 +160,7 @@ def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_doe
 
     ts = ddim_timesteps(STEPS)
     skip = StepSkip(timesteps=[ts[1], ts[2], ts[4], ts[6], ts[8]], weights=[[1.5, -0.5]] * 5)
-    plan = CachePlan(keep_ratio=0.5, skip=skip, guidance_reuse=True)
+    plan = CachePlan(keep_ratio=0.5, skip=skip, guidance_reuse=True, guidance_every=every)
     model = make_dit()
     noise, labels = inputs()
     tm = tcpass.transform(model, plan)
@@ -175,7 +178,7 @@ def test_a_split_guidance_plan_exports_and_onnx_runtime_generates_what_torch_doe
     )
     got = generate(runtime, noise.numpy(), labels.numpy(), STEPS, 4.0, guidance_interval=INTERVAL)
     assert_close(got, want.numpy(), units=OTHER_KERNELS)
-    assert [t for ctx, t in streams if ctx == "uncond"] == counter.uncond_timesteps == [700, 600, 400]
+    assert [t for ctx, t in streams if ctx == "uncond"] == counter.uncond_timesteps == uncond_at
     assert [t for ctx, t in streams if ctx == "cond"] == [int(t) for t in ts]
     assert runtime.step_counts[StepKind.SKIP] == tm.step_counts[StepKind.SKIP] > 0
     assert runtime.step_counts[StepKind.CACHED] == tm.step_counts[StepKind.CACHED] > 0
