@@ -54,7 +54,7 @@ def reads(weights: tuple[float, ...]) -> int:
     has zeros for the residuals that do not exist yet (its SKIP graph multiplies the zero-initialized or
     stale buffers there by exactly 0)."""
     nonzero = [k for k, w in enumerate(weights) if w != 0.0]
-    return max(1, nonzero[-1] + 1) if nonzero else 1
+    return nonzero[-1] + 1 if nonzero else 1
 
 
 class TPRRState:

@@ -232,7 +232,7 @@ class OrtTokenCacheRuntime:
             elif spec["kind"] == "scale":  # SKIP: weights on the remembered stack residuals, newest first
                 weights = np.asarray(step.weights, _DTYPES[spec["dtype"]]).reshape(spec["shape"])
                 binding.bind_cpu_input(spec["name"], weights)
-            elif self._caches is None:  # a FULL graph's carried history, at a generation's start: zeros
+            elif self._caches is None or spec["name"] not in self._caches:  # not computed yet this generation
                 binding.bind_cpu_input(spec["name"], np.zeros(spec["shape"], _DTYPES[spec["dtype"]]))
             else:
                 binding.bind_ortvalue_input(spec["name"], self._caches[spec["name"]])
@@ -249,9 +249,6 @@ class OrtTokenCacheRuntime:
             for dst, src in decision.history_moves:  # the residuals a forecast reads
                 if self._caches is not None and src in self._caches:
                     caches[dst] = self._caches[src]
-                else:  # not computed yet in this generation: zeros, as the torch runtime's buffers start
-                    newest = caches[decision.history_moves[-1][1]].numpy()
-                    caches[dst] = ort.OrtValue.ortvalue_from_numpy(np.zeros_like(newest), self.device)
             self._caches = caches
         self._controller.finished(decision)
         return outputs[0].numpy()
