@@ -13,6 +13,7 @@ labels, text embeddings and their masks...); `ddim_sample` is the class-conditio
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -49,6 +50,25 @@ def make_scheduler(
     if sampler != "ddim":
         raise ValueError(f"sampler = {sampler!r}: expected one of {SAMPLERS}.")
     return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False)
+
+
+def check_timesteps(timesteps: Sequence[int], num_steps: int, sampler: str) -> list[int]:
+    """``timesteps`` as a list of ints, or a ValueError naming what is wrong: DPM-Solver++ only, ``num_steps``
+    training timesteps (integers in 0..999), strictly decreasing."""
+    if sampler != "dpmpp":
+        raise ValueError(
+            f"timesteps given with sampler = {sampler!r}: custom timesteps are supported for 'dpmpp' only; drop "
+            "them or use sampler='dpmpp'."
+        )
+    values = list(timesteps)
+    if len(values) != num_steps:
+        raise ValueError(f"{len(values)} timesteps given for num_steps = {num_steps}: pass one timestep per step.")
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not float(t).is_integer() or not 0 <= t < 1000:
+            raise ValueError(f"timesteps[{i}] = {t!r}: expected an integer training timestep in 0..999.")
+        if i and t >= values[i - 1]:
+            raise ValueError(f"timesteps[{i}] = {t!r} follows {values[i - 1]!r}: timesteps must strictly decrease.")
+    return [int(t) for t in values]
 
 
 def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, float] | None) -> str:
@@ -110,6 +130,7 @@ def guided_sample(
     shift: float = 1.0,
     timestep_scale: float = 1.0,
     shared: dict | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` [B, C, H, W] (Flux: packed latents [B, N, C]) with the model's keyword arguments
     ``cond`` (B rows each); returns the samples, shaped as ``noise``.
@@ -133,10 +154,16 @@ def guided_sample(
     a fresh solver history per call) or ``"flow"`` (flow matching, SD3 and Flux). ``timestep_scale``:
     the model is called with ``t / timestep_scale`` (Flux takes ``t / 1000``); ``guidance_interval``
     and plans stay on the 0..1000 scale. ``shared``: keyword arguments passed whole at every call, not
-    split into rows (Flux's ``img_ids`` and ``txt_ids``).
+    split into rows (Flux's ``img_ids`` and ``txt_ids``). ``timesteps``: DPM-Solver++ only, the training
+    timesteps (integers 0..999, strictly decreasing) to step through instead of ``num_steps`` evenly spaced
+    ones (`check_timesteps`; ``num_steps`` must equal their count), e.g. a schedule `bench/timestep_search.py`
+    calibrated.
     """
     scheduler = make_scheduler(sampler=sampler, shift=shift)
-    scheduler.set_timesteps(num_steps)
+    if timesteps is None:
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler.set_timesteps(timesteps=check_timesteps(timesteps, num_steps, sampler))
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
     model_dtype = getattr(model, "dtype", noise.dtype)

@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 import tcpass
 from tcpass.calibrate.data import collect, sampler_notes
-from tcpass.sampling import ddim_sample, describe_guidance, make_scheduler, sampler_timesteps
+from tcpass.sampling import ddim_sample, describe_guidance, guided_sample, make_scheduler, sampler_timesteps
 from tcpass.zoo import REFERENCE_MODELS, sampler_for
 from tcpass.zoo.demo import warn_sampler_mismatch
 from tests.conftest import make_dit
@@ -99,6 +99,48 @@ def test_dpm_solver_with_split_guidance_matches_diffusers_driven_here():
     assert (batched - ddim_sample(model, noise, labels, NULL, 10, 4.0, guidance_interval=INTERVAL)).abs().max() > 1e-2
     assert sampler_timesteps(10, "dpmpp") == [float(t) for t in reference_dpm_solver(10).timesteps]
     assert sampler_timesteps(10, "dpmpp")[0] == 999.0  # diffusers' linspace spacing, not DDIM's leading 900
+
+
+def test_dpm_solver_steps_through_custom_timesteps_as_diffusers_does_driven_here():
+    model = make_dit()
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([3, 7])
+    cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, NULL)}
+    custom = [995, 874, 749, 616, 480, 367, 218, 93]
+
+    def reference(steps):
+        scheduler = reference_dpm_solver(steps)
+        scheduler.set_timesteps(timesteps=custom)
+        return scheduler
+
+    want = eager_interval_ddim(model, noise, labels, 8, 4.0, *INTERVAL, make=reference)
+    got = guided_sample(model, noise, cond, uncond, 8, 4.0, guidance_interval=INTERVAL, guidance_reuse=True,
+                        sampler="dpmpp", timesteps=custom)  # fmt: skip
+    assert_close(got, want, units=REGROUPED)
+    default = guided_sample(model, noise, cond, uncond, 8, 4.0, guidance_interval=INTERVAL, guidance_reuse=True,
+                            sampler="dpmpp")  # fmt: skip
+    assert (got - default).abs().max() > 1e-2  # the timesteps matter
+    spaced = [int(t) for t in sampler_timesteps(8, "dpmpp")]
+    same = guided_sample(model, noise, cond, uncond, 8, 4.0, guidance_interval=INTERVAL, guidance_reuse=True,
+                         sampler="dpmpp", timesteps=spaced)  # fmt: skip
+    assert_close(same, default, units=EXACT)  # the default spacing given explicitly: the same generation
+
+
+@pytest.mark.parametrize(
+    "timesteps, sampler, match",
+    [
+        ([999, 500], "ddim", r"custom timesteps are supported for 'dpmpp' only"),
+        ([999, 500, 100], "dpmpp", r"3 timesteps given for num_steps = 2"),
+        ([999, 999], "dpmpp", r"timesteps\[1\] = 999 follows 999: timesteps must strictly decrease"),
+        ([1000, 500], "dpmpp", r"timesteps\[0\] = 1000: expected an integer training timestep in 0..999"),
+        ([999, 2.5], "dpmpp", r"timesteps\[1\] = 2.5"),
+    ],
+)
+def test_bad_custom_timesteps_are_refused_naming_the_fix(timesteps, sampler, match):
+    labels = torch.tensor([1])
+    with pytest.raises(ValueError, match=match):
+        guided_sample(make_dit(), torch.zeros(1, 4, 16, 16), {"class_labels": labels}, None, 2, 1.0, sampler=sampler,
+                      timesteps=timesteps)  # fmt: skip
 
 
 def test_dpm_solver_at_20_steps_is_closer_to_a_200_step_reference_than_ddim_at_20():

@@ -1,0 +1,95 @@
+"""Calibrated DPM-Solver++(2M) timesteps: a coordinate search of the step's training timesteps that maximizes
+PSNR against 50 DDIM steps on calibration samples, scored on held-out samples (other noise and labels).
+
+Nothing is cached or skipped: the question is how much a model-specific timestep schedule buys at the step
+counts where the peers' best (DPM-Solver++ at fewer steps) sits at 4x and 6x, next to diffusers' three
+timestep spacings for the same solver (the default ``linspace``, ``leading``, ``trailing``). Nothing is timed
+(a schedule of N steps costs N model calls whatever its timesteps).
+
+The search: start from diffusers' default spacing; for each step size ``delta`` (e.g. 32, 16, 8, 4), move one
+timestep at a time by +-delta (keeping them strictly decreasing in 1..999) and keep every move that raises the
+calibration PSNR, until no move does. Each score is one whole generation of the calibration samples.
+
+    python bench/timestep_search.py digits 8                       # the digits reference model, 8 steps
+    python bench/timestep_search.py tcpass/zoo/emoji_dit 8 --samples 18
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tcpass.adapters import load_transformer  # noqa: E402
+from tcpass.calibrate import collect  # noqa: E402
+from tcpass.calibrate.search import sample_psnr  # noqa: E402
+from tcpass.calibrate.steps import reference_data  # noqa: E402
+from tcpass.cli import _shipped_interval  # noqa: E402
+from tcpass.sampling import guided_sample, make_scheduler  # noqa: E402
+from tcpass.zoo.digits import load_reference_model  # noqa: E402
+
+
+def spacing(steps: int, name: str) -> list[int]:
+    """diffusers' DPM-Solver++ timesteps for ``steps`` steps with ``timestep_spacing`` ``name``."""
+    scheduler = DPMSolverMultistepScheduler.from_config(make_scheduler(sampler="dpmpp").config, timestep_spacing=name)
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="'digits' (the digits reference model) or a model directory")
+    ap.add_argument("steps", type=int, help="DPM-Solver++ steps")
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--deltas", type=int, nargs="+", default=[32, 16, 8, 4], help="search step sizes (timesteps)")
+    ap.add_argument("--seeds", type=int, nargs=2, default=[1234, 4321], help="calibration seed, held-out seed")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = None if args.model == "digits" else args.model
+    model = load_reference_model() if path is None else load_transformer(path)
+    interval = _shipped_interval(path)
+    sets = []
+    for seed in args.seeds:  # noise and labels of each seed; finals replaced by 50 DDIM steps
+        data = collect(model, num_samples=args.samples, steps=2, sampler="dpmpp", sample_range=(-1, 1),
+                       guidance_interval=interval, seed=seed, progress=False)  # fmt: skip
+        sets.append(reference_data(model, data, "ddim", 50))
+
+    def score(timesteps: list[int], which: int) -> float:
+        d = sets[which]
+        samples = guided_sample(
+            model, d.noise, d.cond, d.uncond, args.steps, d.guidance_scale, guidance_interval=d.guidance_interval,
+            sampler="dpmpp", timesteps=timesteps,
+        )  # fmt: skip
+        return sample_psnr(samples, d)
+
+    print(f"{args.model}, {args.steps} DPM-Solver++(2M) steps, {args.samples} samples, PSNR against 50 DDIM steps "
+          f"(calibration seed {args.seeds[0]}, held-out seed {args.seeds[1]})", flush=True)  # fmt: skip
+    for name in ("linspace", "leading", "trailing"):
+        ts = spacing(args.steps, name)
+        print(f"spacing {name:8s} {ts}: calibration {score(ts, 0):.2f} dB, held out {score(ts, 1):.2f} dB", flush=True)
+    ts, start = spacing(args.steps, "linspace"), time.time()
+    best = score(ts, 0)
+    for delta in args.deltas:
+        moved = True
+        while moved:
+            moved = False
+            for i in range(len(ts)):
+                hi = 999 if i == 0 else ts[i - 1] - 1
+                lo = 1 if i == len(ts) - 1 else ts[i + 1] + 1
+                for t in (ts[i] + delta, ts[i] - delta):
+                    if lo <= t <= hi:
+                        trial = ts[:i] + [t] + ts[i + 1 :]
+                        psnr = score(trial, 0)
+                        if psnr > best + 1e-3:
+                            ts, best, moved = trial, psnr, True
+        print(f"searched delta {delta:2d} {ts}: calibration {best:.2f} dB, held out {score(ts, 1):.2f} dB "
+              f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
