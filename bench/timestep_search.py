@@ -11,7 +11,10 @@ timestep at a time by +-delta (keeping them strictly decreasing in 1..999) and k
 calibration PSNR, until no move does. Each score is one whole generation of the calibration samples.
 
     python bench/timestep_search.py digits 8                       # the digits reference model, 8 steps
-    python bench/timestep_search.py tcpass/zoo/emoji_dit 8 --samples 18
+    python bench/timestep_search.py tcpass/zoo/emoji_dit 8 --samples 18 -o bench/plans/emoji_dpm8_timesteps.json
+
+``-o``: a plan (`tcpass.CachePlan`: no block cached, ``sampler`` dpmpp, ``sampler_timesteps`` the schedule found)
+that `bench/peers.py --plan` and `tcpass demo --plan` run.
 """
 
 import argparse
@@ -24,11 +27,12 @@ from diffusers import DPMSolverMultistepScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tcpass.adapters import load_transformer  # noqa: E402
+from tcpass.adapters import adapter_for, load_transformer  # noqa: E402
 from tcpass.calibrate import collect  # noqa: E402
 from tcpass.calibrate.search import sample_psnr  # noqa: E402
 from tcpass.calibrate.steps import reference_data  # noqa: E402
 from tcpass.cli import _shipped_interval  # noqa: E402
+from tcpass.plan import CachePlan, save_plan  # noqa: E402
 from tcpass.sampling import guided_sample, make_scheduler  # noqa: E402
 from tcpass.zoo.digits import load_reference_model  # noqa: E402
 
@@ -48,6 +52,7 @@ def main() -> None:
     ap.add_argument("--deltas", type=int, nargs="+", default=[32, 16, 8, 4], help="search step sizes (timesteps)")
     ap.add_argument("--seeds", type=int, nargs=2, default=[1234, 4321], help="calibration seed, held-out seed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-o", "--out", type=Path, help="write the plan with the schedule found (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = None if args.model == "digits" else args.model
@@ -89,6 +94,18 @@ def main() -> None:
                             ts, best, moved = trial, psnr, True
         print(f"searched delta {delta:2d} {ts}: calibration {best:.2f} dB, held out {score(ts, 1):.2f} dB "
               f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+    if args.out:
+        notes = {
+            "method": "tcpass calibrated timesteps",
+            "calibrated_by": "bench/timestep_search.py " + " ".join(sys.argv[1:]),
+            "psnr_db": {"calibration": round(best, 3), "held_out": round(score(ts, 1), 3)},
+            "scored_against": {"sampler": "ddim", "steps": 50},
+            "seeds": {"calibration": args.seeds[0], "held_out": args.seeds[1]},
+        }
+        plan = CachePlan(blocks=[], model=adapter_for(model).fingerprint(model), sampler="dpmpp",
+                         sampler_timesteps=ts, notes=notes)  # fmt: skip
+        save_plan(plan, args.out)
+        print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -49,6 +49,27 @@ def _type_error(name: str, value: Any, expected: str) -> ValueError:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_timesteps(timesteps: Sequence[int], num_steps: int, sampler: str | None) -> list[int]:
+    """``timesteps`` as a list of ints, or a ValueError naming what is wrong: DPM-Solver++ only, ``num_steps``
+    training timesteps (integers in 0..999), strictly decreasing."""
+    if sampler != "dpmpp":
+        raise ValueError(
+            f"timesteps given with sampler = {sampler!r}: custom timesteps are supported for 'dpmpp' only; drop "
+            "them or use sampler='dpmpp'."
+        )
+    if isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Sequence):
+        raise _type_error("timesteps", timesteps, "a list of integer training timesteps")
+    values = list(timesteps)
+    if len(values) != num_steps:
+        raise ValueError(f"{len(values)} timesteps given for num_steps = {num_steps}: pass one timestep per step.")
+    for i, t in enumerate(values):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not float(t).is_integer() or not 0 <= t < 1000:
+            raise ValueError(f"timesteps[{i}] = {t!r}: expected an integer training timestep in 0..999.")
+        if i and t >= values[i - 1]:
+            raise ValueError(f"timesteps[{i}] = {t!r} follows {values[i - 1]!r}: timesteps must strictly decrease.")
+    return [int(t) for t in values]
 
 
 def _is_integer(value: Any) -> bool:
@@ -477,6 +498,10 @@ class CachePlan:
             Euler); ``None``: the model family's own (DDIM for DiT and PixArt). A skip table is keyed by
             the timesteps of the sampler and step count it was calibrated on, so `tcpass calibrate steps
             --sampler` records both (``sampler_steps``). The transformed model itself ignores it.
+        sampler_timesteps: with ``sampler`` ``"dpmpp"``, the training timesteps (integers 0..999, strictly
+            decreasing, one per sampler step) the samplers driven by tcpass step through instead of evenly
+            spaced ones: a schedule calibrated for the model (`bench/timestep_search.py`). ``sampler_steps``
+            is their count. ``None``: diffusers' default spacing. The ONNX Runtime sampler (DDIM) refuses it.
         notes: free-form provenance (what `tcpass calibrate` measured); never read by tcpass.
     """
 
@@ -493,6 +518,7 @@ class CachePlan:
     guidance_reuse: bool = False
     guidance_every: int = 1
     sampler: str | None = None
+    sampler_timesteps: tuple[int, ...] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -518,6 +544,19 @@ class CachePlan:
                     f"sampler = {self.sampler!r} is unknown; expected one of {SAMPLERS}, or null for the "
                     "model family's own."
                 )
+        if self.sampler_timesteps is not None:
+            count = len(self.sampler_timesteps) if _is_list(self.sampler_timesteps) else 0
+            if self.sampler_steps is not None and self.sampler_steps != count:
+                raise ValueError(
+                    f"sampler_steps = {self.sampler_steps!r} with {count} sampler_timesteps: expected one timestep "
+                    "per sampler step (or sampler_steps null)."
+                )
+            try:
+                ts = tuple(check_timesteps(self.sampler_timesteps, count, self.sampler))
+            except ValueError as e:
+                raise ValueError(f"sampler_timesteps = {self.sampler_timesteps!r}: {e}") from None
+            object.__setattr__(self, "sampler_timesteps", ts)
+            object.__setattr__(self, "sampler_steps", count)
         if not isinstance(self.notes, dict):
             raise _type_error("notes", self.notes, "a JSON object")
         if isinstance(self.blocks, str):

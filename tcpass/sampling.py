@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from tqdm.auto import tqdm
 
 from tcpass.controller import GuidanceSteps
-from tcpass.plan import SAMPLERS
+from tcpass.plan import SAMPLERS, check_timesteps
 from tcpass.schedule import StepKind
 
 
@@ -52,25 +52,6 @@ def make_scheduler(
     return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False)
 
 
-def check_timesteps(timesteps: Sequence[int], num_steps: int, sampler: str) -> list[int]:
-    """``timesteps`` as a list of ints, or a ValueError naming what is wrong: DPM-Solver++ only, ``num_steps``
-    training timesteps (integers in 0..999), strictly decreasing."""
-    if sampler != "dpmpp":
-        raise ValueError(
-            f"timesteps given with sampler = {sampler!r}: custom timesteps are supported for 'dpmpp' only; drop "
-            "them or use sampler='dpmpp'."
-        )
-    values = list(timesteps)
-    if len(values) != num_steps:
-        raise ValueError(f"{len(values)} timesteps given for num_steps = {num_steps}: pass one timestep per step.")
-    for i, t in enumerate(values):
-        if isinstance(t, bool) or not float(t).is_integer() or not 0 <= t < 1000:
-            raise ValueError(f"timesteps[{i}] = {t!r}: expected an integer training timestep in 0..999.")
-        if i and t >= values[i - 1]:
-            raise ValueError(f"timesteps[{i}] = {t!r} follows {values[i - 1]!r}: timesteps must strictly decrease.")
-    return [int(t) for t in values]
-
-
 def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, float] | None) -> str:
     """``"CFG 4"``, or ``"CFG 4 at t in [100, 700)"`` with an interval (model timesteps)."""
     text = f"CFG {guidance_scale:g}"
@@ -90,6 +71,16 @@ def sampler_timesteps(num_steps: int, sampler: str = "ddim", shift: float = 1.0)
 def ddim_timesteps(num_steps: int) -> list[float]:
     """The model-scale timesteps (0..1000) of a ``num_steps``-step DDIM generation, in call order."""
     return sampler_timesteps(num_steps, "ddim")
+
+
+def _scheduler(sampler: str, shift: float, num_steps: int, timesteps: Sequence[int] | None):
+    """`make_scheduler`'s, set to ``num_steps`` evenly spaced steps or to ``timesteps`` (`check_timesteps`)."""
+    scheduler = make_scheduler(sampler=sampler, shift=shift)
+    if timesteps is None:
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler.set_timesteps(timesteps=check_timesteps(timesteps, num_steps, sampler))
+    return scheduler
 
 
 def cat_rows(*parts: dict) -> dict:
@@ -154,20 +145,15 @@ def guided_sample(
     a fresh solver history per call) or ``"flow"`` (flow matching, SD3 and Flux). ``timestep_scale``:
     the model is called with ``t / timestep_scale`` (Flux takes ``t / 1000``); ``guidance_interval``
     and plans stay on the 0..1000 scale. ``shared``: keyword arguments passed whole at every call, not
-    split into rows (Flux's ``img_ids`` and ``txt_ids``). ``timesteps``: DPM-Solver++ only, the training
-    timesteps (integers 0..999, strictly decreasing) to step through instead of ``num_steps`` evenly spaced
-    ones (`check_timesteps`; ``num_steps`` must equal their count), e.g. a schedule `bench/timestep_search.py`
-    calibrated.
+    split into rows (Flux's ``img_ids`` and ``txt_ids``). ``timesteps``: DPM-Solver++ only, ``num_steps``
+    training timesteps (`tcpass.plan.check_timesteps`) instead of evenly spaced ones; ``None``: the transformed
+    model's ``plan.sampler_timesteps`` (calibrated by `bench/timestep_search.py`), else evenly spaced.
     """
-    scheduler = make_scheduler(sampler=sampler, shift=shift)
-    if timesteps is None:
-        scheduler.set_timesteps(num_steps)
-    else:
-        scheduler.set_timesteps(timesteps=check_timesteps(timesteps, num_steps, sampler))
+    plan = getattr(model, "plan", None)
+    scheduler = _scheduler(sampler, shift, num_steps, timesteps or getattr(plan, "sampler_timesteps", None))
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
     model_dtype = getattr(model, "dtype", noise.dtype)
-    plan = getattr(model, "plan", None)
     if guidance_reuse is None:
         guidance_reuse = bool(getattr(plan, "guidance_reuse", False))
     every = getattr(plan, "guidance_every", 1) if guidance_reuse else 1

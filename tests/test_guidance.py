@@ -210,3 +210,49 @@ def test_each_shipped_model_and_plan_agree_on_the_sampler(tmp_path):
             warn_sampler_mismatch(tcpass.load_plan(ref.demo_plan), 4.0, ref.guidance_interval)
     assert describe_guidance(4.0, (100.0, 700.0)) == "CFG 4 at t in [100, 700)"
     assert describe_guidance(1.0, (100.0, 700.0)) == "CFG 1"
+
+
+def test_a_plan_with_calibrated_timesteps_is_sampled_through_them_and_round_trips(tmp_path):
+    custom = [995, 874, 749, 616, 480, 367, 218, 93]
+    plan = tcpass.CachePlan(blocks=[], sampler="dpmpp", sampler_timesteps=custom)
+    assert plan.sampler_steps == 8 and plan.sampler_timesteps == tuple(custom)
+    tcpass.save_plan(plan, tmp_path / "plan.json")
+    assert tcpass.load_plan(tmp_path / "plan.json") == plan
+    model = make_dit()
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([3, 7])
+    cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, NULL)}
+    tm = tcpass.transform(model, plan, example_inputs={"hidden_states": noise[:1], "timestep": torch.tensor([999.0]),
+                                                       "class_labels": labels[:1]})  # fmt: skip
+    got = guided_sample(tm, noise, cond, uncond, plan.sampler_steps, 4.0, sampler="dpmpp")
+    want = guided_sample(model, noise, cond, uncond, 8, 4.0, sampler="dpmpp", timesteps=custom)
+    assert_close(got, want, units=REGROUPED)
+    default = guided_sample(model, noise, cond, uncond, 8, 4.0, sampler="dpmpp")
+    assert (got - default).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"sampler": "ddim", "sampler_timesteps": [999, 500]}, r"supported for 'dpmpp' only"),
+        ({"sampler": None, "sampler_timesteps": [999, 500]}, r"supported for 'dpmpp' only"),
+        ({"sampler": "dpmpp", "sampler_timesteps": [500, 999]}, r"timesteps must strictly decrease"),
+        ({"sampler": "dpmpp", "sampler_steps": 3, "sampler_timesteps": [999, 500]}, r"sampler_steps = 3 with 2"),
+        ({"sampler": "dpmpp", "sampler_timesteps": [999, 1200]}, r"timesteps\[1\] = 1200"),
+    ],
+)
+def test_a_plan_with_bad_timesteps_is_refused_naming_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        tcpass.CachePlan(blocks=[], **fields)
+
+
+def test_the_onnx_runtime_sampler_refuses_a_plan_with_calibrated_timesteps():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tcpass.export.ort_runtime import generate
+
+    plan = tcpass.CachePlan(blocks=[], sampler="dpmpp", sampler_timesteps=[999, 500])
+    with pytest.raises(ValueError, match=r"calibrated dpmpp timesteps \[999, 500\].*guided_sample"):
+        generate(SimpleNamespace(plan=plan), np.zeros((1, 4, 16, 16), np.float32), np.array([1]), 2, 4.0)

@@ -141,3 +141,20 @@ def test_cache_dit_calibrators_build_firing_arms_or_say_why_not():
 
     if "placeholder" in (cache_dit.FoCaCalibratorConfig.__doc__ or "").lower():
         assert [u["method"] for u in unavailable] == ["dbcache_foca"] and "placeholder" in unavailable[0]["reason"]
+
+
+def test_a_plan_that_runs_fewer_sampler_steps_fires_and_one_that_runs_all_of_them_does_not():
+    from types import SimpleNamespace
+
+    from bench.peers import check_fires
+
+    def arm(name, steps):
+        return SimpleNamespace(name=name, steps=steps, record={})
+
+    full = {"attention_rows": 3200, "mlp_rows": 3200}
+    counts = {"full": full, "8 steps": {"step_counts": {"full": 8}}, "50 steps": {"step_counts": {"full": 50}}}
+    arms = [arm("full", 50), arm("8 steps", 8)]
+    check_fires(arms, counts, allow_noop=False)  # 8 calibrated sampler steps instead of 50: it fires
+    assert arms[1].record["noop"] is False
+    with pytest.raises(RuntimeError, match=r"did not fire.*\['50 steps'\]"):
+        check_fires([arm("full", 50), arm("50 steps", 50)], counts, allow_noop=False)

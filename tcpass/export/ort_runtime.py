@@ -513,12 +513,18 @@ def generate(
     The sampler's arithmetic is float32 whatever the export's dtype; the model's inputs are cast to the
     dtypes the graphs take (float16 for a float16 export) and its output back to float32.
     """
+    plan = runtime.plan
+    if plan.sampler_timesteps is not None:
+        raise ValueError(
+            f"the export's plan steps through calibrated {plan.sampler or 'ddim'} timesteps "
+            f"{list(plan.sampler_timesteps)}; this sampler runs evenly spaced DDIM steps only: sample it with "
+            "tcpass.sampling.guided_sample, or export a plan without sampler_timesteps."
+        )
     timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
     step = 1000 // num_steps
     cond, uncond = _conditioning(runtime, conditioning, uncond)
     guided = guidance_scale != 1.0 and uncond is not None
     interval = check_guidance_interval(guidance_interval) or runtime.guidance_interval
-    plan = runtime.plan
     guidance = GuidanceSteps(guidance_scale, interval, split=plan.guidance_reuse, every=plan.guidance_every)
     x = noise.astype(np.float32)
     channels = x.shape[1]
