@@ -238,19 +238,29 @@ def render_peers(path: str) -> str:
     return _table(header, rows) + "\n\n" + provenance(path, data)
 
 
+def _plan_name(arm: str) -> str:
+    """A tcpass arm's plan file stem, its method after it unless plain ``tcpass``: "tcpass (digits_2x)" ->
+    "digits_2x", "tcpass calibrated timesteps (emoji_dpm8)" -> "emoji_dpm8 (calibrated timesteps)"."""
+    match = re.fullmatch(r"(?P<method>.*) \((?P<stem>[^()]*)\)", arm)
+    if match is None:
+        return arm
+    method = match["method"].removeprefix("tcpass").strip()
+    return match["stem"] + (f" ({method})" if method else "")
+
+
 def render_frontier(*paths: str) -> str:
     """Each tcpass plan against the best peer measured at the plan's own speed (`bench/peers.py`)."""
     rows, captions = [], []
     for path in paths:
         data = load(path)
         captions.append(provenance(path, data))
-        peers = sorted(m for m in data["frontier"]["psnr_db_at_speedup"] if m != "tcpass")
+        peers = sorted(m for m in data["frontier"]["psnr_db_at_speedup"] if not m.startswith("tcpass"))
         for p in data["frontier"]["tcpass_plans"]:
             best = p["best_peer"] or {}
             rows.append(
                 [
                     data["config"]["model"],
-                    p["plan"].removeprefix("tcpass (").removesuffix(")"),
+                    _plan_name(p["plan"]),
                     f"{p['speedup']:.2f}x",
                     f"{p['psnr_db']:.2f} ± {p['psnr_db_std']:.2f}",
                     f"{best.get('method', 'none at that speed')}: {_cell(best.get('psnr_db'), '.2f')}",
