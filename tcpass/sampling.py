@@ -73,8 +73,11 @@ def ddim_timesteps(num_steps: int) -> list[float]:
     return sampler_timesteps(num_steps, "ddim")
 
 
-def _scheduler(sampler: str, shift: float, num_steps: int, timesteps: Sequence[int] | None):
-    """`make_scheduler`'s, set to ``num_steps`` evenly spaced steps or to ``timesteps`` (`check_timesteps`)."""
+def _scheduler(sampler: str, shift: float, num_steps: int, timesteps: Sequence[int] | None, plan=None):
+    """`make_scheduler`'s, set to ``num_steps`` evenly spaced steps or to ``timesteps`` (`check_timesteps`;
+    ``None``: ``plan.sampler_timesteps`` if the plan has them)."""
+    if timesteps is None:
+        timesteps = getattr(plan, "sampler_timesteps", None)
     scheduler = make_scheduler(sampler=sampler, shift=shift)
     if timesteps is None:
         scheduler.set_timesteps(num_steps)
@@ -150,7 +153,7 @@ def guided_sample(
     model's ``plan.sampler_timesteps`` (calibrated by `bench/timestep_search.py`), else evenly spaced.
     """
     plan = getattr(model, "plan", None)
-    scheduler = _scheduler(sampler, shift, num_steps, timesteps or getattr(plan, "sampler_timesteps", None))
+    scheduler = _scheduler(sampler, shift, num_steps, timesteps, plan)
     channels = noise.shape[1]
     guided = guidance_scale != 1.0 and uncond is not None
     model_dtype = getattr(model, "dtype", noise.dtype)
