@@ -103,7 +103,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class OrtGenerator:
-    """A whole generation on ONNX Runtime (numpy DDIM + CFG), from an exported directory."""
+    """A whole generation on ONNX Runtime (numpy sampler + CFG: the export plan's, DDIM by default), from an exported
+    directory."""
 
     def __init__(self, directory: Path, steps: int, threads: int, providers: list[str] | None = None) -> None:
         from tcpass.export.ort_runtime import OrtTokenCacheRuntime

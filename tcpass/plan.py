@@ -501,7 +501,7 @@ class CachePlan:
         sampler_timesteps: with ``sampler`` ``"dpmpp"``, the training timesteps (integers 0..999, strictly
             decreasing, one per sampler step) the samplers driven by tcpass step through instead of evenly
             spaced ones: a schedule calibrated for the model (`bench/timestep_search.py`). ``sampler_steps``
-            is their count. ``None``: diffusers' default spacing. The ONNX Runtime sampler (DDIM) refuses it.
+            is their count. ``None``: diffusers' default spacing. The ONNX Runtime sampler steps through them too.
         notes: free-form provenance (what `tcpass calibrate` measured); never read by tcpass.
     """
 

@@ -327,7 +327,8 @@ class TorchSampler(ClassSampler):
 
 
 class OrtSampler(ClassSampler):
-    """numpy DDIM + CFG (`tcpass.export.ort_runtime.generate`) on an exported model; no torch."""
+    """numpy DDIM or DPM-Solver++ (the export's plan's) + CFG (`tcpass.export.ort_runtime.generate`) on an exported
+    model; no torch."""
 
     def __init__(self, config: ServeConfig) -> None:
         if config.pipeline is not None:

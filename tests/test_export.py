@@ -22,7 +22,7 @@ from tcpass.export.onnx_export import export_onnx
 from tcpass.export.ort_runtime import ManifestError, OrtTokenCacheRuntime, ddim_schedule, generate
 from tcpass.sampling import ddim_sample, make_scheduler
 from tests.conftest import make_dit
-from tests.tolerance import OTHER_KERNELS, assert_close
+from tests.tolerance import OTHER_KERNELS, REGROUPED, assert_close
 
 PLAN = CachePlan(keep_ratio=0.25, attention="cached_kv")
 
@@ -307,6 +307,76 @@ def test_an_export_records_its_guidance_interval_and_generate_uses_it(tmp_path):
     every_step = generate(runtime, noise.numpy(), np.array([4]), 20, 4.0, guidance_interval=(0, 1000))
     assert_close(got, want, units=OTHER_KERNELS)
     assert np.abs(every_step - want).max() > 1e-2
+
+
+CALIBRATED = [995, 874, 749, 616, 480, 367, 218, 93]
+
+
+@pytest.mark.parametrize("steps, timesteps", [(1, None), (2, None), (8, None), (20, None), (8, CALIBRATED)])
+def test_the_numpy_dpm_solver_steps_as_diffusers_does(steps, timesteps):
+    """The numpy DPM-Solver++(2M) against diffusers' scheduler (built here) fed the same predictions."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from tcpass.export.ort_runtime import numpy_sampler
+
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+        algorithm_type="dpmsolver++", solver_order=2,
+    )  # fmt: skip
+    scheduler.set_timesteps(**({"num_inference_steps": steps} if timesteps is None else {"timesteps": timesteps}))
+    order, update = numpy_sampler("dpmpp", steps, timesteps)
+    assert order.tolist() == scheduler.timesteps.tolist()
+    g = torch.Generator().manual_seed(4)
+    x = want = torch.randn(2, 4, 8, 8, generator=g)
+    got = x.numpy()
+    for i, t in enumerate(scheduler.timesteps):  # a prediction that depends on the latents, as a model's does
+        drift = torch.randn(2, 4, 8, 8, generator=g)
+        want = scheduler.step(0.8 * torch.tanh(want) + 0.3 * drift, t, want).prev_sample
+        got = update(i, 0.8 * np.tanh(got) + 0.3 * drift.numpy(), got)
+    assert_close(got, want, units=REGROUPED)  # the same arithmetic in numpy: <5 units measured
+    assert got.dtype == np.float32
+
+
+@pytest.mark.parametrize("timesteps", [None, CALIBRATED], ids=["default spacing", "calibrated timesteps"])
+def test_the_onnx_runtime_samples_a_dpm_solver_plan_as_the_torch_sampler_does(tmp_path, timesteps):
+    """A plan calibrated under DPM-Solver++ (its skip table keyed by that sampler's timesteps) runs under it."""
+    from tcpass.sampling import guided_sample
+
+    model = make_dit()
+    plan = CachePlan(keep_ratio=0.25, attention="cached_kv", sampler="dpmpp", sampler_timesteps=timesteps)
+    transformed = tcpass.transform(model, plan)
+    export_onnx(transformed, tmp_path / "out", null_label=1000)
+    runtime = OrtTokenCacheRuntime(tmp_path / "out")
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    steps = None if timesteps else 10  # None: as many steps as the plan's timesteps
+    got = generate(runtime, noise.numpy(), np.array([4]), steps, 4.0)
+    labels = {"class_labels": torch.tensor([4])}
+    want = guided_sample(transformed, noise, labels, {"class_labels": torch.tensor([1000])}, 8 if timesteps else 10,
+                         4.0, sampler="dpmpp")  # fmt: skip
+    assert_close(got, want.numpy(), units=OTHER_KERNELS)
+    assert runtime.step_counts[StepKind.CACHED] > 0
+    if timesteps is None:  # what the runtime did before it read the plan's sampler: DDIM
+        assert np.abs(generate(runtime, noise.numpy(), np.array([4]), 10, 4.0, sampler="ddim") - got).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "fields, kwargs, match",
+    [
+        ({"sampler": "flow"}, {}, r"sampler = 'flow': the ONNX Runtime sampler runs 'ddim' and 'dpmpp'"),
+        (
+            {"sampler": "dpmpp", "sampler_timesteps": [999, 500]},
+            {"num_steps": 5},
+            r"2 timesteps given for num_steps = 5",
+        ),
+        ({"sampler": "dpmpp", "sampler_timesteps": [999, 500]}, {"sampler": "ddim"}, r"supported for 'dpmpp' only"),
+    ],
+)
+def test_the_onnx_runtime_sampler_refuses_what_it_cannot_run_naming_the_fix(fields, kwargs, match):
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=match):
+        generate(SimpleNamespace(plan=CachePlan(blocks=[], **fields)), np.zeros((1, 4, 16, 16), np.float32),
+                 np.array([1]), **kwargs)  # fmt: skip
 
 
 def test_runtime_generates_where_torch_cannot_be_imported(exported):

@@ -244,15 +244,3 @@ def test_a_plan_with_calibrated_timesteps_is_sampled_through_them_and_round_trip
 def test_a_plan_with_bad_timesteps_is_refused_naming_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         tcpass.CachePlan(blocks=[], **fields)
-
-
-def test_the_onnx_runtime_sampler_refuses_a_plan_with_calibrated_timesteps():
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from tcpass.export.ort_runtime import generate
-
-    plan = tcpass.CachePlan(blocks=[], sampler="dpmpp", sampler_timesteps=[999, 500])
-    with pytest.raises(ValueError, match=r"calibrated dpmpp timesteps \[999, 500\].*guided_sample"):
-        generate(SimpleNamespace(plan=plan), np.zeros((1, 4, 16, 16), np.float32), np.array([1]), 2, 4.0)

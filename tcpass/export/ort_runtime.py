@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tcpass.contracts import MANIFEST_VERSION
 from tcpass.controller import GuidanceSteps, StepController
 from tcpass.export import missing_extra
 from tcpass.files import sha256_of
-from tcpass.plan import CachePlan
+from tcpass.plan import CachePlan, check_timesteps
 from tcpass.schedule import Step, StepKind, check_guidance_interval
 from tcpass.selectors import selector_class
 
@@ -486,17 +487,84 @@ def ddim_schedule(num_steps: int, num_train_timesteps: int = 1000) -> tuple[np.n
     return timesteps, alphas_cumprod, float(alphas_cumprod[0])
 
 
+def dpmpp_schedule(
+    num_steps: int, timesteps: Sequence[int] | None = None, num_train_timesteps: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """DPM-Solver++(2M) over DiT's linear betas: (timesteps in call order, sigmas ``sqrt((1 - a) / a)``, one per
+    step and a final 0); diffusers' `DPMSolverMultistepScheduler` as `tcpass.sampling.make_scheduler("dpmpp")`
+    configures it: ``timesteps`` (`tcpass.plan.check_timesteps`), or ``num_steps`` with "linspace" spacing."""
+    betas = np.linspace(0.0001, 0.02, num_train_timesteps, dtype=np.float32)
+    alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+    if timesteps is None:
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    else:
+        ts = np.array(check_timesteps(timesteps, num_steps, "dpmpp"), dtype=np.int64)
+    sigmas = np.interp(ts, np.arange(num_train_timesteps), np.sqrt((1 - alphas_cumprod) / alphas_cumprod))
+    return ts, np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def numpy_sampler(
+    sampler: str, num_steps: int, timesteps: Sequence[int] | None = None
+) -> tuple[np.ndarray, Callable[[int, np.ndarray, np.ndarray], np.ndarray]]:
+    """The ONNX Runtime sampler's update, float32 numpy: ``(timesteps in call order, update)`` with
+    ``update(i, eps, x)`` the latents after step ``i`` given the (guided) noise prediction ``eps`` at ``x``.
+
+    ``"ddim"`` (eta 0, `ddim_schedule`) or ``"dpmpp"``: DPM-Solver++(2M) (`dpmpp_schedule`), first order at the
+    first step and at the last (whose sigma is 0), second order (midpoint) between, as diffusers steps it; its
+    history lives in the closure, so one sampler per generation. ``timesteps``: DPM-Solver++ only.
+    """
+    if sampler not in ("ddim", "dpmpp"):
+        raise ValueError(
+            f"sampler = {sampler!r}: the ONNX Runtime sampler runs 'ddim' and 'dpmpp'; sample a {sampler!r} plan "
+            "with tcpass.sampling.guided_sample."
+        )
+    if sampler == "ddim":
+        if timesteps is not None:
+            check_timesteps(timesteps, num_steps, sampler)  # refused, naming the fix
+        ts, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
+        stride = 1000 // num_steps
+
+        def ddim(i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+            t = ts[i]
+            a_t, a_prev = alphas_cumprod[t], alphas_cumprod[t - stride] if t - stride >= 0 else final_alpha
+            x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+            return (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+
+        return ts, ddim
+    ts, sigmas = dpmpp_schedule(num_steps, timesteps)
+    alphas = 1 / np.sqrt(sigmas**2 + 1)  # alpha_t, sigma_t = alphas, sigmas * alphas
+    lambdas = np.log(alphas[:-1]) - np.log(sigmas[:-1] * alphas[:-1])  # the last (sigma 0) is infinite: unused
+    history: list[np.ndarray] = []  # the previous step's data prediction
+
+    def dpmpp(i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        x0 = (x - sigmas[i] * alphas[i] * eps) / alphas[i]
+        if i == len(ts) - 1:  # to sigma 0: the first-order update is the data prediction itself
+            return x0.astype(np.float32)
+        h = lambdas[i + 1] - lambdas[i]
+        d = x0 if not history else x0 + 0.5 * (x0 - history[0]) * h / (lambdas[i] - lambdas[i - 1])
+        history[:] = [x0]
+        out = (sigmas[i + 1] * alphas[i + 1]) / (sigmas[i] * alphas[i]) * x - alphas[i + 1] * np.expm1(-h) * d
+        return out.astype(np.float32)
+
+    return ts, dpmpp
+
+
 def generate(
     runtime: OrtTokenCacheRuntime,
     noise: np.ndarray,
     conditioning: np.ndarray | dict[str, np.ndarray],
-    num_steps: int = 50,
+    num_steps: int | None = None,
     guidance_scale: float = 4.0,
     guidance_interval: tuple[float, float] | None = None,
     uncond: dict[str, np.ndarray] | None = None,
+    sampler: str | None = None,
 ) -> np.ndarray:
-    """DDIM (eta 0) with classifier-free guidance, in numpy; returns [B, C, H, W] float32.
+    """Sample with classifier-free guidance, in numpy (`numpy_sampler`); returns [B, C, H, W] float32.
 
+    ``sampler``: ``"ddim"`` (eta 0) or ``"dpmpp"`` (DPM-Solver++(2M)); ``None``: the export's plan's
+    ``sampler`` (a skip table is keyed by the timesteps it was calibrated on), DDIM if it names none. The
+    plan's ``sampler_timesteps``, if any, are stepped through. ``num_steps``: ``None``: as many as the plan's
+    ``sampler_timesteps``, else 50.
     ``conditioning``: the B samples' conditioning, either class labels [B] (class-conditional models; the
     unconditional rows get the export's null label) or the model's other inputs by name, B rows each (the
     names of manifest.json ``conditioning_inputs``: ``encoder_hidden_states``, ``encoder_attention_mask``,
@@ -514,14 +582,9 @@ def generate(
     dtypes the graphs take (float16 for a float16 export) and its output back to float32.
     """
     plan = runtime.plan
-    if plan.sampler_timesteps is not None:
-        raise ValueError(
-            f"the export's plan steps through calibrated {plan.sampler or 'ddim'} timesteps "
-            f"{list(plan.sampler_timesteps)}; this sampler runs evenly spaced DDIM steps only: sample it with "
-            "tcpass.sampling.guided_sample, or export a plan without sampler_timesteps."
-        )
-    timesteps, alphas_cumprod, final_alpha = ddim_schedule(num_steps)
-    step = 1000 // num_steps
+    calibrated = plan.sampler_timesteps
+    steps = num_steps if num_steps is not None else len(calibrated) if calibrated is not None else 50
+    timesteps, update = numpy_sampler(sampler or plan.sampler or "ddim", steps, calibrated)
     cond, uncond = _conditioning(runtime, conditioning, uncond)
     guided = guidance_scale != 1.0 and uncond is not None
     interval = check_guidance_interval(guidance_interval) or runtime.guidance_interval
@@ -539,7 +602,7 @@ def generate(
         return out[:, :channels].astype(np.float32)
 
     batched = {k: np.concatenate([v, uncond[k]]) for k, v in cond.items()} if guided and not guidance.split else None
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         scale = guidance.scale_at(float(t))
         if batched is not None:
             c, u = np.split(call(np.concatenate([x, x]), t, batched), 2)
@@ -552,10 +615,7 @@ def generate(
                 eps = eps + (scale - 1.0) * difference
         else:
             eps = call(x, t, cond)
-        a_t = alphas_cumprod[t]
-        a_prev = alphas_cumprod[t - step] if t - step >= 0 else final_alpha
-        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
-        x = (np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps).astype(np.float32)
+        x = update(i, eps, x)
     return x
 
 
