@@ -474,14 +474,19 @@ def plan_differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _alphas_cumprod(num_train_timesteps: int) -> np.ndarray:
+    """DiT's training schedule: cumulative products of ``1 - beta``, linear betas 1e-4..0.02 (float32)."""
+    betas = np.linspace(0.0001, 0.02, num_train_timesteps, dtype=np.float32)
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
 def ddim_schedule(num_steps: int, num_train_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray, float]:
     """DDIM with DiT's linear betas (1e-4..0.02), "leading" spacing, final alpha = alphas_cumprod[0].
 
     Returns (timesteps in call order, alphas_cumprod, final_alpha_cumprod); matches diffusers'
     DDIMScheduler(beta_schedule="linear", set_alpha_to_one=False).
     """
-    betas = np.linspace(0.0001, 0.02, num_train_timesteps, dtype=np.float32)
-    alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+    alphas_cumprod = _alphas_cumprod(num_train_timesteps)
     step = num_train_timesteps // num_steps
     timesteps = (np.arange(num_steps) * step)[::-1].astype(np.int64)
     return timesteps, alphas_cumprod, float(alphas_cumprod[0])
@@ -493,8 +498,7 @@ def dpmpp_schedule(
     """DPM-Solver++(2M) over DiT's linear betas: (timesteps in call order, sigmas ``sqrt((1 - a) / a)``, one per
     step and a final 0); diffusers' `DPMSolverMultistepScheduler` as `tcpass.sampling.make_scheduler("dpmpp")`
     configures it: ``timesteps`` (`tcpass.plan.check_timesteps`), or ``num_steps`` with "linspace" spacing."""
-    betas = np.linspace(0.0001, 0.02, num_train_timesteps, dtype=np.float32)
-    alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+    alphas_cumprod = _alphas_cumprod(num_train_timesteps)
     if timesteps is None:
         ts = np.linspace(0, num_train_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
     else:
