@@ -6,9 +6,10 @@ counts where the peers' best (DPM-Solver++ at fewer steps) sits at 4x and 6x, ne
 timestep spacings for the same solver (the default ``linspace``, ``leading``, ``trailing``). Nothing is timed
 (a schedule of N steps costs N model calls whatever its timesteps).
 
-The search: start from diffusers' default spacing; for each step size ``delta`` (e.g. 32, 16, 8, 4), move one
-timestep at a time by +-delta (keeping them strictly decreasing in 1..999) and keep every move that raises the
-calibration PSNR, until no move does. Each score is one whole generation of the calibration samples.
+The search: start from diffusers' default spacing (or ``--start``: another spacing, or a plan's schedule to
+refine); for each step size ``delta`` (e.g. 32, 16, 8, 4), move one timestep at a time by +-delta (keeping
+them strictly decreasing in 1..999) and keep every move that raises the calibration PSNR, until no move does.
+Each score is one whole generation of the calibration samples.
 
     python bench/timestep_search.py digits 8                       # the digits reference model, 8 steps
     python bench/timestep_search.py tcpass/zoo/emoji_dit 8 --samples 18 -o bench/plans/emoji_dpm8_timesteps.json
@@ -32,7 +33,7 @@ from tcpass.calibrate import collect  # noqa: E402
 from tcpass.calibrate.search import sample_psnr  # noqa: E402
 from tcpass.calibrate.steps import reference_data  # noqa: E402
 from tcpass.cli import _shipped_interval  # noqa: E402
-from tcpass.plan import CachePlan, save_plan  # noqa: E402
+from tcpass.plan import CachePlan, load_plan, save_plan  # noqa: E402
 from tcpass.sampling import guided_sample, make_scheduler  # noqa: E402
 from tcpass.zoo.digits import load_reference_model  # noqa: E402
 
@@ -44,6 +45,17 @@ def spacing(steps: int, name: str) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
+def start_timesteps(start: str, steps: int) -> list[int]:
+    """The schedule the search starts from: a spacing name, or the ``sampler_timesteps`` of a plan file."""
+    if start in ("linspace", "leading", "trailing"):
+        return spacing(steps, start)
+    ts = load_plan(start).sampler_timesteps
+    if ts is None or len(ts) != steps:
+        raise SystemExit(f"--start {start}: the plan has sampler_timesteps {ts}, not {steps} of them; pass a plan "
+                         f"calibrated for {steps} steps or a spacing (linspace, leading, trailing)")  # fmt: skip
+    return [int(t) for t in ts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="'digits' (the digits reference model) or a model directory")
@@ -52,9 +64,13 @@ def main() -> None:
     ap.add_argument("--deltas", type=int, nargs="+", default=[32, 16, 8, 4], help="search step sizes (timesteps)")
     ap.add_argument("--seeds", type=int, nargs=2, default=[1234, 4321], help="calibration seed, held-out seed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--start", default="linspace",
+                    help="where the search starts: a spacing (linspace, leading, trailing) or a plan JSON whose "
+                         "sampler_timesteps it refines")  # fmt: skip
     ap.add_argument("-o", "--out", type=Path, help="write the plan with the schedule found (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    first = start_timesteps(args.start, args.steps)  # refused before any work
     path = None if args.model == "digits" else args.model
     model = load_reference_model() if path is None else load_transformer(path)
     interval = _shipped_interval(path)
@@ -77,7 +93,8 @@ def main() -> None:
     for name in ("linspace", "leading", "trailing"):
         ts = spacing(args.steps, name)
         print(f"spacing {name:8s} {ts}: calibration {score(ts, 0):.2f} dB, held out {score(ts, 1):.2f} dB", flush=True)
-    ts, start = spacing(args.steps, "linspace"), time.time()
+    ts, start = first, time.time()
+    print(f"start {args.start}: {ts}", flush=True)
     best = score(ts, 0)
     for delta in args.deltas:
         moved = True
