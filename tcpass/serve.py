@@ -215,7 +215,11 @@ class GenerateRequest(BaseModel):
     prompt: str | None = Field(default=None, max_length=4000, description="text-to-image pipelines: the prompt")
     negative_prompt: str = Field(default="", max_length=4000, description="text-to-image: the unconditional text")
     seed: int = Field(default=0, ge=0, le=MAX_SEED - 1024, description="noise seed of the first image")
-    steps: int = Field(default=50, ge=1, description="DDIM steps (at most the server's max_steps)")
+    steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="sampler steps (at most the server's max_steps); default: the plan's sampler_steps, else 50",
+    )
     guidance: float = Field(default=4.0, ge=1.0, le=50.0, allow_inf_nan=False, description="CFG scale; 1: none")
     num_images: int = Field(default=1, ge=1, le=1024, description="images, seeds seed..seed+num_images-1")
     request_id: str | None = Field(default=None, max_length=128, description="echoed back in /generate/json")
@@ -271,8 +275,10 @@ class ClassSampler:
 
 
 class TorchSampler(ClassSampler):
-    """DDIM + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless ``uncached``; a shipped
-    reference model's weights sample with its guidance interval (`tcpass.zoo.ReferenceModel.guidance_interval`)."""
+    """The plan's sampler (``sampler``: DDIM, DPM-Solver++(2M), through its ``sampler_timesteps`` if it has them;
+    DDIM without a plan) + CFG (`tcpass.sampling.ddim_sample`) on a DiT, TokenCache-transformed unless
+    ``uncached``; a shipped reference model's weights sample with its guidance interval
+    (`tcpass.zoo.ReferenceModel.guidance_interval`)."""
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
@@ -322,6 +328,7 @@ class TorchSampler(ClassSampler):
             steps,
             guidance,
             guidance_interval=self.guidance_interval,
+            sampler=(self.plan.sampler if self.plan is not None else None) or "ddim",
         )
         return out.cpu().numpy()
 
@@ -826,6 +833,13 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return _error(422, "; ".join(messages), fields)
 
 
+def request_steps(request: GenerateRequest, model: dict) -> int:
+    """The sampler steps ``request`` runs: its own ``steps``, else the served plan's ``sampler_steps``, else 50."""
+    if request.steps is not None:
+        return request.steps
+    return (model.get("plan") or {}).get("sampler_steps") or 50
+
+
 def _check_request(request: GenerateRequest, model: dict) -> JSONResponse | None:
     """The limits that depend on the served model and configuration (the rest are `GenerateRequest`'s)."""
     if model["conditioning"] == "text":
@@ -848,8 +862,17 @@ def _check_request(request: GenerateRequest, model: dict) -> JSONResponse | None
         return _error(
             422, f"class_label: {request.class_label} is not a class of this model (0..{n - 1})", ["class_label"]
         )
-    if request.steps > model["max_steps"]:
-        return _error(422, f"steps: {request.steps} is above this server's max_steps {model['max_steps']}", ["steps"])
+    plan = model.get("plan") or {}
+    steps, plan_steps = request_steps(request, model), plan.get("sampler_steps")
+    if plan_steps is not None and steps != plan_steps:
+        message = (
+            f"steps: {steps}, but this server's plan runs {plan_steps} {plan.get('sampler')} steps "
+            f"(its sampler_steps: a skip table or calibrated timesteps are keyed by them); send steps={plan_steps} "
+            "or leave steps out"
+        )
+        return _error(422, message, ["steps"])
+    if steps > model["max_steps"]:
+        return _error(422, f"steps: {steps} is above this server's max_steps {model['max_steps']}", ["steps"])
     if request.num_images > model["max_batch"]:
         message = f"num_images: {request.num_images} is above this server's batch of {model['max_batch']} images"
         return _error(422, message, ["num_images"])
@@ -908,7 +931,7 @@ class TokenCacheIngress:
         job = Job(
             request.class_label,
             request.seed,
-            request.steps,
+            request_steps(request, model),
             request.guidance,
             request.num_images,
             prompt=request.prompt,

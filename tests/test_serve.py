@@ -30,12 +30,13 @@ import tcpass
 from tcpass.export.onnx_export import export_onnx
 from tcpass.export.ort_runtime import OrtTokenCacheRuntime, generate
 from tcpass.noise import seeded_noise
-from tcpass.sampling import ddim_sample
+from tcpass.sampling import ddim_sample, guided_sample
 from tcpass.serve import (
     APP_NAME,
     DEPLOYMENT_NAME,
     BatchGate,
     DeployConfig,
+    Done,
     Job,
     PipelineSampler,
     ReplicaLost,
@@ -199,6 +200,27 @@ def test_the_shipped_emoji_weights_are_served_with_their_guidance_interval():
     every_step = ddim_sample(model, noise, labels, emoji.null_label, 10, 4.0).numpy()
     assert_close(result.samples, want, units=REGROUPED)
     assert np.abs(result.samples - every_step).max() > 1e-2
+
+
+@pytest.mark.parametrize("timesteps", [None, (981, 802, 591, 377, 170)])  # default spacing; one no spacing gives
+def test_the_torch_runtime_samples_with_the_plan_s_sampler_and_timesteps(tmp_path, timesteps):
+    plan = tcpass.CachePlan(blocks=[], sampler="dpmpp", sampler_timesteps=timesteps)
+    tcpass.save_plan(plan, tmp_path / "plan.json")
+    threads = torch.get_num_threads()
+    sampler = TorchSampler(ServeConfig(plan=str(tmp_path / "plan.json"), max_batch=1, threads=1))
+    torch.set_num_threads(threads)
+    [result] = run_batch(sampler, [Job(class_label=2, seed=7, steps=5, guidance=4.0, num_images=1)])
+    assert isinstance(result, Done), result
+    digits = reference("digits")
+    model = digits.load_model(None)  # eager, untransformed: the plan caches nothing
+    noise, labels = torch.from_numpy(seeded_noise([7], (1, 32, 32))), torch.tensor([2])
+    cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, digits.null_label)}
+    want = guided_sample(model, noise, cond, uncond, 5, 4.0, sampler="dpmpp", timesteps=timesteps).numpy()
+    assert_close(result.samples, want, units=REGROUPED)
+    others = [("ddim", None)] + ([("dpmpp", None)] if timesteps else [])  # each differs from the plan's
+    for other, ts in others:
+        image = guided_sample(model, noise, cond, uncond, 5, 4.0, sampler=other, timesteps=ts).numpy()
+        assert np.abs(result.samples - image).max() > 1e-2, other
 
 
 def test_image_is_the_same_alone_batched_and_generated_directly(service, direct):

@@ -22,6 +22,7 @@ from tcpass.serve import (
     ServeConfig,
     _check_request,
     make_sampler,
+    request_steps,
     run_batch,
 )
 from tests.pipelines import CALL, build
@@ -161,6 +162,20 @@ def test_a_request_is_checked_against_the_kind_of_model_served(model, body, fiel
     assert answer.status_code == 422
     content = json.loads(answer.body)
     assert content["fields"] == [field] and message in content["error"]
+
+
+def test_a_plan_s_sampler_steps_are_the_default_and_other_step_counts_are_refused_naming_them():
+    plan = {"sampler": "dpmpp", "sampler_steps": 12, "sampler_timesteps": list(range(999, 0, -83))}
+    model = {**CLASS_MODEL, "max_batch": 4, "plan": plan}
+    assert request_steps(GenerateRequest(class_label=1), model) == 12
+    assert request_steps(GenerateRequest(class_label=1), {**model, "plan": None}) == 50
+    assert request_steps(GenerateRequest(class_label=1, steps=7), {**model, "plan": None}) == 7
+    assert _check_request(GenerateRequest(class_label=1), model) is None
+    assert _check_request(GenerateRequest(class_label=1, steps=12), model) is None
+    answer = _check_request(GenerateRequest(class_label=1, steps=50), model)
+    content = json.loads(answer.body)
+    assert answer.status_code == 422 and content["fields"] == ["steps"]
+    assert "runs 12 dpmpp steps" in content["error"] and "send steps=12" in content["error"]
 
 
 def test_valid_requests_of_either_kind_pass():
