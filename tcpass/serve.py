@@ -866,7 +866,7 @@ def _check_request(request: GenerateRequest, model: dict) -> JSONResponse | None
     steps, plan_steps = request_steps(request, model), plan.get("sampler_steps")
     if plan_steps is not None and steps != plan_steps:
         message = (
-            f"steps: {steps}, but this server's plan runs {plan_steps} {plan.get('sampler')} steps "
+            f"steps: {steps}, but this server's plan runs {plan_steps} {plan.get('sampler') or 'sampler'} steps "
             f"(its sampler_steps: a skip table or calibrated timesteps are keyed by them); send steps={plan_steps} "
             "or leave steps out"
         )
