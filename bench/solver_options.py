@@ -22,12 +22,8 @@ from diffusers import DPMSolverMultistepScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tcpass.sampling  # noqa: E402
-from tcpass.adapters import load_transformer  # noqa: E402
-from tcpass.calibrate import collect  # noqa: E402
+from bench.timestep_search import load_model, scored_samples  # noqa: E402
 from tcpass.calibrate.search import sample_psnr  # noqa: E402
-from tcpass.calibrate.steps import reference_data  # noqa: E402
-from tcpass.cli import _shipped_interval  # noqa: E402
-from tcpass.zoo.digits import load_reference_model  # noqa: E402
 
 OPTIONS = {  # name: DPMSolverMultistepScheduler settings over tcpass's "dpmpp" ones
     "2M, linspace (the bench's peer)": {},
@@ -51,11 +47,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = None if args.model == "digits" else args.model
-    model = load_reference_model() if path is None else load_transformer(path)
-    data = collect(model, num_samples=args.samples, steps=2, sampler="dpmpp", sample_range=(-1, 1),
-                   guidance_interval=_shipped_interval(path), seed=args.seed, progress=False)  # fmt: skip
-    d = reference_data(model, data, "ddim", 50)
+    model = load_model(args.model)
+    d = scored_samples(model, args.model, args.samples, args.seed)
     base = tcpass.sampling.make_scheduler
     print(f"{args.model}, {args.steps} DPM-Solver++ steps, {args.samples} samples (seed {args.seed}), "
           "PSNR against 50 DDIM steps", flush=True)  # fmt: skip

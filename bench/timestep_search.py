@@ -45,6 +45,20 @@ def spacing(steps: int, name: str) -> list[int]:
     return [int(t) for t in scheduler.timesteps]
 
 
+def load_model(name: str) -> torch.nn.Module:
+    """``'digits'`` (the digits reference model) or a model directory."""
+    return load_reference_model() if name == "digits" else load_transformer(name)
+
+
+def scored_samples(model: torch.nn.Module, name: str, samples: int, seed: int):
+    """``samples`` samples' noise and labels from ``seed``, with the model's shipped guidance interval, and their
+    finals from 50 DDIM steps (`tcpass.calibrate.steps.reference_data`): what a schedule's PSNR is scored against."""
+    data = collect(model, num_samples=samples, steps=2, sampler="dpmpp", sample_range=(-1, 1),
+                   guidance_interval=_shipped_interval(None if name == "digits" else name), seed=seed,
+                   progress=False)  # fmt: skip
+    return reference_data(model, data, "ddim", 50)
+
+
 def start_timesteps(start: str, steps: int) -> list[int]:
     """The schedule the search starts from: a spacing name, or the ``sampler_timesteps`` of a plan file."""
     if start in ("linspace", "leading", "trailing"):
@@ -71,14 +85,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     first = start_timesteps(args.start, args.steps)  # refused before any work
-    path = None if args.model == "digits" else args.model
-    model = load_reference_model() if path is None else load_transformer(path)
-    interval = _shipped_interval(path)
-    sets = []
-    for seed in args.seeds:  # noise and labels of each seed; finals replaced by 50 DDIM steps
-        data = collect(model, num_samples=args.samples, steps=2, sampler="dpmpp", sample_range=(-1, 1),
-                       guidance_interval=interval, seed=seed, progress=False)  # fmt: skip
-        sets.append(reference_data(model, data, "ddim", 50))
+    model = load_model(args.model)
+    sets = [scored_samples(model, args.model, args.samples, seed) for seed in args.seeds]
 
     def score(timesteps: list[int], which: int) -> float:
         d = sets[which]
