@@ -13,6 +13,9 @@ Methods (``--methods`` takes a comma list of these keys), each with a knob sweep
   unconditional half outside a guidance interval gets for free, so a split-guidance plan is compared with it;
 - ``dpmpp`` / ``dpmpp_split``: the same two with DPM-Solver++(2M) (`tcpass.sampling.make_scheduler`'s
   ``"dpmpp"``) instead of DDIM at the fewer steps, the solver users switch to before they try caching;
+- ``dpmpp_trailing`` / ``dpmpp_trailing_split``: the same with diffusers' ``timestep_spacing="trailing"``, a
+  free scheduler setting that scores better than the default ``linspace`` at some step counts
+  (bench/solver_options.py), so a plan with calibrated timesteps meets the better spacing too;
 - ``magcache``: diffusers MagCache; ``mag_ratios`` from its calibration mode on other noise and labels
   than the test seeds, at the bench's step count; threshold (and max skipped steps) swept;
 - ``fbc``: diffusers FirstBlockCache, threshold swept;
@@ -81,7 +84,7 @@ from tcpass.metrics import (  # noqa: E402
     psnr,
     ssim,
 )
-from tcpass.sampling import ddim_sample, describe_guidance  # noqa: E402
+from tcpass.sampling import ddim_sample, describe_guidance, sampler_timesteps  # noqa: E402
 from tcpass.schedule import StepKind  # noqa: E402
 from tcpass.zoo import reference  # noqa: E402
 
@@ -92,6 +95,8 @@ PEER_METHODS = (
     "steps_split",
     "dpmpp",
     "dpmpp_split",
+    "dpmpp_trailing",
+    "dpmpp_trailing_split",
     "magcache",
     "fbc",
     "taylorseer",
@@ -223,6 +228,7 @@ class Arm:
     record: dict = field(default_factory=dict)
     guidance_reuse: bool | None = None  # split guidance (`tcpass.sampling.guided_sample`); None: the plan's own
     sampler: str = "ddim"  # `tcpass.sampling.make_scheduler`: "ddim", or "dpmpp" for the DPM-Solver++ step arms
+    timesteps: list[int] | None = None  # the sampler's timesteps (DPM-Solver++ only); None: its default spacing
 
     @property
     def name(self) -> str:
@@ -295,7 +301,7 @@ STEP_FRACTIONS = (0.7, 0.5, 0.4, 0.34, 0.24, 0.2, 0.16, 0.14)
 SOLVER_NAMES = {"ddim": "fewer steps", "dpmpp": "DPM-Solver++(2M)"}
 
 
-def _steps_arms(ctx: Context, split: bool = False, sampler: str = "ddim") -> list[Arm]:
+def _steps_arms(ctx: Context, split: bool = False, sampler: str = "ddim", spacing: str | None = None) -> list[Arm]:
     if split and ctx.guidance_interval is None:
         raise NotApplicable("guidance at every step: split guidance computes what batched guidance does")
     fractions = STEP_FRACTIONS[1:] if split else STEP_FRACTIONS
@@ -303,16 +309,19 @@ def _steps_arms(ctx: Context, split: bool = False, sampler: str = "ddim") -> lis
         fractions = (1.0, *fractions)  # all steps: exact, what the split alone buys
     arms = []
     for steps in sorted({max(2, round(ctx.steps * f)) for f in fractions}, reverse=True):
-        method = SOLVER_NAMES[sampler] + (", split guidance" if split else "")
+        method = SOLVER_NAMES[sampler] + (f", {spacing}" if spacing else "") + (", split guidance" if split else "")
         if split and sampler == "ddim" and steps == ctx.steps:  # exact (about 130 dB): never interpolated as lossy
             method = "full, split guidance"
         model, counter = _counted_copy(ctx.model)
         knobs = {
             "num_inference_steps": steps,
             **({"sampler": sampler} if sampler != "ddim" else {}),
+            **({"timestep_spacing": spacing} if spacing else {}),
             **({"guidance_reuse": True} if split else {}),
         }
-        arm = Arm(method, f"{steps} steps", model, steps, knobs, counter, guidance_reuse=split or None, sampler=sampler)
+        timesteps = [int(t) for t in sampler_timesteps(steps, sampler, spacing=spacing)] if spacing else None
+        arm = Arm(method, f"{steps} steps", model, steps, knobs, counter, guidance_reuse=split or None, sampler=sampler,
+                  timesteps=timesteps)  # fmt: skip
         arms.append(arm)
     return arms
 
@@ -567,6 +576,8 @@ def build_arms(ctx: Context, methods: list[str], plans: list[Path]) -> tuple[lis
         "steps_split": lambda: _steps_arms(ctx, split=True),
         "dpmpp": lambda: _steps_arms(ctx, sampler="dpmpp"),
         "dpmpp_split": lambda: _steps_arms(ctx, split=True, sampler="dpmpp"),
+        "dpmpp_trailing": lambda: _steps_arms(ctx, sampler="dpmpp", spacing="trailing"),
+        "dpmpp_trailing_split": lambda: _steps_arms(ctx, split=True, sampler="dpmpp", spacing="trailing"),
         "magcache": lambda: _magcache_arms(ctx),
         "fbc": lambda: _fbc_arms(ctx),
         "taylorseer": lambda: _taylorseer_arms(ctx, 1),
@@ -730,7 +741,7 @@ def main() -> None:
     def noise_for(seed: int) -> torch.Tensor:
         return torch.randn(len(labels), *ref.image_shape, generator=torch.Generator().manual_seed(seed))
 
-    def generate(denoiser, noise, steps, class_labels=None, guidance_reuse=None, sampler="ddim"):
+    def generate(denoiser, noise, steps, class_labels=None, guidance_reuse=None, sampler="ddim", timesteps=None):
         class_labels = labels if class_labels is None else class_labels
         return ddim_sample(
             denoiser,
@@ -742,6 +753,7 @@ def main() -> None:
             guidance_interval=interval,
             guidance_reuse=guidance_reuse,
             sampler=sampler,
+            timesteps=timesteps,
         ).clamp(-1, 1)
 
     calibration = torch.Generator().manual_seed(CALIBRATION_SEED)
@@ -772,7 +784,8 @@ def main() -> None:
         """One whole timed generation (reset included: a pipeline resets before each call)."""
         start = time.perf_counter()
         arm.reset()
-        images = generate(arm.denoiser, noise, arm.steps, guidance_reuse=arm.guidance_reuse, sampler=arm.sampler)
+        images = generate(arm.denoiser, noise, arm.steps, guidance_reuse=arm.guidance_reuse, sampler=arm.sampler,
+                          timesteps=arm.timesteps)  # fmt: skip
         seconds = time.perf_counter() - start
         counts = arm.counter.take() if arm.counter else {}
         return images, seconds, {**counts, **arm.peer_stats()}

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,15 +33,13 @@ from tcpass.calibrate.search import sample_psnr  # noqa: E402
 from tcpass.calibrate.steps import reference_data  # noqa: E402
 from tcpass.cli import _shipped_interval  # noqa: E402
 from tcpass.plan import CachePlan, load_plan, save_plan  # noqa: E402
-from tcpass.sampling import guided_sample, make_scheduler  # noqa: E402
+from tcpass.sampling import guided_sample, sampler_timesteps  # noqa: E402
 from tcpass.zoo.digits import load_reference_model  # noqa: E402
 
 
 def spacing(steps: int, name: str) -> list[int]:
     """diffusers' DPM-Solver++ timesteps for ``steps`` steps with ``timestep_spacing`` ``name``."""
-    scheduler = DPMSolverMultistepScheduler.from_config(make_scheduler(sampler="dpmpp").config, timestep_spacing=name)
-    scheduler.set_timesteps(steps)
-    return [int(t) for t in scheduler.timesteps]
+    return [int(t) for t in sampler_timesteps(steps, "dpmpp", spacing=name)]
 
 
 def load_model(name: str) -> torch.nn.Module:

@@ -60,10 +60,18 @@ def describe_guidance(guidance_scale: float, guidance_interval: tuple[float, flo
     return text
 
 
-def sampler_timesteps(num_steps: int, sampler: str = "ddim", shift: float = 1.0) -> list[float]:
+def sampler_timesteps(
+    num_steps: int, sampler: str = "ddim", shift: float = 1.0, spacing: str | None = None
+) -> list[float]:
     """The timesteps (0..1000, the scale plans are keyed on) of a ``num_steps``-step generation with
-    ``sampler`` (`make_scheduler`), in call order."""
+    ``sampler`` (`make_scheduler`), in call order. ``spacing``: diffusers' ``timestep_spacing``
+    (``"linspace"``, ``"leading"``, ``"trailing"``) instead of the scheduler's own (DPM-Solver++:
+    ``linspace``; DDIM: ``leading``)."""
     scheduler = make_scheduler(sampler=sampler, shift=shift)
+    if spacing is not None:
+        if spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(f"spacing = {spacing!r}: expected 'linspace', 'leading' or 'trailing' (diffusers').")
+        scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=spacing)
     scheduler.set_timesteps(num_steps)
     return [float(t) for t in scheduler.timesteps]
 
@@ -203,9 +211,10 @@ def ddim_sample(
     guidance_reuse: bool | None = None,
     *,
     sampler: str = "ddim",
+    timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Class-conditional `guided_sample`: ``class_labels`` [B], and ``null_label`` for the unconditional rows;
-    ``sampler``: ``"ddim"`` or ``"dpmpp"`` (`make_scheduler`)."""
+    ``sampler``: ``"ddim"`` or ``"dpmpp"`` (`make_scheduler`); ``timesteps``: as `guided_sample`'s."""
     cond = {"class_labels": class_labels}
     uncond = {"class_labels": torch.full_like(class_labels, null_label)}
     return guided_sample(
@@ -219,4 +228,5 @@ def ddim_sample(
         guidance_interval,
         guidance_reuse,
         sampler=sampler,
+        timesteps=timesteps,
     )

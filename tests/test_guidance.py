@@ -244,3 +244,9 @@ def test_a_plan_with_calibrated_timesteps_is_sampled_through_them_and_round_trip
 def test_a_plan_with_bad_timesteps_is_refused_naming_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
         tcpass.CachePlan(blocks=[], **fields)
+
+
+def test_a_spacing_that_diffusers_does_not_have_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"spacing = 'even': expected 'linspace', 'leading' or 'trailing'"):
+        sampler_timesteps(8, "dpmpp", spacing="even")
+    assert sampler_timesteps(8, "dpmpp", spacing="linspace") == sampler_timesteps(8, "dpmpp")  # diffusers' default

@@ -158,3 +158,41 @@ def test_a_plan_that_runs_fewer_sampler_steps_fires_and_one_that_runs_all_of_the
     assert arms[1].record["noop"] is False
     with pytest.raises(RuntimeError, match=r"did not fire.*\['50 steps'\]"):
         check_fires([arm("full", 50), arm("50 steps", 50)], counts, allow_noop=False)
+
+
+def test_the_trailing_dpm_solver_arms_step_through_diffusers_trailing_timesteps():
+    """``dpmpp_trailing``: each setting generates what diffusers' DPM-Solver++(2M) with ``timestep_spacing=
+    "trailing"`` generates, driven by a loop written in tests/test_guidance.py; not the default spacing's."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from bench.peers import Context, build_arms
+    from tcpass.sampling import ddim_sample
+    from tests.conftest import make_dit
+    from tests.test_guidance import NULL, eager_interval_ddim, reference_dpm_solver
+    from tests.tolerance import REGROUPED, assert_close
+
+    model = make_dit()
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    ctx = Context(
+        model=model, steps=10, generate=None, calibration_noise=torch.randn(2, *shape),
+        calibration_labels=torch.tensor([1, 2]), example_inputs={}, probe_samples=2,
+    )  # fmt: skip
+    arms, unavailable = build_arms(ctx, ["dpmpp_trailing", "dpmpp_trailing_split"], [])
+    assert {a.method for a in arms} == {"DPM-Solver++(2M), trailing"}
+    assert [u["method"] for u in unavailable] == ["dpmpp_trailing_split"]  # no guidance interval: nothing to split
+    arm = next(a for a in arms if a.steps == 5)
+    assert arm.knobs == {"num_inference_steps": 5, "sampler": "dpmpp", "timestep_spacing": "trailing"}
+
+    def trailing(steps):
+        scheduler = reference_dpm_solver(steps)
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    assert arm.timesteps == [int(t) for t in trailing(5).timesteps]
+    noise, labels = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 7])
+    got = ddim_sample(arm.denoiser, noise, labels, NULL, 5, 4.0, sampler="dpmpp", timesteps=arm.timesteps)
+    assert_close(got, eager_interval_ddim(model, noise, labels, 5, 4.0, 0, 1001, make=trailing), units=REGROUPED)
+    default = ddim_sample(model, noise, labels, NULL, 5, 4.0, sampler="dpmpp")
+    assert (got - default).abs().max() > 1e-4  # the spacing is applied, not diffusers' default linspace
