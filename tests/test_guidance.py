@@ -2,6 +2,7 @@
 the torch sampler, the numpy runtime, calibration and the demo all run, checked against a loop written here;
 and the samplers it runs under (DDIM, DPM-Solver++(2M)), each against diffusers driven here."""
 
+import shutil
 import warnings
 
 import pytest
@@ -204,6 +205,11 @@ def test_each_shipped_model_and_plan_agree_on_the_sampler(tmp_path):
     assert sampler_for(emoji.model_dir()) is emoji and emoji.guidance_interval == (100.0, 700.0)
     assert sampler_for(None) is REFERENCE_MODELS["digits"] and REFERENCE_MODELS["digits"].guidance_interval is None
     assert sampler_for(tmp_path) is None
+    copied = tmp_path / "copy"
+    shutil.copytree(emoji.model_dir(), copied)  # a copy of the shipped weights keeps the shipped sampler
+    assert sampler_for(copied) is emoji
+    (copied / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
+    assert sampler_for(copied) is None
     for ref in REFERENCE_MODELS.values():
         with warnings.catch_warnings():
             warnings.simplefilter("error")

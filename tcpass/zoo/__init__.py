@@ -7,6 +7,7 @@ feature space of Fréchet distances), its held-out real images, its labels and i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +108,27 @@ def reference(name: str) -> ReferenceModel:
     return REFERENCE_MODELS[name]
 
 
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Two files with the same size and SHA-256."""
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
+        return False
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
 def sampler_for(model_path: str | Path | None) -> ReferenceModel | None:
     """The reference model whose shipped weights are at ``model_path`` (``None``: the default, digits), or
-    ``None`` for any other directory; its ``guidance_interval`` is the sampler to calibrate under."""
+    ``None`` for any other directory; its ``guidance_interval`` is the sampler to calibrate under. A copy of a
+    shipped model's directory elsewhere (the same weights file, byte for byte) is that model too."""
     if model_path is None:
         return REFERENCE_MODELS["digits"]
     path = Path(model_path).resolve()
-    return next((r for r in REFERENCE_MODELS.values() if r.model_dir().resolve() == path), None)
+    for ref in REFERENCE_MODELS.values():
+        if ref.model_dir().resolve() == path or _same_bytes(path / WEIGHTS, ref.model_dir() / WEIGHTS):
+            return ref
+    return None
 
 
 __all__ = [
