@@ -99,8 +99,8 @@ def main() -> None:
         ts = spacing(args.steps, name)
         print(f"spacing {name:8s} {ts}: calibration {score(ts, 0):.2f} dB, held out {score(ts, 1):.2f} dB", flush=True)
     ts, start = first, time.time()
-    print(f"start {args.start}: {ts}", flush=True)
     best = score(ts, 0)
+    print(f"start {args.start}: {ts}: calibration {best:.2f} dB", flush=True)
     for delta in args.deltas:
         moved = True
         while moved:
@@ -114,6 +114,8 @@ def main() -> None:
                         psnr = score(trial, 0)
                         if psnr > best + 1e-3:
                             ts, best, moved = trial, psnr, True
+                            print(f"  moved timestep {i} to {t}: calibration {best:.2f} dB "
+                                  f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
         print(f"searched delta {delta:2d} {ts}: calibration {best:.2f} dB, held out {score(ts, 1):.2f} dB "
               f"({time.time() - start:.0f} s)", flush=True)  # fmt: skip
     if args.out:
