@@ -7,12 +7,13 @@ feature space of Fréchet distances), its held-out real images, its labels and i
 
 from __future__ import annotations
 
-import hashlib
+import filecmp
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
 from tcpass.zoo import digits, emoji
@@ -108,14 +109,10 @@ def reference(name: str) -> ReferenceModel:
     return REFERENCE_MODELS[name]
 
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    """Two files with the same size and SHA-256."""
-    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
-        return False
-    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+def _same_weights(a: Path, b: Path) -> bool:
+    """Two model directories whose diffusers weights files are identical, byte for byte."""
+    a, b = a / SAFETENSORS_WEIGHTS_NAME, b / SAFETENSORS_WEIGHTS_NAME
+    return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
 
 
 def sampler_for(model_path: str | Path | None) -> ReferenceModel | None:
@@ -126,7 +123,7 @@ def sampler_for(model_path: str | Path | None) -> ReferenceModel | None:
         return REFERENCE_MODELS["digits"]
     path = Path(model_path).resolve()
     for ref in REFERENCE_MODELS.values():
-        if ref.model_dir().resolve() == path or _same_bytes(path / WEIGHTS, ref.model_dir() / WEIGHTS):
+        if ref.model_dir().resolve() == path or _same_weights(path, ref.model_dir()):
             return ref
     return None
 
