@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.peers import frontier, peer_sample_quality, psnr_at_speed, skipped_nothing
+from bench.peers import equal_calls, frontier, peer_sample_quality, psnr_at_speed, skipped_nothing
 
 POINTS = [(1.5, 30.0), (2.5, 26.0), (3.5, 20.0)]
 
@@ -196,3 +196,36 @@ def test_the_trailing_dpm_solver_arms_step_through_diffusers_trailing_timesteps(
     assert_close(got, eager_interval_ddim(model, noise, labels, 5, 4.0, 0, 1001, make=trailing), units=REGROUPED)
     default = ddim_sample(model, noise, labels, NULL, 5, 4.0, sampler="dpmpp")
     assert (got - default).abs().max() > 1e-4  # the spacing is applied, not diffusers' default linspace
+
+
+def test_equal_calls_reads_a_plan_that_caches_nothing_against_the_peers_doing_the_same_work():
+    batch = 36  # the CFG batch: a split-guidance call runs half of it
+
+    def arm(name, calls, psnr, rows_per_call=batch, **extra):
+        counts = {"block_calls": 8 * calls, "block_rows": 8 * calls * rows_per_call}
+        return {"method": name.split(" (")[0], "name": name, "steps": calls, "speedup_median": 50 / calls,
+                "psnr_db_mean": psnr, "counts_per_generation": counts, **extra}  # fmt: skip
+
+    rows = [
+        arm("full", 50, math.inf),
+        arm("DPM (12 steps)", 12, 30.2),
+        arm("DPM, trailing (12 steps)", 12, 30.5),
+        arm("DPM, split (12 steps)", 19, 31.0, rows_per_call=batch // 2),  # 7 of 12 steps guided: 19 half calls
+        arm("DPM, split (8 steps)", 12, 33.0, rows_per_call=batch // 2),  # 12 calls, but half the rows each
+        arm("DPM (8 steps)", 8, 26.6),
+    ]
+
+    def plan(full, cached=0, split=False):
+        steps = {"full": full, "cached": cached, "skip": 0}
+        knobs = {"plan_fields": {"guidance_reuse": split}}
+        return {"name": "p", "is_tcpass": True, "psnr_db_mean": 31.6, "knobs": knobs,
+                "counts_per_generation": {"step_counts": steps}}  # fmt: skip
+
+    got = equal_calls(rows, plan(12))
+    assert (got["model_calls"], got["block_rows"]) == (12, 12 * 8 * batch)
+    assert got["best_peer"] == {"name": "DPM, trailing (12 steps)", "psnr_db": 30.5}
+    assert got["margin_db"] == pytest.approx(1.1)
+    assert equal_calls(rows, plan(19, split=True))["best_peer"]["name"] == "DPM, split (12 steps)"
+    # a plan that caches does other work at its CACHED calls; a plan no peer matches has no such reading
+    assert equal_calls(rows, plan(12, cached=6)) is None
+    assert equal_calls(rows, plan(10)) is None
