@@ -688,13 +688,12 @@ def block_rows(row: dict, full: dict) -> float | None:
     counts = row.get("counts_per_generation") or {}
     if "step_counts" not in counts:
         return counts.get("block_rows")
-    steps = counts["step_counts"]
-    if steps.get("cached", 0) or steps.get("skip", 0):
-        return None
     full_counts = full["counts_per_generation"]
+    if not skipped_nothing(counts, full_counts):
+        return None
     per_call = full_counts["block_rows"] / full["steps"]  # all blocks, the whole CFG batch
     split = (row.get("knobs") or {}).get("plan_fields", {}).get("guidance_reuse", False)
-    return steps.get("full", 0) * per_call / (2 if split else 1)
+    return counts["step_counts"][StepKind.FULL.value] * per_call / (2 if split else 1)
 
 
 def equal_calls(rows: list[dict], plan_row: dict) -> dict | None:
@@ -710,7 +709,7 @@ def equal_calls(rows: list[dict], plan_row: dict) -> dict | None:
         return None
     top = max(same, key=lambda r: r["psnr_db_mean"])
     return {
-        "model_calls": plan_row["counts_per_generation"]["step_counts"]["full"],
+        "model_calls": plan_row["counts_per_generation"]["step_counts"][StepKind.FULL.value],
         "block_rows": work,
         "best_peer": {"name": top["name"], "psnr_db": top["psnr_db_mean"]},
         "margin_db": plan_row["psnr_db_mean"] - top["psnr_db_mean"],
